@@ -1,0 +1,132 @@
+"""The model-file contract: what an exported ONNX classifier carries in ``metadata_props``.
+
+Training writes it (``training.export``), serving reads it (``cxrd.infer``), so class
+names, input size, preprocessing and the operating point are defined once, here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cxrd.errors import ModelError
+
+INPUT_NAME = "input_image"
+OUTPUT_PROBS = "probs"
+OUTPUT_CAM = "cam"
+CLASS_NAMES: tuple[str, ...] = ("TB", "NTB", "NORM")
+PREPROCESSING = "cxrd-gray8-stretch-v1"
+
+# metadata_props keys; all values are strings (ONNX requires it).
+_PREFIX = "cxrd."
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The TB decision threshold on P(TB) and how it was chosen."""
+
+    tb_threshold: float = 0.5
+    method: str = "default 0.5 (not calibrated)"
+    target_sensitivity: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything serving needs to know about a model file."""
+
+    name: str
+    version: str
+    device_uid: str
+    class_names: tuple[str, ...] = CLASS_NAMES
+    input_size: int = 224
+    preprocessing: str = PREPROCESSING
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)
+    training_data: str = ""
+    demo: bool = False
+    manufacturer: str = "cxrd"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        """Name and version, with DEMO in front when the model is the demo one."""
+        base = f"{self.name} {self.version}"
+        return f"DEMO {base}" if self.demo else base
+
+    def to_props(self) -> dict[str, str]:
+        """Serialise to ONNX ``metadata_props`` (string to string)."""
+        return {
+            _PREFIX + "name": self.name,
+            _PREFIX + "version": self.version,
+            _PREFIX + "device_uid": self.device_uid,
+            _PREFIX + "class_names": ",".join(self.class_names),
+            _PREFIX + "input_size": str(self.input_size),
+            _PREFIX + "preprocessing": self.preprocessing,
+            _PREFIX + "operating_point": json.dumps(asdict(self.operating_point)),
+            _PREFIX + "training_data": self.training_data,
+            _PREFIX + "demo": "true" if self.demo else "false",
+            _PREFIX + "manufacturer": self.manufacturer,
+            _PREFIX + "metrics": json.dumps(dict(self.metrics), sort_keys=True),
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> ModelInfo:
+        """Parse ``metadata_props``; a missing or malformed key raises ModelError."""
+
+        def get(key: str) -> str:
+            try:
+                return props[_PREFIX + key]
+            except KeyError:
+                raise ModelError(
+                    f"The model file has no metadata_props key {_PREFIX + key!r}; "
+                    "it was not exported by `python -m training export`."
+                ) from None
+
+        try:
+            op: dict[str, Any] = json.loads(get("operating_point"))
+            info = cls(
+                name=get("name"),
+                version=get("version"),
+                device_uid=get("device_uid"),
+                class_names=tuple(get("class_names").split(",")),
+                input_size=int(get("input_size")),
+                preprocessing=get("preprocessing"),
+                operating_point=OperatingPoint(**op),
+                training_data=props.get(_PREFIX + "training_data", ""),
+                demo=get("demo") == "true",
+                manufacturer=props.get(_PREFIX + "manufacturer", "cxrd"),
+                metrics=json.loads(props.get(_PREFIX + "metrics", "{}")),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"The model file's metadata_props are malformed: {exc}") from exc
+        if info.class_names != CLASS_NAMES:
+            raise ModelError(
+                f"The model's classes are {info.class_names}; cxrd reports {CLASS_NAMES}."
+            )
+        if info.preprocessing != PREPROCESSING:
+            raise ModelError(
+                f"The model expects preprocessing {info.preprocessing!r}; "
+                f"this cxrd implements {PREPROCESSING!r}."
+            )
+        return info
+
+
+def demo_model_path() -> Path:
+    """The demo model shipped inside the package (trained on synthetic phantoms)."""
+    return Path(str(resources.files("cxrd") / "models" / "cxrd-demo.onnx"))
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """Read the ModelInfo of an ONNX file without starting an inference session."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, Exception) as exc:  # onnx raises its own DecodeError types
+        raise ModelError(f"Cannot read model file {path}: {exc}") from exc
+    return ModelInfo.from_props({p.key: p.value for p in model.metadata_props})
