@@ -1,0 +1,144 @@
+"""The ``cxrd`` command: serve, predict, reprocess, status, check-config.
+
+Every subcommand takes ``--config PATH``; its environment twin is ``CXRD_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cxrd import __version__
+from cxrd.config import Config, describe, load_config
+from cxrd.errors import ConfigError, CxrdError
+
+log = logging.getLogger("cxrd")
+
+EXIT_OK, EXIT_ERROR, EXIT_UNHEALTHY = 0, 1, 2
+
+
+def _date(value: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    return parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrd", description="Chest X-ray AI node.")
+    parser.add_argument("--version", action="version", version=f"cxrd {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML config file (env CXRD_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the node (watcher, workers, reports)")
+    p = sub.add_parser("predict", parents=[common], help="classify files offline, no daemon")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("cxrd-predict"),
+                   help="folder for the SR and heatmap SC (default ./cxrd-predict)")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p = sub.add_parser("reprocess", parents=[common],
+                       help="queue stored studies again (e.g. after a model update)")
+    p.add_argument("--since", type=_date, required=True, help="first received on/after DATE")
+    p.add_argument("--until", type=_date, help="first received before DATE")
+    p.add_argument("--study", help="only this Study Instance UID")
+    p = sub.add_parser("status", parents=[common], help="queue, failures, deliveries, model")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("check-config", parents=[common], help="validate the config, list problems")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cxrd.logs import setup_logging
+    from cxrd.node import Node
+
+    config = _config(args)
+    setup_logging(config)
+    return Node(config).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(json.dumps(describe(config), indent=2))
+    print("configuration OK", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cxrd.db import Database
+    from cxrd.status import collect, render
+
+    config = _config(args)
+    db = Database(config.storage.database_url_resolved)
+    db.migrate()
+    doc = collect(config, db)
+    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    return EXIT_OK if doc["healthy"] else EXIT_UNHEALTHY
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from cxrd.admit import requeue_study, studies_to_reprocess
+    from cxrd.db import Database
+
+    config = _config(args)
+    db = Database(config.storage.database_url_resolved)
+    db.migrate()
+    studies = studies_to_reprocess(db, args.since, args.until, args.study)
+    if not studies:
+        print("no stored studies match", file=sys.stderr)
+        return EXIT_OK
+    from tqdm import tqdm
+
+    queued = deferred = 0
+    for uid in tqdm(studies, desc="reprocess", unit="study", disable=not sys.stderr.isatty()):
+        n = requeue_study(db, uid)
+        queued += n
+        deferred += n == 0
+    print(f"queued {queued} images in {len(studies) - deferred} studies"
+          + (f"; {deferred} studies busy or with nothing to classify" if deferred else ""))
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cxrd.predict import predict_files
+
+    config = _config(args)
+    return predict_files(config, args.files, args.out, as_json=args.json)
+
+
+COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "reprocess": cmd_reprocess,
+            "status": cmd_status, "check-config": cmd_check_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"cxrd: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except CxrdError as exc:
+        print(f"cxrd: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        while cause is not None:
+            print(f"  caused by: {type(cause).__name__}: {cause}", file=sys.stderr)
+            cause = cause.__cause__
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

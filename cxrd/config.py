@@ -1,0 +1,1017 @@
+"""Configuration: one TOML file, parsed once into a frozen, typed tree.
+
+``load_config`` reads the file (``--config PATH``, else ``$CXRD_CONFIG``, else none: every
+value defaults) and ``validate`` turns the parsed TOML into a :class:`Config`. Validation
+collects every problem before it raises, so an operator fixes a file in one pass; each
+message names the key (``node.port``, ``destinations[1].ae_title``), the bad value and what
+is allowed. Unknown sections and keys are errors too, with a "did you mean" suggestion,
+because a misspelt key silently falling back to its default is worse than a refusal to start.
+
+Relative paths are resolved once, here, against the config file's directory (against the
+current directory when there is no file), so the rest of cxrd only sees absolute paths.
+The resulting object is passed explicitly; there is no module-level config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from cxrd.errors import ConfigError
+
+#: The only environment variable cxrd reads for configuration: the config file's path.
+ENV_CONFIG = "CXRD_CONFIG"
+
+#: Execution providers cxrd accepts in ``model.providers`` (onnxruntime's own names).
+KNOWN_PROVIDERS: tuple[str, ...] = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "ROCMExecutionProvider",
+    "DmlExecutionProvider",
+    "CoreMLExecutionProvider",
+    "OpenVINOExecutionProvider",
+)
+
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+DATABASE_FILENAME = "cxrd.sqlite3"
+
+_AE_ALLOWED = "1-16 printable ASCII characters, not all spaces, without backslash"
+_MAX_PDU_LIMIT = 2**32 - 1  # the PDU length field is 32 bits (PS3.8 9.3.1)
+_MIN_PDU = 1024
+
+
+class LogFormat(StrEnum):
+    """How log records are written."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+class SrSopClass(StrEnum):
+    """Which SR IOD the structured report uses (TID 1500 fits all three)."""
+
+    COMPREHENSIVE_3D = "comprehensive3d"
+    COMPREHENSIVE = "comprehensive"
+    ENHANCED = "enhanced"
+
+    @property
+    def uid(self) -> str:
+        """The SOP Class UID of this SR IOD."""
+        return _SR_SOP_CLASS_UIDS[self]
+
+
+_SR_SOP_CLASS_UIDS: dict[SrSopClass, str] = {
+    SrSopClass.COMPREHENSIVE_3D: "1.2.840.10008.5.1.4.1.1.88.34",
+    SrSopClass.COMPREHENSIVE: "1.2.840.10008.5.1.4.1.1.88.33",
+    SrSopClass.ENHANCED: "1.2.840.10008.5.1.4.1.1.88.22",
+}
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for the receiver (``node.tls``) or for one destination (``destinations[i].tls``).
+
+    For the receiver, ``certificate`` and ``key`` are the server's own and ``ca`` verifies
+    callers' certificates (required by ``require_client_cert``). For a destination,
+    ``certificate`` and ``key`` are an optional client certificate and ``ca`` verifies the
+    peer (the system trust store when absent).
+    """
+
+    certificate: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """``[node]``: this node's DICOM identity and listening socket."""
+
+    ae_title: str = "CXRD"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_callers: tuple[str, ...] = ()
+    tls: TlsConfig | None = None
+    max_pdu: int = 131072
+    receivers: int = 1
+
+    def is_caller_allowed(self, calling_ae: str, address: str) -> bool:
+        """Whether a caller may associate: any caller when ``allowed_callers`` is empty.
+
+        AE titles compare without their insignificant leading and trailing spaces; the
+        host part of an ``AE@host`` entry compares with the peer address as a string.
+        """
+        if not self.allowed_callers:
+            return True
+        ae = calling_ae.strip()
+        for entry in self.allowed_callers:
+            entry_ae, sep, entry_host = entry.rpartition("@")
+            if not sep:
+                entry_ae, entry_host = entry, ""
+            if entry_ae.strip() == ae and (not entry_host or entry_host == address):
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where the spool, results and SQLite database live."""
+
+    data_dir: Path
+    database_url: str = ""
+
+    @property
+    def incoming_dir(self) -> Path:
+        """The drop folder that is always watched."""
+        return self.data_dir / "incoming"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where ingested instances are stored."""
+        return self.data_dir / "spool"
+
+    @property
+    def rejected_dir(self) -> Path:
+        """Where files that could not be ingested are moved."""
+        return self.data_dir / "rejected"
+
+    @property
+    def database_url_resolved(self) -> str:
+        """``database_url``, or SQLite in ``data_dir`` when it is empty."""
+        return self.database_url or f"sqlite:///{self.data_dir / DATABASE_FILENAME}"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchConfig:
+    """``[watch]``: extra folders watched for DICOM files."""
+
+    folders: tuple[Path, ...] = ()
+    settle_seconds: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class StudyConfig:
+    """``[study]``: when a study counts as complete."""
+
+    stable_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """``[model]``: the ONNX model and how onnxruntime runs it."""
+
+    path: Path | None = None  # None: the embedded demo model
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    intra_op_threads: int = 0  # 0: onnxruntime's default
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        """True when no model file is configured and the embedded demo model is used."""
+        return self.path is None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """``[workers]``: inference processes and job leasing."""
+
+    processes: int = 1
+    batch_size: int = 8
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    retry_backoff_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsConfig:
+    """``[results]``: which result objects are made and where they are written.
+
+    ``data_dir`` repeats ``storage.data_dir`` so that ``results_dir`` can be derived here.
+    """
+
+    data_dir: Path = field(metadata={"describe": False})
+    folder: Path | None = None
+    structured_report: bool = True
+    heatmap_secondary_capture: bool = True
+    parametric_map: bool = False
+    sr_sop_class: SrSopClass = SrSopClass.COMPREHENSIVE_3D
+
+    @property
+    def results_dir(self) -> Path:
+        """``folder``, or ``data_dir/results`` when it is not set."""
+        return self.folder if self.folder is not None else self.data_dir / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint."""
+
+    listen: str = "127.0.0.1:9464"
+
+    @property
+    def enabled(self) -> bool:
+        """False when ``listen`` is empty."""
+        return bool(self.listen)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` to bind (IPv6 hosts without brackets), or None when off."""
+        return parse_listen(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """``[logging]``."""
+
+    level: str = "INFO"
+    format: LogFormat = LogFormat.TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """One ``[[destinations]]`` entry: a C-STORE SCP that receives every result."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    """``[sender]``: delivery retries to destinations."""
+
+    calling_ae: str = "CXRD"
+    max_age_hours: float = 168.0
+    initial_backoff_seconds: float = 5.0
+    max_backoff_seconds: float = 1800.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. ``source`` is the file read (None: defaults only)."""
+
+    node: NodeConfig
+    storage: StorageConfig
+    watch: WatchConfig
+    study: StudyConfig
+    model: ModelConfig
+    workers: WorkersConfig
+    results: ResultsConfig
+    metrics: MetricsConfig
+    logging: LoggingConfig
+    sender: SenderConfig
+    destinations: tuple[DestinationConfig, ...]
+    source: Path | None
+    base_dir: Path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration.
+
+    ``path`` None means ``$CXRD_CONFIG`` when set (and not empty), else no file: all
+    defaults, relative paths against the current directory. A file that is named but
+    missing is an error. Raises ConfigError listing every problem found.
+    """
+    environ = os.environ if env is None else env
+    origin = "--config"
+    if path is None:
+        named = environ.get(ENV_CONFIG, "")
+        if not named:
+            return validate({})
+        path, origin = named, f"${ENV_CONFIG}"
+    file = Path(os.path.abspath(Path(path).expanduser()))
+    return validate(read_toml(file, origin=origin), source=file)
+
+
+def read_toml(file: Path, *, origin: str = "--config") -> dict[str, Any]:
+    """Parse one TOML file; a missing file or a syntax error raises ConfigError."""
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError as exc:
+        problem = f"{file}: no such configuration file (named by {origin})"
+        raise ConfigError(problem, [problem]) from exc
+    except OSError as exc:
+        problem = f"{file}: cannot read the configuration file: {exc.strerror or exc}"
+        raise ConfigError(problem, [problem]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"{file}: not UTF-8 text (byte {exc.start}); TOML files must be UTF-8"
+        raise ConfigError(problem, [problem]) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problem = f"{file}: TOML syntax error: {exc}"
+        match = re.search(r"at line (\d+)", str(exc))
+        if match:
+            lines = text.splitlines()
+            number = int(match.group(1))
+            if 1 <= number <= len(lines):
+                problem += f"; the line reads: {lines[number - 1].strip()}"
+        raise ConfigError(problem, [problem]) from exc
+
+
+def validate(
+    data: Mapping[str, Any],
+    *,
+    source: str | Path | None = None,
+    base_dir: str | Path | None = None,
+) -> Config:
+    """Check parsed TOML and build the Config; every problem is collected before raising.
+
+    Relative paths resolve against ``base_dir``, which defaults to the directory of
+    ``source`` or, without a source, the current directory.
+    """
+    src = Path(os.path.abspath(source)) if source is not None else None
+    if base_dir is not None:
+        base = Path(os.path.abspath(base_dir))
+    else:
+        base = src.parent if src is not None else Path.cwd()
+
+    problems: list[str] = []
+    root = _Root(problems, data)
+
+    node = _read_node(root.section("node"), base)
+    storage = _read_storage(root.section("storage"), base)
+    watch = _read_watch(root.section("watch"), base)
+    study = _read_study(root.section("study"))
+    model = _read_model(root.section("model"), base)
+    workers = _read_workers(root.section("workers"))
+    results = _read_results(root.section("results"), base, storage.data_dir)
+    metrics = _read_metrics(root.section("metrics"))
+    logging_ = _read_logging(root.section("logging"))
+    sender = _read_sender(root.section("sender"), node.ae_title)
+    destinations = _read_destinations(root.array("destinations"), problems, base)
+    root.finish()
+
+    if problems:
+        where = str(src) if src is not None else "the configuration"
+        count = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        message = "\n".join([f"{where} has {count}:", *(f"  {p}" for p in problems)])
+        raise ConfigError(message, problems)
+    return Config(
+        node=node,
+        storage=storage,
+        watch=watch,
+        study=study,
+        model=model,
+        workers=workers,
+        results=results,
+        metrics=metrics,
+        logging=logging_,
+        sender=sender,
+        destinations=destinations,
+        source=src,
+        base_dir=base,
+    )
+
+
+def default_config(base_dir: str | Path | None = None) -> Config:
+    """The configuration with every value at its default."""
+    return validate({}, base_dir=base_dir)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[ipv6]:port``; raises ValueError with the reason."""
+    match = re.fullmatch(r"\[([0-9A-Za-z:.%]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", value)
+    if not match:
+        raise ValueError('"host:port", "[ipv6]:port" or "" (off)')
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError('"host:port" with a port from 1 to 65535')
+    return host, port
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """A JSON-serialisable view of ``config`` for ``cxrd status`` and ``check-config``.
+
+    Paths are strings, derived paths are included, and a password in a database URL is
+    masked. TLS entries show the file paths, never their contents.
+    """
+    view: dict[str, Any] = {
+        "source": str(config.source) if config.source is not None else None,
+        "base_dir": str(config.base_dir),
+    }
+    for f in fields(config):
+        if f.name not in ("source", "base_dir"):
+            view[f.name] = _plain(getattr(config, f.name))
+    storage = view["storage"]
+    storage["database_url"] = _mask_url(config.storage.database_url)
+    storage["database_url_resolved"] = _mask_url(config.storage.database_url_resolved)
+    storage["incoming_dir"] = str(config.storage.incoming_dir)
+    storage["spool_dir"] = str(config.storage.spool_dir)
+    storage["rejected_dir"] = str(config.storage.rejected_dir)
+    view["results"]["results_dir"] = str(config.results.results_dir)
+    view["results"]["sr_sop_class_uid"] = config.results.sr_sop_class.uid
+    view["model"]["uses_embedded_model"] = config.model.uses_embedded_model
+    view["metrics"]["enabled"] = config.metrics.enabled
+    return view
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in fields(value)
+            if f.metadata.get("describe", True)
+        }
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _kind(value: Any) -> str:
+    """The TOML name of a value's type, for type-error messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return type(value).__name__  # TOML dates and times
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in TOML-ish form, shortened."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str | None:
+    """The closest choice to a misspelt word, ignoring case, or None."""
+    by_lower = {c.lower(): c for c in choices}
+    matches = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[matches[0]] if matches else None
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+class _Table:
+    """One TOML table being read.
+
+    The getters record a problem and fall back to the default on a wrong type, so
+    reading goes on and every problem is found. Keys read are remembered; ``finish``
+    reports the rest as unknown.
+    """
+
+    def __init__(self, problems: list[str], prefix: str, data: Mapping[str, Any]) -> None:
+        self.problems = problems
+        self.prefix = prefix
+        self.data = data
+        self.known: list[str] = []
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}.{key}"
+
+    def problem(self, key: str, text: str) -> None:
+        self.problems.append(f"{self.name(key)}: {text}")
+
+    def bad(self, key: str, value: Any, expected: str) -> None:
+        self.problem(key, f"{_show(value)} is not allowed; expected {expected}")
+
+    def _raw(self, key: str, expected: str, required: bool) -> tuple[bool, Any]:
+        self.known.append(key)
+        if key not in self.data:
+            if required:
+                self.problem(key, f"missing; this key is required ({expected})")
+            return False, None
+        return True, self.data[key]
+
+    def _typed(
+        self, key: str, expected: str, required: bool, ok: type | tuple[type, ...]
+    ) -> tuple[bool, Any]:
+        present, value = self._raw(key, expected, required)
+        if not present:
+            return False, None
+        if isinstance(value, bool) and bool not in (ok if isinstance(ok, tuple) else (ok,)):
+            ok_type = False
+        else:
+            ok_type = isinstance(value, ok)
+        if not ok_type:
+            self.problem(key, f"expected {expected}, got {_kind(value)} {_show(value)}")
+            return False, None
+        return True, value
+
+    def string(self, key: str, default: str, *, required: bool = False) -> str:
+        present, value = self._typed(key, "a string", required, str)
+        return value if present else default
+
+    def boolean(self, key: str, default: bool) -> bool:
+        present, value = self._typed(key, "a boolean (true or false)", False, bool)
+        return value if present else default
+
+    def integer(
+        self,
+        key: str,
+        default: int,
+        *,
+        low: int | None = None,
+        high: int | None = None,
+        allowed: str = "",
+        required: bool = False,
+    ) -> int:
+        present, value = self._typed(key, "an integer", required, int)
+        if not present:
+            return default
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.bad(key, value, allowed or _range_text("an integer", low, high))
+            return default
+        return int(value)
+
+    def number(self, key: str, default: float, *, low: float, strict: bool = False) -> float:
+        """A float or integer that is finite and at least ``low`` (above it if strict)."""
+        present, value = self._typed(key, "a number", False, (int, float))
+        if not present:
+            return default
+        number = float(value)
+        too_low = number <= low if strict else number < low
+        if not math.isfinite(number) or too_low:
+            relation = "greater than" if strict else "at least"
+            self.bad(key, value, f"a number {relation} {low:g}")
+            return default
+        return number
+
+    def strings(
+        self,
+        key: str,
+        default: tuple[str, ...],
+        check: Callable[[str, str], None] | None = None,
+    ) -> tuple[str, ...]:
+        """An array of strings. ``check(where, item)`` is called for each string item,
+        ``where`` naming it (``node.allowed_callers[2]``) for its messages."""
+        present, value = self._typed(key, "an array of strings", False, list)
+        if not present:
+            return default
+        items: list[str] = []
+        for i, item in enumerate(value):
+            where = f"{self.name(key)}[{i}]"
+            if not isinstance(item, str):
+                self.problems.append(f"{where}: expected a string, got {_kind(item)} {_show(item)}")
+            else:
+                if check is not None:
+                    check(where, item)
+                items.append(item)
+        return tuple(items)
+
+    def path(
+        self,
+        key: str,
+        base: Path,
+        *,
+        expected: str,
+        kind: Literal["file", "dir"],
+        must_exist: bool = False,
+    ) -> Path | None:
+        """A path resolved against ``base``, or None when missing or "". When it exists
+        it must be of ``kind``; ``must_exist`` also reports a path that is not there."""
+        text = self.string(key, "")
+        if not text:
+            return None
+        resolved = _resolve(base, text)
+        shown = _show(text) + (f" (resolved to {resolved})" if str(resolved) != text else "")
+        if must_exist and not resolved.exists():
+            self.problem(key, f"{shown} does not exist; expected {expected}")
+        elif kind == "file" and resolved.exists() and not resolved.is_file():
+            self.problem(key, f"{shown} is not a file; expected {expected}")
+        elif kind == "dir" and resolved.exists() and not resolved.is_dir():
+            self.problem(key, f"{shown} is not a directory; expected {expected}")
+        return resolved
+
+    def table(self, key: str) -> Mapping[str, Any] | None:
+        present, value = self._typed(key, "a table", False, dict)
+        return value if present else None
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key in self.known:
+                continue
+            hint = _suggest(key, self.known)
+            if hint:
+                self.problem(key, f'unknown key; did you mean "{hint}"?')
+            else:
+                self.problem(key, f"unknown key; allowed keys: {', '.join(self.known)}")
+
+
+def _range_text(what: str, low: int | None, high: int | None) -> str:
+    if low is not None and high is not None:
+        return f"{what} from {low} to {high}"
+    if low is not None:
+        return f"{what} of at least {low}"
+    return f"{what} of at most {high}"
+
+
+class _Root:
+    """The top level: sections (tables) and the ``destinations`` array of tables."""
+
+    SECTIONS = (
+        "node",
+        "storage",
+        "watch",
+        "study",
+        "model",
+        "workers",
+        "results",
+        "metrics",
+        "logging",
+        "sender",
+        "destinations",
+    )
+
+    def __init__(self, problems: list[str], data: Mapping[str, Any]) -> None:
+        self.problems = problems
+        self.data = data
+        self.tables: list[_Table] = []
+
+    def section(self, name: str) -> _Table:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            self.problems.append(
+                f"{name}: expected a table ([{name}]), got {_kind(value)} {_show(value)}"
+            )
+            value = {}
+        table = _Table(self.problems, name, value)
+        self.tables.append(table)
+        return table
+
+    def array(self, name: str) -> list[Mapping[str, Any]]:
+        value = self.data.get(name, [])
+        if isinstance(value, dict):
+            self.problems.append(
+                f"{name}: expected an array of tables (write [[{name}]], not [{name}])"
+            )
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problems.append(
+                f"{name}: expected an array of tables ([[{name}]]), got {_show(value)}"
+            )
+            return []
+        return value
+
+    def finish(self) -> None:
+        for table in self.tables:
+            table.finish()
+        # A key placed above the first [section] lands at the top level; say where it goes.
+        owners: dict[str, list[str]] = {}
+        for table in self.tables:
+            for key in table.known:
+                owners.setdefault(key, []).append(table.prefix)
+        for key in self.data:
+            if key in self.SECTIONS:
+                continue
+            if key in owners:
+                where = " or ".join(f"[{s}]" for s in owners[key])
+                self.problems.append(f"{key}: unknown section; this key belongs under {where}")
+                continue
+            hint = _suggest(key, self.SECTIONS)
+            if hint:
+                self.problems.append(f"{key}: unknown section; did you mean [{hint}]?")
+            else:
+                self.problems.append(
+                    f"{key}: unknown section; allowed sections: {', '.join(self.SECTIONS)}"
+                )
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _ae_title_problem(value: str) -> str | None:
+    if not 1 <= len(value) <= 16:
+        return f"{len(value)} characters"
+    if not value.strip(" "):
+        return "all spaces"
+    if "\\" in value:
+        return "contains a backslash"
+    if any(not (" " <= ch <= "~") for ch in value):
+        return "contains a control or non-ASCII character"
+    return None
+
+
+def _check_ae(table: _Table, key: str, value: str) -> None:
+    reason = _ae_title_problem(value)
+    if reason:
+        table.bad(key, value, f"an AE title of {_AE_ALLOWED} ({reason})")
+
+
+def _check_host(table: _Table, key: str, value: str) -> None:
+    if not value.strip():
+        table.bad(key, value, "a host name or IP address (not empty)")
+    elif any(ch.isspace() or not ch.isprintable() for ch in value):
+        table.bad(key, value, "a host name or IP address without spaces")
+
+
+def _read_tls(parent: _Table, base: Path, *, server: bool) -> TlsConfig | None:
+    raw = parent.table("tls")
+    if raw is None:
+        return None
+    t = _Table(parent.problems, parent.name("tls"), raw)
+    pem = "an existing PEM file"
+    certificate = t.path("certificate", base, expected=pem, kind="file", must_exist=True)
+    key = t.path("key", base, expected=pem, kind="file", must_exist=True)
+    ca = t.path(
+        "ca", base, expected=pem + " of trusted CA certificates", kind="file", must_exist=True
+    )
+    require = t.boolean("require_client_cert", False)
+    t.finish()
+    if certificate is not None and key is None:
+        t.problem("key", f"missing; {t.name('certificate')} and {t.name('key')} go together")
+    elif key is not None and certificate is None:
+        t.problem(
+            "certificate", f"missing; {t.name('certificate')} and {t.name('key')} go together"
+        )
+    elif server and certificate is None:
+        t.problem("certificate", "missing; a TLS server needs its certificate and key")
+    if require and not server:
+        t.bad("require_client_cert", require, "false; it applies only to node.tls")
+    elif require and ca is None:
+        t.bad("require_client_cert", require, f"false unless {t.name('ca')} is given")
+    return TlsConfig(certificate=certificate, key=key, ca=ca, require_client_cert=require)
+
+
+def _read_node(t: _Table, base: Path) -> NodeConfig:
+    d = NodeConfig()
+    ae_title = t.string("ae_title", d.ae_title)
+    _check_ae(t, "ae_title", ae_title)
+    host = t.string("host", d.host)
+    _check_host(t, "host", host)
+    port = t.integer("port", d.port, low=1, high=65535)
+
+    def check_caller(where: str, entry: str) -> None:
+        ae, sep, caller_host = entry.rpartition("@")
+        if not sep:
+            ae = entry
+        reason = _ae_title_problem(ae)
+        if sep and not caller_host.strip():
+            reason = "empty host after @"
+        if reason:
+            t.problems.append(
+                f"{where}: {_show(entry)} is not allowed; expected "
+                f'"AE" or "AE@host", the AE title {_AE_ALLOWED} ({reason})'
+            )
+
+    callers = t.strings("allowed_callers", d.allowed_callers, check_caller)
+    tls = _read_tls(t, base, server=True)
+    max_pdu = t.integer("max_pdu", d.max_pdu)
+    if max_pdu != 0 and not _MIN_PDU <= max_pdu <= _MAX_PDU_LIMIT:
+        t.bad("max_pdu", max_pdu, f"0 (unlimited) or {_MIN_PDU} to {_MAX_PDU_LIMIT} bytes")
+        max_pdu = d.max_pdu
+    receivers = t.integer("receivers", d.receivers, low=1, high=256)
+    return NodeConfig(
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        allowed_callers=callers,
+        tls=tls,
+        max_pdu=max_pdu,
+        receivers=receivers,
+    )
+
+
+def _read_storage(t: _Table, base: Path) -> StorageConfig:
+    text = t.string("data_dir", "./cxrd-data")
+    if not text.strip():
+        t.bad("data_dir", text, "a directory path (not empty)")
+        text = "./cxrd-data"
+    data_dir = _resolve(base, text)
+    if data_dir.exists() and not data_dir.is_dir():
+        t.problem("data_dir", f"{_show(text)} ({data_dir}) exists and is not a directory")
+    url = t.string("database_url", "")
+    if url and not re.match(r"(sqlite://|postgresql(\+[A-Za-z0-9_]+)?://)", url):
+        t.bad(
+            "database_url",
+            _mask_url(url),
+            '"" (SQLite in data_dir), "sqlite:///PATH" or "postgresql://..." '
+            '(also "postgresql+DRIVER://...")',
+        )
+    elif url.startswith("sqlite:///"):
+        url = _resolve_sqlite_url(url, base)
+    return StorageConfig(data_dir=data_dir, database_url=url)
+
+
+def _resolve_sqlite_url(url: str, base: Path) -> str:
+    """Make a relative SQLite file path absolute against ``base``, like other paths."""
+    rest = url[len("sqlite:///") :]
+    path, sep, query = rest.partition("?")
+    if not path or path == ":memory:" or path.startswith("/"):
+        return url
+    return f"sqlite:///{_resolve(base, path)}{sep}{query}"
+
+
+def _read_watch(t: _Table, base: Path) -> WatchConfig:
+    d = WatchConfig()
+
+    def check_folder(where: str, text: str) -> None:
+        if not text.strip():
+            t.problems.append(f"{where}: {_show(text)} is not allowed; expected a folder path")
+            return
+        folder = _resolve(base, text)
+        if folder.exists() and not folder.is_dir():
+            t.problems.append(
+                f"{where}: {_show(text)} ({folder}) is not allowed; expected a directory"
+            )
+
+    texts = t.strings("folders", (), check_folder)
+    folders = [_resolve(base, text) for text in texts if text.strip()]
+    settle = t.number("settle_seconds", d.settle_seconds, low=0)
+    return WatchConfig(folders=tuple(folders), settle_seconds=settle)
+
+
+def _read_study(t: _Table) -> StudyConfig:
+    d = StudyConfig()
+    return StudyConfig(
+        stable_seconds=t.number("stable_seconds", d.stable_seconds, low=0, strict=True)
+    )
+
+
+def _read_model(t: _Table, base: Path) -> ModelConfig:
+    d = ModelConfig()
+    path = t.path(
+        "path",
+        base,
+        expected='an existing ONNX model file, or "" for the embedded demo model',
+        kind="file",
+        must_exist=True,
+    )
+    seen: set[str] = set()
+
+    def check_provider(where: str, name: str) -> None:
+        if name not in KNOWN_PROVIDERS:
+            hint = _suggest(name, KNOWN_PROVIDERS)
+            text = f'did you mean "{hint}"?' if hint else f"allowed: {', '.join(KNOWN_PROVIDERS)}"
+            t.problems.append(f"{where}: {_show(name)} is not an onnxruntime provider; {text}")
+        elif name in seen:
+            t.problems.append(f"{where}: {_show(name)} is listed twice; list each provider once")
+        seen.add(name)
+
+    providers = t.strings("providers", d.providers, check_provider)
+    if t.data.get("providers") == []:
+        t.bad("providers", [], f"a non-empty array of {', '.join(KNOWN_PROVIDERS)}")
+    if not providers:
+        providers = d.providers
+    threads = t.integer(
+        "intra_op_threads",
+        d.intra_op_threads,
+        low=0,
+        high=1024,
+        allowed="an integer from 0 (onnxruntime's default) to 1024",
+    )
+    return ModelConfig(path=path, providers=providers, intra_op_threads=threads)
+
+
+def _read_workers(t: _Table) -> WorkersConfig:
+    d = WorkersConfig()
+    return WorkersConfig(
+        processes=t.integer("processes", d.processes, low=1, high=1024),
+        batch_size=t.integer("batch_size", d.batch_size, low=1, high=256),
+        lease_seconds=t.number("lease_seconds", d.lease_seconds, low=0, strict=True),
+        max_attempts=t.integer("max_attempts", d.max_attempts, low=1, high=1000),
+        retry_backoff_seconds=t.number("retry_backoff_seconds", d.retry_backoff_seconds, low=0),
+    )
+
+
+def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
+    d = ResultsConfig(data_dir=data_dir)
+    folder = t.path("folder", base, expected='a directory, or "" for data_dir/results', kind="dir")
+    structured_report = t.boolean("structured_report", d.structured_report)
+    heatmap = t.boolean("heatmap_secondary_capture", d.heatmap_secondary_capture)
+    parametric_map = t.boolean("parametric_map", d.parametric_map)
+    sr_text = t.string("sr_sop_class", d.sr_sop_class.value)
+    try:
+        sr_sop_class = SrSopClass(sr_text)
+    except ValueError:
+        allowed = ", ".join(f'"{c.value}"' for c in SrSopClass)
+        hint = _suggest(sr_text, [c.value for c in SrSopClass])
+        t.bad(
+            "sr_sop_class",
+            sr_text,
+            f"one of {allowed}" + (f'; did you mean "{hint}"?' if hint else ""),
+        )
+        sr_sop_class = d.sr_sop_class
+    return ResultsConfig(
+        data_dir=data_dir,
+        folder=folder,
+        structured_report=structured_report,
+        heatmap_secondary_capture=heatmap,
+        parametric_map=parametric_map,
+        sr_sop_class=sr_sop_class,
+    )
+
+
+def _read_metrics(t: _Table) -> MetricsConfig:
+    d = MetricsConfig()
+    listen = t.string("listen", d.listen)
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            t.bad("listen", listen, str(exc))
+            listen = d.listen
+    return MetricsConfig(listen=listen)
+
+
+def _read_logging(t: _Table) -> LoggingConfig:
+    d = LoggingConfig()
+    level = t.string("level", d.level)
+    if level.upper() not in LOG_LEVELS:
+        t.bad("level", level, f"one of {', '.join(LOG_LEVELS)}")
+        level = d.level
+    fmt_text = t.string("format", d.format.value)
+    try:
+        fmt = LogFormat(fmt_text)
+    except ValueError:
+        t.bad("format", fmt_text, '"text" or "json"')
+        fmt = d.format
+    return LoggingConfig(level=level.upper(), format=fmt)
+
+
+def _read_sender(t: _Table, node_ae_title: str) -> SenderConfig:
+    d = SenderConfig()
+    calling_ae = t.string("calling_ae", "")
+    if "calling_ae" in t.data and isinstance(t.data["calling_ae"], str):
+        _check_ae(t, "calling_ae", calling_ae)
+    initial = t.number("initial_backoff_seconds", d.initial_backoff_seconds, low=0, strict=True)
+    maximum = t.number("max_backoff_seconds", d.max_backoff_seconds, low=0, strict=True)
+    if maximum < initial:
+        t.bad(
+            "max_backoff_seconds",
+            t.data.get("max_backoff_seconds", maximum),
+            f"at least {t.name('initial_backoff_seconds')} ({initial:g})",
+        )
+    return SenderConfig(
+        calling_ae=calling_ae or node_ae_title,
+        max_age_hours=t.number("max_age_hours", d.max_age_hours, low=0, strict=True),
+        initial_backoff_seconds=initial,
+        max_backoff_seconds=maximum,
+    )
+
+
+def _read_destinations(
+    entries: list[Mapping[str, Any]], problems: list[str], base: Path
+) -> tuple[DestinationConfig, ...]:
+    result: list[DestinationConfig] = []
+    first_use: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        t = _Table(problems, f"destinations[{i}]", entry)
+        name = t.string("name", "", required=True)
+        if "name" in entry and isinstance(entry["name"], str):
+            if not name.strip():
+                t.bad("name", name, "a non-empty name")
+            elif name in first_use:
+                t.bad(
+                    "name",
+                    name,
+                    f"a unique name (destinations[{first_use[name]}] has it already)",
+                )
+            else:
+                first_use[name] = i
+        ae_title = t.string("ae_title", "", required=True)
+        if "ae_title" in entry and isinstance(entry["ae_title"], str):
+            _check_ae(t, "ae_title", ae_title)
+        host = t.string("host", "", required=True)
+        if "host" in entry and isinstance(entry["host"], str):
+            _check_host(t, "host", host)
+        port = t.integer("port", 104, low=1, high=65535, required=True)
+        tls = _read_tls(t, base, server=False)
+        t.finish()
+        result.append(
+            DestinationConfig(name=name, ae_title=ae_title, host=host, port=port, tls=tls)
+        )
+    return tuple(result)

@@ -1,0 +1,259 @@
+"""The database: SQLAlchemy 2.x models, engine set-up and numbered migrations.
+
+SQLite (the embedded default) runs in WAL mode with a busy timeout and ``synchronous=FULL``
+so a commit that acknowledges an instance survives power loss. The same models run on
+PostgreSQL for a queue shared by several nodes (jobs are then claimed with
+``FOR UPDATE SKIP LOCKED``; see ``cxrd.queue``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from cxrd.domain import DeliveryState, InstanceState, JobState, StudyState
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.COLLECTING.value, index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)  # +1 per reprocess
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    stable_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # admitted at
+    reported_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # the current SR
+    report_seconds: Mapped[float | None] = mapped_column(Float)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    presentation_intent: Mapped[str] = mapped_column(String(32), default="")
+    photometric: Mapped[str] = mapped_column(String(16), default="")
+    has_pixels: Mapped[bool] = mapped_column(default=True)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    path: Mapped[str] = mapped_column(Text)  # spool file
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(256))  # "watch:<folder>" or "dicom:<AE>@<host>"
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED.value, index=True)
+    reason: Mapped[str | None] = mapped_column(String(32))  # SkipReason value
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "state", "not_before"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(String(32))  # SkipReason for SKIPPED jobs
+    # outputs, kept small: the SR is rebuilt from these without touching pixels again
+    probs: Mapped[str | None] = mapped_column(Text)  # JSON [p_TB, p_NTB, p_NORM]
+    cam: Mapped[str | None] = mapped_column(Text)  # JSON (h, w, 3) nested lists
+    model_device_uid: Mapped[str | None] = mapped_column(String(64))
+    timings: Mapped[str | None] = mapped_column(Text)  # JSON stage -> seconds
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # ResultKind
+    generation: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # SC: the radiograph
+    supersedes: Mapped[str | None] = mapped_column(String(64))  # SR: the previous SR
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class Rejection(Base):
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    source: Mapped[str] = mapped_column(String(256))
+    name: Mapped[str] = mapped_column(Text)  # file name or SOP Instance UID
+    reason: Mapped[str] = mapped_column(String(32))  # RejectReason
+    detail: Mapped[str] = mapped_column(Text)
+    moved_to: Mapped[str | None] = mapped_column(Text)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Worker(Base):
+    """One row per worker process: its heartbeat, model and execution providers."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    model: Mapped[str] = mapped_column(String(128))
+    model_device_uid: Mapped[str] = mapped_column(String(64))
+    demo: Mapped[bool] = mapped_column(default=False)
+    providers: Mapped[str] = mapped_column(String(256))  # comma-separated, as in use
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+
+    version: Mapped[int] = mapped_column(primary_key=True)
+    applied_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def _v1(conn: Any) -> None:
+    Base.metadata.create_all(conn)
+
+
+#: Numbered migrations; append, never edit. Each runs in its own transaction.
+MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the pragmas durability needs (SQLite) or a plain pool (PostgreSQL)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            poolclass=NullPool,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy issue BEGIN itself (IMMEDIATE, see below); pysqlite's own
+            # transaction handling would defer the write lock and deadlock writers.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # Take the write lock up front: read-then-write transactions cannot deadlock.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith(
+        "postgresql://") else url
+    return create_engine(url, pool_pre_ping=True, pool_size=5)
+
+
+def migrate(engine: Engine) -> int:
+    """Apply pending migrations; returns the schema version."""
+    with engine.begin() as conn:
+        if not inspect(conn).has_table(SchemaVersion.__tablename__):
+            SchemaVersion.__table__.create(conn)  # type: ignore[attr-defined]
+        current = conn.execute(select(SchemaVersion.version).order_by(
+            SchemaVersion.version.desc()).limit(1)).scalar() or 0
+    for version, step in MIGRATIONS:
+        if version <= current:
+            continue
+        with engine.begin() as conn:
+            step(conn)
+            conn.execute(SchemaVersion.__table__.insert().values(  # type: ignore[attr-defined]
+                version=version, applied_at=utcnow()))
+    return SCHEMA_VERSION
+
+
+class Database:
+    """Engine plus session factory; one per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    def migrate(self) -> int:
+        return migrate(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in a transaction: committed on success, rolled back on error."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

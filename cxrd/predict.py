@@ -1,0 +1,80 @@
+"""``cxrd predict``: classify files offline with the same stages as the node, no daemon.
+
+DICOM inputs get a heatmap SC each and one SR per study in the output folder; PNG and JPEG
+inputs are classified and printed only (an SR needs a DICOM source to reference).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from cxrd.config import Config
+from cxrd.errors import CxrdError
+from cxrd.infer import Classifier
+from cxrd.modelinfo import CLASS_NAMES
+from cxrd.preprocess import preprocess_file
+from cxrd.uids import derived_uid
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+
+
+def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool = False) -> int:
+    """Classify ``files``; returns the exit code (1 if any file could not be classified)."""
+    from cxrd.report import ImageResult, build_sr, save_dataset, shown_class
+    from cxrd.worker import prepare, write_heatmap
+
+    clf = Classifier(config.model.path, config.model.providers, config.model.intra_op_threads)
+    model = clf.info
+    print(f"model: {model.display_name} providers: {','.join(clf.providers)}", file=sys.stderr)
+    if model.demo:
+        print("DEMO model: trained on synthetic phantoms, not for clinical use", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    by_study: dict[str, list[ImageResult]] = defaultdict(list)
+    failed = 0
+    for path in files:
+        row: dict[str, object] = {"file": str(path)}
+        try:
+            if _is_dicom(path):
+                prep = prepare(path, clf.input_size)
+                probs, cam = clf.run(prep.model_input[None])
+                result = ImageResult(prep.dataset, prep.display, probs[0], cam[0])
+                sc_uid, sc_path = write_heatmap(prep, probs[0], cam[0], model, out, 1)
+                by_study[str(prep.dataset.StudyInstanceUID)].append(result)
+                row["sc"] = str(sc_path)
+            else:
+                probs, cam = clf.run(preprocess_file(path, clf.input_size)[None])
+                result = None
+        except (CxrdError, OSError) as exc:
+            failed += 1
+            row["error"] = str(exc)
+            print(json.dumps(row) if as_json else f"{path}: cannot classify: {exc}")
+            continue
+        p = probs[0]
+        decision = int(np.argmax(p)) if result is None else shown_class(result, model)
+        row.update({c: round(float(v), 4) for c, v in zip(CLASS_NAMES, p, strict=True)})
+        row["tb_threshold"] = model.operating_point.tb_threshold
+        row["tb"] = bool(p[0] >= model.operating_point.tb_threshold)
+        row["top"] = CLASS_NAMES[int(np.argmax(p))]
+        if as_json:
+            print(json.dumps(row))
+        else:
+            print(f"{path}: TB {p[0]:.3f}  NTB {p[1]:.3f}  NORM {p[2]:.3f}  -> "
+                  f"{CLASS_NAMES[decision]}"
+                  f"{' (TB at threshold %.3f)' % model.operating_point.tb_threshold if row['tb'] else ''}")
+    for study_uid, results in by_study.items():
+        sr = build_sr(results, model, sop_class=config.results.sr_sop_class.value,
+                      sop_instance_uid=derived_uid("predict-sr", study_uid,
+                                                   *[r.dataset.SOPInstanceUID for r in results]),
+                      series_instance_uid=derived_uid("sr-series", study_uid, model.device_uid))
+        path = save_dataset(sr, out)
+        print(f"SR for study {study_uid}: {path}", file=sys.stderr)
+    return 1 if failed else 0

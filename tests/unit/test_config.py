@@ -1,0 +1,484 @@
+"""Unit tests for cxrd.config: defaults, loading, validation messages, paths, describe()."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cxrd.config import (
+    ENV_CONFIG,
+    Config,
+    LogFormat,
+    SrSopClass,
+    TlsConfig,
+    default_config,
+    describe,
+    load_config,
+    parse_listen,
+    validate,
+)
+from cxrd.errors import ConfigError, CxrdError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
+
+
+def problems_of(toml_text: str, base_dir: Path) -> list[str]:
+    """Validate TOML text and return the problems it raises (failing if none)."""
+    with pytest.raises(ConfigError) as info:
+        validate(tomllib.loads(toml_text), base_dir=base_dir)
+    assert info.value.problems, "ConfigError without problems"
+    return info.value.problems
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(env={})
+
+    assert config.source is None
+    assert config.base_dir == tmp_path
+    assert config.node.ae_title == "CXRD"
+    assert config.node.host == "0.0.0.0"
+    assert config.node.port == 11112
+    assert config.node.allowed_callers == ()
+    assert config.node.tls is None
+    assert config.node.max_pdu == 131072
+    assert config.node.receivers == 1
+    assert config.storage.data_dir == tmp_path / "cxrd-data"
+    assert config.storage.database_url == ""
+    assert config.watch.folders == ()
+    assert config.watch.settle_seconds == 2.0
+    assert config.study.stable_seconds == 10
+    assert config.model.path is None
+    assert config.model.uses_embedded_model
+    assert config.model.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert config.model.intra_op_threads == 0
+    assert config.workers.processes == 1
+    assert config.workers.batch_size == 8
+    assert config.workers.lease_seconds == 300
+    assert config.workers.max_attempts == 3
+    assert config.workers.retry_backoff_seconds == 30
+    assert config.results.folder is None
+    assert config.results.structured_report is True
+    assert config.results.heatmap_secondary_capture is True
+    assert config.results.parametric_map is False
+    assert config.results.sr_sop_class is SrSopClass.COMPREHENSIVE_3D
+    assert config.results.sr_sop_class.uid == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert config.metrics.listen == "127.0.0.1:9464"
+    assert config.metrics.address == ("127.0.0.1", 9464)
+    assert config.logging.level == "INFO"
+    assert config.logging.format is LogFormat.TEXT
+    assert config.destinations == ()
+    assert config.sender.calling_ae == "CXRD"
+    assert config.sender.max_age_hours == 168
+    assert config.sender.initial_backoff_seconds == 5
+    assert config.sender.max_backoff_seconds == 1800
+
+
+def test_derived_paths_default(tmp_path: Path) -> None:
+    config = default_config(tmp_path)
+    data = tmp_path / "cxrd-data"
+    assert config.storage.incoming_dir == data / "incoming"
+    assert config.storage.spool_dir == data / "spool"
+    assert config.storage.rejected_dir == data / "rejected"
+    assert config.results.results_dir == data / "results"
+    assert config.storage.database_url_resolved == f"sqlite:///{data}/cxrd.sqlite3"
+    assert config.storage.database_url_resolved.startswith("sqlite:////")
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = default_config(tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.node.port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.node = config.node  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_cxrd_config_env_names_the_file(tmp_path: Path) -> None:
+    file = write(tmp_path / "cxrd.toml", "[node]\nport = 4000\n")
+    config = load_config(env={ENV_CONFIG: str(file)})
+    assert config.node.port == 4000
+    assert config.source == file
+
+
+def test_explicit_path_wins_over_env(tmp_path: Path) -> None:
+    env_file = write(tmp_path / "env.toml", "[node]\nport = 4000\n")
+    arg_file = write(tmp_path / "arg.toml", "[node]\nport = 5000\n")
+    assert load_config(arg_file, env={ENV_CONFIG: str(env_file)}).node.port == 5000
+
+
+def test_empty_env_var_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(env={ENV_CONFIG: ""}).source is None
+
+
+def test_missing_named_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="no such configuration file") as info:
+        load_config(missing, env={})
+    assert str(missing) in str(info.value)
+    with pytest.raises(ConfigError, match=re.escape(f"${ENV_CONFIG}")):
+        load_config(env={ENV_CONFIG: str(missing)})
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    file = write(tmp_path / "bad.toml", '[node]\nport = 11112\nhost = "0.0.0.0\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(file, env={})
+    message = str(info.value)
+    assert str(file) in message
+    assert "line 3" in message
+    assert len(info.value.problems) == 1
+    assert isinstance(info.value.__cause__, tomllib.TOMLDecodeError)
+    assert isinstance(info.value, CxrdError)
+
+
+def test_example_file_loads_clean_and_matches_defaults() -> None:
+    config = load_config(EXAMPLE, env={})
+    defaults = validate({}, base_dir=EXAMPLE.parent)
+    assert dataclasses.replace(config, source=None) == defaults
+
+
+def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
+    """Uncommenting the TLS, calling_ae and destination examples gives a valid file."""
+    text = re.sub(r"(?m)^# (?=\[|\w+ = )", "", EXAMPLE.read_text(encoding="utf-8"))
+    file = write(tmp_path / "cxrd.toml", text)
+    for name in ("cxrd.crt", "cxrd.key", "hospital-ca.pem", "cxrd-client.crt", "cxrd-client.key"):
+        write(tmp_path / "tls" / name, "PEM\n")
+    config = load_config(file, env={})
+    assert config.node.tls == TlsConfig(
+        certificate=tmp_path / "tls/cxrd.crt",
+        key=tmp_path / "tls/cxrd.key",
+        ca=tmp_path / "tls/hospital-ca.pem",
+        require_client_cert=True,
+    )
+    assert [d.name for d in config.destinations] == ["pacs", "pacs-tls"]
+    assert config.destinations[0].tls is None
+    tls = config.destinations[1].tls
+    assert tls is not None and tls.ca == tmp_path / "tls/hospital-ca.pem"
+
+
+# --------------------------------------------------------------------------- bad values
+
+BAD_VALUES = [
+    # (TOML, key named in the message, another fragment the message must contain)
+    ('[node]\nae_title = "THIS_IS_FAR_TOO_LONG"', "node.ae_title", "THIS_IS_FAR_TOO_LONG"),
+    ('[node]\nae_title = "A\\\\B"', "node.ae_title", "backslash"),
+    ('[node]\nae_title = "    "', "node.ae_title", "all spaces"),
+    ('[node]\nae_title = "A\\tB"', "node.ae_title", "control"),
+    ('[node]\nae_title = ""', "node.ae_title", "1-16"),
+    ("[node]\nport = 0", "node.port", "1 to 65535"),
+    ("[node]\nport = 70000", "node.port", "70000"),
+    ('[node]\nport = "11112"', "node.port", "expected an integer"),
+    ("[node]\nport = true", "node.port", "expected an integer"),
+    ("[node]\nport = 11112.0", "node.port", "expected an integer"),
+    ('[node]\nhost = ""', "node.host", "host name"),
+    ('[node]\nallowed_callers = ["PACS", "X@"]', "node.allowed_callers[1]", "AE@host"),
+    ('[node]\nallowed_callers = ["WAY_TOO_LONG_AE_TITLE@h"]', "node.allowed_callers[0]", "1-16"),
+    ('[node]\nallowed_callers = "PACS"', "node.allowed_callers", "expected an array"),
+    ("[node]\nallowed_callers = [1]", "node.allowed_callers[0]", "expected a string"),
+    ("[node]\nmax_pdu = 10", "node.max_pdu", "unlimited"),
+    ("[node]\nreceivers = 0", "node.receivers", "0"),
+    ('[node.tls]\ncertificate = "nope.crt"\nkey = "nope.key"', "node.tls.certificate", "nope.crt"),
+    ('[node.tls]\nca = "nope.pem"', "node.tls.ca", "does not exist"),
+    ("[node]\ntls = 5", "node.tls", "expected a table"),
+    ('[storage]\ndata_dir = ""', "storage.data_dir", "not empty"),
+    ('[storage]\ndatabase_url = "mysql://db"', "storage.database_url", "postgresql"),
+    ('[watch]\nfolders = [""]', "watch.folders[0]", "folder"),
+    ("[watch]\nsettle_seconds = -1", "watch.settle_seconds", "at least 0"),
+    ("[study]\nstable_seconds = 0", "study.stable_seconds", "greater than 0"),
+    ('[study]\nstable_seconds = "10"', "study.stable_seconds", "expected a number"),
+    ('[model]\npath = "missing.onnx"', "model.path", "missing.onnx"),
+    ("[model]\nproviders = []", "model.providers", "non-empty"),
+    ('[model]\nproviders = ["GPU"]', "model.providers[0]", "CPUExecutionProvider"),
+    ('[model]\nproviders = ["cudaexecutionprovider"]', "model.providers[0]", "did you mean"),
+    ("[model]\nintra_op_threads = -1", "model.intra_op_threads", "-1"),
+    ("[workers]\nprocesses = 0", "workers.processes", "from 1"),
+    ("[workers]\nbatch_size = 0", "workers.batch_size", "1 to 256"),
+    ("[workers]\nbatch_size = 257", "workers.batch_size", "257"),
+    ("[workers]\nlease_seconds = 0", "workers.lease_seconds", "greater than 0"),
+    ("[workers]\nmax_attempts = 0", "workers.max_attempts", "0"),
+    ("[workers]\nretry_backoff_seconds = -5", "workers.retry_backoff_seconds", "-5"),
+    ('[results]\nsr_sop_class = "basic"', "results.sr_sop_class", "comprehensive3d"),
+    ('[results]\nstructured_report = "yes"', "results.structured_report", "boolean"),
+    ('[metrics]\nlisten = "localhost"', "metrics.listen", "host:port"),
+    ('[metrics]\nlisten = "::1:9464"', "metrics.listen", "[ipv6]:port"),
+    ('[metrics]\nlisten = "127.0.0.1:0"', "metrics.listen", "65535"),
+    ('[logging]\nlevel = "TRACE"', "logging.level", "DEBUG, INFO, WARNING, ERROR"),
+    ('[logging]\nformat = "xml"', "logging.format", '"json"'),
+    ("[sender]\nmax_age_hours = 0", "sender.max_age_hours", "greater than 0"),
+    ('[sender]\ncalling_ae = "WAY_TOO_LONG_AE_TITLE"', "sender.calling_ae", "1-16"),
+    (
+        "[sender]\ninitial_backoff_seconds = 60\nmax_backoff_seconds = 10",
+        "sender.max_backoff_seconds",
+        "initial_backoff_seconds",
+    ),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nport = 104', "destinations[0].host", "missing"),
+    (
+        '[[destinations]]\nname = ""\nae_title = "P"\nhost = "h"\nport = 104',
+        "destinations[0].name",
+        "non-empty",
+    ),
+    (
+        '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 0',
+        "destinations[0].port",
+        "65535",
+    ),
+    (
+        '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 104\n'
+        '[[destinations]]\nname = "p"\nae_title = "Q"\nhost = "h"\nport = 104',
+        "destinations[1].name",
+        "unique",
+    ),
+    (
+        '[[destinations]]\nname = "p"\nae_title = "BAD\\\\AE"\nhost = "h"\nport = 104',
+        "destinations[0].ae_title",
+        "backslash",
+    ),
+    ('[destinations]\nname = "p"', "destinations", "[[destinations]]"),
+    ("node = 5", "node", "expected a table"),
+]
+
+
+@pytest.mark.parametrize(("toml_text", "key", "fragment"), BAD_VALUES)
+def test_bad_value_names_the_key(tmp_path: Path, toml_text: str, key: str, fragment: str) -> None:
+    problems = problems_of(toml_text, tmp_path)
+    matching = [p for p in problems if p.startswith(f"{key}:")]
+    assert matching, f"no problem names {key}: {problems}"
+    assert any(fragment in p for p in matching), f"{fragment!r} not in {matching}"
+
+
+def test_tls_rules(tmp_path: Path) -> None:
+    cert = write(tmp_path / "c.pem", "x")
+    problems = problems_of(f'[node.tls]\ncertificate = "{cert}"', tmp_path)
+    assert any(p.startswith("node.tls.key: missing") for p in problems)
+
+    problems = problems_of(
+        f'[node.tls]\ncertificate = "{cert}"\nkey = "{cert}"\nrequire_client_cert = true',
+        tmp_path,
+    )
+    assert any(p.startswith("node.tls.require_client_cert:") and "ca" in p for p in problems)
+
+    problems = problems_of(f'[node.tls]\nca = "{cert}"', tmp_path)
+    assert any(p.startswith("node.tls.certificate: missing") for p in problems)
+
+
+def test_several_problems_reported_at_once(tmp_path: Path) -> None:
+    text = """
+[node]
+ae_title = "THIS_IS_FAR_TOO_LONG"
+port = "11112"
+[workers]
+batch_size = 1000
+processes = 0
+[logging]
+level = "LOUD"
+[metrics]
+listen = "nowhere"
+"""
+    with pytest.raises(ConfigError) as info:
+        validate(tomllib.loads(text), base_dir=tmp_path)
+    problems = info.value.problems
+    assert len(problems) == 6, problems
+    keys = [p.split(":", 1)[0] for p in problems]
+    assert keys == [
+        "node.ae_title",
+        "node.port",
+        "workers.processes",
+        "workers.batch_size",
+        "metrics.listen",
+        "logging.level",
+    ]
+    message = str(info.value)
+    lines = message.splitlines()
+    assert "6 problems" in lines[0]
+    for problem in problems:
+        assert problem in message
+    assert len(lines) == 1 + len(problems)
+
+
+def test_unknown_key_and_section_suggest_the_right_name(tmp_path: Path) -> None:
+    text = """
+[node]
+prot = 11112
+[wokers]
+processes = 2
+[[destinations]]
+name = "p"
+ae_tilte = "P"
+ae_title = "P"
+host = "h"
+port = 104
+"""
+    problems = problems_of(text, tmp_path)
+    assert 'node.prot: unknown key; did you mean "port"?' in problems
+    assert "wokers: unknown section; did you mean [workers]?" in problems
+    assert 'destinations[0].ae_tilte: unknown key; did you mean "ae_title"?' in problems
+    assert len(problems) == 3
+
+
+def test_unknown_key_without_close_match_lists_allowed(tmp_path: Path) -> None:
+    problems = problems_of("[study]\nzzz = 1", tmp_path)
+    assert problems == ["study.zzz: unknown key; allowed keys: stable_seconds"]
+
+
+def test_top_level_key_outside_its_section(tmp_path: Path) -> None:
+    problems = problems_of("batch_size = 4", tmp_path)
+    assert problems == ["batch_size: unknown section; this key belongs under [workers]"]
+
+
+# --------------------------------------------------------------------------- good values
+
+
+def test_valid_non_default_values(tmp_path: Path) -> None:
+    model = write(tmp_path / "m.onnx", "not really onnx")
+    text = f"""
+[node]
+ae_title = "AI NODE"
+host = "::"
+allowed_callers = ["PACS", "CT1@10.0.0.5"]
+max_pdu = 0
+receivers = 4
+[storage]
+database_url = "postgresql+psycopg://cxrd:secret@db/cxrd"
+[model]
+path = "{model.name}"
+providers = ["CPUExecutionProvider"]
+intra_op_threads = 2
+[results]
+sr_sop_class = "enhanced"
+[metrics]
+listen = "[::1]:9464"
+[logging]
+level = "debug"
+format = "json"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "pacs.example"
+port = 104
+"""
+    config = validate(tomllib.loads(text), base_dir=tmp_path)
+    assert config.node.max_pdu == 0
+    assert config.node.receivers == 4
+    assert config.sender.calling_ae == "AI NODE"  # defaults to node.ae_title
+    assert config.storage.database_url_resolved == "postgresql+psycopg://cxrd:secret@db/cxrd"
+    assert config.model.path == model
+    assert not config.model.uses_embedded_model
+    assert config.results.sr_sop_class.uid == "1.2.840.10008.5.1.4.1.1.88.22"
+    assert config.metrics.address == ("::1", 9464)
+    assert config.logging.level == "DEBUG"
+    assert config.logging.format is LogFormat.JSON
+    assert config.destinations[0].port == 104
+    assert config.node.is_caller_allowed("PACS", "192.168.1.1")
+    assert config.node.is_caller_allowed("CT1 ", "10.0.0.5")
+    assert not config.node.is_caller_allowed("CT1", "10.0.0.6")
+    assert not config.node.is_caller_allowed("OTHER", "10.0.0.5")
+
+
+def test_metrics_off_and_parse_listen() -> None:
+    config = validate({"metrics": {"listen": ""}}, base_dir="/")
+    assert not config.metrics.enabled
+    assert config.metrics.address is None
+    assert parse_listen("0.0.0.0:9000") == ("0.0.0.0", 9000)
+    with pytest.raises(ValueError):
+        parse_listen("host:99999")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_relative_paths_resolve_against_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    confdir = tmp_path / "etc" / "cxrd"
+    write(confdir / "models" / "m.onnx", "x")
+    file = write(
+        confdir / "cxrd.toml",
+        """
+[storage]
+data_dir = "data"
+[watch]
+folders = ["../drop", "/abs/in"]
+[model]
+path = "models/m.onnx"
+[results]
+folder = "out"
+""",
+    )
+    monkeypatch.chdir(tmp_path)  # somewhere else: the CWD must not matter
+    config = load_config(file, env={})
+    assert config.base_dir == confdir
+    assert config.storage.data_dir == confdir / "data"
+    assert config.storage.incoming_dir == confdir / "data" / "incoming"
+    assert config.storage.database_url_resolved == f"sqlite:///{confdir}/data/cxrd.sqlite3"
+    assert config.watch.folders == (tmp_path / "etc" / "drop", Path("/abs/in"))
+    assert config.model.path == confdir / "models" / "m.onnx"
+    assert config.results.results_dir == confdir / "out"
+
+
+def test_relative_sqlite_url_resolves_against_the_file(tmp_path: Path) -> None:
+    file = write(tmp_path / "cxrd.toml", '[storage]\ndatabase_url = "sqlite:///db/q.sqlite3"\n')
+    config = load_config(file, env={})
+    assert config.storage.database_url == f"sqlite:///{tmp_path}/db/q.sqlite3"
+
+
+def test_relative_paths_without_file_use_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(env={}).storage.data_dir == tmp_path / "cxrd-data"
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def test_describe_is_json_serialisable_and_hides_secrets(tmp_path: Path) -> None:
+    key = write(tmp_path / "tls" / "node.key", "-----BEGIN PRIVATE KEY----- SECRET")
+    cert = write(tmp_path / "tls" / "node.crt", "-----BEGIN CERTIFICATE-----")
+    text = f"""
+[node.tls]
+certificate = "{cert}"
+key = "{key}"
+[storage]
+database_url = "postgresql://cxrd:hunter2@db/cxrd"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "h"
+port = 104
+[destinations.tls]
+"""
+    config = validate(tomllib.loads(text), base_dir=tmp_path)
+    view = describe(config)
+    dumped = json.dumps(view)
+    assert json.loads(dumped) == view
+    assert "SECRET" not in dumped
+    assert "hunter2" not in dumped
+    assert view["node"]["tls"]["key"] == str(key)
+    assert view["storage"]["spool_dir"] == str(tmp_path / "cxrd-data" / "spool")
+    assert view["results"]["results_dir"] == str(tmp_path / "cxrd-data" / "results")
+    assert view["destinations"][0]["tls"]["ca"] is None
+    assert view["source"] is None
+
+
+def test_describe_covers_every_section(tmp_path: Path) -> None:
+    view = describe(default_config(tmp_path))
+    for f in dataclasses.fields(Config):
+        assert f.name in view

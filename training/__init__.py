@@ -1,0 +1,1 @@
+"""Training-side code for cxrd: dataset indexing, splits, training and export."""
