@@ -1,0 +1,758 @@
+"""The report stage: classification results to DICOM objects for the PACS.
+
+Two kinds of object go back into the source study (see ``/work/shared/dicom-output.md``):
+
+* one Structured Report per study, a TID 1500 Measurement Report built with highdicom
+  (Comprehensive 3D SR by default, as IHE AIR asks; Comprehensive and Enhanced SR for older
+  archives);
+* one heatmap Secondary Capture per image: the radiograph, downscaled, with the class
+  activation map of the class shown blended in colour and a legend burned in.
+
+Coding choices, so that readers of the SR know what to look for:
+
+* Procedure reported is SNOMED CT (399208008, SCT) "Plain chest X-ray". It is view-agnostic
+  (PA, AP, portable alike) and SNOMED CT needs no coding scheme declaration. The LOINC
+  chest codes are view-specific (XR Chest AP, XR Chest PA and Lateral, ...; 36572-6 is
+  listed as "XR Chest AP" by most sources), and we do not know the view reliably.
+* The classes are coded with standard concepts only, so no private coding scheme is
+  declared and dciodvfy has nothing to warn about:
+  TB = (56717001, SCT) "Tuberculosis"; NORM = (17621005, SCT) "Normal";
+  NTB = Finding (263654008, SCT) "Abnormal" together with a qualitative evaluation
+  Tuberculosis = (272519000, SCT) "Absent" in the same measurement group.
+* The decision at the operating point: TB when P(TB) >= the model's TB threshold,
+  otherwise the more probable of NTB and NORM. The finding, the Normality and
+  Tuberculosis evaluations and the heatmap all use this one decision, so they never
+  contradict each other (a plain argmax could say TB while Tuberculosis is Absent when the
+  threshold is above 0.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian
+
+from cxrd import __version__
+from cxrd.errors import InvalidUID
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo
+
+logger = logging.getLogger(__name__)
+
+U8 = npt.NDArray[np.uint8]
+F32 = npt.NDArray[np.float32]
+
+_SRIod = type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR]
+
+SR_SOP_CLASSES = {
+    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
+    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
+    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
+}
+_SR_IODS: dict[str, _SRIod] = {
+    SR_SOP_CLASSES["comprehensive3d"]: hd.sr.Comprehensive3DSR,
+    SR_SOP_CLASSES["comprehensive"]: hd.sr.ComprehensiveSR,
+    SR_SOP_CLASSES["enhanced"]: hd.sr.EnhancedSR,
+}
+
+SR_SERIES_DESCRIPTION = "cxrd AI report"
+SC_SERIES_DESCRIPTION = "AI heatmap, not for diagnostic use"
+#: The long side of the heatmap Secondary Capture; larger displays are downscaled first.
+DISPLAY_MAX_SIDE = 1024
+
+TB, NTB, NORM = (CLASS_NAMES.index(name) for name in ("TB", "NTB", "NORM"))
+
+# Concepts (dicom-output.md, table in section 1).
+TUBERCULOSIS = Code("56717001", "SCT", "Tuberculosis")
+NORMAL = Code("17621005", "SCT", "Normal")
+ABNORMAL = Code("263654008", "SCT", "Abnormal")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+NORMALITY = Code("121402", "DCM", "Normality")
+PROBABILITY = Code("122157", "DCM", "Probability")
+NO_UNITS = Code("1", "UCUM", "no units")
+LUNG = Code("39607008", "SCT", "Lung")
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+#: Procedure reported. SNOMED CT "Plain chest X-ray (procedure)"; see the module docstring.
+CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
+_SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
+
+#: The Finding concept of each class, in CLASS_NAMES order. NTB is "Abnormal" plus
+#: Tuberculosis = Absent in the same group.
+CLASS_FINDINGS: tuple[Code, ...] = tuple(
+    {"TB": TUBERCULOSIS, "NTB": ABNORMAL, "NORM": NORMAL}[name] for name in CLASS_NAMES
+)
+CLASS_LABELS: tuple[str, ...] = tuple(
+    {"TB": "tuberculosis", "NTB": "abnormal, not TB", "NORM": "normal"}[name]
+    for name in CLASS_NAMES
+)
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_UID_MAX = 64
+
+# Samples per CAM cell when hottest_region upsamples (a 7x7 CAM becomes 112x112).
+_REGION_SAMPLES_PER_CELL = 16
+_HEATMAP_MAX_ALPHA = 0.6
+_LEGEND_LINE_HEIGHT = 13  # the default bitmap font is 11 px high
+
+
+def _jet_lut() -> U8:
+    """A 256-entry jet-like colour map whose top end is pure red, so "hottest" is exact."""
+    stops = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+    colours = np.array(
+        [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 96, 0], [255, 0, 0]],
+        dtype=np.float64,
+    )
+    x = np.linspace(0.0, 1.0, 256)
+    lut = np.stack([np.interp(x, stops, colours[:, c]) for c in range(3)], axis=-1)
+    return np.rint(lut).astype(np.uint8)
+
+
+_LUT = _jet_lut()
+
+
+def _blend_table() -> U8:
+    """RGB for every (activation index, grey) pair, flattened to (256 * 256, 3).
+
+    Opacity grows with activation: cold areas keep the radiograph, hot ones turn red.
+    """
+    alpha = np.arange(256, dtype=np.float64) / 255.0 * _HEATMAP_MAX_ALPHA
+    gray = np.arange(256, dtype=np.float64)
+    out = (
+        gray[None, :, None] * (1.0 - alpha)[:, None, None]
+        + alpha[:, None, None] * _LUT[:, None, :].astype(np.float64)
+    )
+    return np.rint(out).astype(np.uint8).reshape(256 * 256, 3)
+
+
+_BLEND = _blend_table()
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The classification of one source image, as the report stage needs it.
+
+    ``dataset`` is the source header (Pixel Data may be absent); its Rows and Columns are
+    the full-size geometry. ``display`` is the source as 8-bit grey after the modality/VOI
+    LUTs and MONOCHROME1 inversion, already downscaled to at most DISPLAY_MAX_SIDE on the
+    long side with the aspect ratio kept. ``probs`` are P(TB), P(NTB), P(NORM).
+    ``cam`` is (h, w, 3) raw class-activation logits over the model input, which is the
+    image stretched to a square.
+    """
+
+    dataset: Dataset
+    display: U8
+    probs: F32
+    cam: F32
+
+    def __post_init__(self) -> None:
+        n = len(CLASS_NAMES)
+        if self.probs.shape != (n,):
+            raise ValueError(f"ImageResult.probs must have shape ({n},), not {self.probs.shape}.")
+        if not np.all(np.isfinite(self.probs)) or np.any(self.probs < 0) or np.any(self.probs > 1):
+            raise ValueError(f"ImageResult.probs must lie in [0, 1], got {self.probs}.")
+        if self.cam.ndim != 3 or self.cam.shape[-1] != n or min(self.cam.shape[:2]) < 1:
+            raise ValueError(f"ImageResult.cam must have shape (h, w, {n}), not {self.cam.shape}.")
+        if self.display.ndim != 2 or self.display.dtype != np.uint8:
+            raise ValueError(
+                "ImageResult.display must be a 2-D uint8 array, "
+                f"not {self.display.dtype} {self.display.shape}."
+            )
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            if not self.dataset.get(keyword):
+                raise ValueError(f"ImageResult.dataset has no {keyword}.")
+        if int(self.dataset.get("Rows") or 0) < 1 or int(self.dataset.get("Columns") or 0) < 1:
+            raise ValueError("ImageResult.dataset needs Rows and Columns (the full-size geometry).")
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def decide_class(probs: F32 | Sequence[float], tb_threshold: float) -> int:
+    """The reported class: TB if P(TB) >= tb_threshold, else the likelier of NTB and NORM."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p[TB] >= tb_threshold:
+        return TB
+    return NTB if p[NTB] >= p[NORM] else NORM
+
+
+def shown_class(result: ImageResult, model: ModelInfo) -> int:
+    """Index of the class the heatmap shows, which is the class the SR reports.
+
+    TB when P(TB) reaches the operating point, otherwise the likelier of NTB and NORM
+    (not a plain argmax: with a threshold above 0.5 that could show TB while the SR
+    says Tuberculosis Absent).
+    """
+    return decide_class(result.probs, model.operating_point.tb_threshold)
+
+
+# --------------------------------------------------------------------------- CAM geometry
+
+
+def _interp_matrix(n_out: int, n_in: int) -> F32:
+    """Bilinear interpolation weights (n_out, n_in), pixel centres aligned (half-pixel)."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m.astype(np.float32)
+
+
+def upsample_cam(cam2d: npt.NDArray[np.floating], rows: int, cols: int) -> F32:
+    """Bilinearly resize one CAM channel (h, w) to (rows, cols); two small matrix products."""
+    h, w = cam2d.shape
+    a = np.asarray(cam2d, dtype=np.float32)
+    out = _interp_matrix(rows, h) @ a @ _interp_matrix(cols, w).T
+    return out.astype(np.float32, copy=False)
+
+
+def _component(mask: npt.NDArray[np.bool_], seed: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """The 8-connected component of ``mask`` containing ``seed`` (geodesic dilation)."""
+    comp = np.zeros_like(mask)
+    comp[seed] = True
+    count = 1
+    while True:
+        grown = comp.copy()
+        grown[1:, :] |= comp[:-1, :]
+        grown[:-1, :] |= comp[1:, :]
+        wide = grown.copy()
+        wide[:, 1:] |= grown[:, :-1]
+        wide[:, :-1] |= grown[:, 1:]
+        wide &= mask
+        new_count = int(wide.sum())
+        if new_count == count:
+            return wide
+        comp, count = wide, new_count
+
+
+def hottest_region(result: ImageResult, class_index: int) -> tuple[float, float, float, float]:
+    """Bounding box (x0, y0, x1, y1) of the hottest CAM region, in source pixel coordinates.
+
+    The class's CAM is upsampled bilinearly, thresholded halfway between its minimum and
+    maximum, and the connected component holding the maximum is boxed. Coordinates are
+    (column, row) with the top-left corner of the image at (0, 0) and the bottom-right
+    corner at (Columns, Rows), as SR SCOORD graphic data uses them. The CAM covers the
+    image stretched to a square, so x scales by Columns/w and y by Rows/h.
+    """
+    cam = result.cam[..., class_index]
+    h, w = cam.shape
+    gh, gw = h * _REGION_SAMPLES_PER_CELL, w * _REGION_SAMPLES_PER_CELL
+    up = upsample_cam(cam, gh, gw)
+    lo, hi = float(up.min()), float(up.max())
+    peak = np.unravel_index(int(np.argmax(up)), up.shape)
+    # A flat CAM gives an all-true mask and therefore the whole image.
+    comp = _component(up >= lo + 0.5 * (hi - lo), (int(peak[0]), int(peak[1])))
+    rows_hit = np.flatnonzero(comp.any(axis=1))
+    cols_hit = np.flatnonzero(comp.any(axis=0))
+    sy = int(result.dataset.Rows) / gh
+    sx = int(result.dataset.Columns) / gw
+    return (
+        float(cols_hit[0] * sx),
+        float(rows_hit[0] * sy),
+        float((cols_hit[-1] + 1) * sx),
+        float((rows_hit[-1] + 1) * sy),
+    )
+
+
+# --------------------------------------------------------------------------- UIDs and headers
+
+
+def validate_uid(uid: str) -> str:
+    """Return ``uid`` if it is a valid DICOM UID, else raise InvalidUID.
+
+    Digits and dots only, no empty component, no leading zero in a component other than
+    "0" itself, at most 64 characters. UIDs name files, so this is also what keeps a
+    received UID from becoming a path.
+    """
+    if not isinstance(uid, str) or len(uid) > _UID_MAX or not _UID_RE.fullmatch(uid):
+        shown = repr(uid) if len(repr(uid)) <= 80 else repr(uid)[:77] + "..."
+        raise InvalidUID(
+            f"{shown} is not a valid DICOM UID (digits and dots, no leading zeros, "
+            f"at most {_UID_MAX} characters)."
+        )
+    return uid
+
+
+def _new_uid() -> str:
+    return str(hd.UID())
+
+
+# Bulk data never needed by the report stage; left out of the header views.
+_BULK_GROUPS = (0x7FE0, 0x5400)
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _header_view(ds: Dataset) -> Dataset:
+    """A shallow header-only copy of the source, with the Type 2 patient/study attributes
+    that highdicom reads as attributes present (empty when the source lacks them)."""
+    view = Dataset()
+    # keys(), not iteration: iterating a Dataset converts every raw element, Pixel Data too.
+    for tag in ds.keys():  # noqa: SIM118
+        btag = BaseTag(tag)
+        overlay_data = 0x6000 <= btag.group <= 0x60FF and btag.element == 0x3000
+        if btag.group in _BULK_GROUPS or overlay_data:
+            continue
+        view.add(ds[btag])
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in view:
+            setattr(view, keyword, None)
+    return view
+
+
+def _library_view(ds: Dataset) -> Dataset:
+    """What highdicom's TID 1600 image library reads from an image.
+
+    For CR/DX highdicom adds the TID 1603 descriptors and then requires both Patient
+    Orientation and Imager Pixel Spacing. Those descriptors are optional in TID 1603 and
+    the attributes are Type 2/3 in CR, so when either is missing the view hides the
+    Modality from that check; the coded Modality descriptor comes from the SOP Class and
+    is still written.
+    """
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "Modality",
+                    "FrameOfReferenceUID", "PatientOrientation", "ImagerPixelSpacing"):
+        if keyword in ds and ds[keyword].value not in (None, ""):
+            setattr(view, keyword, ds[keyword].value)
+    orientation = list(view.get("PatientOrientation") or [])
+    spacing = list(view.get("ImagerPixelSpacing") or [])
+    complete = len(orientation) == 2 and all(orientation) and len(spacing) == 2
+    if not complete or "Modality" not in view:
+        view.Modality = ""
+    return view
+
+
+# --------------------------------------------------------------------------- SR
+
+
+def _algorithm(model: ModelInfo, *, with_parameters: bool) -> hd.sr.AlgorithmIdentification:
+    parameters: list[str] | None = None
+    if with_parameters:
+        op = model.operating_point
+        parameters = [
+            f"tb_threshold={op.tb_threshold:g}",
+            f"operating_point_method={op.method}",
+        ]
+        for key, value in (
+            ("target_sensitivity", op.target_sensitivity),
+            ("sensitivity", op.sensitivity),
+            ("specificity", op.specificity),
+        ):
+            if value is not None:
+                parameters.append(f"{key}={value:g}")
+        parameters += [
+            f"classes={','.join(model.class_names)}",
+            f"input_size={model.input_size}",
+            f"preprocessing={model.preprocessing}",
+            f"cxrd_version={__version__}",
+        ]
+        if model.training_data:
+            parameters.append(f"training_data={model.training_data}")
+        if model.demo:
+            parameters.insert(0, "DEMO model, not for clinical use")
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=parameters,
+        family=ARTIFICIAL_INTELLIGENCE,
+        manufacturer=model.manufacturer,
+    )
+
+
+def _tracking(text: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=_new_uid(), identifier=text)
+
+
+def _image_groups(
+    result: ImageResult, view: Dataset, model: ModelInfo, number: int, include_region: bool
+) -> list[
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+]:
+    """TID 1501 finding group, one TID 1501 probability group per class, optional TID 1410."""
+    threshold = model.operating_point.tb_threshold
+    decided = decide_class(result.probs, threshold)
+    tb_present = float(result.probs[TB]) >= threshold
+    name = CLASS_NAMES[decided]
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(f"cxrd finding {name}, image {number}"),
+            finding_type=CLASS_FINDINGS[decided],
+            finding_sites=[hd.sr.FindingSite(LUNG)],
+            algorithm_id=_algorithm(model, with_parameters=True),
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(NORMALITY, NORMAL if decided == NORM else ABNORMAL),
+                hd.sr.QualitativeEvaluation(TUBERCULOSIS, PRESENT if tb_present else ABSENT),
+            ],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(view)],
+        )
+    ]
+    for k, class_name in enumerate(CLASS_NAMES):
+        # NTB has no code of its own: "Abnormal" with Tuberculosis Absent defines it.
+        evaluations = [hd.sr.QualitativeEvaluation(TUBERCULOSIS, ABSENT)] if k == NTB else None
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(f"cxrd probability {class_name}, image {number}"),
+                finding_type=CLASS_FINDINGS[k],
+                finding_sites=[hd.sr.FindingSite(LUNG)],
+                algorithm_id=_algorithm(model, with_parameters=False),
+                measurements=[
+                    hd.sr.Measurement(
+                        # The shortest decimal that reads back as the same float32 ("0.6",
+                        # not "0.60000002384186").
+                        name=PROBABILITY, value=float(str(np.float32(result.probs[k]))),
+                        unit=NO_UNITS,
+                    )
+                ],
+                qualitative_evaluations=evaluations,
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(view)],
+            )
+        )
+    # A box around "the most normal region" would mislead a reader, so NORM gets none.
+    if include_region and decided != NORM:
+        x0, y0, x1, y1 = hottest_region(result, decided)
+        box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=box,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(view),
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(f"cxrd hottest region {name}, image {number}"),
+                referenced_region=region,
+                finding_type=CLASS_FINDINGS[decided],
+                finding_sites=[hd.sr.FindingSite(LUNG)],
+                algorithm_id=_algorithm(model, with_parameters=False),
+            )
+        )
+    return groups
+
+
+def _sr_iod_for(sop_class: str) -> _SRIod:
+    uid = SR_SOP_CLASSES.get(sop_class, sop_class)
+    try:
+        return _SR_IODS[uid]
+    except KeyError:
+        raise ValueError(
+            f"sop_class {sop_class!r} is not one of {sorted(SR_SOP_CLASSES)} "
+            "or their SOP Class UIDs."
+        ) from None
+
+
+def _software_versions(model: ModelInfo) -> list[str]:
+    return [model.version, f"cxrd {__version__}"]
+
+
+def _described(text: str, model: ModelInfo) -> str:
+    return f"DEMO {text}" if model.demo else text
+
+
+def build_sr(
+    results: Sequence[ImageResult],
+    model: ModelInfo,
+    *,
+    series_instance_uid: str | None = None,
+    series_number: int = 9001,
+    instance_number: int = 1,
+    sop_class: str = "comprehensive3d",
+    predecessor: Dataset | None = None,
+    sop_instance_uid: str | None = None,
+    include_region: bool = True,
+) -> Dataset:
+    """Build the one TID 1500 SR for a study from the results of its images.
+
+    The SR is a new instance in the source study, in its own series (Modality SR),
+    COMPLETE and UNVERIFIED, with the model as device observer. Per image it holds a
+    finding group for the reported class (Finding Site Lung, Normality, Tuberculosis at
+    the operating point, algorithm identification with the threshold), one group per
+    class with its Probability, and, unless the image is reported NORM or
+    ``include_region`` is False, the hottest CAM region as a closed polyline box.
+    ``predecessor`` is the earlier cxrd SR of the study that this one supersedes.
+    Raises ValueError when the results are empty, span several studies or repeat an
+    image, and InvalidUID for a malformed UID.
+    """
+    if not results:
+        raise ValueError("build_sr needs at least one ImageResult.")
+    iod = _sr_iod_for(sop_class)
+    study_uid = str(results[0].dataset.StudyInstanceUID)
+    seen: set[str] = set()
+    for r in results:
+        if str(r.dataset.StudyInstanceUID) != study_uid:
+            raise ValueError(
+                "All results of one SR must share StudyInstanceUID; got "
+                f"{study_uid} and {r.dataset.StudyInstanceUID}."
+            )
+        image_uid = str(r.dataset.SOPInstanceUID)
+        if image_uid in seen:
+            raise ValueError(f"SOPInstanceUID {image_uid} appears twice in the results.")
+        seen.add(image_uid)
+    validate_uid(model.device_uid)
+    series_uid = validate_uid(series_instance_uid) if series_instance_uid else _new_uid()
+    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
+    previous: list[Dataset] | None = None
+    if predecessor is not None:
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not predecessor.get(keyword):
+                raise ValueError(f"The predecessor SR has no {keyword}.")
+        if str(predecessor.StudyInstanceUID) != study_uid:
+            raise ValueError(
+                f"The predecessor SR belongs to study {predecessor.StudyInstanceUID}, "
+                f"not to {study_uid}."
+            )
+        if str(predecessor.SOPInstanceUID) == sop_uid:
+            raise ValueError("The new SR cannot reuse its predecessor's SOPInstanceUID.")
+        previous = [predecessor]
+
+    views = [_header_view(r.dataset) for r in results]
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    for number, (result, view) in enumerate(zip(results, views, strict=True), start=1):
+        groups.extend(_image_groups(result, view, model, number, include_region))
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid,
+            name=model.name,
+            manufacturer_name=model.manufacturer,
+            model_name=model.display_name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CHEST_RADIOGRAPH,
+        imaging_measurements=groups,
+        referenced_images=[_library_view(r.dataset) for r in results],
+    )
+    sr = iod(
+        evidence=views,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=model.manufacturer,
+        is_complete=True,
+        is_verified=False,
+        previous_versions=previous,
+        series_description=_described(SR_SERIES_DESCRIPTION, model),
+        manufacturer_model_name=model.name,
+    )
+    sr.add_new("SoftwareVersions", "LO", _software_versions(model))
+    logger.debug(
+        "built SR",
+        extra={
+            "action": "build_sr",
+            "sop_instance_uid": sop_uid,
+            "study_instance_uid": study_uid,
+            "images": len(results),
+        },
+    )
+    return sr
+
+
+# --------------------------------------------------------------------------- heatmap SC
+
+
+def downscale_for_display(gray: U8, max_side: int = DISPLAY_MAX_SIDE) -> U8:
+    """Shrink an 8-bit image so its long side is at most ``max_side`` (aspect kept)."""
+    rows, cols = gray.shape
+    scale = max_side / max(rows, cols)
+    if scale >= 1.0:
+        return gray
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    return np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def _ascii(text: str) -> str:
+    # The default bitmap font covers Latin-1 only; keep the legend plain ASCII.
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _legend_band(lines: Sequence[str], width: int) -> U8:
+    """White text on black, the default bitmap font scaled up by a whole factor."""
+    font = ImageFont.load_default_imagefont()
+    text_width = max(int(font.getbbox(line)[2]) for line in lines)
+    scale = max(1, min(4, (width - 8) // max(text_width, 1)))
+    band_w = -(-width // scale)
+    band_h = len(lines) * _LEGEND_LINE_HEIGHT + 4
+    img = Image.new("L", (band_w, band_h), 0)
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((3, 2 + i * _LEGEND_LINE_HEIGHT), line, fill=255, font=font)
+    big = img.resize((band_w * scale, band_h * scale), Image.Resampling.NEAREST)
+    return np.asarray(big, dtype=np.uint8)[:, :width]
+
+
+def render_heatmap(result: ImageResult, model: ModelInfo) -> U8:
+    """The SC pixels: (H + legend, W, 3) uint8, display blended with the shown class's CAM."""
+    display = downscale_for_display(result.display)
+    rows, cols = display.shape
+    k = shown_class(result, model)
+    up = upsample_cam(result.cam[..., k], rows, cols)
+    lo, hi = float(up.min()), float(up.max())
+    scale = np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
+    up -= np.float32(lo)
+    up *= scale
+    up += np.float32(0.5)
+    idx = up.astype(np.uint16)
+    # One gather from the (activation, grey) -> RGB table does the colour map and blend.
+    idx <<= 8
+    idx |= display
+    blended = np.take(_BLEND, idx, axis=0)
+
+    lines = [
+        SC_SERIES_DESCRIPTION,
+        _ascii(model.display_name),
+        f"Class shown: {CLASS_NAMES[k]} ({CLASS_LABELS[k]}), P={float(result.probs[k]):.3f}",
+        f"TB threshold {model.operating_point.tb_threshold:g}, "
+        f"P(TB)={float(result.probs[TB]):.3f}",
+    ]
+    band = _legend_band(lines, cols)
+    out = np.empty((rows + band.shape[0], cols, 3), dtype=np.uint8)
+    out[:rows] = blended
+    out[rows:] = band[..., None]
+    return out
+
+
+def build_heatmap_sc(
+    result: ImageResult,
+    model: ModelInfo,
+    *,
+    series_instance_uid: str,
+    series_number: int = 9002,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+) -> Dataset:
+    """Build the heatmap Secondary Capture for one image, in the source study.
+
+    RGB 8-bit, Explicit VR Little Endian, ImageType DERIVED\\SECONDARY, Source Image
+    Sequence pointing at the radiograph, the legend "AI heatmap, not for diagnostic use",
+    the model name and the class shown burned in below the image.
+    """
+    src = result.dataset
+    series_uid = validate_uid(series_instance_uid)
+    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
+    pixels = render_heatmap(result, model)
+    k = shown_class(result, model)
+    laterality = str(src.get("Laterality", "") or "")
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=_header_view(src),
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=model.manufacturer,
+        # highdicom insists on an orientation here; the source's own value replaces it below.
+        patient_orientation=("L", "F"),
+        laterality=laterality if laterality in ("R", "L") else None,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=_described(SC_SERIES_DESCRIPTION, model),
+        manufacturer_model_name=model.name,
+    )
+    sc.add_new("SoftwareVersions", "LO", _software_versions(model))
+    # The pixels are the source's, downscaled without flips, so its orientation holds;
+    # Type 2, so empty when the source has none.
+    sc.PatientOrientation = list(src.get("PatientOrientation") or [])
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"  # produced by software on a workstation
+    for keyword in ("BurnedInAnnotation", "LossyImageCompression",
+                    "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if src.get(keyword):
+            setattr(sc, keyword, src[keyword].value)
+    # Without Body Part Examined, dciodvfy cannot rule out a paired organ and demands
+    # Laterality. cxrd reports on chest radiographs only, so CHEST is the fallback.
+    sc.BodyPartExamined = str(src.get("BodyPartExamined") or "CHEST")
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = src.SOPClassUID
+    reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(_SOURCE_FOR_PROCESSING)
+    ]
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = (
+        f"Class activation map of class {CLASS_NAMES[k]} ({CLASS_LABELS[k]}, "
+        f"P={float(result.probs[k]):.3f}) from {_ascii(model.display_name)}, bilinearly "
+        f"upsampled and blended in colour onto a copy of the source image downscaled to "
+        f"{pixels.shape[1]} columns, legend burned in below. "
+        "Not for diagnostic use."
+    )
+    logger.debug(
+        "built heatmap SC",
+        extra={
+            "action": "build_heatmap_sc",
+            "sop_instance_uid": sop_uid,
+            "source_sop_instance_uid": str(src.SOPInstanceUID),
+        },
+    )
+    return sc
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_dataset(ds: Dataset, folder: Path) -> Path:
+    """Write ``ds`` to ``folder/<SOPInstanceUID>.dcm`` atomically and durably.
+
+    A temporary file in the same folder is written, flushed and fsynced, renamed over the
+    target and the folder fsynced, so a reader sees either nothing or the whole file.
+    Raises InvalidUID when the SOPInstanceUID is not a valid UID.
+    """
+    uid = validate_uid(str(ds.get("SOPInstanceUID", "")))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{uid}.dcm"
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{uid}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            dcmwrite(fh, ds, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
