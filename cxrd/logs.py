@@ -54,3 +54,4 @@ def setup_logging(config: Config | None = None, *, level: str | None = None) -> 
     root.setLevel(lvl)
     # pynetdicom logs every PDU at INFO, with patient attributes at DEBUG; keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

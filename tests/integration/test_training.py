@@ -1,0 +1,192 @@
+"""The training pipeline end to end on phantoms the test generates: index -> train (a few
+steps, small images) -> export (tf2onnx) -> parity and CAM checks -> onnxruntime ->
+evaluate -> metadata round trip. Needs the [train] extra."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.train
+
+keras = pytest.importorskip("keras", reason="the [train] extra (TensorFlow) is not installed")
+
+from cxrd.infer import Classifier  # noqa: E402
+from cxrd.modelinfo import ModelInfo, read_model_info  # noqa: E402
+from training import phantoms, sources  # noqa: E402
+from training.cli import main  # noqa: E402
+from training.data import load_images, to_inputs  # noqa: E402
+from training.export import ExportCheckFailed, check_export, export, softmax  # noqa: E402
+from training.model import build_classifier, build_export_model  # noqa: E402
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    phantoms.generate_images(root / "ph", 36, 3, fmt="dcm", size=(150, 123))
+    phantoms.generate_images(root / "ph-test", 9, 4, fmt="png", size=(150, 123))
+    manifest = root / "manifest.csv"
+    assert main(["index", "--source", f"phantom={root / 'ph'}", "--out", str(manifest),
+                 "--val-fraction", "0.25"]) == 0
+    records = sources.read_manifest(manifest)
+    test = [r for r in sources.index_phantom(root / "ph-test", None).records]
+    sources.write_manifest(records + [r.__class__(**{**r.__dict__, "split": "test"})
+                                      for r in test], manifest)
+    run = root / "run"
+    assert main(["train", "--manifest", str(manifest), "--run", str(run), "--input-size",
+                 str(SIZE), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8",
+                 "--patience", "5"]) == 0
+    return {"root": root, "manifest": manifest, "run": run}
+
+
+def test_training_outputs(trained: dict[str, Path]) -> None:
+    run = trained["run"]
+    for name in ("checkpoint.weights.h5", "history.csv", "curves.png", "train_config.json",
+                 "run.json"):
+        assert (run / name).stat().st_size > 0, name
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["input_size"] == SIZE and meta["device_uid"].startswith("2.25.") or "." in meta["device_uid"]
+    assert "phantom" in meta["training_data"]
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["hflip"] is False  # no left-right flip by default
+    assert set(cfg["class_weights"]) == {"0", "1", "2"}
+
+
+def _sharpened(run: Path, x: np.ndarray) -> object:
+    """The tiny run's model made input-sensitive: a few training steps leave the batch-norm
+    moving statistics at their initial values, where activations vanish through the
+    network and every input gives the same probabilities (a parity check then proves
+    nothing). Set each BN layer's statistics from real inputs, as long training would."""
+    model = build_classifier(SIZE, str(run / "checkpoint.weights.h5"))
+    for layer in model.layers:
+        if layer.__class__.__name__ != "BatchNormalization":
+            continue
+        feed = keras.Model(model.input, layer.input)
+        a = np.asarray(feed(x, training=False))
+        gamma, beta, _, _ = layer.get_weights()
+        layer.set_weights([gamma, beta, a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2)) + 1e-3])
+    head = model.get_layer("head")
+    kernel, bias = head.get_weights()
+    rng = np.random.default_rng(0)
+    head.set_weights([rng.normal(0, 0.5, kernel.shape).astype(np.float32), bias])
+    return model
+
+
+def test_export_parity_cam_and_metadata(trained: dict[str, Path], tmp_path: Path) -> None:
+    val = [r for r in sources.read_manifest(trained["manifest"]) if r.split == "val"]
+    samples = to_inputs(load_images(val, SIZE).images)
+    model = _sharpened(trained["run"], samples)
+    info = ModelInfo(name="tiny", version="0.0.1", device_uid="1.2.826.0.1.3680043.10.1",
+                     input_size=SIZE, training_data="phantom", demo=True)
+    out = tmp_path / "tiny.onnx"
+    checks = export(model, out, info, samples, min_output_spread=0.05)
+    assert checks["parity_max_abs"] <= 1e-4 and checks["cam_max_abs"] <= 1e-4
+    assert checks["keras_output_spread"] > 0.05
+    assert read_model_info(out) == info  # metadata round trip
+
+    clf = Classifier(out, ["CPUExecutionProvider"])
+    assert clf.providers == ["CPUExecutionProvider"]
+    probs, cam = clf.run(samples)
+    keras_probs = model.predict(samples, verbose=0)
+    assert np.max(np.abs(probs - keras_probs)) <= 1e-4
+    assert cam.shape == (len(samples), SIZE // 32, SIZE // 32, 3)
+    assert np.max(np.abs(softmax(cam.mean(axis=(1, 2))) - probs)) <= 1e-4
+    # dynamic batch and spatial size: batch of 1 at another size still runs
+    p1, c1 = clf.session.run(["probs", "cam"], {"input_image": samples[:1, :32, :32]})
+    assert p1.shape == (1, 3) and c1.shape == (1, 1, 1, 3)
+
+
+def test_export_refuses_untrained_and_detects_mismatch(trained: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    val = [r for r in sources.read_manifest(trained["manifest"]) if r.split == "val"]
+    samples = to_inputs(load_images(val, SIZE).images)
+    info = ModelInfo(name="x", version="0", device_uid="1.2.3")
+    untrained = build_classifier(SIZE, "none")
+    with pytest.raises(ExportCheckFailed, match="untrained"):
+        export(untrained, tmp_path / "u.onnx", info, samples, min_output_spread=0.05)
+    assert not (tmp_path / "u.onnx").exists()
+    # An ONNX file from one model checked against another must fail the parity check.
+    sharp = _sharpened(trained["run"], samples)
+    export(sharp, tmp_path / "s.onnx", info, samples, min_output_spread=0.05)
+    other = _sharpened(trained["run"], samples)
+    head = other.get_layer("head")
+    k, b = head.get_weights()
+    head.set_weights([k[:, ::-1].copy(), b])
+    with pytest.raises(ExportCheckFailed, match="disagree"):
+        check_export(tmp_path / "s.onnx", other, samples)
+
+
+def test_export_model_cam_identity() -> None:
+    model = build_classifier(SIZE, "none")
+    twin = build_export_model(model)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    probs, cam = twin.predict(x, verbose=0)
+    assert np.allclose(softmax(cam.mean(axis=(1, 2))), probs, atol=1e-5)
+    assert np.allclose(model.predict(x, verbose=0), probs, atol=1e-5)
+
+
+def test_weights_from_local_files(tmp_path: Path) -> None:
+    """--weights PATH: a whole-classifier file, and a MobileNetV2 no-top backbone file."""
+    source = build_classifier(SIZE, "none")
+    rng = np.random.default_rng(2)
+    for layer in source.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32)
+                               for w in layer.get_weights()])
+    whole = tmp_path / "whole.weights.h5"
+    source.save_weights(str(whole))
+    loaded = build_classifier(SIZE, str(whole))
+    for a, b in zip(source.weights, loaded.weights, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    backbone = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), weights=None,
+                                              include_top=False, alpha=0.35)
+    conv = backbone.get_layer("Conv1")
+    conv.set_weights([np.full(w.shape, 0.123, np.float32) for w in conv.get_weights()])
+    notop = tmp_path / "mobilenet_v2_0.35_no_top.weights.h5"
+    backbone.save_weights(str(notop))
+    model = build_classifier(SIZE, str(notop))
+    assert np.allclose(model.get_layer("Conv1").get_weights()[0], 0.123)
+    with pytest.raises(FileNotFoundError):
+        build_classifier(SIZE, str(tmp_path / "missing.h5"))
+
+
+def test_architecture_is_the_founding_one() -> None:
+    model = build_classifier(224, "none")
+    assert model.input.name.startswith("input_image") or model.inputs[0].name == "input_image"
+    assert model.input_shape == (None, 224, 224, 3)
+    assert model.get_layer("gap").__class__.__name__ == "GlobalAveragePooling2D"
+    head = model.get_layer("head")
+    assert head.units == 3 and head.activation.__name__ == "softmax"
+    assert model.get_layer("out_relu").output.shape[-1] == 1280
+    assert build_classifier(512, "none").input_shape == (None, 512, 512, 3)
+
+
+def test_evaluate_writes_report_and_records_operating_point(trained: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    val = [r for r in sources.read_manifest(trained["manifest"]) if r.split == "val"]
+    samples = to_inputs(load_images(val, SIZE).images)
+    model = _sharpened(trained["run"], samples)
+    out = tmp_path / "m.onnx"
+    export(model, out, ModelInfo(name="m", version="1", device_uid="1.2.3.9"), samples)
+    assert main(["evaluate", "--model", str(out), "--manifest", str(trained["manifest"]),
+                 "--out", str(tmp_path / "eval"), "--bootstrap", "50",
+                 "--write-metadata"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report["splits"]) == {"val", "test"}
+    for split in ("val", "test"):
+        rep = report["splits"][split]
+        assert {"per_class", "confusion_matrix", "ece", "roc"} <= set(rep)
+        assert "pointing_game" in rep
+        for kind in ("roc", "confusion", "reliability"):
+            assert (tmp_path / "eval" / f"{kind}_{split}.png").stat().st_size > 1000
+    info = read_model_info(out)
+    op = report["operating_point"]
+    assert info.operating_point.tb_threshold == pytest.approx(op["threshold"])
+    assert op["sensitivity"] >= 0.9
+    assert info.metrics["val_accuracy"] == pytest.approx(report["splits"]["val"]["accuracy"])

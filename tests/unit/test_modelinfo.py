@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from cxrd.errors import ModelError
+from cxrd.modelinfo import ModelInfo, OperatingPoint
+
+
+def _info() -> ModelInfo:
+    return ModelInfo(name="m", version="2.0", device_uid="1.2.3.4", input_size=256,
+                     operating_point=OperatingPoint(0.27, "chosen", 0.9, 0.91, 0.8),
+                     training_data="phantom: TB 10", demo=True, metrics={"test_accuracy": 0.97})
+
+
+def test_round_trip() -> None:
+    info = _info()
+    props = info.to_props()
+    assert all(isinstance(v, str) for v in props.values())
+    assert ModelInfo.from_props(props) == info
+    assert info.display_name == "DEMO m 2.0"
+
+
+@pytest.mark.parametrize("key", ["cxrd.name", "cxrd.device_uid", "cxrd.operating_point",
+                                 "cxrd.demo", "cxrd.input_size"])
+def test_missing_key(key: str) -> None:
+    props = _info().to_props()
+    del props[key]
+    with pytest.raises(ModelError, match=key):
+        ModelInfo.from_props(props)
+
+
+def test_wrong_classes_or_preprocessing() -> None:
+    props = _info().to_props()
+    props["cxrd.class_names"] = "NORM,TB,NTB"
+    with pytest.raises(ModelError, match="classes"):
+        ModelInfo.from_props(props)
+    props = _info().to_props()
+    props["cxrd.preprocessing"] = "something-else"
+    with pytest.raises(ModelError, match="preprocessing"):
+        ModelInfo.from_props(props)
+    props = _info().to_props()
+    props["cxrd.input_size"] = "big"
+    with pytest.raises(ModelError, match="malformed"):
+        ModelInfo.from_props(props)
