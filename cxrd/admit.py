@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, or_, select
 
 from cxrd.db import Database, Instance, Job, Study, utcnow
 from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
@@ -42,19 +43,35 @@ def skip_reason(inst: Instance) -> SkipReason | None:
     return None
 
 
-def admit_stable_studies(db: Database, stable_seconds: float, now: dt.datetime | None = None) -> int:
-    """Admit every study quiet for ``stable_seconds``; returns how many were admitted."""
+def _lock(query: Select[Any], db: Database) -> Select[Any]:
+    # Several nodes may share a PostgreSQL queue: each study is admitted by one of them,
+    # and an instance stored meanwhile waits for the lock instead of being overwritten.
+    # SQLite needs nothing: BEGIN IMMEDIATE already serialises the transaction.
+    return query if db.is_sqlite else query.with_for_update(skip_locked=True)
+
+
+def admit_stable_studies(db: Database, stable_seconds: float,
+                         now: dt.datetime | None = None) -> int:
+    """Admit every study quiet for ``stable_seconds``; returns how many were admitted.
+
+    A study is due when it is collecting, or (as a safety net against a lost state
+    update) when it holds instances that were received but never admitted.
+    """
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     admitted = 0
+    waiting = select(Instance.study_instance_uid).where(
+        Instance.state == InstanceState.RECEIVED.value)
     with db.session() as s:
-        studies = s.scalars(select(Study).where(
-            Study.state == StudyState.COLLECTING.value, Study.last_received_at <= cutoff
-        ).limit(200)).all()
+        studies = s.scalars(_lock(select(Study).where(
+            or_(Study.state == StudyState.COLLECTING.value,
+                Study.study_instance_uid.in_(waiting)),
+            Study.last_received_at <= cutoff,
+        ).order_by(Study.id).limit(200), db)).all()
         for study in studies:
             instances = s.scalars(select(Instance).where(
                 Instance.study_instance_uid == study.study_instance_uid,
-                Instance.state == InstanceState.RECEIVED.value)).all()
+                Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)).all()
             queued = skipped = 0
             for inst in instances:
                 reason = skip_reason(inst)
@@ -71,18 +88,19 @@ def admit_stable_studies(db: Database, stable_seconds: float, now: dt.datetime |
                     log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
                              inst.sop_instance_uid, study.study_instance_uid, reason.value)
             study.stable_at = now
-            if queued:
+            has_jobs = s.scalars(select(Job.id).where(
+                Job.study_instance_uid == study.study_instance_uid).limit(1)).first()
+            if queued or has_jobs is not None:
+                # Also when only skipped instances arrived late: earlier jobs may still be
+                # running, or done without an SR yet. The report stage decides (it keeps
+                # the current SR when nothing new was classified).
                 study.state = StudyState.ADMITTED.value
-            elif study.sr_sop_instance_uid:
-                # Reopened by instances that were all skipped: the current SR still holds.
-                study.state = StudyState.REPORTED.value
             else:
                 study.state = StudyState.NOTHING_TO_DO.value
             log.info("action=admitted study_instance_uid=%s queued=%d skipped=%d",
                      study.study_instance_uid, queued, skipped)
             admitted += 1
     return admitted
-
 
 
 def studies_to_reprocess(db: Database, since: dt.datetime | None, until: dt.datetime | None,
@@ -100,14 +118,21 @@ def studies_to_reprocess(db: Database, since: dt.datetime | None, until: dt.date
 
 
 def requeue_study(db: Database, study_uid: str) -> int:
-    """Queue every classifiable instance of a study again, as a new generation.
+    """Queue every classifiable instance of a study again, as a new generation; returns
+    how many were queued (0 when the study is busy, unknown or has nothing to classify).
 
     The admission rules are applied afresh, so an image skipped under older rules (or
-    whose decoding failed) is tried again. The new SR supersedes the current one.
+    whose decoding failed) is tried again. The new SR supersedes the current one. A study
+    still collecting, or with jobs pending or running, is left alone (try again later).
     """
     now = utcnow()
     with db.session() as s:
-        study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        study = s.scalars(_lock(select(Study).where(
+            Study.study_instance_uid == study_uid), db)).first()
+        if study is None:
+            log.info("action=reprocess-deferred study_instance_uid=%s reason=unknown-or-locked",
+                     study_uid)
+            return 0
         busy = s.scalars(select(Job.id).where(
             Job.study_instance_uid == study_uid,
             Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value))).limit(1)).first()
@@ -115,21 +140,25 @@ def requeue_study(db: Database, study_uid: str) -> int:
             log.info("action=reprocess-deferred study_instance_uid=%s reason=study-busy",
                      study_uid)
             return 0
-        study.generation += 1
-        queued = 0
-        for inst in s.scalars(select(Instance).where(
-                Instance.study_instance_uid == study_uid)).all():
+        instances = s.scalars(select(Instance).where(
+            Instance.study_instance_uid == study_uid).order_by(Instance.id)).all()
+        classify = []
+        for inst in instances:
             reason = skip_reason(inst)
-            if reason is not None:
+            if reason is None:
+                classify.append(inst)
+            else:
                 inst.state, inst.reason = InstanceState.SKIPPED.value, reason.value
-                continue
-            inst.state, inst.reason, inst.detail = InstanceState.QUEUED.value, None, None
-            s.add(Job(instance_id=inst.id, study_instance_uid=study_uid,
-                      generation=study.generation, state=JobState.PENDING.value,
-                      not_before=now, created_at=now))
-            queued += 1
-        study.state = StudyState.ADMITTED.value if queued else study.state
-        study.stable_at = now
+        if classify:
+            study.generation += 1
+            for inst in classify:
+                inst.state, inst.reason, inst.detail = InstanceState.QUEUED.value, None, None
+                s.add(Job(instance_id=inst.id, study_instance_uid=study_uid,
+                          generation=study.generation, state=JobState.PENDING.value,
+                          not_before=now, created_at=now))
+            study.state = StudyState.ADMITTED.value
+            study.stable_at = now
+        generation = study.generation
     log.info("action=reprocess study_instance_uid=%s generation=%d queued=%d",
-             study_uid, study.generation, queued)
-    return queued
+             study_uid, generation, len(classify))
+    return len(classify)

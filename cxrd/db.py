@@ -24,12 +24,13 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    make_url,
     select,
     text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from cxrd.domain import DeliveryState, InstanceState, JobState, StudyState
 
@@ -181,13 +182,20 @@ MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
+def _is_sqlite_memory(url: str) -> bool:
+    database = make_url(url).database
+    return not database or database == ":memory:" or "mode=memory" in url
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas durability needs (SQLite) or a plain pool (PostgreSQL)."""
     if url.startswith("sqlite"):
+        # An in-memory database lives as long as its one connection: every session must
+        # share that connection (NullPool would hand each one a new, empty database).
         engine = create_engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-            poolclass=NullPool,
+            poolclass=StaticPool if _is_sqlite_memory(url) else NullPool,
         )
 
         @event.listens_for(engine, "connect")
@@ -208,22 +216,43 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith(
-        "postgresql://") else url
+    # psycopg 3 (the [postgres] extra), not SQLAlchemy's default psycopg2.
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url[len(plain):]
     return create_engine(url, pool_pre_ping=True, pool_size=5)
 
 
+#: Serialises migrations of several nodes sharing one PostgreSQL database.
+_PG_MIGRATION_LOCK = 0x63787264  # "cxrd"
+
+
+def _lock_for_migration(conn: Any) -> None:
+    # SQLite needs nothing: BEGIN IMMEDIATE already serialises the transaction.
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+
+
+def _current_version(conn: Any) -> int:
+    return int(conn.execute(select(SchemaVersion.version).order_by(
+        SchemaVersion.version.desc()).limit(1)).scalar() or 0)
+
+
 def migrate(engine: Engine) -> int:
-    """Apply pending migrations; returns the schema version."""
+    """Apply pending migrations; returns the schema version.
+
+    Safe when several processes or nodes start at once: each step re-reads the version
+    inside its own locked transaction, so a step is applied exactly once.
+    """
     with engine.begin() as conn:
+        _lock_for_migration(conn)
         if not inspect(conn).has_table(SchemaVersion.__tablename__):
             SchemaVersion.__table__.create(conn)  # type: ignore[attr-defined]
-        current = conn.execute(select(SchemaVersion.version).order_by(
-            SchemaVersion.version.desc()).limit(1)).scalar() or 0
     for version, step in MIGRATIONS:
-        if version <= current:
-            continue
         with engine.begin() as conn:
+            _lock_for_migration(conn)
+            if _current_version(conn) >= version:
+                continue
             step(conn)
             conn.execute(SchemaVersion.__table__.insert().values(  # type: ignore[attr-defined]
                 version=version, applied_at=utcnow()))

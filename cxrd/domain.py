@@ -61,6 +61,7 @@ class RejectReason(StrEnum):
 
     NOT_DICOM = "not-dicom"
     UNREADABLE = "unreadable"
+    TRUNCATED = "truncated"  # the data set ends before its last element does
     MISSING_UID = "missing-uid"
     INVALID_UID = "invalid-uid"
     UNSUPPORTED_SOP_CLASS = "unsupported-sop-class"

@@ -83,7 +83,9 @@ class Classifier:
     def input_size(self) -> int:
         return self.info.input_size
 
-    def run(self, batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    def run(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Run a (N, size, size, 3) float32 batch; returns probs (N, 3) and cam (N, h, w, 3)."""
         probs, cam = self.session.run([OUTPUT_PROBS, OUTPUT_CAM], {INPUT_NAME: batch})
         return np.asarray(probs, dtype=np.float32), np.asarray(cam, dtype=np.float32)

@@ -4,9 +4,10 @@ folder (``cxrd.watch``) and the DICOM receiver.
 Order of operations, which is what makes a crash at any point safe:
 
 1. parse the header (never the pixels: decoding belongs to the workers);
-2. write the bytes to ``spool/<study>/<sop>.dcm`` through a temp file, fsync, rename,
-   fsync the directory (a rerun after a crash rewrites the same path);
-3. commit the instance row and the study's ``last_received_at``;
+2. write the bytes to a temp file beside ``spool/<study>/<sop>.dcm`` and fsync it;
+3. in one transaction: insert the instance row (which claims the UID), rename the temp
+   file to its final path, fsync the directory, update the study, commit (a rerun after a
+   crash rewrites the same path);
 4. only then acknowledge: remove the watched file, or answer Success to the C-STORE.
 
 A duplicate (same SOP Instance UID and same bytes) is recorded once; the same UID with
@@ -20,14 +21,27 @@ import io
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
 from cxrd.domain import InstanceState, RejectReason, StudyState
@@ -47,6 +61,12 @@ ACCEPTED_SOP_CLASSES = {
     SECONDARY_CAPTURE: "Secondary Capture Image Storage",
 }
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Transfer syntaxes whose data set is deflated as a whole (JPIP Referenced Deflate, too).
+DEFLATED = {DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"}
+#: Beside each file moved to ``rejected/``: why it was refused.
+REASON_SUFFIX = ".reason.txt"
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,10 @@ class StoreOutcome:
     rejection_id: int | None = None
 
 
+class IncompleteFile(ValueError):
+    """The data set ends before its last element does: the file is truncated."""
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -70,29 +94,79 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_path(path: Path) -> Path:
+    # Unique per call, not just per process: the receiver stores from several threads,
+    # and two threads writing the same temp file would interleave their bytes.
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` durably to a hidden temp file beside ``path``; returns the temp file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either nothing or all of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    tmp = write_temp(path, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
+def _check_complete(ds: Dataset, size: int) -> None:
+    """Raise IncompleteFile when an element's value runs past the end of the data.
+
+    pydicom reads a truncated file without complaint (deferred values are skipped with a
+    seek, short reads are kept short), so a half-copied file would be spooled as if whole.
+    """
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)  # no read of deferred (pixel) values
+        if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
+            continue
+        end = elem.value_tell + elem.length
+        if end > size:
+            raise IncompleteFile(
+                f"truncated: element {tag} needs {end} bytes, the data set has {size}")
+
+
 def parse_header(data: bytes) -> Dataset:
-    """Parse everything but the pixel values (deferred), or raise InvalidDicomError."""
+    """Parse everything but the pixel values (deferred), or raise InvalidDicomError
+    (not DICOM) or IncompleteFile (truncated)."""
     try:
-        return pydicom.dcmread(io.BytesIO(data), defer_size=1024)
+        ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024)
     except InvalidDicomError:
         # No preamble: a bare data set, as some old tools write. Accept it only if it
         # parses to something with a SOP Instance UID.
         ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024, force=True)
         if "SOPInstanceUID" not in ds:
             raise
-        return ds
+    if len(ds) == 0:
+        # pydicom drops the whole data set when it hits the end of the file inside an
+        # undefined-length item: bytes beyond the file meta that yield nothing are a
+        # truncated data set; a file that ends with its meta has none at all.
+        meta = getattr(ds, "file_meta", None)
+        try:
+            group_length = int(meta.get("FileMetaInformationGroupLength", 0) or 0) if meta else 0
+        except (TypeError, ValueError):
+            group_length = 0
+        meta_end = 132 + 12 + group_length if data[128:132] == b"DICM" else 0
+        if group_length and len(data) > meta_end:
+            raise IncompleteFile("truncated: no data set element could be read whole")
+        raise InvalidDicomError("no data set: the file holds no data elements")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in DEFLATED:
+        # (a deflated data set is inflated in memory: its offsets are not file offsets)
+        _check_complete(ds, len(data))
+    return ds
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -103,19 +177,49 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value or "").strip().upper()
 
 
+def _uid(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:
+        return ""
+    return str(value or "").strip()
+
+
 def _as_part10(ds: Dataset, data: bytes) -> bytes:
     """The bytes to spool: unchanged when already a Part 10 file, else re-encoded."""
     if data[128:132] == b"DICM":
         return data
+    old_meta = getattr(ds, "file_meta", None)
+    transfer_syntax: str = str(old_meta.get("TransferSyntaxUID", "")) if old_meta else ""
+    if not transfer_syntax:
+        # A bare data set: its encoding is what pydicom found while reading it. Nothing
+        # names the codec of compressed (encapsulated) pixel data, so that is refused.
+        pixel = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+        if isinstance(pixel, RawDataElement) and pixel.length == UNDEFINED_LENGTH:
+            raise ValueError("a bare data set with compressed pixel data names no "
+                             "transfer syntax")
+        implicit, little = ds.original_encoding
+        if implicit is None or little is None or implicit:
+            if little is False:
+                raise ValueError("implicit VR big endian is not a DICOM transfer syntax")
+            transfer_syntax = ImplicitVRLittleEndian
+        else:
+            transfer_syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    implicit = ds.original_encoding[0] if ds.original_encoding else True
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     ds.file_meta = meta
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _insert(s: Session) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` for the session's dialect (both support it)."""
+    if s.get_bind().dialect.name == "postgresql":
+        return pg_insert
+    return sqlite_insert
 
 
 class Ingestor:
@@ -129,16 +233,22 @@ class Ingestor:
     # -- the watched folder ---------------------------------------------------------
     def ingest_file(self, path: Path, source: str) -> StoreOutcome:
         """Ingest one file; on success or duplicate the file is removed, on refusal it is
-        moved to ``rejected/`` with a ``.reason.txt`` beside it."""
+        moved to ``rejected/`` with a ``.reason.txt`` beside it. After a storage failure
+        (disk full, database down) the file stays where it is, to be tried again."""
         try:
             data = path.read_bytes()
+        except FileNotFoundError:
+            # Taken away between notice and read (another node, an operator): not ours.
+            return StoreOutcome(False, detail="the file vanished before it was read")
         except OSError as exc:
-            outcome = StoreOutcome(False, reason=RejectReason.UNREADABLE, detail=str(exc))
+            # The exception's text names the file; the reason must not (names are PHI).
+            outcome = self.reject(source, path.name, RejectReason.UNREADABLE,
+                                  f"cannot read the file: {exc.strerror or type(exc).__name__}")
         else:
             outcome = self.store(data, source, name=path.name)
         if outcome.accepted:
             path.unlink(missing_ok=True)
-        elif outcome.reason is not RejectReason.STORAGE_FAILED:
+        elif outcome.reason is not None and outcome.reason is not RejectReason.STORAGE_FAILED:
             self._move_rejected(path, outcome)
         return outcome
 
@@ -146,36 +256,51 @@ class Ingestor:
         self.rejected_dir.mkdir(parents=True, exist_ok=True)
         stamp = utcnow().strftime("%Y%m%dT%H%M%S%f")
         target = self.rejected_dir / f"{stamp}-{path.name}"
+        n = 1
+        while target.exists() or target.with_name(target.name + REASON_SUFFIX).exists():
+            n += 1
+            target = self.rejected_dir / f"{stamp}-{n}-{path.name}"
         try:
             shutil.move(str(path), target)
         except OSError as exc:
-            log.error("action=reject-move file=%s error=%s", path.name, exc)
+            log.error("action=reject-move-failed rejection_id=%s reason=%s error=%s",
+                      outcome.rejection_id, outcome.reason,
+                      exc.strerror or type(exc).__name__)
             return
-        (target.parent / (target.name + ".reason.txt")).write_text(
-            f"reason: {outcome.reason}\ndetail: {outcome.detail}\n"
-        )
-        if outcome.rejection_id is not None:
-            with self.db.session() as s:
-                row = s.get(Rejection, outcome.rejection_id)
-                if row is not None:
-                    row.moved_to = str(target)
+        try:
+            target.with_name(target.name + REASON_SUFFIX).write_text(
+                f"reason: {outcome.reason}\ndetail: {outcome.detail}\n"
+                f"rejection_id: {outcome.rejection_id}\n")
+            if outcome.rejection_id is not None:
+                with self.db.session() as s:
+                    row = s.get(Rejection, outcome.rejection_id)
+                    if row is not None:
+                        row.moved_to = str(target)
+        except Exception as exc:  # the file is out of the way; the note is a courtesy
+            log.error("action=reject-note-failed rejection_id=%s error=%s",
+                      outcome.rejection_id, type(exc).__name__)
 
     # -- shared by the folder and the receiver ---------------------------------------
     def store(self, data: bytes, source: str, *, name: str = "",
               expected_sop_class: str | None = None) -> StoreOutcome:
         """Validate, spool and commit one object given as bytes (Part 10 or bare)."""
+        if not data:
+            return self.reject(source, name, RejectReason.NOT_DICOM, "empty file")
         try:
             ds = parse_header(data)
+        except IncompleteFile as exc:
+            return self.reject(source, name, RejectReason.TRUNCATED, str(exc))
         except Exception as exc:  # pydicom raises many types on garbage
             return self.reject(source, name, RejectReason.NOT_DICOM,
                                f"not a DICOM file: {type(exc).__name__}: {exc}")
-        missing = [k for k in _REQUIRED_UIDS if not _text(ds, k)]
+        uids = {k: _uid(ds, k) for k in _REQUIRED_UIDS}
+        missing = [k for k, v in uids.items() if not v]
         if missing:
             return self.reject(source, name, RejectReason.MISSING_UID,
                                f"missing {', '.join(missing)}")
-        uids = {k: str(ds.get(k)).strip() for k in _REQUIRED_UIDS}
         bad = [k for k, v in uids.items() if not is_valid_uid(v)]
         if bad:
+            # The value itself is not echoed: it could be anything, a name included.
             return self.reject(source, name, RejectReason.INVALID_UID,
                                f"invalid {', '.join(bad)}")
         sop_class, sop_uid, study_uid = (uids["SOPClassUID"], uids["SOPInstanceUID"],
@@ -192,77 +317,126 @@ class Ingestor:
             return self.reject(source, sop_uid, RejectReason.UNREADABLE,
                                f"cannot re-encode bare data set: {exc}")
         digest = hashlib.sha256(part10).hexdigest()
-        with self.db.session() as s:
-            existing = s.scalars(select(Instance).where(
-                Instance.sop_instance_uid == sop_uid)).first()
-            if existing is not None:
-                same = existing.sha256 == digest
-        if existing is not None:
-            if same:
-                log.info("action=duplicate sop_instance_uid=%s study_instance_uid=%s source=%s",
-                         sop_uid, study_uid, source)
-                return StoreOutcome(True, duplicate=True, sop_instance_uid=sop_uid,
-                                    study_instance_uid=study_uid)
-            return self.reject(source, sop_uid, RejectReason.CONFLICTING_DUPLICATE,
-                               "an instance with this SOP Instance UID and other content "
-                               "was stored before; the first one is kept")
+        outcome = self._known(sop_uid, study_uid, digest, source)
+        if outcome is not None:
+            return outcome
         spool = self.spool_dir / study_uid / f"{sop_uid}.dcm"
         try:
-            atomic_write(spool, part10)
-            self._commit(ds, uids, spool, digest, len(part10), source)
+            for attempt in range(2):
+                try:
+                    outcome = self._spool_and_commit(ds, uids, spool, part10, digest, source)
+                    break
+                except IntegrityError:
+                    # A concurrent store of the same UID (or the first instance of the
+                    # same new study) committed first; look again.
+                    if attempt:
+                        raise
         except Exception as exc:  # disk full, database down: the sender may retry
+            detail = f"{type(exc).__name__}: {exc}"
             log.error("action=store-failed sop_instance_uid=%s reason=%s error=%s",
-                      sop_uid, RejectReason.STORAGE_FAILED.value, exc)
+                      sop_uid, RejectReason.STORAGE_FAILED.value, detail)
+            rejection_id: int | None = None
             try:
-                self._record(source, sop_uid, RejectReason.STORAGE_FAILED, str(exc))
+                rejection_id = self._record(source, sop_uid, RejectReason.STORAGE_FAILED,
+                                            detail)
             except Exception:
                 log.error("action=store-failed-unrecorded sop_instance_uid=%s", sop_uid)
-            return StoreOutcome(False, reason=RejectReason.STORAGE_FAILED, detail=str(exc),
-                                sop_instance_uid=sop_uid, study_instance_uid=study_uid)
+            return StoreOutcome(False, reason=RejectReason.STORAGE_FAILED, detail=detail,
+                                sop_instance_uid=sop_uid, study_instance_uid=study_uid,
+                                rejection_id=rejection_id)
+        if outcome is not None:
+            return outcome
         log.info("action=stored sop_instance_uid=%s study_instance_uid=%s sop_class=%s "
                  "bytes=%d source=%s", sop_uid, study_uid, sop_class, len(part10), source)
         return StoreOutcome(True, sop_instance_uid=sop_uid, study_instance_uid=study_uid)
 
-    def _commit(self, ds: Dataset, uids: dict[str, str], spool: Path, digest: str,
-                size: int, source: str) -> None:
+    def _known(self, sop_uid: str, study_uid: str, digest: str, source: str,
+               existing: str | None = None) -> StoreOutcome | None:
+        """The outcome for an instance stored before (None when it is new)."""
+        if existing is None:
+            with self.db.session() as s:
+                existing = s.scalars(select(Instance.sha256).where(
+                    Instance.sop_instance_uid == sop_uid)).first()
+        if existing is None:
+            return None
+        if existing == digest:
+            log.info("action=duplicate sop_instance_uid=%s study_instance_uid=%s source=%s",
+                     sop_uid, study_uid, source)
+            return StoreOutcome(True, duplicate=True, sop_instance_uid=sop_uid,
+                                study_instance_uid=study_uid)
+        outcome = self.reject(source, sop_uid, RejectReason.CONFLICTING_DUPLICATE,
+                              "an instance with this SOP Instance UID and other content "
+                              "was stored before; the first one is kept")
+        return replace(outcome, study_instance_uid=study_uid)
+
+    def _spool_and_commit(self, ds: Dataset, uids: dict[str, str], spool: Path, part10: bytes,
+                          digest: str, source: str) -> StoreOutcome | None:
+        """Write the spool file and commit its row; None when stored, else the outcome
+        for an instance a concurrent call stored first.
+
+        The bytes go to a temp file first (slow, outside any transaction). The rename to
+        the final path happens inside the transaction, after the row's insert holds the
+        unique SOP Instance UID: a concurrent store of the same UID with other bytes can
+        then never replace the file that the committed row describes.
+        """
+        tmp = write_temp(spool, part10)
+        try:
+            with self.db.session() as s:
+                existing = s.scalars(select(Instance.sha256).where(
+                    Instance.sop_instance_uid == uids["SOPInstanceUID"])).first()
+                if existing is None:
+                    self._add_rows(s, ds, uids, spool, digest, len(part10), source)
+                    s.flush()
+                    os.replace(tmp, spool)
+                    fsync_dir(spool.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if existing is not None:
+            return self._known(uids["SOPInstanceUID"], uids["StudyInstanceUID"], digest,
+                               source, existing)
+        return None
+
+    def _add_rows(self, s: Session, ds: Dataset, uids: dict[str, str], spool: Path,
+                  digest: str, size: int, source: str) -> None:
         now = utcnow()
         meta = getattr(ds, "file_meta", None)
         tsuid = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         try:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
-        except (TypeError, ValueError):
+        except Exception:  # malformed IS
             frames = 1
-        with self.db.session() as s:
-            s.add(Instance(
-                sop_instance_uid=uids["SOPInstanceUID"],
-                study_instance_uid=uids["StudyInstanceUID"],
-                series_instance_uid=uids["SeriesInstanceUID"],
-                sop_class_uid=uids["SOPClassUID"],
-                transfer_syntax_uid=tsuid,
-                modality=_text(ds, "Modality")[:16],
-                body_part=_text(ds, "BodyPartExamined")[:64],
-                view_position=_text(ds, "ViewPosition")[:16],
-                presentation_intent=_text(ds, "PresentationIntentType")[:32],
-                photometric=_text(ds, "PhotometricInterpretation")[:16],
-                has_pixels="PixelData" in ds or "FloatPixelData" in ds,
-                frames=frames,
-                path=str(spool),
-                sha256=digest,
-                size=size,
-                source=source[:256],
-                received_at=now,
-                state=InstanceState.RECEIVED.value,
-            ))
-            study = s.scalars(select(Study).where(
-                Study.study_instance_uid == uids["StudyInstanceUID"])).first()
-            if study is None:
-                s.add(Study(study_instance_uid=uids["StudyInstanceUID"],
-                            state=StudyState.COLLECTING.value, first_received_at=now,
-                            last_received_at=now))
-            else:
-                # A late instance reopens the study; the next SR will supersede the last.
-                study.state = StudyState.COLLECTING.value
-                study.last_received_at = now
+        study_uid = uids["StudyInstanceUID"]
+        s.add(Instance(
+            sop_instance_uid=uids["SOPInstanceUID"],
+            study_instance_uid=study_uid,
+            series_instance_uid=uids["SeriesInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            transfer_syntax_uid=tsuid[:64],
+            modality=_text(ds, "Modality")[:16],
+            body_part=_text(ds, "BodyPartExamined")[:64],
+            view_position=_text(ds, "ViewPosition")[:16],
+            presentation_intent=_text(ds, "PresentationIntentType")[:32],
+            photometric=_text(ds, "PhotometricInterpretation")[:16],
+            has_pixels=any(k in ds for k in PIXEL_KEYWORDS),
+            frames=frames,
+            path=str(spool),
+            sha256=digest,
+            size=size,
+            source=source[:256],
+            received_at=now,
+            state=InstanceState.RECEIVED.value,
+        ))
+        # Two first instances of a new study may be stored at once (several receiver
+        # threads, several nodes): create the study row without a unique-key race.
+        s.execute(_insert(s)(Study).values(
+            study_instance_uid=study_uid, state=StudyState.COLLECTING.value, generation=1,
+            first_received_at=now, last_received_at=now,
+        ).on_conflict_do_nothing(index_elements=["study_instance_uid"]))
+        study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)
+                          .with_for_update()).one()
+        # A late instance reopens the study; the next SR will supersede the last.
+        study.state = StudyState.COLLECTING.value
+        study.last_received_at = now
 
     def reject(self, source: str, name: str, reason: RejectReason, detail: str) -> StoreOutcome:
         """Record and log a refusal; nothing is spooled.
@@ -275,7 +449,8 @@ class Ingestor:
         try:
             rejection_id = self._record(source, name, reason, detail)
         except Exception as exc:
-            log.error("action=reject-unrecorded sop_instance_uid=%s error=%s", uid, exc)
+            log.error("action=reject-unrecorded sop_instance_uid=%s error=%s", uid,
+                      type(exc).__name__)
         log.warning("action=rejected rejection_id=%s sop_instance_uid=%s reason=%s detail=%s",
                     rejection_id, uid, reason.value, detail)
         return StoreOutcome(False, reason=reason, detail=detail, sop_instance_uid=uid,

@@ -67,7 +67,8 @@ class Node:
         cfg = self.config
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir)
         folders = [cfg.storage.incoming_dir, *cfg.watch.folders]
-        self.watcher = FolderWatcher(ingestor, folders, cfg.watch.settle_seconds)
+        self.watcher = FolderWatcher(ingestor, folders, cfg.watch.settle_seconds,
+                                     exclude=[cfg.results.results_dir])
         self.watcher.start()
         for index in range(cfg.workers.processes):
             self._start_worker(index)

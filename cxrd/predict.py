@@ -67,14 +67,22 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
         if as_json:
             print(json.dumps(row))
         else:
-            print(f"{path}: TB {p[0]:.3f}  NTB {p[1]:.3f}  NORM {p[2]:.3f}  -> "
-                  f"{CLASS_NAMES[decision]}"
-                  f"{' (TB at threshold %.3f)' % model.operating_point.tb_threshold if row['tb'] else ''}")
+            at = model.operating_point.tb_threshold
+            note = f" (TB at threshold {at:.3f})" if row["tb"] else ""
+            print(
+                f"{path}: TB {p[0]:.3f}  NTB {p[1]:.3f}  NORM {p[2]:.3f}  -> "
+                f"{CLASS_NAMES[decision]}{note}"
+            )
     for study_uid, results in by_study.items():
-        sr = build_sr(results, model, sop_class=config.results.sr_sop_class.value,
-                      sop_instance_uid=derived_uid("predict-sr", study_uid,
-                                                   *[r.dataset.SOPInstanceUID for r in results]),
-                      series_instance_uid=derived_uid("sr-series", study_uid, model.device_uid))
+        sr = build_sr(
+            results,
+            model,
+            sop_class=config.results.sr_sop_class.value,
+            sop_instance_uid=derived_uid(
+                "predict-sr", study_uid, *[r.dataset.SOPInstanceUID for r in results]
+            ),
+            series_instance_uid=derived_uid("sr-series", study_uid, model.device_uid),
+        )
         path = save_dataset(sr, out)
         print(f"SR for study {study_uid}: {path}", file=sys.stderr)
     return 1 if failed else 0

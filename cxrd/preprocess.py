@@ -41,7 +41,9 @@ _GRAY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 
 
-def _window(values: npt.NDArray[np.float64], center: float, width: float, function: str) -> npt.NDArray[np.float64]:
+def _window(
+    values: npt.NDArray[np.float64], center: float, width: float, function: str
+) -> npt.NDArray[np.float64]:
     """Map values to [0, 1] with a DICOM window (PS3.3 C.11.2.1.2)."""
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
@@ -56,11 +58,13 @@ def _window(values: npt.NDArray[np.float64], center: float, width: float, functi
 def _first(value: object) -> float:
     """First value of a possibly multi-valued numeric attribute."""
     if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(value, str):
-        return float(next(iter(value)))  # type: ignore[call-overload]
+        return float(next(iter(value)))
     return float(value)  # type: ignore[arg-type]
 
 
-def _unit_interval(ds: Dataset, stored: npt.NDArray[np.integer], sample: npt.NDArray[np.integer]) -> npt.NDArray[np.float64]:
+def _unit_interval(
+    ds: Dataset, stored: npt.NDArray[np.integer], sample: npt.NDArray[np.integer]
+) -> npt.NDArray[np.float64]:
     """Steps 1-3 applied to ``stored`` values; result in [0, 1], 1 = white (dense)."""
     modality = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
@@ -89,7 +93,9 @@ def dataset_to_gray8(ds: Dataset, pixels: npt.NDArray[np.generic] | None = None)
     """
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in _GRAY_PHOTOMETRICS + _COLOUR_PHOTOMETRICS:
-        raise UnsupportedImage(f"PhotometricInterpretation {photometric or '(missing)'} is not supported.")
+        raise UnsupportedImage(
+            f"PhotometricInterpretation {photometric or '(missing)'} is not supported."
+        )
     if pixels is None:
         pixels = decode_pixels(ds)
     arr = np.asarray(pixels)
@@ -117,7 +123,9 @@ def dataset_to_gray8(ds: Dataset, pixels: npt.NDArray[np.generic] | None = None)
 
 
 def _float_to_gray8(arr: npt.NDArray[np.generic], top: float) -> U8:
-    return np.clip(np.rint(np.asarray(arr, dtype=np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(np.asarray(arr, dtype=np.float64) * (255.0 / top)), 0, 255).astype(
+        np.uint8
+    )
 
 
 def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
@@ -127,7 +135,11 @@ def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
-        tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+        tsuid = (
+            ds.file_meta.get("TransferSyntaxUID", "unknown")
+            if hasattr(ds, "file_meta")
+            else "unknown"
+        )
         raise DecodeError(f"Cannot decode pixel data (transfer syntax {tsuid}): {exc}") from exc
 
 
@@ -159,7 +171,11 @@ def read_gray8(path: str | Path) -> U8:
 
 def resize_gray8(gray: U8, size: int) -> U8:
     """Step 5: stretch to ``size`` x ``size``, bilinear with antialiasing (Pillow)."""
-    img = Image.fromarray(gray, mode="L") if gray.dtype == np.uint8 else Image.fromarray(gray.astype(np.uint8))
+    img = (
+        Image.fromarray(gray, mode="L")
+        if gray.dtype == np.uint8
+        else Image.fromarray(gray.astype(np.uint8))
+    )
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
@@ -169,7 +185,9 @@ def to_model_input(gray_resized: U8) -> F32:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
-def preprocess_dataset(ds: Dataset, size: int, pixels: npt.NDArray[np.generic] | None = None) -> F32:
+def preprocess_dataset(
+    ds: Dataset, size: int, pixels: npt.NDArray[np.generic] | None = None
+) -> F32:
     """Serving path: a DICOM data set to one model input (size, size, 3)."""
     return to_model_input(resize_gray8(dataset_to_gray8(ds, pixels), size))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from cxrd.db import Database, Instance, Job, Worker, utcnow
 from cxrd.domain import InstanceState, JobState, ResultKind, SkipReason
@@ -80,6 +82,12 @@ def _fail(job: Job, inst: Instance, error: str, now: dt.datetime) -> None:
               job.id, inst.sop_instance_uid, error)
 
 
+def _locked_job(s: Session, job_id: int) -> Job | None:
+    # On PostgreSQL the row lock makes the ownership check and the update one step: a
+    # claimer re-leasing the job meanwhile either went first (we see its owner) or waits.
+    return s.get(Job, job_id, with_for_update=True)
+
+
 def _owned(db_job: Job | None, owner: str) -> bool:
     return (db_job is not None and db_job.state == JobState.RUNNING.value
             and db_job.lease_owner == owner)
@@ -92,7 +100,7 @@ def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
     worker owns the job now; its results have the same UIDs, so nothing is duplicated)."""
     now = utcnow()
     with db.session() as s:
-        row = s.get(Job, job.job_id)
+        row = _locked_job(s, job.job_id)
         if not _owned(row, owner):
             log.warning("action=lease-lost job_id=%d sop_instance_uid=%s", job.job_id,
                         job.sop_instance_uid)
@@ -123,7 +131,7 @@ def skip(db: Database, job: ClaimedJob, owner: str, reason: SkipReason, detail: 
     """A permanent property of the image: no retry."""
     now = utcnow()
     with db.session() as s:
-        row = s.get(Job, job.job_id)
+        row = _locked_job(s, job.job_id)
         if not _owned(row, owner):
             return
         assert row is not None
@@ -146,7 +154,7 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
     """Put a failed job back with exponential backoff, or fail it for good."""
     now = utcnow()
     with db.session() as s:
-        row = s.get(Job, job.job_id)
+        row = _locked_job(s, job.job_id)
         if not _owned(row, owner):
             return
         assert row is not None
@@ -164,14 +172,36 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
                 job.job_id, job.sop_instance_uid, job.attempts, delay, error)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def release_dead_leases(db: Database, owner_prefix: str) -> int:
-    """At start-up: jobs leased by this node's previous processes return to the queue
-    at once (their attempt still counts)."""
+    """At start-up: jobs leased by dead processes of this host return to the queue at once
+    (their attempt still counts). Owners are ``host:pid:wN``; a lease whose process is
+    still alive (another node on the same host) is left to expire normally."""
     with db.session() as s:
-        result = s.execute(update(Job).where(
-            Job.state == JobState.RUNNING.value, Job.lease_owner.like(owner_prefix + "%")
-        ).values(state=JobState.PENDING.value, lease_owner=None, not_before=utcnow()))
-        count = int(getattr(result, "rowcount", 0) or 0)
+        owners = s.scalars(select(Job.lease_owner).where(
+            Job.state == JobState.RUNNING.value,
+            # autoescape: a host name may hold "_" or "%", LIKE wildcards.
+            Job.lease_owner.startswith(owner_prefix, autoescape=True)).distinct()).all()
+        dead = []
+        for owner in owners:
+            pid = (owner or "")[len(owner_prefix):].split(":", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                dead.append(owner)
+        count = 0
+        if dead:
+            result = s.execute(update(Job).where(
+                Job.state == JobState.RUNNING.value, Job.lease_owner.in_(dead)
+            ).values(state=JobState.PENDING.value, lease_owner=None, not_before=utcnow()))
+            count = int(getattr(result, "rowcount", 0) or 0)
     if count:
         log.warning("action=released-leases count=%d", count)
     return count

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +47,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cxrd import __version__
-from cxrd.errors import InvalidUID
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
+from cxrd.uids import validate_uid  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +100,6 @@ CLASS_LABELS: tuple[str, ...] = tuple(
     for name in CLASS_NAMES
 )
 
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-_UID_MAX = 64
 
 # Samples per CAM cell when hottest_region upsamples (a 7x7 CAM becomes 112x112).
 _REGION_SAMPLES_PER_CELL = 16
@@ -274,22 +271,6 @@ def hottest_region(result: ImageResult, class_index: int) -> tuple[float, float,
 
 
 # --------------------------------------------------------------------------- UIDs and headers
-
-
-def validate_uid(uid: str) -> str:
-    """Return ``uid`` if it is a valid DICOM UID, else raise InvalidUID.
-
-    Digits and dots only, no empty component, no leading zero in a component other than
-    "0" itself, at most 64 characters. UIDs name files, so this is also what keeps a
-    received UID from becoming a path.
-    """
-    if not isinstance(uid, str) or len(uid) > _UID_MAX or not _UID_RE.fullmatch(uid):
-        shown = repr(uid) if len(repr(uid)) <= 80 else repr(uid)[:77] + "..."
-        raise InvalidUID(
-            f"{shown} is not a valid DICOM UID (digits and dots, no leading zeros, "
-            f"at most {_UID_MAX} characters)."
-        )
-    return uid
 
 
 def _new_uid() -> str:

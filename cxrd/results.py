@@ -83,8 +83,9 @@ def finish_study(db: Database, study_uid: str, model: ModelInfo, results_dir: Pa
     if not rows:
         with db.session() as s:
             study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
-            study.state = (StudyState.REPORTED.value if study.sr_sop_instance_uid
-                           else StudyState.NOTHING_TO_DO.value)
+            if study.state == StudyState.ADMITTED.value:  # not reopened meanwhile
+                study.state = (StudyState.REPORTED.value if study.sr_sop_instance_uid
+                               else StudyState.NOTHING_TO_DO.value)
         log.info("action=study-finished study_instance_uid=%s sr=none reason=no-classified-image",
                  study_uid)
         return None
@@ -112,7 +113,10 @@ def finish_study(db: Database, study_uid: str, model: ModelInfo, results_dir: Pa
                        study_instance_uid=study_uid, generation=generation, path=written,
                        destinations=destinations, supersedes=previous)
             study.sr_sop_instance_uid = sr_uid
-        study.state = StudyState.REPORTED.value
+        if study.state == StudyState.ADMITTED.value:
+            # A study reopened by a late instance meanwhile stays collecting; its next
+            # SR will supersede this one.
+            study.state = StudyState.REPORTED.value
         study.reported_at = utcnow()
         study.report_seconds = time.perf_counter() - t0
     log.info("action=study-reported study_instance_uid=%s sr_sop_instance_uid=%s images=%d "

@@ -19,8 +19,9 @@ WORKER_STALE_SECONDS = 60
 
 
 def _counts(s: Any, column: Any) -> dict[str, int]:
-    return {str(k): int(n) for k, n in s.execute(
-        select(column, func.count()).group_by(column)).all()}
+    return {
+        str(k): int(n) for k, n in s.execute(select(column, func.count()).group_by(column)).all()
+    }
 
 
 def collect(config: Config, db: Database) -> dict[str, Any]:
@@ -28,91 +29,158 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
     info = read_model_info(resolve_model_path(config.model.path))
     now = utcnow()
     with db.session() as s:
-        workers = [{
-            "id": w.id, "model": w.model, "device_uid": w.model_device_uid, "demo": w.demo,
-            "providers": [p for p in w.providers.split(",") if p],
-            "heartbeat_at": w.heartbeat_at.isoformat() + "Z", "processed": w.processed,
-            "alive": (now - w.heartbeat_at) < dt.timedelta(seconds=WORKER_STALE_SECONDS),
-        } for w in s.scalars(select(Worker).order_by(Worker.heartbeat_at.desc()).limit(20))]
-        failures = [{
-            "sop_instance_uid": inst.sop_instance_uid,
-            "study_instance_uid": inst.study_instance_uid,
-            "error": job.error, "attempts": job.attempts,
-            "at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
-        } for job, inst in s.execute(
-            select(Job, Instance).join(Instance, Job.instance_id == Instance.id)
-            .where(Job.state == JobState.FAILED.value).order_by(Job.id.desc()).limit(RECENT))]
-        rejections = [{
-            "at": r.at.isoformat() + "Z", "reason": r.reason, "detail": r.detail,
-            "source": r.source, "moved_to": r.moved_to,
-        } for r in s.scalars(select(Rejection).order_by(Rejection.id.desc()).limit(RECENT))]
-        dead = [{
-            "destination": d.destination, "sop_instance_uid": r.sop_instance_uid,
-            "attempts": d.attempts, "last_error": d.last_error,
-        } for d, r in s.execute(
-            select(Delivery, Result).join(Result, Delivery.result_id == Result.id)
-            .where(Delivery.state == DeliveryState.DEAD.value)
-            .order_by(Delivery.id.desc()).limit(RECENT))]
-        pending_errors = [{
-            "destination": d.destination, "sop_instance_uid": r.sop_instance_uid,
-            "attempts": d.attempts, "last_error": d.last_error,
-            "next_attempt_at": d.next_attempt_at.isoformat() + "Z",
-        } for d, r in s.execute(
-            select(Delivery, Result).join(Result, Delivery.result_id == Result.id)
-            .where(Delivery.state == DeliveryState.PENDING.value,
-                   Delivery.last_error.is_not(None))
-            .order_by(Delivery.id.desc()).limit(RECENT))]
+        workers = [
+            {
+                "id": w.id,
+                "model": w.model,
+                "device_uid": w.model_device_uid,
+                "demo": w.demo,
+                "providers": [p for p in w.providers.split(",") if p],
+                "heartbeat_at": w.heartbeat_at.isoformat() + "Z",
+                "processed": w.processed,
+                "alive": (now - w.heartbeat_at) < dt.timedelta(seconds=WORKER_STALE_SECONDS),
+            }
+            for w in s.scalars(select(Worker).order_by(Worker.heartbeat_at.desc()).limit(20))
+        ]
+        failures = [
+            {
+                "sop_instance_uid": inst.sop_instance_uid,
+                "study_instance_uid": inst.study_instance_uid,
+                "error": job.error,
+                "attempts": job.attempts,
+                "at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+            }
+            for job, inst in s.execute(
+                select(Job, Instance)
+                .join(Instance, Job.instance_id == Instance.id)
+                .where(Job.state == JobState.FAILED.value)
+                .order_by(Job.id.desc())
+                .limit(RECENT)
+            )
+        ]
+        rejections = [
+            {
+                "at": r.at.isoformat() + "Z",
+                "reason": r.reason,
+                "detail": r.detail,
+                "source": r.source,
+                "moved_to": r.moved_to,
+            }
+            for r in s.scalars(select(Rejection).order_by(Rejection.id.desc()).limit(RECENT))
+        ]
+        dead = [
+            {
+                "destination": d.destination,
+                "sop_instance_uid": r.sop_instance_uid,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+            }
+            for d, r in s.execute(
+                select(Delivery, Result)
+                .join(Result, Delivery.result_id == Result.id)
+                .where(Delivery.state == DeliveryState.DEAD.value)
+                .order_by(Delivery.id.desc())
+                .limit(RECENT)
+            )
+        ]
+        pending_errors = [
+            {
+                "destination": d.destination,
+                "sop_instance_uid": r.sop_instance_uid,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "next_attempt_at": d.next_attempt_at.isoformat() + "Z",
+            }
+            for d, r in s.execute(
+                select(Delivery, Result)
+                .join(Result, Delivery.result_id == Result.id)
+                .where(
+                    Delivery.state == DeliveryState.PENDING.value, Delivery.last_error.is_not(None)
+                )
+                .order_by(Delivery.id.desc())
+                .limit(RECENT)
+            )
+        ]
         doc: dict[str, Any] = {
-            "node": {"ae_title": config.node.ae_title, "port": config.node.port,
-                     "data_dir": str(config.storage.data_dir)},
-            "model": {"name": info.name, "version": info.version, "display_name": info.display_name,
-                      "device_uid": info.device_uid, "demo": info.demo,
-                      "path": str(resolve_model_path(config.model.path)),
-                      "tb_threshold": info.operating_point.tb_threshold,
-                      "providers_configured": list(config.model.providers)},
+            "node": {
+                "ae_title": config.node.ae_title,
+                "port": config.node.port,
+                "data_dir": str(config.storage.data_dir),
+            },
+            "model": {
+                "name": info.name,
+                "version": info.version,
+                "display_name": info.display_name,
+                "device_uid": info.device_uid,
+                "demo": info.demo,
+                "path": str(resolve_model_path(config.model.path)),
+                "tb_threshold": info.operating_point.tb_threshold,
+                "providers_configured": list(config.model.providers),
+            },
             "workers": workers,
             "instances": _counts(s, Instance.state),
             "skipped": {k: v for k, v in _counts(s, Instance.reason).items() if k != "None"},
             "studies": _counts(s, Study.state),
             "jobs": _counts(s, Job.state),
-            "queue_depth": int(s.scalar(select(func.count()).select_from(Job).where(
-                Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value)))) or 0),
+            "queue_depth": int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value)))
+                )
+                or 0
+            ),
             "results": _counts(s, Result.kind),
             "rejected": _counts(s, Rejection.reason),
             "recent_rejections": rejections,
             "recent_failures": failures,
-            "deliveries": {"by_state": _counts(s, Delivery.state), "recent_dead": dead,
-                           "pending_with_errors": pending_errors},
+            "deliveries": {
+                "by_state": _counts(s, Delivery.state),
+                "recent_dead": dead,
+                "pending_with_errors": pending_errors,
+            },
         }
-    doc["healthy"] = (doc["jobs"].get(JobState.FAILED.value, 0) == 0
-                      and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0)
+    doc["healthy"] = (
+        doc["jobs"].get(JobState.FAILED.value, 0) == 0
+        and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0
+    )
     return doc
 
 
 def render(doc: dict[str, Any]) -> str:
     """Human-readable form of ``collect``'s document."""
     m = doc["model"]
-    lines = [f"cxrd node {doc['node']['ae_title']} port {doc['node']['port']} "
-             f"data {doc['node']['data_dir']}",
-             f"model: {m['display_name']} (device {m['device_uid']}, TB threshold "
-             f"{m['tb_threshold']:.3f}){'  ** DEMO: synthetic phantoms, not for clinical use **' if m['demo'] else ''}"]
+    demo = "  ** DEMO: synthetic phantoms, not for clinical use **" if m["demo"] else ""
+    lines = [
+        f"cxrd node {doc['node']['ae_title']} port {doc['node']['port']} "
+        f"data {doc['node']['data_dir']}",
+        f"model: {m['display_name']} (device {m['device_uid']}, TB threshold "
+        f"{m['tb_threshold']:.3f}){demo}",
+    ]
     for w in doc["workers"]:
-        lines.append(f"  worker {w['id']}: providers {','.join(w['providers'])} processed "
-                     f"{w['processed']} {'alive' if w['alive'] else 'stale'}")
+        lines.append(
+            f"  worker {w['id']}: providers {','.join(w['providers'])} processed "
+            f"{w['processed']} {'alive' if w['alive'] else 'stale'}"
+        )
+
     def fmt(d: dict[str, int]) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
-    lines += [f"instances: {fmt(doc['instances'])}",
-              f"skipped by reason: {fmt(doc['skipped'])}",
-              f"rejected by reason: {fmt(doc['rejected'])}",
-              f"studies: {fmt(doc['studies'])}",
-              f"jobs: {fmt(doc['jobs'])} (queue depth {doc['queue_depth']})",
-              f"results: {fmt(doc['results'])}",
-              f"deliveries: {fmt(doc['deliveries']['by_state'])}"]
+
+    lines += [
+        f"instances: {fmt(doc['instances'])}",
+        f"skipped by reason: {fmt(doc['skipped'])}",
+        f"rejected by reason: {fmt(doc['rejected'])}",
+        f"studies: {fmt(doc['studies'])}",
+        f"jobs: {fmt(doc['jobs'])} (queue depth {doc['queue_depth']})",
+        f"results: {fmt(doc['results'])}",
+        f"deliveries: {fmt(doc['deliveries']['by_state'])}",
+    ]
     for f in doc["recent_failures"]:
         lines.append(f"  failed {f['sop_instance_uid']}: {f['error']}")
     for d in doc["deliveries"]["recent_dead"]:
-        lines.append(f"  dead delivery {d['sop_instance_uid']} -> {d['destination']}: "
-                     f"{d['last_error']}")
+        lines.append(
+            f"  dead delivery {d['sop_instance_uid']} -> {d['destination']}: {d['last_error']}"
+        )
     for r in doc["recent_rejections"][:5]:
         lines.append(f"  rejected ({r['reason']}): {r['detail']}")
     lines.append("healthy" if doc["healthy"] else "UNHEALTHY: failed jobs or dead deliveries")

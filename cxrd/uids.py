@@ -9,11 +9,11 @@ from pydicom.uid import generate_uid
 from cxrd.errors import InvalidUID
 
 # PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters.
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def is_valid_uid(uid: object) -> bool:
-    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID.match(uid) is not None
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID.fullmatch(uid) is not None
 
 
 def validate_uid(uid: object, what: str = "UID") -> str:

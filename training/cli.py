@@ -31,26 +31,43 @@ log = logging.getLogger("training")
 
 def _add_index(sub: Any) -> None:
     p = sub.add_parser("index", help="index public data sets into one manifest with splits")
-    p.add_argument("--source", action="append", required=True, metavar="NAME=PATH",
-                   help="a data set root; NAME is one of shenzhen, montgomery, tbx11k, "
-                        "kermany, nih_tb, phantom (repeatable)")
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a data set root; NAME is one of shenzhen, montgomery, tbx11k, "
+        "kermany, nih_tb, phantom (repeatable)",
+    )
     p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
     p.add_argument("--label-map", type=Path, help="JSON overriding the default label map")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nih-csv", type=Path, help="the NIH TB metadata CSV (default: found in the folder)")
+    p.add_argument(
+        "--nih-csv", type=Path, help="the NIH TB metadata CSV (default: found in the folder)"
+    )
 
 
 def _add_phantoms(sub: Any) -> None:
     p = sub.add_parser("phantoms", help="generate synthetic chest phantoms with lesion boxes")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=300, help="number of images (or studies with --studies)")
+    p.add_argument(
+        "--n", type=int, default=300, help="number of images (or studies with --studies)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("png", "dcm"), default="png")
-    p.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"),
-                   help="fixed size (default: realistic random sizes around 2500x2048)")
-    p.add_argument("--studies", action="store_true",
-                   help="DICOM studies with several images, lateral views and non-chest images")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        help="fixed size (default: realistic random sizes around 2500x2048)",
+    )
+    p.add_argument(
+        "--studies",
+        action="store_true",
+        help="DICOM studies with several images, lateral views and non-chest images",
+    )
 
 
 def _add_train(sub: Any) -> None:
@@ -66,21 +83,29 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hflip", action="store_true",
-                   help="add left-right flips (off by default: the chest is not symmetric)")
+    p.add_argument(
+        "--hflip",
+        action="store_true",
+        help="add left-right flips (off by default: the chest is not symmetric)",
+    )
     p.add_argument("--steps-per-epoch", type=int, help="cap steps per epoch (smoke tests)")
 
 
 def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export a trained run to ONNX with probs and cam")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--manifest", type=Path, required=True, help="validation images for the parity check")
+    p.add_argument(
+        "--manifest", type=Path, required=True, help="validation images for the parity check"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", default="cxrd-mobilenetv2")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--demo", action="store_true", help="mark the model as a DEMO model")
-    p.add_argument("--allow-untrained", action="store_true",
-                   help="skip the check that outputs vary (for smoke tests only)")
+    p.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="skip the check that outputs vary (for smoke tests only)",
+    )
 
 
 def _add_evaluate(sub: Any) -> None:
@@ -89,8 +114,11 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--write-metadata", action="store_true",
-                   help="record the operating point and headline figures in the model file")
+    p.add_argument(
+        "--write-metadata",
+        action="store_true",
+        help="record the operating point and headline figures in the model file",
+    )
 
 
 def _add_demo(sub: Any) -> None:
@@ -104,8 +132,11 @@ def _add_demo(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_index, _add_phantoms, _add_train, _add_export, _add_evaluate, _add_demo):
@@ -120,27 +151,36 @@ def cmd_index(args: argparse.Namespace) -> int:
     for item in args.source:
         name, _, path = item.partition("=")
         if not path or name not in sources.INDEXERS:
-            raise SystemExit(f"--source {item!r}: expected NAME=PATH with NAME in "
-                             f"{', '.join(sorted(sources.INDEXERS))}")
+            raise SystemExit(
+                f"--source {item!r}: expected NAME=PATH with NAME in "
+                f"{', '.join(sorted(sources.INDEXERS))}"
+            )
         roots[name] = Path(path)
     label_map = sources.load_label_map(args.label_map)
-    records = sources.build_manifest(roots, args.out, label_map=label_map,
-                                     val_fraction=args.val_fraction, seed=args.seed,
-                                     nih_csv=args.nih_csv, progress=sys.stderr.isatty())
+    records = sources.build_manifest(
+        roots,
+        args.out,
+        label_map=label_map,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        nih_csv=args.nih_csv,
+        progress=sys.stderr.isatty(),
+    )
     print(json.dumps(sources.summarize(records), indent=2))
     print(f"wrote {args.out} ({len(records)} images)")
     return 0
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from training import phantoms
+    import training.phantoms as phantoms
 
     size = tuple(args.size) if args.size else None
     if args.studies:
         gt = phantoms.generate_studies(args.out, args.n, args.seed, size=size)
     else:
-        gt = phantoms.generate_images(args.out, args.n, args.seed, fmt=args.format, size=size,
-                                      progress=sys.stderr.isatty())
+        gt = phantoms.generate_images(
+            args.out, args.n, args.seed, fmt=args.format, size=size, progress=sys.stderr.isatty()
+        )
     print(f"wrote {len(gt)} images and {args.out / 'ground_truth.csv'}")
     return 0
 
@@ -161,28 +201,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     records = sources.read_manifest(args.manifest)
     cache = args.run / "cache"
     tty = sys.stderr.isatty()
-    train_set = load_images(_split(records, "train"), args.input_size, cache_dir=cache,
-                            progress=tty, desc="train")
-    val_set = load_images(_split(records, "val"), args.input_size, cache_dir=cache,
-                          progress=tty, desc="val")
+    train_set = load_images(
+        _split(records, "train"), args.input_size, cache_dir=cache, progress=tty, desc="train"
+    )
+    val_set = load_images(
+        _split(records, "val"), args.input_size, cache_dir=cache, progress=tty, desc="val"
+    )
     if not len(train_set) or not len(val_set):
-        raise SystemExit(f"{args.manifest} has {len(train_set)} train and {len(val_set)} "
-                         "validation images; both are needed.")
-    cfg = TrainConfig(input_size=args.input_size, weights=args.weights, epochs=args.epochs,
-                      batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      patience=args.patience, seed=args.seed, hflip=args.hflip,
-                      steps_per_epoch=args.steps_per_epoch)
+        raise SystemExit(
+            f"{args.manifest} has {len(train_set)} train and {len(val_set)} "
+            "validation images; both are needed."
+        )
+    cfg = TrainConfig(
+        input_size=args.input_size,
+        weights=args.weights,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        seed=args.seed,
+        hflip=args.hflip,
+        steps_per_epoch=args.steps_per_epoch,
+    )
     train(train_set, val_set, cfg, args.run)
     summary = sources.summarize(records)
-    (args.run / "run.json").write_text(json.dumps({
-        "device_uid": generate_uid(),  # new for every training run (IHE AIR)
-        "manifest": str(args.manifest.resolve()),
-        "input_size": args.input_size,
-        "weights": args.weights,
-        "training_data": _training_data_summary(records),
-        "summary": summary,
-        "config": asdict(cfg),
-    }, indent=2))
+    (args.run / "run.json").write_text(
+        json.dumps(
+            {
+                "device_uid": generate_uid(),  # new for every training run (IHE AIR)
+                "manifest": str(args.manifest.resolve()),
+                "input_size": args.input_size,
+                "weights": args.weights,
+                "training_data": _training_data_summary(records),
+                "summary": summary,
+                "config": asdict(cfg),
+            },
+            indent=2,
+        )
+    )
     print(f"trained: {args.run / 'checkpoint.weights.h5'}")
     return 0
 
@@ -212,11 +268,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     pick = sorted(rng.choice(len(records), size=min(32, len(records)), replace=False))
     samples = to_inputs(load_images([records[i] for i in pick], run["input_size"]).images)
-    info = ModelInfo(name=args.name, version=args.version, device_uid=run["device_uid"],
-                     input_size=run["input_size"], training_data=run["training_data"],
-                     demo=args.demo)
-    checks = export(model, args.out, info, samples,
-                    min_output_spread=0.0 if args.allow_untrained else 0.05)
+    info = ModelInfo(
+        name=args.name,
+        version=args.version,
+        device_uid=run["device_uid"],
+        input_size=run["input_size"],
+        training_data=run["training_data"],
+        demo=args.demo,
+    )
+    checks = export(
+        model, args.out, info, samples, min_output_spread=0.0 if args.allow_untrained else 0.05
+    )
     print(json.dumps(checks, indent=2))
     print(f"exported {args.out} ({info.display_name})")
     return 0
@@ -227,9 +289,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     records = sources.read_manifest(args.manifest)
-    report = evaluate(args.model, records, args.out, n_boot=args.bootstrap,
-                      write_metadata=args.write_metadata, progress=sys.stderr.isatty(),
-                      cache_dir=args.out / "cache")
+    report = evaluate(
+        args.model,
+        records,
+        args.out,
+        n_boot=args.bootstrap,
+        write_metadata=args.write_metadata,
+        progress=sys.stderr.isatty(),
+        cache_dir=args.out / "cache",
+    )
     print(json.dumps(report["headline"], indent=2))
     if "operating_point" in report:
         print("TB operating point (validation):", json.dumps(report["operating_point"]))
@@ -240,20 +308,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Phantoms -> manifest -> train -> export -> evaluate on fresh phantoms -> ship."""
     from training.demo import build_demo
 
-    figures = build_demo(args.work, args.out, n_train=args.n_train, n_test=args.n_test,
-                         epochs=args.epochs, seed=args.seed)
+    figures = build_demo(
+        args.work,
+        args.out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
     print(json.dumps(figures, indent=2))
     return 0
 
 
-COMMANDS = {"index": cmd_index, "phantoms": cmd_phantoms, "train": cmd_train,
-            "export": cmd_export, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {
+    "index": cmd_index,
+    "phantoms": cmd_phantoms,
+    "train": cmd_train,
+    "export": cmd_export,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     try:
         return COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError) as exc:

@@ -13,7 +13,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from training import phantoms, sources
+import training.phantoms as phantoms
+from training import sources
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +29,32 @@ class DemoBelowTarget(RuntimeError):
     """The freshly trained demo model misses its acceptance figures; nothing was shipped."""
 
 
-def phantom_manifest(train_root: Path, test_root: Path, out: Path, seed: int) -> list[sources.Record]:
+def phantom_manifest(
+    train_root: Path, test_root: Path, out: Path, seed: int
+) -> list[sources.Record]:
     """Index train phantoms (split train/val) and held-out phantoms (split test)."""
     label_map = sources.LABEL_MAP_DEFAULT
-    train = sources.assign_splits(sources.index_phantom(train_root, label_map).records,
-                                  seed=seed, test_sources=())
-    test = [dataclasses.replace(r, split="test")
-            for r in sources.index_phantom(test_root, label_map).records]
+    train = sources.assign_splits(
+        sources.index_phantom(train_root, label_map).records, seed=seed, test_sources=()
+    )
+    test = [
+        dataclasses.replace(r, split="test")
+        for r in sources.index_phantom(test_root, label_map).records
+    ]
     records = train + test
     sources.write_manifest(records, out)
     return records
 
 
-def build_demo(work: Path, out: Path, *, n_train: int = 3000, n_test: int = 600,
-               epochs: int = 15, seed: int = 7) -> dict[str, float]:
+def build_demo(
+    work: Path,
+    out: Path,
+    *,
+    n_train: int = 3000,
+    n_test: int = 600,
+    epochs: int = 15,
+    seed: int = 7,
+) -> dict[str, float]:
     """Regenerate the demo model; returns its headline figures."""
     from training.cli import main
 
@@ -54,12 +67,43 @@ def build_demo(work: Path, out: Path, *, n_train: int = 3000, n_test: int = 600,
     phantom_manifest(train_root, test_root, manifest, seed)
     run, model = work / "run", work / "model.onnx"
     steps = [
-        ["train", "--manifest", str(manifest), "--run", str(run), "--weights", "none",
-         "--epochs", str(epochs), "--seed", str(seed)],
-        ["export", "--run", str(run), "--manifest", str(manifest), "--out", str(model),
-         "--name", DEMO_NAME, "--version", DEMO_VERSION, "--demo"],
-        ["evaluate", "--model", str(model), "--manifest", str(manifest), "--out",
-         str(work / "eval"), "--write-metadata"],
+        [
+            "train",
+            "--manifest",
+            str(manifest),
+            "--run",
+            str(run),
+            "--weights",
+            "none",
+            "--epochs",
+            str(epochs),
+            "--seed",
+            str(seed),
+        ],
+        [
+            "export",
+            "--run",
+            str(run),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(model),
+            "--name",
+            DEMO_NAME,
+            "--version",
+            DEMO_VERSION,
+            "--demo",
+        ],
+        [
+            "evaluate",
+            "--model",
+            str(model),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(work / "eval"),
+            "--write-metadata",
+        ],
     ]
     for argv in steps:
         if main(argv) != 0:

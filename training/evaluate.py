@@ -31,7 +31,7 @@ def predict_set(clf: Classifier, data: ImageSet, batch: int = 64) -> tuple[Any, 
     """probs (N, 3) and cam (N, h, w, 3) for a preprocessed set."""
     probs, cams = [], []
     for start in range(0, len(data), batch):
-        p, c = clf.run(to_inputs(data.images[start:start + batch]))
+        p, c = clf.run(to_inputs(data.images[start : start + batch]))
         probs.append(p)
         cams.append(c)
     return np.concatenate(probs), np.concatenate(cams)
@@ -65,15 +65,19 @@ def evaluate(
     """Evaluate on the ``val`` and ``test`` splits; returns (and writes) the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     clf = Classifier(model_path, ["CPUExecutionProvider"])
-    report: dict[str, Any] = {"model": clf.info.display_name, "device_uid": clf.info.device_uid,
-                              "splits": {}}
+    report: dict[str, Any] = {
+        "model": clf.info.display_name,
+        "device_uid": clf.info.device_uid,
+        "splits": {},
+    }
     outputs: dict[str, tuple[ImageSet, Any, Any]] = {}
     for split in ("val", "test"):
         subset = [r for r in records if r.split == split]
         if not subset:
             continue
-        data = load_images(subset, clf.input_size, cache_dir=cache_dir, progress=progress,
-                           desc=split)
+        data = load_images(
+            subset, clf.input_size, cache_dir=cache_dir, progress=progress, desc=split
+        )
         probs, cams = predict_set(clf, data)
         outputs[split] = (data, probs, cams)
         rep = metrics.classification_report(data.labels, probs, n_boot=n_boot, seed=seed)
@@ -130,7 +134,9 @@ def record_in_model(model_path: Path, report: dict[str, Any]) -> None:
     if op.get("threshold") is not None:
         updates["operating_point"] = OperatingPoint(
             tb_threshold=float(op["threshold"]),
-            method=str(op.get("method", "highest threshold with TB sensitivity >= 0.90 on validation")),
+            method=str(
+                op.get("method", "highest threshold with TB sensitivity >= 0.90 on validation")
+            ),
             target_sensitivity=float(op.get("target_sensitivity", TB_TARGET_SENSITIVITY)),
             sensitivity=float(op["sensitivity"]),
             specificity=float(op["specificity"]),

@@ -34,7 +34,7 @@ def softmax(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     z = np.asarray(x, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def to_onnx(model: Any) -> Any:

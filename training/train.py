@@ -33,6 +33,11 @@ class TrainConfig:
     brightness: float = 0.08
     contrast: float = 0.1
     hflip: bool = False  # off by default: chest anatomy is not left-right symmetric
+    # Keras's MobileNetV2 uses batch-norm momentum 0.999, tuned for ImageNet-length runs:
+    # on a few thousand steps the moving statistics stay near their initial values and
+    # validation (inference mode) lags far behind training. A training hyperparameter;
+    # the exported graph is unchanged. None keeps Keras's value.
+    bn_momentum: float | None = 0.99
     steps_per_epoch: int | None = None  # for smoke tests
 
 
@@ -49,7 +54,9 @@ def _augmenter(cfg: TrainConfig) -> Any:
     import keras
 
     layers: list[Any] = [
-        keras.layers.RandomRotation(cfg.max_rotation_deg / 360.0, fill_mode="nearest", seed=cfg.seed),
+        keras.layers.RandomRotation(
+            cfg.max_rotation_deg / 360.0, fill_mode="nearest", seed=cfg.seed
+        ),
         keras.layers.RandomZoom(cfg.max_zoom, fill_mode="nearest", seed=cfg.seed + 1),
         keras.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 255.0), seed=cfg.seed + 2),
         keras.layers.RandomContrast(cfg.contrast, seed=cfg.seed + 3),
@@ -95,6 +102,10 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(cfg.input_size, cfg.weights)
+    if cfg.bn_momentum is not None:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = cfg.bn_momentum
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -104,21 +115,36 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
     steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train_set) / cfg.batch_size)))
     weights = class_weights(train_set.labels)
     (out_dir / "train_config.json").write_text(
-        json.dumps({**asdict(cfg), "class_weights": weights, "n_train": len(train_set),
-                    "n_val": len(val_set)}, indent=2)
+        json.dumps(
+            {
+                **asdict(cfg),
+                "class_weights": weights,
+                "n_train": len(train_set),
+                "n_val": len(val_set),
+            },
+            indent=2,
+        )
     )
     checkpoint = out_dir / "checkpoint.weights.h5"
     callbacks = [
-        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True,
-                                        save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
-                                      restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
-                                          patience=max(1, cfg.patience // 2)),
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.3, patience=max(1, cfg.patience // 2)
+        ),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv")),
     ]
-    log.info("training on %d images, validating on %d, %d steps/epoch, class weights %s",
-             len(train_set), len(val_set), steps, weights)
+    log.info(
+        "training on %d images, validating on %d, %d steps/epoch, class weights %s",
+        len(train_set),
+        len(val_set),
+        steps,
+        weights,
+    )
     model.fit(
         make_dataset(train_set, cfg, training=True),
         validation_data=make_dataset(val_set, cfg, training=False),

@@ -434,8 +434,9 @@ def test_build_sr_rejects_bad_input() -> None:
         report.ImageResult(a.dataset, a.display, np.array([0.5, 0.5], np.float32), a.cam)
 
 
-@pytest.mark.skipif(not PIXELMED.exists(), reason="pixelmed is optional and not installed")
 def test_pixelmed_sr_validator(tmp_path: Path) -> None:
+    # scripts/test installs libpixelmed-java; a missing validator is a failure, not a skip.
+    assert PIXELMED.exists(), f"{PIXELMED} missing: apt-get install libpixelmed-java"
     path = report.save_dataset(report.build_sr([fake_result(make_source())],
                                                make_model(demo=False)), tmp_path)
     proc = subprocess.run(
@@ -446,9 +447,12 @@ def test_pixelmed_sr_validator(tmp_path: Path) -> None:
     )
     # Known pixelmed 2022 artefacts (dicom-output.md section 4) are not errors of ours:
     # with exactly one group carrying a SCOORD it checks every group as TID 1410.
+    # Procedure Reported (TID 1500 row 4) uses CID 100, which is extensible: a chest
+    # radiograph code outside the group is allowed, pixelmed's tables flag it anyway.
     errors = [
         line for line in (proc.stdout + proc.stderr).splitlines()
         if "Error" in line and "1410" not in line
+        and "not found in context group 100" not in line
     ]
     assert errors == [], proc.stdout + proc.stderr
 

@@ -31,26 +31,67 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     phantoms.generate_images(root / "ph", 36, 3, fmt="dcm", size=(150, 123))
     phantoms.generate_images(root / "ph-test", 9, 4, fmt="png", size=(150, 123))
     manifest = root / "manifest.csv"
-    assert main(["index", "--source", f"phantom={root / 'ph'}", "--out", str(manifest),
-                 "--val-fraction", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "--source",
+                f"phantom={root / 'ph'}",
+                "--out",
+                str(manifest),
+                "--val-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     records = sources.read_manifest(manifest)
     test = [r for r in sources.index_phantom(root / "ph-test", None).records]
-    sources.write_manifest(records + [r.__class__(**{**r.__dict__, "split": "test"})
-                                      for r in test], manifest)
+    sources.write_manifest(
+        records + [r.__class__(**{**r.__dict__, "split": "test"}) for r in test], manifest
+    )
     run = root / "run"
-    assert main(["train", "--manifest", str(manifest), "--run", str(run), "--input-size",
-                 str(SIZE), "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8",
-                 "--patience", "5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--manifest",
+                str(manifest),
+                "--run",
+                str(run),
+                "--input-size",
+                str(SIZE),
+                "--epochs",
+                "2",
+                "--steps-per-epoch",
+                "2",
+                "--batch-size",
+                "8",
+                "--patience",
+                "5",
+            ]
+        )
+        == 0
+    )
     return {"root": root, "manifest": manifest, "run": run}
 
 
 def test_training_outputs(trained: dict[str, Path]) -> None:
     run = trained["run"]
-    for name in ("checkpoint.weights.h5", "history.csv", "curves.png", "train_config.json",
-                 "run.json"):
+    for name in (
+        "checkpoint.weights.h5",
+        "history.csv",
+        "curves.png",
+        "train_config.json",
+        "run.json",
+    ):
         assert (run / name).stat().st_size > 0, name
     meta = json.loads((run / "run.json").read_text())
-    assert meta["input_size"] == SIZE and meta["device_uid"].startswith("2.25.") or "." in meta["device_uid"]
+    assert (
+        meta["input_size"] == SIZE
+        and meta["device_uid"].startswith("2.25.")
+        or "." in meta["device_uid"]
+    )
     assert "phantom" in meta["training_data"]
     cfg = json.loads((run / "train_config.json").read_text())
     assert cfg["hflip"] is False  # no left-right flip by default
@@ -81,8 +122,14 @@ def test_export_parity_cam_and_metadata(trained: dict[str, Path], tmp_path: Path
     val = [r for r in sources.read_manifest(trained["manifest"]) if r.split == "val"]
     samples = to_inputs(load_images(val, SIZE).images)
     model = _sharpened(trained["run"], samples)
-    info = ModelInfo(name="tiny", version="0.0.1", device_uid="1.2.826.0.1.3680043.10.1",
-                     input_size=SIZE, training_data="phantom", demo=True)
+    info = ModelInfo(
+        name="tiny",
+        version="0.0.1",
+        device_uid="1.2.826.0.1.3680043.10.1",
+        input_size=SIZE,
+        training_data="phantom",
+        demo=True,
+    )
     out = tmp_path / "tiny.onnx"
     checks = export(model, out, info, samples, min_output_spread=0.05)
     assert checks["parity_max_abs"] <= 1e-4 and checks["cam_max_abs"] <= 1e-4
@@ -101,8 +148,9 @@ def test_export_parity_cam_and_metadata(trained: dict[str, Path], tmp_path: Path
     assert p1.shape == (1, 3) and c1.shape == (1, 1, 1, 3)
 
 
-def test_export_refuses_untrained_and_detects_mismatch(trained: dict[str, Path],
-                                                       tmp_path: Path) -> None:
+def test_export_refuses_untrained_and_detects_mismatch(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
     val = [r for r in sources.read_manifest(trained["manifest"]) if r.split == "val"]
     samples = to_inputs(load_images(val, SIZE).images)
     info = ModelInfo(name="x", version="0", device_uid="1.2.3")
@@ -136,16 +184,18 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for layer in source.layers:
         if layer.weights:
-            layer.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32)
-                               for w in layer.get_weights()])
+            layer.set_weights(
+                [rng.normal(0, 0.1, w.shape).astype(np.float32) for w in layer.get_weights()]
+            )
     whole = tmp_path / "whole.weights.h5"
     source.save_weights(str(whole))
     loaded = build_classifier(SIZE, str(whole))
     for a, b in zip(source.weights, loaded.weights, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
-    backbone = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), weights=None,
-                                              include_top=False, alpha=0.35)
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(SIZE, SIZE, 3), weights=None, include_top=False, alpha=0.35
+    )
     conv = backbone.get_layer("Conv1")
     conv.set_weights([np.full(w.shape, 0.123, np.float32) for w in conv.get_weights()])
     notop = tmp_path / "mobilenet_v2_0.35_no_top.weights.h5"
@@ -167,16 +217,31 @@ def test_architecture_is_the_founding_one() -> None:
     assert build_classifier(512, "none").input_shape == (None, 512, 512, 3)
 
 
-def test_evaluate_writes_report_and_records_operating_point(trained: dict[str, Path],
-                                                             tmp_path: Path) -> None:
+def test_evaluate_writes_report_and_records_operating_point(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
     val = [r for r in sources.read_manifest(trained["manifest"]) if r.split == "val"]
     samples = to_inputs(load_images(val, SIZE).images)
     model = _sharpened(trained["run"], samples)
     out = tmp_path / "m.onnx"
     export(model, out, ModelInfo(name="m", version="1", device_uid="1.2.3.9"), samples)
-    assert main(["evaluate", "--model", str(out), "--manifest", str(trained["manifest"]),
-                 "--out", str(tmp_path / "eval"), "--bootstrap", "50",
-                 "--write-metadata"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out),
+                "--manifest",
+                str(trained["manifest"]),
+                "--out",
+                str(tmp_path / "eval"),
+                "--bootstrap",
+                "50",
+                "--write-metadata",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["splits"]) == {"val", "test"}
     for split in ("val", "test"):

@@ -1,0 +1,54 @@
+"""Shared fixtures: a migrated database and an Ingestor over a temporary data folder.
+
+pytest puts this folder on ``sys.path`` (rootdir conftest, prepend import mode), so test
+modules import the fixture builders as ``import dicomfactory``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cxrd.db import Database
+from cxrd.ingest import Ingestor
+
+
+@dataclass(frozen=True)
+class DataDirs:
+    root: Path
+    incoming: Path
+    spool: Path
+    rejected: Path
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> DataDirs:
+    d = DataDirs(tmp_path, tmp_path / "incoming", tmp_path / "spool", tmp_path / "rejected")
+    d.incoming.mkdir()
+    return d
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite database in a real file (WAL, as in production)."""
+    database = Database(f"sqlite:///{tmp_path / 'cxrd.sqlite'}")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def memdb() -> Iterator[Database]:
+    """A migrated in-memory SQLite database."""
+    database = Database("sqlite://")
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def ingestor(db: Database, dirs: DataDirs) -> Ingestor:
+    return Ingestor(db, dirs.spool, dirs.rejected)

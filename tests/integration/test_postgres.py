@@ -1,0 +1,185 @@
+"""The same storage, admission and queue code on PostgreSQL, several claimers at once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dicomfactory import make_dataset, part10_bytes, uid
+from pgschema import postgres_url
+from queuehelpers import expire_leases, get_job, make_jobs
+from sqlalchemy import func, select
+
+from cxrd import queue
+from cxrd.admit import admit_stable_studies, requeue_study
+from cxrd.db import SCHEMA_VERSION, Database, Instance, Job, SchemaVersion, Study, utcnow
+from cxrd.domain import InstanceState, JobState, RejectReason, StudyState
+from cxrd.ingest import Ingestor, StoreOutcome
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from postgres_url()
+
+
+@pytest.fixture
+def pgdb(pg_url: str) -> Iterator[Database]:
+    db = Database(pg_url)
+    assert db.engine.dialect.name == "postgresql"
+    db.migrate()
+    yield db
+    db.dispose()
+
+
+def in_threads(n: int, fn: Callable[[int], object]) -> list[object]:
+    """Run fn(0..n-1) in n threads released together; re-raise the first error."""
+    barrier = threading.Barrier(n)
+    out: list[object] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_concurrent_migrations(pg_url: str):
+    def migrate(_: int) -> int:
+        db = Database(pg_url)
+        try:
+            return db.migrate()
+        finally:
+            db.dispose()
+
+    assert in_threads(3, migrate) == [SCHEMA_VERSION] * 3
+    db = Database(pg_url)
+    with db.session() as s:
+        assert s.scalars(select(SchemaVersion.version)).all() == [SCHEMA_VERSION]
+    db.dispose()
+
+
+def test_two_claimers_get_disjoint_jobs(pg_url: str, pgdb: Database):
+    ids = make_jobs(pgdb, studies=10, per_study=4)
+    claimed: list[list[int]] = [[], []]
+
+    def worker(i: int) -> None:
+        db = Database(pg_url)  # its own engine, as in its own process
+        try:
+            while batch := queue.claim(db, f"node{i}:w", 3, 300, 3):
+                claimed[i].extend(j.job_id for j in batch)
+        finally:
+            db.dispose()
+
+    in_threads(2, worker)
+    assert not set(claimed[0]) & set(claimed[1])
+    assert sorted(claimed[0] + claimed[1]) == ids
+    assert claimed[0] and claimed[1], "both claimers should have got work"
+    for job_id in ids:
+        job = get_job(pgdb, job_id)
+        assert job.attempts == 1 and job.state == JobState.RUNNING.value
+
+
+def test_many_claimers_racing_for_few_jobs(pg_url: str, pgdb: Database):
+    ids = make_jobs(pgdb, studies=2, per_study=3)
+    dbs = [Database(pg_url) for _ in range(6)]
+    try:
+        got = in_threads(6, lambda i: [j.job_id for j in queue.claim(dbs[i], f"w{i}", 2, 300, 3)])
+    finally:
+        for db in dbs:
+            db.dispose()
+    flat = [j for batch in got for j in batch]  # type: ignore[union-attr]
+    assert sorted(flat) == ids  # each job exactly once, none twice
+
+
+def test_expired_lease_and_lost_lease_on_postgres(pgdb: Database):
+    (job_id,) = make_jobs(pgdb, studies=1, per_study=1)
+    (old,) = queue.claim(pgdb, "a", 4, 300, 3)
+    assert queue.claim(pgdb, "b", 4, 300, 3) == []
+    expire_leases(pgdb)
+    (new,) = queue.claim(pgdb, "b", 4, 300, 3)
+    assert new.attempts == 2
+    assert queue.complete(pgdb, old, "a", [1, 0, 0], [], "1.2", {}) is False
+    assert queue.complete(pgdb, new, "b", [1, 0, 0], [], "1.2", {}) is True
+    assert get_job(pgdb, job_id).state == JobState.DONE.value
+
+
+def test_retry_and_release_on_postgres(pgdb: Database):
+    (job_id,) = make_jobs(pgdb, studies=1, per_study=1)
+    (c,) = queue.claim(pgdb, "host_1:9:w0", 1, 300, 3)
+    queue.retry_or_fail(pgdb, c, "host_1:9:w0", "boom", 3, 60)
+    job = get_job(pgdb, job_id)
+    assert job.state == JobState.PENDING.value
+    assert job.not_before > utcnow() + dt.timedelta(seconds=50)
+    with pgdb.session() as s:
+        s.get(Job, job_id).not_before = utcnow() - dt.timedelta(seconds=1)
+    queue.claim(pgdb, "host_1:10:w0", 1, 300, 3)
+    assert queue.release_dead_leases(pgdb, "hostX1:") == 0
+    assert queue.release_dead_leases(pgdb, "host_1:") == 1
+
+
+def test_ingest_and_admit_on_postgres(pgdb: Database, tmp_path: Path):
+    ingestor = Ingestor(pgdb, tmp_path / "spool", tmp_path / "rejected")
+    study_uid = uid()
+    first = make_dataset("CR", study_uid=study_uid, seed=1)
+    data = part10_bytes(first)
+    assert ingestor.store(data, "t").accepted
+    assert ingestor.store(data, "t").duplicate
+    other = make_dataset("CR", study_uid=study_uid, sop_uid=first.SOPInstanceUID, seed=9)
+    assert ingestor.store(part10_bytes(other), "t").reason is RejectReason.CONFLICTING_DUPLICATE
+    assert ingestor.store(part10_bytes(make_dataset("CR", study_uid=study_uid,
+                                                    view_position="LL", seed=2)), "t").accepted
+    assert admit_stable_studies(pgdb, 10, now=utcnow() + dt.timedelta(minutes=5)) == 1
+    with pgdb.session() as s:
+        states = sorted(s.scalars(select(Instance.state)).all())
+        assert states == [InstanceState.QUEUED.value, InstanceState.SKIPPED.value]
+        study = s.scalars(select(Study)).one()
+        assert study.state == StudyState.ADMITTED.value
+        for job in s.scalars(select(Job)):
+            job.state = JobState.DONE.value
+        study.state = StudyState.REPORTED.value
+    assert requeue_study(pgdb, study_uid) == 1
+
+
+def test_concurrent_stores_of_one_uid_on_postgres(pgdb: Database, tmp_path: Path):
+    ingestor = Ingestor(pgdb, tmp_path / "spool", tmp_path / "rejected")
+    base = make_dataset("CR")
+    variants = [part10_bytes(make_dataset(
+        "CR", seed=i, sop_uid=base.SOPInstanceUID, study_uid=base.StudyInstanceUID,
+        series_uid=base.SeriesInstanceUID)) for i in range(4)]
+    payloads = variants + variants
+    outcomes = in_threads(len(payloads), lambda i: ingestor.store(payloads[i], f"t{i}"))
+    assert all(isinstance(o, StoreOutcome) for o in outcomes)
+    fresh = [o for o in outcomes if o.accepted and not o.duplicate]  # type: ignore[union-attr]
+    assert len(fresh) == 1
+    assert all(o.accepted or o.reason is RejectReason.CONFLICTING_DUPLICATE  # type: ignore
+               for o in outcomes)
+    with pgdb.session() as s:
+        (inst,) = s.scalars(select(Instance)).all()
+        assert s.scalar(select(func.count()).select_from(Study)) == 1
+    assert hashlib.sha256(Path(inst.path).read_bytes()).hexdigest() == inst.sha256
+
+
+def test_concurrent_first_instances_of_a_new_study_on_postgres(pgdb: Database, tmp_path: Path):
+    ingestor = Ingestor(pgdb, tmp_path / "spool", tmp_path / "rejected")
+    study_uid = uid()
+    payloads = [part10_bytes(make_dataset("CR", study_uid=study_uid, seed=i)) for i in range(6)]
+    outcomes = in_threads(6, lambda i: ingestor.store(payloads[i], "t"))
+    assert all(o.accepted and not o.duplicate for o in outcomes)  # type: ignore[union-attr]
+    with pgdb.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 6
+        assert s.scalar(select(func.count()).select_from(Study)) == 1
