@@ -24,7 +24,8 @@ from cxrd.infer import resolve_model_path
 from cxrd.ingest import Ingestor
 from cxrd.logs import setup_logging
 from cxrd.modelinfo import ModelInfo, read_model_info
-from cxrd.results import finish_studies
+from cxrd.receive import Receiver, receiver_main
+from cxrd.results import finish_studies, remove_stale_temp_files
 from cxrd.watch import FolderWatcher
 from cxrd.worker import spawn_context, worker_id_prefix, worker_main
 
@@ -44,9 +45,10 @@ class Node:
         self._stop = threading.Event()
         self._signals = 0
         self._ctx = spawn_context()
-        self._worker_stop = self._ctx.Event()
         self._workers: dict[int, Any] = {}
         self.watcher: FolderWatcher | None = None
+        self.receiver: Receiver | None = None
+        self._receivers: list[Any] = []
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -56,6 +58,9 @@ class Node:
             d.mkdir(parents=True, exist_ok=True)
         version = self.db.migrate()
         queue.release_dead_leases(self.db, worker_id_prefix())
+        # what this node's earlier processes were writing when they died
+        remove_stale_temp_files(cfg.results.results_dir)
+        remove_stale_temp_files(cfg.storage.spool_dir, recursive=True)
         log.info("action=node-start ae_title=%s data_dir=%s schema=%d model=%s device_uid=%s "
                  "demo=%s", cfg.node.ae_title, cfg.storage.data_dir, version,
                  self.model.display_name, self.model.device_uid, self.model.demo)
@@ -66,6 +71,15 @@ class Node:
     def start(self) -> None:
         cfg = self.config
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir)
+        shared = cfg.node.receivers > 1
+        self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
+        self.receiver.start()
+        for index in range(1, cfg.node.receivers):
+            proc = self._ctx.Process(
+                target=receiver_main, name=f"cxrd-receiver-{index}",
+                args=(cfg, index, os.getpid(), setup_logging))
+            proc.start()
+            self._receivers.append(proc)
         folders = [cfg.storage.incoming_dir, *cfg.watch.folders]
         self.watcher = FolderWatcher(ingestor, folders, cfg.watch.settle_seconds,
                                      exclude=[cfg.results.results_dir])
@@ -76,7 +90,7 @@ class Node:
     def _start_worker(self, index: int) -> None:
         proc = self._ctx.Process(
             target=worker_main, name=f"cxrd-worker-{index}",
-            args=(self.config, index, self._worker_stop, os.getpid(), setup_logging),
+            args=(self.config, index, os.getpid(), setup_logging),
         )
         proc.start()
         self._workers[index] = proc
@@ -87,6 +101,7 @@ class Node:
             if not proc.is_alive() and not self._stop.is_set():
                 log.error("action=worker-died index=%d pid=%s exitcode=%s", index, proc.pid,
                           proc.exitcode)
+                remove_stale_temp_files(self.config.results.results_dir)  # its SC, if any
                 self._start_worker(index)
 
     def tick(self) -> None:
@@ -117,16 +132,25 @@ class Node:
     def drain(self) -> int:
         """Stop ingesting, let workers finish their current batch, write what is due."""
         log.info("action=drain-start")
+        for proc in self._receivers:
+            proc.terminate()  # SIGTERM: they finish their associations in flight
+        if self.receiver is not None:
+            self.receiver.drain()
+        for proc in self._receivers:
+            proc.join(35)
         if self.watcher is not None:
             self.watcher.stop()
-        self._worker_stop.set()
+        for proc in self._workers.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: finish the current batch, then exit
         deadline = time.monotonic() + DRAIN_SECONDS
         for proc in self._workers.values():
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self._workers.values():
             if proc.is_alive():
-                log.warning("action=worker-terminate pid=%s", proc.pid)
-                proc.terminate()
+                # Its leased jobs return to the queue at the next start.
+                log.warning("action=worker-killed pid=%s reason=drain-timeout", proc.pid)
+                proc.kill()
                 proc.join(5)
         try:
             self.tick()
@@ -141,7 +165,7 @@ class Node:
             self._signals += 1
             if self._signals > 1:
                 log.warning("action=exit-now signal=%d", signum)
-                for proc in self._workers.values():
+                for proc in [*self._workers.values(), *self._receivers]:
                     if proc.is_alive():
                         proc.kill()
                 os._exit(1)

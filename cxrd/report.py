@@ -721,7 +721,9 @@ def save_dataset(ds: Dataset, folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{uid}.dcm"
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{uid}.", suffix=".tmp")
+    # The writer's pid is in the name: a crash leaves the temp file behind, and the node
+    # removes those whose writer is gone (cxrd.results.remove_stale_temp_files).
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{uid}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             dcmwrite(fh, ds, enforce_file_format=True)

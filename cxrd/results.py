@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,44 @@ def add_result(s: Session, *, kind: ResultKind, sop_instance_uid: str, study_ins
     for name in destinations:
         s.add(Delivery(result_id=row.id, destination=name))
     return True
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path, *, recursive: bool = False) -> int:
+    """Remove temp files left by writers that died mid-write (kill -9, power loss).
+
+    Results (``report.save_dataset``) and spool files (``ingest.write_temp``) are written
+    to ``.<name>.<pid>.<random>.tmp`` and renamed into place, so a crash leaves the temp
+    file behind, and nothing else ever removes it. One whose writer (on this host) is gone
+    can go; one of a live process is left alone. Returns how many were removed.
+    """
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        try:
+            pid = int(path.name.split(".")[-3])
+        except (IndexError, ValueError):
+            continue  # not one of ours
+        if pid == os.getpid() or _writer_alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+    if removed:
+        log.warning("action=removed-temp-files folder=%s count=%d", folder, removed)
+    return removed
 
 
 def finish_studies(db: Database, model: ModelInfo, results_dir: Path, *,

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,9 +185,27 @@ def worker_id_prefix() -> str:
     return f"{socket.gethostname()}:"
 
 
-def worker_main(config: Config, index: int, stop: Any, parent_pid: int,
+def stop_on_signals() -> threading.Event:
+    """A child process stops on SIGTERM/SIGINT after its current batch.
+
+    The parent stops children by signalling them (systemd's default KillMode signals the
+    whole cgroup anyway). No shared multiprocessing primitive is used: one held by a
+    process killed with SIGKILL would hang the others.
+    """
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def worker_main(config: Config, index: int, parent_pid: int,
                 setup_logging: Callable[[Config], None] | None = None) -> None:
-    """Entry point of a worker process. Exits when ``stop`` is set or the parent dies."""
+    """Entry point of a worker process. Exits on SIGTERM or when the parent dies."""
+    stop = stop_on_signals()
     if setup_logging is not None:
         setup_logging(config)
     worker_id = f"{worker_id_prefix()}{os.getpid()}:w{index}"
