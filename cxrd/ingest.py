@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
 from cxrd.domain import InstanceState, RejectReason, StudyState
+from cxrd.metrics import metrics
 from cxrd.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,14 @@ class Ingestor:
     def store(self, data: bytes, source: str, *, name: str = "",
               expected_sop_class: str | None = None) -> StoreOutcome:
         """Validate, spool and commit one object given as bytes (Part 10 or bare)."""
+        outcome = self._store(data, source, name=name, expected_sop_class=expected_sop_class)
+        label = ("duplicate" if outcome.duplicate else "stored") if outcome.accepted else (
+            str(outcome.reason.value) if outcome.reason else "rejected")
+        metrics().instances_received.labels(label).inc()
+        return outcome
+
+    def _store(self, data: bytes, source: str, *, name: str,
+               expected_sop_class: str | None) -> StoreOutcome:
         if not data:
             return self.reject(source, name, RejectReason.NOT_DICOM, "empty file")
         try:

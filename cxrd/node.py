@@ -23,15 +23,20 @@ from cxrd.db import Database
 from cxrd.infer import resolve_model_path
 from cxrd.ingest import Ingestor
 from cxrd.logs import setup_logging
+from cxrd.metrics import enable_multiprocess
+from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.receive import Receiver, receiver_main
 from cxrd.results import finish_studies, remove_stale_temp_files
+from cxrd.send import Sender
+from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
 from cxrd.worker import spawn_context, worker_id_prefix, worker_main
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_INTERVAL_SECONDS = 0.5
+STATUS_SECONDS = 5.0
 DRAIN_SECONDS = 60.0
 
 
@@ -48,7 +53,13 @@ class Node:
         self._workers: dict[int, Any] = {}
         self.watcher: FolderWatcher | None = None
         self.receiver: Receiver | None = None
+        self.sender = Sender(config, self.db)
         self._receivers: list[Any] = []
+        self.destination_names = [d.name for d in config.destinations]
+        self.notifier = Notifier()
+        self._reload = threading.Event()
+        self._metrics_server: Any = None
+        self._last_status = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -56,6 +67,8 @@ class Node:
         for d in (cfg.storage.data_dir, cfg.storage.incoming_dir, cfg.storage.spool_dir,
                   cfg.storage.rejected_dir, cfg.results.results_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if cfg.metrics.enabled:
+            enable_multiprocess(cfg.storage.data_dir)  # before any child process starts
         version = self.db.migrate()
         queue.release_dead_leases(self.db, worker_id_prefix())
         # what this node's earlier processes were writing when they died
@@ -86,6 +99,7 @@ class Node:
         self.watcher.start()
         for index in range(cfg.workers.processes):
             self._start_worker(index)
+        self.sender.start()
 
     def _start_worker(self, index: int) -> None:
         proc = self._ctx.Process(
@@ -111,20 +125,78 @@ class Node:
         finish_studies(self.db, self.model, cfg.results.results_dir,
                        sr_sop_class=cfg.results.sr_sop_class.value,
                        structured_report=cfg.results.structured_report,
-                       destinations=[d.name for d in cfg.destinations])
+                       destinations=self.destination_names)
 
     def run(self) -> int:
         self.prepare()
         self.start()
+        if self.config.metrics.enabled:
+            self._metrics_server = start_metrics(self.config.metrics.listen, self.db)
         self._install_signals()
+        # READY only now: the database is migrated and the receiver is listening.
+        self.notifier.ready(self._status_line())
         while not self._stop.is_set():
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
             try:
                 self.tick()
+                self.notifier.watchdog()  # only a loop that completes a round pings
             except Exception:
                 log.exception("action=scheduler-error")
             self.supervise()
+            if time.monotonic() - self._last_status > STATUS_SECONDS:
+                self._last_status = time.monotonic()
+                self.notifier.status(self._status_line())
             self._stop.wait(SCHEDULER_INTERVAL_SECONDS)
         return self.drain()
+
+    def _status_line(self) -> str:
+        """systemd STATUS=: queue depth and counts, from the database."""
+        from sqlalchemy import func, select
+
+        from cxrd.db import Delivery, Job
+        from cxrd.domain import DeliveryState, JobState
+
+        try:
+            with self.db.session() as s:
+                depth = s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(
+                    (JobState.PENDING.value, JobState.RUNNING.value))))
+                pending = s.scalar(select(func.count()).select_from(Delivery).where(
+                    Delivery.state == DeliveryState.PENDING.value))
+        except Exception as exc:
+            return f"database unavailable: {type(exc).__name__}"
+        return (f"queue depth {depth}, deliveries pending {pending}, "
+                f"model {self.model.display_name}")
+
+    def reload(self) -> None:
+        """SIGHUP: apply what is safe to change live; name what needs a restart."""
+        from cxrd.config import describe, load_config
+
+        try:
+            new = load_config(self.config.source)
+        except Exception as exc:
+            log.error("action=reload-failed error=%s", exc)
+            return
+        old_view, new_view = describe(self.config), describe(new)
+        live = {"destinations", "sender"}
+        changed = sorted(k for k in new_view if new_view[k] != old_view.get(k))
+        node_old, node_new = dict(old_view.get("node", {})), dict(new_view.get("node", {}))
+        if node_old.get("allowed_callers") != node_new.get("allowed_callers"):
+            if self.receiver is not None:
+                self.receiver.set_allowed_callers(new.node.allowed_callers)
+            node_old.pop("allowed_callers", None)
+            node_new.pop("allowed_callers", None)
+        if "destinations" in changed:
+            self.sender.set_destinations(new.destinations)
+            self.destination_names = [d.name for d in new.destinations]
+        restart = [k for k in changed if k not in live and k != "node"]
+        if node_old != node_new:
+            restart.append("node (except allowed_callers)")
+        if "sender" in changed:
+            restart.append("sender")
+        log.info("action=reloaded applied=allowed_callers,destinations restart_needed_for=%s",
+                 ",".join(restart) or "nothing")
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,6 +204,7 @@ class Node:
     def drain(self) -> int:
         """Stop ingesting, let workers finish their current batch, write what is due."""
         log.info("action=drain-start")
+        self.notifier.stopping()
         for proc in self._receivers:
             proc.terminate()  # SIGTERM: they finish their associations in flight
         if self.receiver is not None:
@@ -156,6 +229,9 @@ class Node:
             self.tick()
         except Exception:
             log.exception("action=scheduler-error")
+        self.sender.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         self.db.dispose()
         log.info("action=drain-done")
         return 0
@@ -172,5 +248,9 @@ class Node:
             log.info("action=stop-requested signal=%d", signum)
             self._stop.set()
 
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload.set()  # handled by the scheduler loop, not in the handler
+
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from cxrd.db import Database, Delivery, Instance, Job, Result, Study, utcnow
 from cxrd.domain import JobState, ResultKind, StudyState
+from cxrd.metrics import observe_stages
 from cxrd.modelinfo import ModelInfo
 from cxrd.uids import derived_uid
 
@@ -158,6 +159,7 @@ def finish_study(db: Database, study_uid: str, model: ModelInfo, results_dir: Pa
             study.state = StudyState.REPORTED.value
         study.reported_at = utcnow()
         study.report_seconds = time.perf_counter() - t0
+    observe_stages({"report": time.perf_counter() - t0})
     log.info("action=study-reported study_instance_uid=%s sr_sop_instance_uid=%s images=%d "
              "supersedes=%s model=%s", study_uid, sr_uid if written else None, len(rows),
              previous, model.display_name)

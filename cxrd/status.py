@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
-from cxrd.domain import DeliveryState, JobState
+from cxrd.domain import DeliveryState, JobState, ResultKind
 from cxrd.infer import resolve_model_path
 from cxrd.modelinfo import read_model_info
 
@@ -131,6 +131,30 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 or 0
             ),
             "results": _counts(s, Result.kind),
+            # One current SR per reported study; a reprocess supersedes (never deletes) it.
+            "reports": {
+                "current": int(
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Study)
+                        .where(Study.sr_sop_instance_uid.is_not(None))
+                    )
+                    or 0
+                ),
+                "superseded": int(
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Result)
+                        .where(
+                            Result.kind == ResultKind.SR.value,
+                            Result.sop_instance_uid.in_(
+                                select(Result.supersedes).where(Result.supersedes.is_not(None))
+                            ),
+                        )
+                    )
+                    or 0
+                ),
+            },
             "rejected": _counts(s, Rejection.reason),
             "recent_rejections": rejections,
             "recent_failures": failures,
@@ -173,6 +197,8 @@ def render(doc: dict[str, Any]) -> str:
         f"studies: {fmt(doc['studies'])}",
         f"jobs: {fmt(doc['jobs'])} (queue depth {doc['queue_depth']})",
         f"results: {fmt(doc['results'])}",
+        f"reports: {doc['reports']['current']} current SR, "
+        f"{doc['reports']['superseded']} superseded",
         f"deliveries: {fmt(doc['deliveries']['by_state'])}",
     ]
     for f in doc["recent_failures"]:

@@ -27,8 +27,10 @@ from cxrd.db import Database
 from cxrd.domain import SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.infer import Classifier
-from cxrd.modelinfo import ModelInfo
+from cxrd.metrics import metrics, observe_stages
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo
 from cxrd.preprocess import dataset_to_gray8, decode_pixels, resize_gray8, to_model_input
+from cxrd.report import decide_class
 from cxrd.uids import derived_uid
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,10 @@ class WorkerLoop:
                 continue
             if done:
                 self.processed += 1
+                observe_stages(prep.timings)
+                metrics().images_classified.labels(
+                    CLASS_NAMES[decide_class(probs[i], self.model.operating_point.tb_threshold)]
+                ).inc()
                 log.info("action=classified sop_instance_uid=%s study_instance_uid=%s "
                          "p_tb=%.3f p_ntb=%.3f p_norm=%.3f model=%s",
                          job.sop_instance_uid, job.study_instance_uid, *probs[i].tolist(),

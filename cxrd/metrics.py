@@ -1,0 +1,148 @@
+"""Prometheus metrics at ``[metrics].listen``.
+
+Two sources, so the worker processes' numbers reach the endpoint correctly:
+
+- event counters and stage latency histograms, written by every process through
+  prometheus-client's multiprocess mode (files under ``data_dir/.metrics``, set up by
+  ``enable_multiprocess`` in the main process before any child starts);
+- state gauges (studies and instances by state, queue depth, deliveries pending and dead,
+  the model and its execution providers) read from the database at scrape time, so they
+  are the same numbers ``cxrd status`` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def enable_multiprocess(data_dir: Path) -> Path:
+    """Point prometheus-client at a fresh per-node directory; call before importing the
+    metric objects and before spawning children (they inherit the environment)."""
+    folder = data_dir / ".metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(folder)
+    return folder
+
+
+class _Metrics:
+    """The metric objects, created on first use (after ``enable_multiprocess``)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.instances_received = Counter(
+            "cxrd_instances_received_total",
+            "Instances offered to cxrd, by outcome (stored, duplicate, rejected reason).",
+            ["outcome"])
+        self.images_classified = Counter(
+            "cxrd_images_classified_total", "Images classified, by the class shown.",
+            ["label"])
+        self.stage_seconds = Histogram(
+            "cxrd_stage_seconds",
+            "Time per image (report: per study; send: per object) in each pipeline stage.",
+            ["stage"], buckets=STAGE_BUCKETS)
+        self.deliveries = Counter(
+            "cxrd_deliveries_total", "Delivery attempts, by outcome (done, retry, dead).",
+            ["outcome"])
+
+
+_metrics: _Metrics | None = None
+
+
+def metrics() -> _Metrics:
+    global _metrics  # one set of metric objects per process, created lazily
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+def observe_stages(timings: dict[str, float]) -> None:
+    hist = metrics().stage_seconds
+    for stage, seconds in timings.items():
+        hist.labels(stage).observe(seconds)
+
+
+class DatabaseCollector:
+    """State gauges read from the database at scrape time."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+        from cxrd.db import Delivery, Instance, Job, Study, Worker
+        from cxrd.domain import DeliveryState, JobState
+
+        try:
+            with self.db.session() as s:
+                def by(column: Any) -> list[tuple[str, int]]:
+                    return [(str(k), int(n)) for k, n in
+                            s.execute(select(column, func.count()).group_by(column)).all()]
+
+                studies, instances = by(Study.state), by(Instance.state)
+                skipped = [(k, n) for k, n in by(Instance.reason) if k != "None"]
+                jobs, deliveries = by(Job.state), by(Delivery.state)
+                workers = s.scalars(select(Worker).order_by(Worker.heartbeat_at.desc())
+                                    .limit(16)).all()
+        except Exception as exc:  # the endpoint stays up when the database is not
+            log.warning("action=metrics-db-error error=%s", exc)
+            return
+        for name, doc, rows, label in (
+            ("cxrd_studies", "Studies by state.", studies, "state"),
+            ("cxrd_instances", "Instances by state.", instances, "state"),
+            ("cxrd_instances_skipped", "Instances not classified, by reason.", skipped,
+             "reason"),
+            ("cxrd_jobs", "Jobs by state.", jobs, "state"),
+            ("cxrd_deliveries", "Deliveries by state.", deliveries, "state"),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=[label])
+            for key, n in rows:
+                g.add_metric([key], n)
+            yield g
+        depth = sum(n for k, n in jobs if k in (JobState.PENDING.value, JobState.RUNNING.value))
+        yield GaugeMetricFamily("cxrd_queue_depth", "Jobs pending or running.", value=depth)
+        counts = dict(deliveries)
+        yield GaugeMetricFamily("cxrd_deliveries_pending", "Deliveries waiting to be sent.",
+                                value=counts.get(DeliveryState.PENDING.value, 0))
+        yield GaugeMetricFamily("cxrd_deliveries_dead", "Deliveries given up on.",
+                                value=counts.get(DeliveryState.DEAD.value, 0))
+        info = InfoMetricFamily("cxrd_model", "The model and execution providers in use, "
+                                "per worker.", labels=["worker"])
+        for w in workers:
+            info.add_metric([w.id], {"model": w.model, "device_uid": w.model_device_uid,
+                                     "demo": str(w.demo).lower(), "providers": w.providers})
+        yield info
+
+
+def start_server(listen: str, db: Any) -> Any:
+    """Serve /metrics on ``host:port``; returns the server (``shutdown()`` to stop)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from cxrd.config import parse_listen
+
+    host, port = parse_listen(listen)
+    registry = CollectorRegistry()
+    if os.environ.get(MULTIPROC_ENV):
+        MultiProcessCollector(registry)
+    registry.register(DatabaseCollector(db))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    log.info("action=metrics-start listen=%s", listen)
+    return server

@@ -1,0 +1,232 @@
+"""The sender: a durable outbox of (result object x destination) rows, sent with C-STORE.
+
+Due deliveries for one destination share one association. A transient failure (peer
+down, timeout, out of resources) is retried with exponential backoff, seconds at first and
+capped at ``max_backoff_seconds``, until the delivery is ``max_age_hours`` old; then it is
+dead. A refusal of the object itself (data set does not match, cannot understand) is dead
+at once. An association rejected permanently (wrong AE title, for instance) is reported as
+such and retried only at the maximum backoff, never hammered. Everything is in the
+database, so a restart resumes every pending delivery.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import ssl
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import AE
+from sqlalchemy import select
+
+from cxrd.config import Config, DestinationConfig, TlsConfig
+from cxrd.db import Database, Delivery, Result, utcnow
+from cxrd.domain import DeliveryState
+from cxrd.metrics import metrics, observe_stages
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+POLL_SECONDS = 1.0
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+SR_STORAGES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33",
+               "1.2.840.10008.5.1.4.1.1.88.22")
+TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # explicit, implicit LE
+
+
+@dataclass(frozen=True)
+class Item:
+    delivery_id: int
+    path: str
+    sop_instance_uid: str
+    created_at: dt.datetime
+    attempts: int
+
+
+def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """TLS to a destination: verify it against ``ca``; present our certificate if given."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(tls.ca) if tls.ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # PACS certificates rarely name the host; the CA pins it
+    if tls.certificate and tls.key:
+        context.load_cert_chain(str(tls.certificate), str(tls.key))
+    return context
+
+
+class Sender:
+    """Sends due deliveries; ``run_once`` is one pass, ``start`` runs passes in a thread."""
+
+    def __init__(self, config: Config, db: Database) -> None:
+        self.config = config
+        self.db = db
+        self.destinations = {d.name: d for d in config.destinations}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_destinations(self, destinations: Sequence[DestinationConfig]) -> None:
+        """SIGHUP reload: takes effect at the next pass."""
+        self.destinations = {d.name: d for d in destinations}
+
+    # -- backoff ---------------------------------------------------------------------
+    def backoff(self, attempts: int) -> dt.timedelta:
+        s = self.config.sender
+        seconds = min(s.initial_backoff_seconds * 2 ** max(attempts - 1, 0),
+                      s.max_backoff_seconds)
+        return dt.timedelta(seconds=seconds)
+
+    def _due(self) -> dict[str, list[Item]]:
+        now = utcnow()
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Delivery, Result).join(Result, Delivery.result_id == Result.id)
+                .where(Delivery.state == DeliveryState.PENDING.value,
+                       Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id).limit(BATCH)).all()
+        due: dict[str, list[Item]] = defaultdict(list)
+        for d, r in rows:
+            due[d.destination].append(Item(d.id, r.path, r.sop_instance_uid, d.created_at,
+                                           d.attempts))
+        return due
+
+    def run_once(self) -> int:
+        """Send what is due; returns the number of deliveries attempted."""
+        attempted = 0
+        for name, items in self._due().items():
+            if self._stop.is_set():
+                break
+            dest = self.destinations.get(name)
+            if dest is None:
+                self._fail(items, f"destination {name!r} is no longer configured",
+                           permanent=False, backoff_max=True)
+                continue
+            attempted += len(items)
+            self._send(dest, items)
+        return attempted
+
+    def _send(self, dest: DestinationConfig, items: list[Item]) -> None:
+        ae = AE(ae_title=self.config.sender.calling_ae)
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 120
+        ae.network_timeout = 60
+        for sop_class in (*SR_STORAGES, SC_STORAGE):
+            ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+        kwargs: dict[str, Any] = {"ae_title": dest.ae_title,
+                                  "max_pdu": self.config.node.max_pdu}
+        if dest.tls is not None:
+            kwargs["tls_args"] = (client_ssl_context(dest.tls), None)
+        try:
+            assoc = ae.associate(dest.host, dest.port, **kwargs)
+        except Exception as exc:  # TLS and socket errors surface here
+            self._fail(items, f"cannot connect: {type(exc).__name__}: {exc}")
+            return
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            result = getattr(rj, "result", None)
+            text = (f"association rejected (result {result}, source "
+                    f"{getattr(rj, 'result_source', None)}, reason "
+                    f"{getattr(rj, 'diagnostic', None)})")
+            if result == 0x01:
+                self._fail(items, "PERMANENT: " + text + "; check the destination's AE "
+                           "configuration for this node", backoff_max=True)
+            else:
+                self._fail(items, text)
+            return
+        if not assoc.is_established:
+            self._fail(items, "association not established (peer unreachable or aborted)")
+            return
+        try:
+            for i, item in enumerate(items):
+                if self._stop.is_set() or not assoc.is_established:
+                    if not assoc.is_established:
+                        self._fail(items[i:], "association lost")
+                    return
+                t0 = time.perf_counter()
+                try:
+                    status = assoc.send_c_store(item.path)
+                except Exception as exc:
+                    self._fail([item], f"send failed: {type(exc).__name__}: {exc}")
+                    continue
+                observe_stages({"send": time.perf_counter() - t0})
+                code = int(getattr(status, "Status", -1)) if status else -1
+                if code in (0x0000, 0xB000, 0xB007, 0xB006):  # success or warning
+                    self._done(item, dest.name)
+                elif code == -1:
+                    self._fail([item], "no response to C-STORE (timeout or abort)")
+                elif 0xA700 <= code <= 0xA7FF:
+                    self._fail([item], f"destination out of resources (0x{code:04X})")
+                else:
+                    comment = getattr(status, "ErrorComment", "")
+                    self._fail([item], f"refused by destination: status 0x{code:04X} "
+                                       f"{comment}".strip(), permanent=True)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _done(self, item: Item, destination: str) -> None:
+        with self.db.session() as s:
+            row = s.get(Delivery, item.delivery_id)
+            if row is not None:
+                row.state = DeliveryState.DONE.value
+                row.attempts += 1
+                row.done_at = utcnow()
+                row.last_error = None
+        metrics().deliveries.labels("done").inc()
+        log.info("action=delivered sop_instance_uid=%s destination=%s attempts=%d",
+                 item.sop_instance_uid, destination, item.attempts + 1)
+
+    def _fail(self, items: Sequence[Item], error: str, *, permanent: bool = False,
+              backoff_max: bool = False) -> None:
+        now = utcnow()
+        max_age = dt.timedelta(hours=self.config.sender.max_age_hours)
+        with self.db.session() as s:
+            for item in items:
+                row = s.get(Delivery, item.delivery_id)
+                if row is None:
+                    continue
+                row.attempts += 1
+                row.last_error = error[:2000]
+                wait = (dt.timedelta(seconds=self.config.sender.max_backoff_seconds)
+                        if backoff_max else self.backoff(row.attempts))
+                if permanent or now + wait - row.created_at > max_age:
+                    row.state = DeliveryState.DEAD.value
+                    metrics().deliveries.labels("dead").inc()
+                    log.error("action=delivery-dead delivery_id=%d sop_instance_uid=%s "
+                              "destination=%s attempts=%d error=%s", row.id,
+                              item.sop_instance_uid, row.destination, row.attempts, error)
+                else:
+                    row.next_attempt_at = now + wait
+                    metrics().deliveries.labels("retry").inc()
+                    log.warning("action=delivery-retry delivery_id=%d sop_instance_uid=%s "
+                                "destination=%s attempts=%d retry_in_s=%.0f error=%s", row.id,
+                                item.sop_instance_uid, row.destination, row.attempts,
+                                wait.total_seconds(), error)
+
+    # -- thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.destinations:
+            return
+        self._thread = threading.Thread(target=self._run, name="cxrd-send", daemon=True)
+        self._thread.start()
+        log.info("action=send-start destinations=%s", ",".join(self.destinations))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sent = self.run_once()
+            except Exception:
+                log.exception("action=send-error")
+                sent = 0
+            if not sent:
+                self._stop.wait(POLL_SECONDS)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the object in flight, release the association; the rest stays queued."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
