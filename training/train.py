@@ -18,6 +18,8 @@ from training.data import ImageSet
 
 log = logging.getLogger(__name__)
 
+RECALIBRATION_STEPS = 20
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -64,6 +66,39 @@ def _augmenter(cfg: TrainConfig) -> Any:
     if cfg.hflip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=cfg.seed + 4))
     return keras.Sequential(layers, name="augment")
+
+
+def recalibrate_batch_norm(model: Any, dataset: Any, steps: int) -> None:
+    """Re-estimate every batch-norm layer's moving statistics under the current weights.
+
+    Weights change faster than the moving averages follow in a short run from scratch, so
+    inference-mode outputs (validation, export) would lag training. Forward passes in
+    training mode with a short momentum bring the statistics to the data's; no weight is
+    updated (there is no optimizer step).
+    """
+    import keras
+
+    layers = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    saved = [la.momentum for la in layers]
+    for la in layers:
+        la.momentum = 0.8
+    for images, _ in dataset.take(steps):
+        model(images, training=True)
+    for la, momentum in zip(layers, saved, strict=True):
+        la.momentum = momentum
+    log.info("recalibrated %d batch-norm layers on %d batches", len(layers), steps)
+
+
+def _recalibration_callback(dataset: Any, steps: int) -> Any:
+    import keras
+
+    class BatchNormRecalibration(keras.callbacks.Callback):
+        """Before each validation pass (and so before each checkpoint)."""
+
+        def on_test_begin(self, logs: Any = None) -> None:
+            recalibrate_batch_norm(self.model, dataset, steps)
+
+    return BatchNormRecalibration()
 
 
 def make_dataset(data: ImageSet, cfg: TrainConfig, *, training: bool) -> Any:
@@ -126,7 +161,9 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
         )
     )
     checkpoint = out_dir / "checkpoint.weights.h5"
+    calibration = make_dataset(train_set, cfg, training=False).shuffle(64, seed=cfg.seed)
     callbacks = [
+        _recalibration_callback(calibration.repeat(), RECALIBRATION_STEPS),
         keras.callbacks.ModelCheckpoint(
             str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
         ),
