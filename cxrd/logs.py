@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+import pydicom.config
+
 from cxrd.config import Config, LogFormat
 
 _FIELD = re.compile(r"(\w+)=(\S+)")
@@ -55,3 +57,8 @@ def setup_logging(config: Config | None = None, *, level: str | None = None) -> 
     # pynetdicom logs every PDU at INFO, with patient attributes at DEBUG; keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # pydicom checks values as it reads them and warns quoting the value itself (a birth
+    # date written "1901-12-31", an over-long name), to the log and to stderr: patient
+    # data. The values are kept as read either way; cxrd checks what it uses where it
+    # uses it.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -74,6 +74,9 @@ class Node:
         # what this node's earlier processes were writing when they died
         remove_stale_temp_files(cfg.results.results_dir)
         remove_stale_temp_files(cfg.storage.spool_dir, recursive=True)
+        from cxrd.report import warm_up
+
+        warm_up(self.model)  # the first SR would otherwise pay highdicom's start-up
         log.info("action=node-start ae_title=%s data_dir=%s schema=%d model=%s device_uid=%s "
                  "demo=%s", cfg.node.ae_title, cfg.storage.data_dir, version,
                  self.model.display_name, self.model.device_uid, self.model.demo)

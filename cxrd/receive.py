@@ -8,12 +8,14 @@ never runs here.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import socketserver
 import ssl
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -54,6 +56,10 @@ REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
 
+#: A caller gets this long to finish the TLS handshake (in its own thread, never in the
+#: accept loop, where one silent client would block every other caller).
+TLS_HANDSHAKE_SECONDS = 30.0
+
 #: Every transfer syntax that pydicom + the pylibjpeg plugins decode (dicom-output.md §5).
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
@@ -87,7 +93,59 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-class _ReusePortServer(ThreadedAssociationServer):
+def _peer_address(assoc: Any) -> str:
+    """The caller's IP address; an IPv4-mapped IPv6 address (a dual-stack listener on
+    "::") as plain IPv4, so that "AE@10.1.2.3" entries match it."""
+    address = str(assoc.requestor.address)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return address
+
+
+def _tls_handshake(sock: ssl.SSLSocket, address: Any) -> bool:
+    """Complete the server side of the TLS handshake (bounded); False, logged, if it fails."""
+    host = address[0] if isinstance(address, tuple) else str(address)
+    try:
+        sock.settimeout(TLS_HANDSHAKE_SECONDS)
+        sock.do_handshake()
+        sock.settimeout(None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        log.warning("action=tls-handshake-failed address=%s reason=%s", host, reason)
+        return False
+    return True
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved out of the accept loop.
+
+    pynetdicom wraps each accepted socket with ``do_handshake_on_connect`` in
+    ``get_request``, which runs in the thread that accepts connections, on a blocking
+    socket: a caller that connects and sends nothing (a port scanner, a plain-TCP client
+    waiting for the server to speak) would stop every other association. Here the
+    handshake runs in the association's own thread, with a time limit.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not _tls_handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+class _ReusePortServer(_AssociationServer):
     """Several receiver processes can share the port (SO_REUSEPORT); the kernel spreads
     incoming connections across them, which gets around the interpreter lock."""
 
@@ -105,7 +163,7 @@ class Receiver:
         self.config = config
         self.ingestor = ingestor
         self.reuse_port = reuse_port
-        self.allowed_callers = config.node.allowed_callers
+        self._node = config.node  # its allow-list is replaced on reload
         self._lock = threading.Lock()
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.maximum_pdu_size = config.node.max_pdu
@@ -118,43 +176,64 @@ class Receiver:
         self.server: ThreadedAssociationServer | None = None
         self.stored = 0
 
+    @property
+    def allowed_callers(self) -> tuple[str, ...]:
+        with self._lock:
+            return self._node.allowed_callers
+
     def set_allowed_callers(self, callers: tuple[str, ...]) -> None:
         """Replace the allow-list (SIGHUP reload); applies to the next association."""
         with self._lock:
-            self.allowed_callers = callers
+            self._node = replace(self._node, allowed_callers=tuple(callers))
 
     def is_allowed(self, calling_ae: str, address: str) -> bool:
+        """The allow-list check of ``node.allowed_callers`` (the config's own rule)."""
         with self._lock:
-            callers = self.allowed_callers
-        if not callers:
-            return True
-        for entry in callers:
-            ae_title, _, host = entry.partition("@")
-            if ae_title.strip() == calling_ae and (not host or host == address):
-                return True
-        return False
+            node = self._node
+        return node.is_caller_allowed(calling_ae, address)
+
+    def _refusal_reason(self, calling_ae: str) -> str:
+        known = any(entry.rpartition("@")[0].strip() == calling_ae
+                    for entry in self.allowed_callers if "@" in entry)
+        return ("calling AE title known but not from this host" if known
+                else "calling AE title not in node.allowed_callers")
 
     # -- handlers (never raise) ------------------------------------------------------
     def on_requested(self, event: Any) -> None:
+        """The allow-list: refuse (A-ASSOCIATE-RJ, permanent, calling AE not recognised)
+        before any negotiation. Fails closed: a caller that cannot be checked is refused."""
         assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
-        address = str(assoc.requestor.address)
-        if self.is_allowed(calling, address):
-            return
-        known_ae = any(e.partition("@")[0].strip() == calling for e in self.allowed_callers)
-        reason = "calling AE title known but not from this host" if known_ae else (
-            "calling AE title not in node.allowed_callers")
+        calling = address = ""
+        try:
+            # At EVT_REQUESTED pynetdicom has not yet copied the calling AE title to
+            # assoc.requestor (that happens during negotiation): read the request itself.
+            calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+            address = _peer_address(assoc)
+            if self.is_allowed(calling, address):
+                return
+            reason = self._refusal_reason(calling)
+        except Exception as exc:
+            reason = f"allow-list check failed: {type(exc).__name__}"
         log.warning("action=association-rejected calling_ae=%s address=%s reason=%s",
                     calling, address, reason)
-        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER,
-                               REASON_CALLING_AE_NOT_RECOGNISED)
+        try:
+            assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER,
+                                   REASON_CALLING_AE_NOT_RECOGNISED)
+            # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (as
+            # pynetdicom does for its own refusals): returning at once would close the
+            # socket first, and the caller would see an abort instead of the reason.
+            assoc.kill()
+        except Exception:
+            log.exception("action=association-reject-error calling_ae=%s address=%s",
+                          calling, address)
+            assoc.abort()
 
     def on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
-    def on_store(self, event: Any) -> int | tuple[int, Dataset]:
+    def on_store(self, event: Any) -> int | Dataset:
         assoc = event.assoc
-        source = f"dicom:{str(assoc.requestor.ae_title).strip()}@{assoc.requestor.address}"
+        source = f"dicom:{str(assoc.requestor.ae_title).strip()}@{_peer_address(assoc)}"
         try:
             data = event.encoded_dataset(include_meta=True)
             outcome = self.ingestor.store(
@@ -162,18 +241,25 @@ class Receiver:
                 expected_sop_class=str(event.context.abstract_syntax))
         except Exception as exc:  # the handler must answer, whatever happened
             log.exception("action=store-error source=%s", source)
-            return self._status(STATUS_OUT_OF_RESOURCES, f"internal error: {exc}")
+            return self._status(STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
         if outcome.accepted:
-            self.stored += 1
+            with self._lock:  # one thread per association
+                self.stored += 1
             return STATUS_SUCCESS
         return self._status(status_for(outcome.reason), f"{outcome.reason}: {outcome.detail}")
 
     @staticmethod
-    def _status(code: int, comment: str) -> tuple[int, Dataset]:
+    def _status(code: int, comment: str) -> Dataset:
+        """A status data set with an Error Comment (LO: 64 characters, no backslash).
+
+        pynetdicom takes an int or such a data set from a handler; anything else (a tuple,
+        say) is answered 0xC002 whatever the code in it was.
+        """
         status = Dataset()
         status.Status = code
-        status.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
-        return code, status
+        text = comment.encode("ascii", "replace").decode().replace("\\", "/")
+        status.ErrorComment = text[:64].strip()
+        return status
 
     # -- lifecycle ---------------------------------------------------------------------
     def handlers(self) -> list[Any]:
@@ -183,7 +269,7 @@ class Receiver:
     def start(self) -> None:
         node = self.config.node
         context = server_ssl_context(node.tls) if node.tls else None
-        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
+        server_class = _ReusePortServer if self.reuse_port else _AssociationServer
         self.server = self.ae.make_server((node.host, node.port), ssl_context=context,
                                           evt_handlers=self.handlers(),
                                           server_class=server_class)

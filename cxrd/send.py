@@ -33,10 +33,29 @@ log = logging.getLogger(__name__)
 
 BATCH = 100
 POLL_SECONDS = 1.0
+#: A destination that does not answer the TCP handshake (host off, packets dropped) would
+#: otherwise hold the sender for the kernel's connect timeout, about two minutes.
+CONNECT_TIMEOUT_SECONDS = 10.0
+#: Doubling stops here: 2**60 initial backoffs exceed any cap, and a larger power would
+#: overflow the float (a long outage under a small cap reaches thousands of attempts).
+MAX_DOUBLINGS = 60
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SR_STORAGES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33",
                "1.2.840.10008.5.1.4.1.1.88.22")
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # explicit, implicit LE
+
+# C-STORE response statuses (PS3.4 Annex B.2.3)
+STATUS_SUCCESS = 0x0000
+STATUS_WARNING_COERCION = 0xB000
+STATUS_WARNING_ELEMENTS_DISCARDED = 0xB006
+STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+STORED = (STATUS_SUCCESS, STATUS_WARNING_COERCION, STATUS_WARNING_ELEMENTS_DISCARDED,
+          STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS)
+#: 0xA7xx: out of resources; the object itself is fine, so it is retried.
+OUT_OF_RESOURCES = range(0xA700, 0xA800)
+NO_RESPONSE = -1
+# A-ASSOCIATE-RJ result: rejected-permanent (0x02 is rejected-transient)
+REJECTED_PERMANENT = 0x01
 
 
 @dataclass(frozen=True)
@@ -75,9 +94,10 @@ class Sender:
 
     # -- backoff ---------------------------------------------------------------------
     def backoff(self, attempts: int) -> dt.timedelta:
+        """The wait after the ``attempts``-th failure: initial, doubling, capped."""
         s = self.config.sender
-        seconds = min(s.initial_backoff_seconds * 2 ** max(attempts - 1, 0),
-                      s.max_backoff_seconds)
+        doublings = min(max(attempts - 1, 0), MAX_DOUBLINGS)
+        seconds = min(s.initial_backoff_seconds * 2.0 ** doublings, s.max_backoff_seconds)
         return dt.timedelta(seconds=seconds)
 
     def _due(self) -> dict[str, list[Item]]:
@@ -111,6 +131,7 @@ class Sender:
 
     def _send(self, dest: DestinationConfig, items: list[Item]) -> None:
         ae = AE(ae_title=self.config.sender.calling_ae)
+        ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
         ae.acse_timeout = 30
         ae.dimse_timeout = 120
         ae.network_timeout = 60
@@ -131,7 +152,7 @@ class Sender:
             text = (f"association rejected (result {result}, source "
                     f"{getattr(rj, 'result_source', None)}, reason "
                     f"{getattr(rj, 'diagnostic', None)})")
-            if result == 0x01:
+            if result == REJECTED_PERMANENT:
                 self._fail(items, "PERMANENT: " + text + "; check the destination's AE "
                            "configuration for this node", backoff_max=True)
             else:
@@ -153,12 +174,12 @@ class Sender:
                     self._fail([item], f"send failed: {type(exc).__name__}: {exc}")
                     continue
                 observe_stages({"send": time.perf_counter() - t0})
-                code = int(getattr(status, "Status", -1)) if status else -1
-                if code in (0x0000, 0xB000, 0xB007, 0xB006):  # success or warning
+                code = int(getattr(status, "Status", NO_RESPONSE)) if status else NO_RESPONSE
+                if code in STORED:  # success or warning
                     self._done(item, dest.name)
-                elif code == -1:
+                elif code == NO_RESPONSE:
                     self._fail([item], "no response to C-STORE (timeout or abort)")
-                elif 0xA700 <= code <= 0xA7FF:
+                elif code in OUT_OF_RESOURCES:
                     self._fail([item], f"destination out of resources (0x{code:04X})")
                 else:
                     comment = getattr(status, "ErrorComment", "")

@@ -118,6 +118,9 @@ class WorkerLoop:
                 "CUDAExecutionProvider" not in self.classifier.providers):
             log.warning("action=provider-fallback worker=%s wanted=CUDAExecutionProvider "
                         "in_use=%s", worker_id, ",".join(self.classifier.providers))
+        from cxrd.report import warm_up
+
+        warm_up(self.model)  # highdicom's first use costs ~0.5 s: not on the first image
         queue.heartbeat(self.db, worker_id, model=self.model.display_name,
                         device_uid=self.model.device_uid, demo=self.model.demo,
                         providers=self.classifier.providers)

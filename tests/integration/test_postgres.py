@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,7 +128,9 @@ def test_retry_and_release_on_postgres(pgdb: Database):
     assert job.not_before > utcnow() + dt.timedelta(seconds=50)
     with pgdb.session() as s:
         s.get(Job, job_id).not_before = utcnow() - dt.timedelta(seconds=1)
-    queue.claim(pgdb, "host_1:10:w0", 1, 300, 3)
+    child = subprocess.Popen(["true"])
+    child.wait()  # a dead owner: its lease is released
+    queue.claim(pgdb, f"host_1:{child.pid}:w0", 1, 300, 3)
     assert queue.release_dead_leases(pgdb, "hostX1:") == 0
     assert queue.release_dead_leases(pgdb, "host_1:") == 1
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -158,10 +160,11 @@ def test_skip_is_permanent(memdb):
 
 def test_release_dead_leases_returns_only_this_hosts_jobs(memdb):
     ids = make_jobs(memdb, studies=1, per_study=4)
-    claim(memdb, "node_a:101:w0", batch=1)
-    claim(memdb, "node_a:102:w1", batch=1)
-    claim(memdb, "nodeXa:103:w0", batch=1)  # "_" must not act as a LIKE wildcard
-    claim(memdb, "other:104:w0", batch=1)
+    dead = _dead_pid()
+    claim(memdb, f"node_a:{dead}:w0", batch=1)
+    claim(memdb, f"node_a:{dead}:w1", batch=1)
+    claim(memdb, f"nodeXa:{dead}:w0", batch=1)  # "_" must not act as a LIKE wildcard
+    claim(memdb, f"other:{dead}:w0", batch=1)
     assert queue.release_dead_leases(memdb, "node_a:") == 2
     states = {i: get_job(memdb, i) for i in ids}
     assert [states[i].state for i in ids] == [JobState.PENDING.value] * 2 + [
@@ -172,12 +175,29 @@ def test_release_dead_leases_returns_only_this_hosts_jobs(memdb):
     assert sorted(j.job_id for j in claim(memdb, "node_a:200:w0")) == ids[:2]
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (lease owners are host:pid:wN)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def test_released_job_at_max_attempts_fails_on_next_claim(memdb):
     (job_id,) = make_jobs(memdb, studies=1, per_study=1)
-    claim(memdb, "h:1:w0", max_attempts=1)
+    claim(memdb, f"h:{_dead_pid()}:w0", max_attempts=1)
     queue.release_dead_leases(memdb, "h:")
     assert claim(memdb, "h:2:w0", max_attempts=1) == []
     assert get_job(memdb, job_id).state == JobState.FAILED.value
+
+
+def test_leases_of_live_processes_are_not_released(memdb):
+    """Another node on the same host keeps its jobs; only dead owners' leases return."""
+    (live_job, dead_job) = make_jobs(memdb, studies=1, per_study=2)
+    claim(memdb, f"h:{os.getpid()}:w0", batch=1)
+    claim(memdb, f"h:{_dead_pid()}:w0", batch=1)
+    assert queue.release_dead_leases(memdb, "h:") == 1
+    assert get_job(memdb, live_job).state == JobState.RUNNING.value
+    assert get_job(memdb, dead_job).state == JobState.PENDING.value
 
 
 def test_heartbeat_upserts_the_worker_row(memdb):
