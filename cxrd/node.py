@@ -208,6 +208,11 @@ class Node:
         """Stop ingesting, let workers finish their current batch, write what is due."""
         log.info("action=drain-start")
         self.notifier.stopping()
+        # Workers first: they finish the batch in hand and claim no other while the
+        # receivers finish their associations (which can take a while).
+        for proc in self._workers.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: finish the current batch, then exit
         for proc in self._receivers:
             proc.terminate()  # SIGTERM: they finish their associations in flight
         if self.receiver is not None:
@@ -216,9 +221,6 @@ class Node:
             proc.join(35)
         if self.watcher is not None:
             self.watcher.stop()
-        for proc in self._workers.values():
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: finish the current batch, then exit
         deadline = time.monotonic() + DRAIN_SECONDS
         for proc in self._workers.values():
             proc.join(max(0.0, deadline - time.monotonic()))

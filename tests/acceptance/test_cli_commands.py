@@ -1,0 +1,143 @@
+"""The other subcommands as an operator runs them: predict, status, reprocess, check-config."""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+from nodehelpers import (
+    DONE_TIMEOUT,
+    check_outcome,
+    frontal_set,
+    run_cli,
+    settled,
+    sr_predecessors,
+    sr_probabilities,
+    sr_references,
+    status_json,
+    wait_until,
+    write_config,
+)
+from sqlalchemy import select
+
+from cxrd.db import Study
+from cxrd.modelinfo import CLASS_NAMES
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+STATUS_KEYS = ("instances", "studies", "jobs", "skipped", "rejected", "deliveries", "model",
+               "workers", "healthy", "queue_depth")
+
+
+def test_predict_prints_classes_and_writes_one_sc_per_file_and_one_sr(tmp_path):
+    inputs = frontal_set(tmp_path / "in", n_studies=1, per_study=2, seed=7)
+    dirs = write_config(tmp_path)
+    out = tmp_path / "out"
+    paths = [str(inputs.folder / f.path) for f in inputs.files]
+    done = run_cli("predict", *paths, "--out", str(out), "--config", str(dirs.config),
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    printed: dict[str, dict[str, float]] = {}
+    for path, f in zip(paths, inputs.files, strict=True):
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith(f"{path}:")]
+        assert len(lines) == 1, done.stdout
+        words = lines[0][len(path) + 1:].split()
+        # "TB 0.331  NTB 0.333  NORM 0.336  -> NORM [(TB at threshold ...)]"
+        assert words[0:6:2] == list(CLASS_NAMES), lines[0]
+        assert words[6] == "->" and words[7] in CLASS_NAMES, lines[0]
+        printed[f.sop_instance_uid] = {c: float(v) for c, v in zip(CLASS_NAMES, words[1:6:2],
+                                                                    strict=True)}
+
+    written = sorted(out.iterdir())
+    assert not [p for p in written if p.name.startswith(".") or p.suffix != ".dcm"], written
+    headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in written}
+    srs = [p for p, ds in headers.items() if ds.Modality == "SR"]
+    scs = [p for p, ds in headers.items() if ds.SOPClassUID == SECONDARY_CAPTURE]
+    assert len(srs) == 1 and len(scs) == 2 and len(written) == 3, written
+    sources = sorted(str(headers[p].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                     for p in scs)
+    assert sources == sorted(printed)
+    study_uid, refs = sr_references(srs[0])
+    assert study_uid == inputs.files[0].study_instance_uid
+    assert refs == set(printed)
+    in_sr = sr_probabilities(srs[0])
+    assert in_sr.keys() == printed.keys()
+    for uid, probs in printed.items():  # printed with 3 decimals
+        assert all(abs(in_sr[uid][c] - probs[c]) <= 0.0005 for c in CLASS_NAMES)
+
+
+def test_status_then_reprocess_supersedes_the_sr(tmp_path, nodes, db_of):
+    inputs = frontal_set(tmp_path / "in", n_studies=1, per_study=2, seed=11)
+    dirs = write_config(tmp_path)
+    db = db_of(dirs)
+    node = nodes.start(dirs)
+    inputs.drop(dirs.incoming)
+    wait_until(lambda: settled(dirs, db), DONE_TIMEOUT, "the study to be reported")
+
+    doc = status_json(dirs)
+    assert set(STATUS_KEYS) <= doc.keys()
+    assert doc["healthy"] is True and doc["queue_depth"] == 0
+    assert doc["instances"] == {"done": 2} and doc["studies"] == {"reported": 1}
+    assert doc["model"]["providers_configured"] == ["CPUExecutionProvider"]
+    alive = [w for w in doc["workers"] if w["alive"]]
+    assert len(alive) == 1
+    assert alive[0]["providers"] == ["CPUExecutionProvider"]
+    assert alive[0]["model"] == doc["model"]["display_name"]
+    assert alive[0]["device_uid"] == doc["model"]["device_uid"]
+    assert doc["reports"] == {"current": 1, "superseded": 0}
+
+    study_uid = inputs.files[0].study_instance_uid
+    with db.session() as s:
+        first_sr = s.scalars(select(Study.sr_sop_instance_uid)).one()
+    assert first_sr
+
+    done = run_cli("reprocess", "--since", "2000-01-01", "--config", str(dirs.config))
+    assert done.returncode == 0, done.stderr
+    assert "queued 2 images in 1 studies" in done.stdout
+
+    def new_sr() -> str | None:
+        with db.session() as s:
+            uid = s.scalars(select(Study.sr_sop_instance_uid)).one()
+        return uid if uid != first_sr and settled(dirs, db) else None
+
+    second_sr = wait_until(new_sr, DONE_TIMEOUT, "the reprocessed study's new SR")
+    assert sr_predecessors(dirs.results / f"{second_sr}.dcm") == {first_sr}
+    # the old SR stays (it was sent; the new one supersedes it), and names its images too
+    assert sr_references(dirs.results / f"{first_sr}.dcm")[1] == {
+        f.sop_instance_uid for f in inputs.files}
+
+    doc = status_json(dirs)
+    assert doc["studies"] == {"reported": 1}
+    assert doc["reports"] == {"current": 1, "superseded": 1}
+    text = run_cli("status", "--config", str(dirs.config))
+    assert text.returncode == 0, text.stderr
+    assert "reports: 1 current SR, 1 superseded" in text.stdout
+    assert node.stop() == 0
+
+    # the current SR names the new generation's results (its probabilities included)
+    outcome = check_outcome(dirs, db, inputs.files)
+    assert outcome["srs"] == 2 and outcome["scs"] == 4  # two generations of each
+    assert outcome["studies"][study_uid].generation == 2
+
+
+@pytest.mark.parametrize("toml, keys", [
+    ('[study]\nstable_seconds = -1\n[workers]\nprocesess = 2\n',
+     ["study.stable_seconds", "workers.procesess"]),
+    ('[model]\nproviders = ["CUDAExecutionProvidr"]\n', ["model.providers"]),
+])
+def test_check_config_names_each_bad_key(tmp_path, toml, keys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml)
+    done = run_cli("check-config", "--config", str(bad))
+    assert done.returncode != 0
+    for key in keys:
+        assert key in done.stderr, done.stderr
+
+
+def test_check_config_accepts_a_good_config(tmp_path):
+    dirs = write_config(tmp_path)
+    done = run_cli("check-config", "--config", str(dirs.config))
+    assert done.returncode == 0, done.stderr
+    described = json.loads(done.stdout)
+    assert described["study"]["stable_seconds"] == 1

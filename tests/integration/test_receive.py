@@ -1,0 +1,494 @@
+"""The DICOM receiver (``cxrd.receive``) in-process on a free port, driven by real peers in
+separate processes: dcmtk's ``echoscu`` and ``storescu`` (plain and over TLS), and a
+pynetdicom SCU that sends files byte for byte (chunked, never re-encoded), so truncated
+and mislabelled data sets really reach the C-STORE handler.
+
+What each test checks is what a sender relies on: Success only for an object that is
+spooled and committed; every refusal a specific status with a reason that is logged and
+recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from dicompeers import (
+    Pki,
+    SentFile,
+    dataset_bytes,
+    echoscu,
+    make_pki,
+    output,
+    phantom_study,
+    start_dcmtk,
+    storescu,
+    storescu_args,
+    storescu_profile,
+)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import encode_file_meta
+from sqlalchemy import func, select
+
+from cxrd.config import Config, validate
+from cxrd.db import Database, Instance, Rejection, Study
+from cxrd.domain import InstanceState, RejectReason
+from cxrd.ingest import CR, DX_PRESENTATION, Ingestor
+from cxrd.receive import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    Receiver,
+)
+
+LOG = "cxrd.receive"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class RunningReceiver:
+    receiver: Receiver
+    config: Config
+    db: Database
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    @property
+    def spool(self) -> Path:
+        return self.config.storage.spool_dir
+
+    def instances(self) -> list[Instance]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Instance).order_by(Instance.id)).all())
+
+    def rejections(self) -> list[Rejection]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Rejection).order_by(Rejection.id)).all())
+
+    def spool_files(self) -> list[Path]:
+        """Every file under the spool, temp files included."""
+        return sorted(p for p in self.spool.rglob("*") if p.is_file()) \
+            if self.spool.exists() else []
+
+
+StartReceiver = Callable[..., RunningReceiver]
+
+
+@pytest.fixture
+def start_receiver(tmp_path: Path) -> Iterator[StartReceiver]:
+    """Start a Receiver on a free loopback port (the kernel picks it: port 0)."""
+    started: list[RunningReceiver] = []
+
+    def start(*, allowed_callers: Sequence[str] = (), tls: dict[str, Any] | None = None,
+              ingestor: Callable[[Database, Config], Ingestor] | None = None
+              ) -> RunningReceiver:
+        data_dir = tmp_path / f"node{len(started)}"
+        node: dict[str, Any] = {"host": "127.0.0.1", "allowed_callers": list(allowed_callers)}
+        if tls is not None:
+            node["tls"] = tls
+        config = validate({"node": node, "storage": {"data_dir": str(data_dir)}})
+        config = replace(config, node=replace(config.node, port=0))
+        data_dir.mkdir()
+        db = Database(config.storage.database_url_resolved)
+        db.migrate()
+        ing = (ingestor(db, config) if ingestor is not None else
+               Ingestor(db, config.storage.spool_dir, config.storage.rejected_dir))
+        receiver = Receiver(config, ing)
+        receiver.start()
+        started.append(RunningReceiver(receiver, config, db))
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.receiver.drain(timeout=5)
+        r.db.dispose()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def twenty(tmp_path_factory: pytest.TempPathFactory) -> list[SentFile]:
+    return phantom_study(tmp_path_factory.mktemp("twenty"), 20, seed=20)
+
+
+def count(db: Database, model: type) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def messages(caplog: pytest.LogCaptureFixture, action: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == LOG and f"action={action} " in r.getMessage() + " "]
+
+
+def send_raw(port: int, path: Path, contexts: Sequence[str], monkeypatch: pytest.MonkeyPatch,
+             *, aet: str = "RAWSCU") -> tuple[int, str]:
+    """C-STORE the file's data set exactly as it is on disk (pynetdicom's chunked mode
+    reads the bytes after the file meta and sends them undecoded, on the context its file
+    meta names); returns (status, error comment)."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title=aet)
+    for sop_class in contexts:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRD")
+    assert assoc.is_established, "the receiver did not accept the association"
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert status, "no C-STORE response"
+    return int(status.Status), str(status.get("ErrorComment", ""))
+
+
+# -------------------------------------------------------------------------- echo, store
+
+
+def test_echoscu_succeeds(start_receiver: StartReceiver) -> None:
+    node = start_receiver()
+    done = echoscu(node.port)
+    assert done.returncode == 0, output(done)
+    assert "Received Echo Response (Success)" in done.stderr
+
+
+def test_twenty_files_on_one_association_are_recorded_byte_for_byte(
+        start_receiver: StartReceiver, twenty: list[SentFile]) -> None:
+    node = start_receiver()
+    done = storescu(node.port, [f.path for f in twenty])
+    assert done.returncode == 0, output(done)
+    assert done.stderr.count("Requesting Association") == 1, output(done)
+    assert done.stderr.count("Received Store Response (Success)") == 20, output(done)
+
+    by_uid = {i.sop_instance_uid: i for i in node.instances()}
+    assert set(by_uid) == {f.sop_instance_uid for f in twenty}
+    for f in twenty:
+        inst = by_uid[f.sop_instance_uid]
+        assert inst.state == InstanceState.RECEIVED.value
+        assert inst.source == "dicom:STORESCU@127.0.0.1"
+        assert inst.transfer_syntax_uid == ExplicitVRLittleEndian
+        spooled = Path(inst.path)
+        assert spooled.parent.parent == node.spool
+        # the data set is spooled exactly as sent (the file meta is the receiver's own)
+        assert dataset_bytes(spooled) == dataset_bytes(f.path), f.path.name
+        assert hashlib.sha256(spooled.read_bytes()).hexdigest() == inst.sha256
+    assert count(node.db, Study) == 1
+    assert len(node.spool_files()) == 20, "temp files or strays in the spool"
+    assert not node.rejections()
+
+
+def test_four_storescu_in_parallel_lose_nothing(start_receiver: StartReceiver,
+                                                tmp_path: Path) -> None:
+    node = start_receiver()
+    studies = [phantom_study(tmp_path / f"study{i}", 10, seed=100 + i, size=(160, 128))
+               for i in range(4)]
+    procs = [start_dcmtk("storescu", *storescu_args(node.port, [f.path for f in files],
+                                                    aet=f"MODALITY{i}"))
+             for i, files in enumerate(studies)]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out
+        assert out.count("Received Store Response (Success)") == 10, out
+
+    instances = node.instances()
+    sent = {f.sop_instance_uid: (i, f) for i, files in enumerate(studies) for f in files}
+    assert sorted(i.sop_instance_uid for i in instances) == sorted(sent)
+    for inst in instances:
+        caller, f = sent[inst.sop_instance_uid]
+        assert inst.source == f"dicom:MODALITY{caller}@127.0.0.1"
+        assert inst.study_instance_uid == f.study_instance_uid
+        assert dataset_bytes(Path(inst.path)) == dataset_bytes(f.path)
+    assert count(node.db, Study) == 4
+    assert len(node.spool_files()) == 40
+    assert not node.rejections()
+
+
+def test_duplicate_is_success_and_recorded_once(start_receiver: StartReceiver,
+                                               twenty: list[SentFile],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cxrd")
+    node = start_receiver()
+    for _ in range(2):
+        done = storescu(node.port, [twenty[0].path])
+        assert done.returncode == 0, output(done)
+        assert "Received Store Response (Success)" in done.stderr, output(done)
+    assert [i.sop_instance_uid for i in node.instances()] == [twenty[0].sop_instance_uid]
+    assert len(node.spool_files()) == 1
+    assert not node.rejections()
+    assert any("action=duplicate" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- allow-list
+
+
+def test_unknown_calling_ae_is_rejected_at_association(start_receiver: StartReceiver,
+                                                       twenty: list[SentFile],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOG)
+    node = start_receiver(allowed_callers=["PACS", "MODALITY1@127.0.0.1"])
+    done = echoscu(node.port, aet="STRANGER")
+    assert done.returncode != 0, output(done)
+    # a real A-ASSOCIATE-RJ with its reason, not a dropped connection
+    assert "Association Rejected" in done.stderr, output(done)
+    assert "Calling AE Title Not Recognized" in done.stderr, output(done)
+    assert "Rejected Permanent" in done.stderr, output(done)
+    [line] = messages(caplog, "association-rejected")
+    assert "calling_ae=STRANGER" in line and "address=127.0.0.1" in line
+    assert "reason=calling AE title not in node.allowed_callers" in line
+
+    done = storescu(node.port, [twenty[0].path], aet="STRANGER")
+    assert done.returncode != 0, output(done)
+    assert not node.instances() and not node.spool_files()
+
+
+def test_known_calling_ae_from_another_host_is_rejected(start_receiver: StartReceiver,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOG)
+    node = start_receiver(allowed_callers=["MODALITY1@10.9.9.9"])
+    done = echoscu(node.port, aet="MODALITY1")
+    assert done.returncode != 0, output(done)
+    assert "Calling AE Title Not Recognized" in done.stderr, output(done)
+    [line] = messages(caplog, "association-rejected")
+    assert "calling_ae=MODALITY1" in line and "address=127.0.0.1" in line
+    assert "reason=calling AE title known but not from this host" in line
+
+
+def test_known_calling_aes_are_accepted(start_receiver: StartReceiver, twenty: list[SentFile],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOG)
+    node = start_receiver(allowed_callers=["PACS", "MODALITY1@127.0.0.1", "MODALITY1@10.9.9.9"])
+    for aet in ("PACS", "MODALITY1"):
+        done = echoscu(node.port, aet=aet)
+        assert done.returncode == 0, output(done)
+    done = storescu(node.port, [twenty[0].path], aet="MODALITY1")
+    assert done.returncode == 0, output(done)
+    assert [i.source for i in node.instances()] == ["dicom:MODALITY1@127.0.0.1"]
+    assert not messages(caplog, "association-rejected")
+
+
+def test_allow_list_reload_applies_to_the_next_association(start_receiver: StartReceiver
+                                                           ) -> None:
+    node = start_receiver(allowed_callers=["PACS"])
+    assert echoscu(node.port, aet="NEWCOMER").returncode != 0
+    node.receiver.set_allowed_callers(("PACS", "NEWCOMER@127.0.0.1"))
+    done = echoscu(node.port, aet="NEWCOMER")
+    assert done.returncode == 0, output(done)
+
+
+# ----------------------------------------------------------------------------- statuses
+
+
+def test_truncated_data_set_is_cannot_understand(start_receiver: StartReceiver,
+                                                 twenty: list[SentFile], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_receiver()
+    whole = twenty[1].path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[:-5000])  # the pixel data ends 5000 bytes early
+    status, comment = send_raw(node.port, cut, [CR], monkeypatch)
+    assert status == STATUS_CANNOT_UNDERSTAND, comment
+    assert comment.startswith(RejectReason.TRUNCATED.value)
+    [rejection] = node.rejections()
+    assert rejection.reason == RejectReason.TRUNCATED.value
+    assert rejection.name == twenty[1].sop_instance_uid
+    assert rejection.source == "dicom:RAWSCU@127.0.0.1"
+    assert not node.instances() and not node.spool_files()
+
+    # the whole file, on the same kind of association, is fine
+    status, comment = send_raw(node.port, twenty[1].path, [CR], monkeypatch)
+    assert status == STATUS_SUCCESS, comment
+    assert dataset_bytes(Path(node.instances()[0].path)) == dataset_bytes(twenty[1].path)
+
+
+def test_data_set_of_another_sop_class_is_refused(start_receiver: StartReceiver,
+                                                  twenty: list[SentFile], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_receiver()
+    meta = pydicom.dcmread(twenty[2].path, stop_before_pixels=True).file_meta
+    assert meta.MediaStorageSOPClassUID == CR
+    meta.MediaStorageSOPClassUID = DX_PRESENTATION  # so it is sent on the DX context
+    mislabelled = tmp_path / "cr-as-dx.dcm"
+    mislabelled.write_bytes(b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+                            + dataset_bytes(twenty[2].path))
+
+    status, comment = send_raw(node.port, mislabelled, [DX_PRESENTATION], monkeypatch)
+    assert status == STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, comment
+    [rejection] = node.rejections()
+    assert rejection.reason == RejectReason.SOP_CLASS_MISMATCH.value
+    assert CR in rejection.detail and DX_PRESENTATION in rejection.detail
+    assert not node.instances() and not node.spool_files()
+
+
+def test_database_down_is_out_of_resources_and_nothing_is_acknowledged(
+        start_receiver: StartReceiver, twenty: list[SentFile], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cxrd")
+    broken: list[Database] = []
+
+    def unreachable(db: Database, config: Config) -> Ingestor:
+        # a database that cannot be opened at all (its folder does not exist)
+        broken.append(Database(f"sqlite:///{tmp_path / 'gone' / 'cxrd.sqlite3'}"))
+        return Ingestor(broken[0], config.storage.spool_dir, config.storage.rejected_dir)
+
+    node = start_receiver(ingestor=unreachable)
+    try:
+        status, comment = send_raw(node.port, twenty[3].path, [CR], monkeypatch)
+    finally:
+        broken[0].dispose()
+    assert status == STATUS_OUT_OF_RESOURCES, comment
+    assert not node.spool_files(), "something was spooled although nothing was recorded"
+    assert not node.instances()
+    assert any(r.levelno >= logging.ERROR and r.name.startswith("cxrd")
+               for r in caplog.records), "the failure was not logged"
+
+
+def test_failed_commit_is_out_of_resources_then_a_retry_succeeds(
+        start_receiver: StartReceiver, twenty: list[SentFile],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    node = start_receiver()
+    with node.db.engine.begin() as conn:  # every instance insert fails, as on a full disk
+        conn.exec_driver_sql("CREATE TRIGGER no_room BEFORE INSERT ON instances "
+                             "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    status, comment = send_raw(node.port, twenty[4].path, [CR], monkeypatch)
+    assert status == STATUS_OUT_OF_RESOURCES, comment
+    [rejection] = node.rejections()
+    assert rejection.reason == RejectReason.STORAGE_FAILED.value
+    assert "disk is full" in rejection.detail
+    assert not node.instances()
+    assert not node.spool_files(), "the spool keeps a file nobody recorded (or a temp file)"
+
+    with node.db.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER no_room")
+    status, comment = send_raw(node.port, twenty[4].path, [CR], monkeypatch)
+    assert status == STATUS_SUCCESS, comment
+    assert [i.sop_instance_uid for i in node.instances()] == [twenty[4].sop_instance_uid]
+    assert len(node.spool_files()) == 1
+
+
+# ------------------------------------------------------------------- compressed syntaxes
+
+
+COMPRESSED = {JPEG2000Lossless: "-xv", JPEGLSLossless: "-xt", RLELossless: "-xr"}
+
+
+def test_compressed_syntaxes_are_received_as_sent(start_receiver: StartReceiver,
+                                                  tmp_path: Path) -> None:
+    node = start_receiver()
+    files = phantom_study(tmp_path / "compressed", 3, seed=7, size=(200, 160),
+                          transfer_syntaxes=list(COMPRESSED))
+    for f in files:
+        # -R: propose only what storescu needs, so the compressed syntax is the one chosen
+        done = storescu(node.port, [f.path], options=[COMPRESSED[f.transfer_syntax_uid], "-R"])
+        assert done.returncode == 0, output(done)
+        assert "Received Store Response (Success)" in done.stderr, output(done)
+    by_uid = {i.sop_instance_uid: i for i in node.instances()}
+    for f in files:
+        inst = by_uid[f.sop_instance_uid]
+        assert inst.transfer_syntax_uid == f.transfer_syntax_uid
+        spooled = Path(inst.path)
+        assert dataset_bytes(spooled) == dataset_bytes(f.path)
+        # it decodes (the pylibjpeg plugins) to the same pixels
+        assert (pydicom.dcmread(spooled).pixel_array
+                == pydicom.dcmread(f.path).pixel_array).all()
+
+
+def test_three_compressed_syntaxes_on_one_association(start_receiver: StartReceiver,
+                                                      tmp_path: Path) -> None:
+    node = start_receiver()
+    files = phantom_study(tmp_path / "compressed", 3, seed=8, size=(200, 160), modality="DX",
+                          transfer_syntaxes=list(COMPRESSED))
+    done = storescu(node.port, [f.path for f in files],
+                    options=storescu_profile(tmp_path, list(COMPRESSED)))
+    assert done.returncode == 0, output(done)
+    assert done.stderr.count("Requesting Association") == 1, output(done)
+    assert done.stderr.count("Received Store Response (Success)") == 3, output(done)
+    # each sent in its own syntax (nothing decompressed on the way)
+    received = {i.sop_instance_uid: i.transfer_syntax_uid for i in node.instances()}
+    assert received == {f.sop_instance_uid: f.transfer_syntax_uid for f in files}
+
+
+# ---------------------------------------------------------------------------------- TLS
+
+
+def tls_node(start_receiver: StartReceiver, pki: Pki) -> RunningReceiver:
+    return start_receiver(tls={"certificate": str(pki.server_cert), "key": str(pki.server_key),
+                               "ca": str(pki.ca), "require_client_cert": True})
+
+
+def client_tls(pki: Pki, *, rogue: bool = False) -> list[str | Path]:
+    key, cert = (pki.rogue_key, pki.rogue_cert) if rogue else (pki.client_key, pki.client_cert)
+    return ["+tls", key, cert, "+cf", pki.ca]
+
+
+def test_tls_with_a_client_certificate(start_receiver: StartReceiver, pki: Pki,
+                                       twenty: list[SentFile]) -> None:
+    node = tls_node(start_receiver, pki)
+    done = echoscu(node.port, options=client_tls(pki))
+    assert done.returncode == 0, output(done)
+    done = storescu(node.port, [f.path for f in twenty[:3]], options=client_tls(pki))
+    assert done.returncode == 0, output(done)
+    assert done.stderr.count("Received Store Response (Success)") == 3, output(done)
+    assert len(node.instances()) == 3
+
+
+def test_tls_without_a_valid_client_certificate_fails(start_receiver: StartReceiver, pki: Pki,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOG)
+    node = tls_node(start_receiver, pki)
+    anonymous = echoscu(node.port, options=["+tla", "+cf", pki.ca])
+    assert anonymous.returncode != 0, output(anonymous)
+    rogue = echoscu(node.port, options=client_tls(pki, rogue=True))
+    assert rogue.returncode != 0, output(rogue)
+    lines = messages(caplog, "tls-handshake-failed")
+    assert any("reason=PEER_DID_NOT_RETURN_A_CERTIFICATE" in ln for ln in lines), lines
+    assert any("reason=CERTIFICATE_VERIFY_FAILED" in ln for ln in lines), lines
+    # and the node's own certificate is what a caller checks: another CA refuses it
+    wrong_ca = echoscu(node.port, options=["+tls", pki.client_key, pki.client_cert,
+                                           "+cf", pki.rogue_ca])
+    assert wrong_ca.returncode != 0, output(wrong_ca)
+
+
+def test_plain_tcp_to_the_tls_port_fails(start_receiver: StartReceiver, pki: Pki,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOG)
+    node = tls_node(start_receiver, pki)
+    done = echoscu(node.port)
+    assert done.returncode != 0, output(done)
+    assert "Association Accepted" not in done.stderr
+    assert any("address=127.0.0.1" in ln for ln in messages(caplog, "tls-handshake-failed"))
+
+
+def test_a_silent_connection_does_not_block_other_tls_callers(start_receiver: StartReceiver,
+                                                              pki: Pki) -> None:
+    node = tls_node(start_receiver, pki)
+    # connects and never speaks (a port scanner, a plain-TCP client waiting for the server)
+    with socket.create_connection(("127.0.0.1", node.port)) as silent:
+        results: list[int] = []
+        caller = threading.Thread(target=lambda: results.append(
+            echoscu(node.port, options=client_tls(pki)).returncode), daemon=True)
+        caller.start()
+        caller.join(20)
+        assert not caller.is_alive(), "a silent connection blocks every other caller"
+        assert results == [0]
+        silent.close()

@@ -1,0 +1,283 @@
+"""The sender (``cxrd.send``) against real destinations: dcmtk's ``storescp`` on a free
+port, and pynetdicom SCPs where a test needs a precise answer (a permanent association
+rejection, a given C-STORE status). The outbox is a real SQLite file.
+
+Checked: one association per destination and pass, exponential backoff with a cap, the
+dead-letter state after ``max_age_hours``, a permanent rejection reported as such and
+retried only at the maximum backoff, and pending deliveries resumed by a new Sender on the
+same database (a restart).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from dicomfactory import make_dataset, uid, write
+from dicompeers import StoreSCP, free_port, wait_for
+from pynetdicom import AE, evt
+from sqlalchemy import select, update
+
+from cxrd.config import Config, validate
+from cxrd.db import Database, Delivery, Result, utcnow
+from cxrd.domain import DeliveryState, ResultKind
+from cxrd.send import Sender
+
+SC = "1.2.840.10008.5.1.4.1.1.7"
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def sender_config(tmp_path: Path, destinations: Sequence[tuple[str, int]], *,
+                  initial: float = 1.0, maximum: float = 8.0,
+                  max_age_hours: float = 168.0) -> Config:
+    return validate({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "sender": {"initial_backoff_seconds": initial, "max_backoff_seconds": maximum,
+                   "max_age_hours": max_age_hours},
+        "destinations": [{"name": name, "ae_title": "PACS", "host": "127.0.0.1", "port": port}
+                         for name, port in destinations],
+    })
+
+
+def queue_results(db: Database, folder: Path, n: int, destinations: Sequence[str], *,
+                  created_at: dt.datetime | None = None) -> list[str]:
+    """``n`` heatmap-like Secondary Capture files, each queued for every destination, as
+    ``cxrd.results`` queues them; returns their SOP Instance UIDs."""
+    study = uid()
+    uids = []
+    with db.session() as s:
+        for i in range(n):
+            ds = make_dataset("OT", study_uid=study, rows=32, columns=32, seed=i)
+            path = write(folder / f"{ds.SOPInstanceUID}.dcm", ds)
+            row = Result(sop_instance_uid=ds.SOPInstanceUID, study_instance_uid=study,
+                         kind=ResultKind.SC.value, generation=1, path=str(path))
+            s.add(row)
+            s.flush()
+            for name in destinations:
+                delivery = Delivery(result_id=row.id, destination=name)
+                if created_at is not None:
+                    delivery.created_at = delivery.next_attempt_at = created_at
+                s.add(delivery)
+            uids.append(str(ds.SOPInstanceUID))
+    return uids
+
+
+def deliveries(db: Database) -> list[Delivery]:
+    with db.session() as s:
+        return list(s.scalars(select(Delivery).order_by(Delivery.id)).all())
+
+
+def make_due(db: Database) -> None:
+    with db.session() as s:
+        s.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+
+
+def received_uids(scp: StoreSCP) -> list[str]:
+    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                  for p in scp.received())
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    started: list[StoreSCP] = []
+
+    def start(name: str, **kwargs: Any) -> StoreSCP:
+        started.append(StoreSCP(tmp_path / name, **kwargs))
+        return started[-1]
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+class PynetdicomSCP:
+    """A Storage SCP in this process that counts connections and answers each C-STORE
+    with ``status_for(sop_instance_uid)``; ``require_calling_aet`` makes it refuse us."""
+
+    def __init__(self, *, require_calling_aet: Sequence[str] = (),
+                 status_for: Callable[[str], int] = lambda _uid: 0x0000) -> None:
+        self.connections = 0
+        self.stored: list[str] = []
+        self._lock = threading.Lock()
+        self.status_for = status_for
+        self.ae = AE(ae_title="PACS")
+        self.ae.require_calling_aet = list(require_calling_aet)
+        self.ae.add_supported_context(SC)
+        self.server = self.ae.start_server(
+            ("127.0.0.1", 0), block=False,
+            evt_handlers=[(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_C_STORE, self._on_store)])
+        self.port = int(self.server.server_address[1])
+
+    def _on_open(self, event: Any) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def _on_store(self, event: Any) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            self.stored.append(sop_uid)
+        return self.status_for(sop_uid)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def pynetdicom_scp() -> Iterator[Callable[..., PynetdicomSCP]]:
+    started: list[PynetdicomSCP] = []
+
+    def start(**kwargs: Any) -> PynetdicomSCP:
+        started.append(PynetdicomSCP(**kwargs))
+        return started[-1]
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+# -------------------------------------------------------------------------------- tests
+
+
+def test_objects_for_one_destination_share_one_association(tmp_path: Path, db: Database,
+                                                           storescp: Callable[..., StoreSCP]
+                                                           ) -> None:
+    a, b = storescp("a"), storescp("b")
+    config = sender_config(tmp_path, [("a", a.port), ("b", b.port)])
+    uids = queue_results(db, tmp_path / "results", 5, ["a", "b"])
+    sender = Sender(config, db)
+    assert sender.run_once() == 10
+    for scp in (a, b):
+        assert scp.associations() == 1, scp.log()
+        assert received_uids(scp) == sorted(uids)
+    rows = deliveries(db)
+    assert {r.state for r in rows} == {DeliveryState.DONE.value}
+    assert all(r.attempts == 1 and r.last_error is None and r.done_at for r in rows)
+    assert sender.run_once() == 0  # nothing left to send
+    assert a.associations() == b.associations() == 1
+
+
+def test_backoff_grows_exponentially_and_caps(tmp_path: Path, db: Database) -> None:
+    config = sender_config(tmp_path, [("pacs", free_port())], initial=1, maximum=8)
+    queue_results(db, tmp_path / "results", 1, ["pacs"])
+    sender = Sender(config, db)
+    delays = []
+    for _ in range(6):
+        make_due(db)
+        before = utcnow()
+        assert sender.run_once() == 1
+        took = (utcnow() - before).total_seconds()
+        [row] = deliveries(db)
+        delays.append(((row.next_attempt_at - before).total_seconds(), took))
+        assert row.state == DeliveryState.PENDING.value
+        assert row.last_error and "PERMANENT" not in row.last_error
+        assert sender.run_once() == 0, "retried before its backoff was over"
+    for (delay, took), expected in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert expected <= delay <= expected + took + 0.1, delays
+    assert deliveries(db)[0].attempts == 6
+
+
+def test_delivery_older_than_max_age_becomes_dead(tmp_path: Path, db: Database) -> None:
+    config = sender_config(tmp_path, [("pacs", free_port())], max_age_hours=1)
+    [old] = queue_results(db, tmp_path / "old", 1, ["pacs"],
+                          created_at=utcnow() - dt.timedelta(hours=2))
+    [young] = queue_results(db, tmp_path / "young", 1, ["pacs"])
+    Sender(config, db).run_once()
+    with db.session() as s:
+        state = {r.sop_instance_uid: (d.state, d.last_error) for d, r in s.execute(
+            select(Delivery, Result).join(Result, Delivery.result_id == Result.id))}
+    assert state[old][0] == DeliveryState.DEAD.value
+    assert state[young][0] == DeliveryState.PENDING.value
+    assert state[old][1] and state[young][1]  # both say why
+
+
+def test_permanent_rejection_is_reported_and_not_hammered(
+        tmp_path: Path, db: Database, pynetdicom_scp: Callable[..., PynetdicomSCP]) -> None:
+    scp = pynetdicom_scp(require_calling_aet=["SOMEONE_ELSE"])
+    config = sender_config(tmp_path, [("pacs", scp.port)], initial=0.1, maximum=30)
+    queue_results(db, tmp_path / "results", 3, ["pacs"])
+    sender = Sender(config, db)
+    before = utcnow()
+    assert sender.run_once() == 3
+    assert scp.connections == 1
+    for row in deliveries(db):
+        assert row.state == DeliveryState.PENDING.value
+        assert row.last_error is not None and row.last_error.startswith("PERMANENT"), \
+            row.last_error
+        assert 30 <= (row.next_attempt_at - before).total_seconds() <= 32
+    # the sender's own loop, for a while: no new association attempt at all (a transient
+    # failure with this initial backoff would be retried several times meanwhile)
+    sender.start()
+    time.sleep(2.5)
+    sender.stop()
+    assert scp.connections == 1
+    assert not scp.stored
+
+
+def test_refused_object_is_dead_at_once_out_of_resources_is_retried(
+        tmp_path: Path, db: Database, pynetdicom_scp: Callable[..., PynetdicomSCP]) -> None:
+    refused: list[str] = []
+    full: list[str] = []
+
+    def status_for(sop_uid: str) -> int:
+        if sop_uid in refused:
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+        return STATUS_OUT_OF_RESOURCES if sop_uid in full else 0x0000
+
+    scp = pynetdicom_scp(status_for=status_for)
+    config = sender_config(tmp_path, [("pacs", scp.port)])
+    uids = queue_results(db, tmp_path / "results", 3, ["pacs"])
+    refused.append(uids[0])
+    full.append(uids[1])
+    Sender(config, db).run_once()
+    assert scp.connections == 1
+    state = {uid: row for uid, row in zip(uids, deliveries(db), strict=True)}
+    assert state[uids[0]].state == DeliveryState.DEAD.value
+    assert "0xA900" in (state[uids[0]].last_error or "")
+    assert state[uids[1]].state == DeliveryState.PENDING.value
+    assert "0xA700" in (state[uids[1]].last_error or "")
+    assert state[uids[2]].state == DeliveryState.DONE.value
+
+
+def test_restart_resumes_pending_deliveries(tmp_path: Path,
+                                            storescp: Callable[..., StoreSCP]) -> None:
+    url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    port = free_port()
+    config = sender_config(tmp_path, [("pacs", port)], initial=0.2, maximum=1)
+    first = Database(url)
+    first.migrate()
+    uids = queue_results(first, tmp_path / "results", 4, ["pacs"])
+    Sender(config, first).run_once()  # the destination is down
+    assert {r.state for r in deliveries(first)} == {DeliveryState.PENDING.value}
+    first.dispose()  # the node stops (or dies)
+
+    scp = storescp("pacs", port=port)  # the destination comes back
+    second = Database(url)
+    try:
+        sender = Sender(config, second)
+        sender.start()
+        try:
+            wait_for(lambda: {r.state for r in deliveries(second)}
+                     == {DeliveryState.DONE.value}, 15, "the pending deliveries to be sent")
+        finally:
+            sender.stop()
+        assert received_uids(scp) == sorted(uids)
+        assert scp.associations() == 1
+    finally:
+        second.dispose()
+
+
+def test_backoff_stays_capped_through_a_long_outage(tmp_path: Path, memdb: Database) -> None:
+    # a week at a one-minute cap is ten thousand attempts: 2**10000 overflows a float
+    sender = Sender(sender_config(tmp_path, [("pacs", 104)], initial=5, maximum=60), memdb)
+    assert [sender.backoff(n).total_seconds() for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
+    assert sender.backoff(10_000) == dt.timedelta(seconds=60)
