@@ -326,11 +326,11 @@ class Ingestor:
             return self.reject(source, sop_uid, RejectReason.UNREADABLE,
                                f"cannot re-encode bare data set: {exc}")
         digest = hashlib.sha256(part10).hexdigest()
-        outcome = self._known(sop_uid, study_uid, digest, source)
-        if outcome is not None:
-            return outcome
         spool = self.spool_dir / study_uid / f"{sop_uid}.dcm"
         try:
+            known = self._known(sop_uid, study_uid, digest, source)
+            if known is not None:
+                return known
             for attempt in range(2):
                 try:
                     outcome = self._spool_and_commit(ds, uids, spool, part10, digest, source)

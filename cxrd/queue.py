@@ -71,6 +71,14 @@ def claim(db: Database, owner: str, batch_size: int, lease_seconds: float,
         return claimed
 
 
+def error_kind(error: str) -> str:
+    """The exception type at the front of an error text. Library messages can quote data
+    element values (patient data), so log lines at INFO and above carry only this; the
+    full text is in the job row (``cxrd status``) and at DEBUG."""
+    head = error.split(":", 1)[0].strip()
+    return head if head.replace(".", "").replace("_", "").isalnum() else "error"
+
+
 def _fail(job: Job, inst: Instance, error: str, now: dt.datetime) -> None:
     job.state = JobState.FAILED.value
     job.error = error[:4000]
@@ -78,8 +86,9 @@ def _fail(job: Job, inst: Instance, error: str, now: dt.datetime) -> None:
     job.lease_owner = None
     inst.state = InstanceState.FAILED.value
     inst.detail = error[:4000]
-    log.error("action=job-failed job_id=%d sop_instance_uid=%s error=%s",
-              job.id, inst.sop_instance_uid, error)
+    log.error("action=job-failed job_id=%d sop_instance_uid=%s error_type=%s", job.id,
+              inst.sop_instance_uid, error_kind(error))
+    log.debug("action=job-failed job_id=%d detail=%s", job.id, error)
 
 
 def _locked_job(s: Session, job_id: int) -> Job | None:
@@ -168,8 +177,10 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
         row.error = error[:4000]
         row.lease_owner = None
         row.not_before = now + dt.timedelta(seconds=delay)
-    log.warning("action=job-retry job_id=%d sop_instance_uid=%s attempt=%d delay_s=%.0f error=%s",
-                job.job_id, job.sop_instance_uid, job.attempts, delay, error)
+    log.debug("action=job-retry job_id=%d detail=%s", job.job_id, error)
+    log.warning("action=job-retry job_id=%d sop_instance_uid=%s attempt=%d delay_s=%.0f "
+                "error_type=%s", job.job_id, job.sop_instance_uid, job.attempts, delay,
+                error_kind(error))
 
 
 def _pid_alive(pid: int) -> bool:
