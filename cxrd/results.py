@@ -87,18 +87,27 @@ def remove_stale_temp_files(folder: Path, *, recursive: bool = False) -> int:
 
 def finish_studies(db: Database, model: ModelInfo, results_dir: Path, *,
                    sr_sop_class: str = "comprehensive3d", structured_report: bool = True,
-                   destinations: Sequence[str] = ()) -> int:
-    """Write the SR of every admitted study whose jobs have all ended; returns how many."""
+                   destinations: Sequence[str] = (), budget_seconds: float = 5.0) -> int:
+    """Write the SR of admitted studies whose jobs have all ended; returns how many.
+
+    Stops after ``budget_seconds`` so the scheduler loop (admission, the systemd watchdog)
+    keeps its pace under a backlog; the rest are written on the next rounds."""
     with db.session() as s:
         open_studies = select(Job.study_instance_uid).where(
             Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value)))
         uids = s.scalars(select(Study.study_instance_uid).where(
             Study.state == StudyState.ADMITTED.value,
-            Study.study_instance_uid.not_in(open_studies)).limit(100)).all()
+            Study.study_instance_uid.not_in(open_studies)
+        ).order_by(Study.stable_at, Study.id).limit(100)).all()
+    deadline = time.monotonic() + budget_seconds
+    done = 0
     for uid in uids:
+        if done and time.monotonic() > deadline:
+            break
         finish_study(db, uid, model, results_dir, sr_sop_class=sr_sop_class,
                      structured_report=structured_report, destinations=destinations)
-    return len(uids)
+        done += 1
+    return done
 
 
 def finish_study(db: Database, study_uid: str, model: ModelInfo, results_dir: Path, *,
