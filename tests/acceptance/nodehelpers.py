@@ -17,10 +17,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pydicom
 import pytest
+from dicompeers import free_port, wait_for
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -63,14 +62,8 @@ T = TypeVar("T")
 def wait_until(condition: Callable[[], T], timeout: float, what: str,
                interval: float = 0.1) -> T:
     """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    value: T = wait_for(condition, timeout, what, interval)
+    return value
 
 
 # ---------------------------------------------------------------------------- processes
@@ -130,13 +123,6 @@ class NodeDirs:
     @property
     def database(self) -> Path:
         return self.data_dir / "cxrd.sqlite3"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the node's DICOM receiver binds it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(root: Path, *, processes: int = 1, batch_size: int = 4,
