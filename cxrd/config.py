@@ -913,6 +913,12 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
     structured_report = t.boolean("structured_report", d.structured_report)
     heatmap = t.boolean("heatmap_secondary_capture", d.heatmap_secondary_capture)
     parametric_map = t.boolean("parametric_map", d.parametric_map)
+    if parametric_map:
+        # The Parametric Map IOD requires a Frame of Reference (patient coordinates), which
+        # projection radiographs (CR/DX) do not have; highdicom refuses to build one too.
+        t.bad("parametric_map", parametric_map,
+              "false: a Parametric Map needs a frame of reference that CR/DX images lack; "
+              "the heatmap Secondary Capture and the SR's region carry the CAM")
     sr_text = t.string("sr_sop_class", d.sr_sop_class.value)
     try:
         sr_sop_class = SrSopClass(sr_text)

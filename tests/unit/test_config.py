@@ -482,3 +482,13 @@ def test_describe_covers_every_section(tmp_path: Path) -> None:
     view = describe(default_config(tmp_path))
     for f in dataclasses.fields(Config):
         assert f.name in view
+
+
+def test_parametric_map_is_refused_with_the_reason() -> None:
+    from cxrd.config import validate
+    from cxrd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate({"results": {"parametric_map": True}})
+    assert any("results.parametric_map" in p and "frame of reference" in p
+               for p in err.value.problems)
