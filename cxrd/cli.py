@@ -72,6 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     print(json.dumps(describe(config), indent=2))
+    if config.node.port < 1024:
+        print(f"note: node.port {config.node.port} is below 1024; under systemd install "
+              "deploy/cxrd.service.d/low-port.conf (CAP_NET_BIND_SERVICE)", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return EXIT_OK
 

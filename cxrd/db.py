@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -190,6 +191,10 @@ def _is_sqlite_memory(url: str) -> bool:
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas durability needs (SQLite) or a plain pool (PostgreSQL)."""
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and not _is_sqlite_memory(url):
+            # `cxrd status` before the first `cxrd serve` finds an empty node, not an error.
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # An in-memory database lives as long as its one connection: every session must
         # share that connection (NullPool would hand each one a new, empty database).
         engine = create_engine(
