@@ -351,6 +351,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     import pydicom
 
     from cxrd.infer import Classifier
+    from cxrd.preprocess import decode_min_side, decode_pixels
     from cxrd.report import ImageResult, build_sr, save_dataset
     from cxrd.uids import derived_uid
     from cxrd.worker import prepare, write_heatmap
@@ -371,6 +372,9 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     build_sr([ImageResult(p.dataset, np.zeros((1, 1), dtype=np.uint8), probs[0], cams[0])],
              clf.info)
     shutil.rmtree(scratch, ignore_errors=True)
+    # The resolution prepare() decodes at (JPEG 2000: reduced, see cxrd.preprocess).
+    min_side = decode_min_side(size)
+    decoded = decode_pixels(pydicom.dcmread(inputs.files[0]), min_side=min_side).shape
     warm_up = time.perf_counter() - t
     stage_values: dict[str, list[float]] = {k: [] for k in STAGES}
     outputs: dict[str, list[tuple[Path, np.ndarray, np.ndarray]]] = {}
@@ -406,6 +410,8 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         "input_size": size,
         "providers": clf.providers,
         "warm_up_s": warm_up,
+        "decoded_shape": [int(n) for n in decoded],
+        "decode_min_side": min_side,
         "stages": {k: summary(v) for k, v in stage_values.items()},
         "sr_per_study": summary(sr_seconds),
         "sr_per_image": summary(sr_per_image),
@@ -534,6 +540,10 @@ def print_stage_only(variant: str, m: dict[str, Any]) -> None:
           f"{m['wall_s']:.2f} s, one process)")
     print(f"  providers     {', '.join(m['providers'])} (input {m['input_size']}px); "
           f"untimed warm-up {m['warm_up_s']:.2f} s")
+    rows, cols = m["decoded_shape"]
+    how = "full" if (rows, cols) == (ROWS, COLS) else "reduced JPEG 2000"
+    print(f"  decoded at    {rows}x{cols} of {ROWS}x{COLS} ({how} decode; min_side "
+          f"{m['decode_min_side']})")
     print_stage_table(m)
 
 

@@ -4,6 +4,8 @@ Serving (``cxrd.infer``) and training (``training.data``) both call this module,
 cannot drift. The steps, in order (the name ``cxrd-gray8-stretch-v1`` in the model's metadata
 refers to exactly these):
 
+0. decoding the stored values: pydicom's ``pixel_array``, or, when the caller passes
+   ``min_side``, a reduced-resolution decode of JPEG 2000 (below);
 1. the Modality LUT (rescale slope/intercept or a Modality LUT Sequence);
 2. the VOI LUT Sequence, or else the first window (LINEAR or SIGMOID), or else a robust
    0.5-99.5 percentile window of the modality values;
@@ -16,17 +18,40 @@ refers to exactly these):
 Steps 1-4 run through a lookup table built over the stored values actually present, so a
 10 MB radiograph is read once and produces one 8-bit array; no float copy of the full image
 is made.
+
+Reduced-resolution decoding (step 0 with ``min_side``). A single-frame grey JPEG 2000
+image (1.2.840.10008.1.2.4.90 and .91) is decoded by Pillow's OpenJPEG at the largest
+``reduce`` level ``r`` whose image, ``ceil(rows / 2**r)`` by ``ceil(cols / 2**r)``, still
+has a long side of at least ``min_side``: the wavelet's own low-pass image, about 4x cheaper
+per level. The values keep pydicom's ``pixel_array`` semantics (dtype, signedness,
+precision; at ``r = 0`` they equal ``pixel_array`` bit for bit). Steps 1-4 are pointwise, so
+the effect is the resampling alone, plus the percentile window of step 2 being estimated on
+the low-pass image (at the same positions: the sample stride shrinks with ``r``). Step 5
+then starts from the smaller image. Serving (``cxrd.worker``) and training
+(``training.data``) pass the same ``decode_min_side(input_size)``, 1024 for a 224 px model,
+so they stay identical for JPEG 2000 too; a 2500x2048 radiograph is then decoded at
+1250x1024 (r = 1) in about a quarter of the time, and its 8-bit model input differs from the
+full decode's by 0.2-1 grey level on average and up to about 12 on sharp edges (see
+tests/unit/test_preprocess_j2k.py). Other transfer syntaxes, odd JPEG 2000 files (see
+``_j2k_plan``), any file Pillow fails on, and ``min_side=None`` (the default) take the full
+pydicom decode.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, Jpeg2KImagePlugin
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from cxrd.errors import DecodeError, UnsupportedImage
 
@@ -39,6 +64,18 @@ SCALE = 1.0 / 127.5
 OFFSET = -1.0
 _GRAY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+
+log = logging.getLogger(__name__)
+
+#: The smallest long side a reduced-resolution decode keeps: the heatmap SC's display size
+#: (``cxrd.report.DISPLAY_MAX_SIDE``), so the SC loses nothing. It sets the reduce level
+#: and therefore the model input of JPEG 2000 files: training and serving must agree on it.
+DECODE_MIN_SIDE = 1024
+#: Names the decode rule; training's cache key includes it, so arrays cached under another
+#: rule (before reduced JPEG 2000 decoding, or with another DECODE_MIN_SIDE) are not reused.
+DECODE_REVISION = f"j2k-reduced-min{DECODE_MIN_SIDE}"
+#: Transfer syntaxes decoded at reduced resolution when asked (HTJ2K is not received).
+_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
 
 
 def _window(
@@ -84,12 +121,17 @@ def _unit_interval(
     return out
 
 
-def dataset_to_gray8(ds: Dataset, pixels: npt.NDArray[np.generic] | None = None) -> U8:
-    """Steps 1-4: a single-frame DICOM image to an 8-bit array, full resolution.
+def dataset_to_gray8(
+    ds: Dataset, pixels: npt.NDArray[np.generic] | None = None, *, min_side: int | None = None
+) -> U8:
+    """Steps 1-4: a single-frame DICOM image to an 8-bit array.
 
-    ``pixels`` may be passed when the caller has already decoded ``ds.pixel_array``.
-    Raises UnsupportedImage for layouts cxrd does not classify and DecodeError when the
-    pixel data cannot be decoded.
+    ``pixels`` may be passed when the caller has already decoded the pixel data with
+    :func:`decode_pixels` (full or reduced resolution); otherwise it is decoded here with
+    ``min_side`` (None: full resolution; see :func:`decode_pixels`). The result has the
+    shape of the decoded pixels, which for a reduced JPEG 2000 decode is smaller than
+    Rows x Columns. Raises UnsupportedImage for layouts cxrd does not classify and
+    DecodeError when the pixel data cannot be decoded.
     """
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in _GRAY_PHOTOMETRICS + _COLOUR_PHOTOMETRICS:
@@ -97,7 +139,7 @@ def dataset_to_gray8(ds: Dataset, pixels: npt.NDArray[np.generic] | None = None)
             f"PhotometricInterpretation {photometric or '(missing)'} is not supported."
         )
     if pixels is None:
-        pixels = decode_pixels(ds)
+        pixels = decode_pixels(ds, min_side=min_side)
     arr = np.asarray(pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]
@@ -109,7 +151,7 @@ def dataset_to_gray8(ds: Dataset, pixels: npt.NDArray[np.generic] | None = None)
         return _float_to_gray8(gray, float(2 ** int(ds.get("BitsStored", 8)) - 1))
     if arr.ndim != 2:
         raise UnsupportedImage(f"Grey image with pixel shape {arr.shape} is not supported.")
-    sample = arr[::4, ::4]
+    sample = arr[::(step := _sample_step(ds, arr)), ::step]
     if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
         lo, hi = int(arr.min()), int(arr.max())
         values = np.arange(lo, hi + 1, dtype=np.int64)
@@ -141,16 +183,46 @@ def _apply_lut(lut: U8, arr: npt.NDArray[np.integer], offset: int) -> U8:
     return out
 
 
+def _sample_step(ds: Dataset, arr: npt.NDArray[np.generic]) -> int:
+    """Stride of the percentile-window sample: every 4th row and column of the full image,
+    so the same positions (every 2nd) of an image decoded at half resolution."""
+    rows = int(ds.get("Rows") or 0) or arr.shape[0]
+    return max(1, round(4 * arr.shape[0] / rows))
+
+
 def _float_to_gray8(arr: npt.NDArray[np.generic], top: float) -> U8:
     return np.clip(np.rint(np.asarray(arr, dtype=np.float64) * (255.0 / top)), 0, 255).astype(
         np.uint8
     )
 
 
-def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
-    """Decode the pixel data (pydicom with the pylibjpeg plugins); DecodeError on failure."""
+def decode_min_side(input_size: int) -> int:
+    """The ``min_side`` the worker and training pass for a model of ``input_size``:
+    ``max(DECODE_MIN_SIDE, 2 * input_size)``, the display size or twice the model input."""
+    return max(DECODE_MIN_SIDE, 2 * input_size)
+
+
+def decode_pixels(ds: Dataset, min_side: int | None = None) -> npt.NDArray[np.generic]:
+    """Step 0: decode the pixel data; DecodeError on failure.
+
+    With ``min_side`` None (the default) this is pydicom's ``pixel_array`` (with the
+    pylibjpeg plugins), at full resolution. With ``min_side`` set, a single-frame grey
+    JPEG 2000 image is decoded at reduced resolution when that keeps a long side of at
+    least ``min_side`` (:func:`decode_j2k_reduced`); the array then has
+    ``ceil(Rows / 2**r)`` x ``ceil(Columns / 2**r)`` values with ``pixel_array``'s dtype and
+    meaning. Every other image, and one Pillow cannot decode, takes the full decode.
+    """
     if "PixelData" not in ds:
         raise DecodeError("The data set has no Pixel Data.")
+    if min_side is not None:
+        plan = _j2k_plan(ds, min_side)
+        if plan is not None:
+            try:
+                return _decode_j2k(plan)
+            except Exception as exc:  # Pillow / OpenJPEG raise many types: decode in full
+                log.warning("action=j2k-reduced-fallback sop_instance_uid=%s reduce=%d "
+                            "error=%s: %s", ds.get("SOPInstanceUID", ""), plan.reduce,
+                            type(exc).__name__, exc)
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom raises many types for corrupt or unsupported data
@@ -162,9 +234,171 @@ def decode_pixels(ds: Dataset) -> npt.NDArray[np.generic]:
         raise DecodeError(f"Cannot decode pixel data (transfer syntax {tsuid}): {exc}") from exc
 
 
-def read_gray8(path: str | Path) -> U8:
-    """Steps 1-4 for a file: DICOM, PNG or JPEG. 8-bit PNG/JPEG is taken as it is
-    (the public sets are already windowed); 16-bit PNG gets the percentile window."""
+@dataclass(frozen=True)
+class _J2kPlan:
+    """How to decode one JPEG 2000 frame with Pillow."""
+
+    codestream: bytes
+    reduce: int
+    precision: int  # bits per sample in the codestream (== BitsStored)
+    signed: bool  # == PixelRepresentation 1
+    shape: tuple[int, int]  # rows, cols at ``reduce``
+
+
+@dataclass(frozen=True)
+class _J2kHeader:
+    """What the main header of a JPEG 2000 codestream says (ISO/IEC 15444-1 A.5, A.6)."""
+
+    rows: int
+    cols: int
+    components: int
+    precision: int
+    signed: bool
+    offset: bool  # image or component origin other than (0, 0) / subsampling
+    levels: int  # decomposition levels: the largest usable reduce
+
+
+def _j2k_header(codestream: bytes) -> _J2kHeader | None:
+    """SIZ and the COD/COC decomposition levels of a raw codestream; None if unparseable
+    (a JP2 file wrapper, which DICOM does not allow, is not unwrapped)."""
+    if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 45:
+        return None
+    try:
+        lsiz, _rsiz, xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">HHIIII", codestream, 4)
+        (csiz,) = struct.unpack_from(">H", codestream, 40)
+        ssiz, xrsiz, yrsiz = codestream[42], codestream[43], codestream[44]
+        levels: int | None = None
+        pos = 4 + lsiz
+        while pos + 4 <= len(codestream):
+            marker, length = struct.unpack_from(">HH", codestream, pos)
+            if marker == 0xFF90:  # SOT: the main header is over
+                break
+            if marker == 0xFF52:  # COD: Scod, SGcod (4 bytes), then SPcod's levels
+                nl = codestream[pos + 9]
+                levels = nl if levels is None else min(levels, nl)
+            elif marker == 0xFF53:  # COC: Ccoc (1 or 2 bytes), Scoc, then the levels
+                nl = codestream[pos + 6 + (csiz >= 257)]
+                levels = nl if levels is None else min(levels, nl)
+            pos += 2 + length
+    except (struct.error, IndexError):
+        return None
+    if levels is None:
+        return None
+    return _J2kHeader(rows=ysiz - yosiz, cols=xsiz - xosiz, components=csiz,
+                      precision=(ssiz & 0x7F) + 1, signed=bool(ssiz & 0x80),
+                      offset=bool(xosiz or yosiz or xrsiz != 1 or yrsiz != 1), levels=levels)
+
+
+def _reduced(n: int, r: int) -> int:
+    """OpenJPEG's size of ``n`` samples (origin 0) at reduce level ``r``: ceil(n / 2**r)."""
+    return -(-n // (1 << r))
+
+
+def _pillow_reduced(n: int, r: int) -> int:
+    """The size Pillow allots at reduce level ``r`` (it rounds; OpenJPEG takes the ceiling,
+    and Pillow refuses the tiles when the two differ)."""
+    power = 1 << r
+    return int((n + (power >> 1)) / power)
+
+
+def j2k_reduce_level(rows: int, cols: int, levels: int, min_side: int) -> int:
+    """The largest reduce level ``r <= levels`` with ``max(ceil(rows / 2**r),
+    ceil(cols / 2**r)) >= min_side``, lowered while Pillow would size the image wrongly
+    (never below 1, where the two agree)."""
+    r = 0
+    while r < levels and max(_reduced(rows, r + 1), _reduced(cols, r + 1)) >= min_side:
+        r += 1
+    while r > 1 and (_pillow_reduced(rows, r), _pillow_reduced(cols, r)) != (
+            _reduced(rows, r), _reduced(cols, r)):
+        r -= 1
+    return r
+
+
+def _j2k_plan(ds: Dataset, min_side: int, reduce: int | None = None) -> _J2kPlan | None:
+    """A reduced decode of ``ds`` when it is eligible and worth it, else None.
+
+    Eligible: JPEG 2000 (lossless or not), one frame, one grey sample (MONOCHROME1/2),
+    Bits Allocated 16, and a codestream whose size, precision and signedness are those of
+    the header (9 to 16 bits, Pillow's I;16 mode), with origin (0, 0). Anything else goes
+    to pydicom, which knows the corrections for odd files (precision or sign mismatches).
+    ``reduce`` forces the level (tests use 0 to compare with ``pixel_array``).
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in _J2K_SYNTAXES:
+        return None
+    try:
+        if (int(ds.get("NumberOfFrames", 1) or 1) != 1
+                or int(ds.get("SamplesPerPixel", 1)) != 1
+                or str(ds.get("PhotometricInterpretation", "")) not in _GRAY_PHOTOMETRICS
+                or int(ds.BitsAllocated) != 16
+                or int(ds.PixelRepresentation) not in (0, 1)):
+            return None
+        rows, cols, bits_stored = int(ds.Rows), int(ds.Columns), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # missing or malformed attributes: pydicom reports them
+        return None
+    head = _j2k_header(codestream)
+    if (head is None or head.components != 1 or head.offset
+            or (head.rows, head.cols) != (rows, cols)
+            or head.precision != bits_stored or not 9 <= head.precision <= 16
+            or head.signed != signed):
+        return None
+    if reduce is None:
+        reduce = j2k_reduce_level(rows, cols, head.levels, min_side)
+        if reduce == 0:  # nothing to gain over pydicom
+            return None
+    return _J2kPlan(codestream, reduce, head.precision, signed,
+                    (_reduced(rows, reduce), _reduced(cols, reduce)))
+
+
+def _decode_j2k(plan: _J2kPlan) -> npt.NDArray[np.integer]:
+    """Decode a planned frame with Pillow, then undo Pillow's scaling to 16 bits.
+
+    Pillow (Jpeg2KDecode.c, ``j2ku_gray_i``) stores ``(v + offset) << (16 - precision)``
+    in an unsigned 16-bit image, ``offset`` being ``2**(precision-1)`` for signed data.
+    Shifting back (and for signed data, removing the offset) gives pydicom's values, in
+    uint16 or int16 as ``pixel_array`` has them.
+    """
+    with Image.open(io.BytesIO(plan.codestream), formats=("JPEG2000",)) as img:
+        if not isinstance(img, Jpeg2KImagePlugin.Jpeg2KImageFile) or img.mode != "I;16":
+            raise ValueError(f"Pillow opened the codestream as mode {img.mode}")
+        img.reduce = plan.reduce
+        img.load()
+        arr = np.array(img, dtype=np.uint16)
+    if arr.shape != plan.shape:
+        raise ValueError(f"Pillow decoded {arr.shape}, expected {plan.shape}")
+    shift = 16 - plan.precision
+    if plan.signed:
+        # (v + 2**(p-1)) << s with the top bit flipped is v << s in two's complement;
+        # the arithmetic shift then restores v with its sign.
+        arr ^= np.uint16(0x8000)
+        out = arr.view(np.int16)
+        out >>= shift
+        return out
+    arr >>= shift
+    return arr
+
+
+def decode_j2k_reduced(ds: Dataset, reduce: int) -> npt.NDArray[np.integer] | None:
+    """Pillow's decode of an eligible JPEG 2000 ``ds`` at reduce level ``reduce`` (no
+    fallback; None when ``ds`` is not eligible). For tests and measurements: serving and
+    training call :func:`decode_pixels` with ``min_side``."""
+    plan = _j2k_plan(ds, 0, reduce)
+    return None if plan is None else _decode_j2k(plan)
+
+
+def read_gray8(path: str | Path, min_side: int | None = None) -> U8:
+    """Steps 0-4 for a file: DICOM, PNG or JPEG. 8-bit PNG/JPEG is taken as it is
+    (the public sets are already windowed); 16-bit PNG gets the percentile window.
+    ``min_side`` applies to JPEG 2000 DICOM only (see :func:`decode_pixels`)."""
+    return read_gray8_and_size(path, min_side)[0]
+
+
+def read_gray8_and_size(path: str | Path, min_side: int | None = None
+                        ) -> tuple[U8, tuple[int, int]]:
+    """:func:`read_gray8` and the image's full size (rows, cols): for a DICOM file the
+    header's, which a reduced JPEG 2000 decode does not have."""
     path = Path(path)
     with path.open("rb") as fh:
         head = fh.read(132)
@@ -175,17 +409,20 @@ def read_gray8(path: str | Path) -> U8:
             ds = pydicom.dcmread(path)
         except Exception as exc:
             raise DecodeError(f"{path.name}: not a readable DICOM file: {exc}") from exc
-        return dataset_to_gray8(ds)
+        gray = dataset_to_gray8(ds, min_side=min_side)
+        return gray, (int(ds.get("Rows") or gray.shape[0]), int(ds.get("Columns") or gray.shape[1]))
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(img, dtype=np.float64)
                 lo, hi = np.percentile(arr[::4, ::4], PERCENTILE_WINDOW)
-                return _float_to_gray8(np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1), 1.0)
-            return np.asarray(img.convert("L"), dtype=np.uint8)
+                gray = _float_to_gray8(np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1), 1.0)
+            else:
+                gray = np.asarray(img.convert("L"), dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise DecodeError(f"{path.name}: not a readable image: {exc}") from exc
+    return gray, (int(gray.shape[0]), int(gray.shape[1]))
 
 
 def resize_gray8(gray: U8, size: int) -> U8:
@@ -205,12 +442,15 @@ def to_model_input(gray_resized: U8) -> F32:
 
 
 def preprocess_dataset(
-    ds: Dataset, size: int, pixels: npt.NDArray[np.generic] | None = None
+    ds: Dataset, size: int, pixels: npt.NDArray[np.generic] | None = None, *,
+    min_side: int | None = None,
 ) -> F32:
-    """Serving path: a DICOM data set to one model input (size, size, 3)."""
-    return to_model_input(resize_gray8(dataset_to_gray8(ds, pixels), size))
+    """Serving path: a DICOM data set to one model input (size, size, 3). The worker
+    passes ``min_side=decode_min_side(size)``; None decodes at full resolution."""
+    return to_model_input(resize_gray8(dataset_to_gray8(ds, pixels, min_side=min_side), size))
 
 
-def preprocess_file(path: str | Path, size: int) -> F32:
-    """Training path: a DICOM, PNG or JPEG file to one model input (size, size, 3)."""
-    return to_model_input(resize_gray8(read_gray8(path), size))
+def preprocess_file(path: str | Path, size: int, *, min_side: int | None = None) -> F32:
+    """Training path: a DICOM, PNG or JPEG file to one model input (size, size, 3);
+    ``min_side`` as in :func:`preprocess_dataset`."""
+    return to_model_input(resize_gray8(read_gray8(path, min_side), size))

@@ -29,7 +29,13 @@ from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.infer import Classifier
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
-from cxrd.preprocess import dataset_to_gray8, decode_pixels, resize_gray8, to_model_input
+from cxrd.preprocess import (
+    dataset_to_gray8,
+    decode_min_side,
+    decode_pixels,
+    resize_gray8,
+    to_model_input,
+)
 from cxrd.report import decide_class
 from cxrd.uids import derived_uid
 
@@ -50,7 +56,11 @@ class Prepared:
 
 
 def prepare(path: str | Path, input_size: int) -> Prepared:
-    """Read, decode, run the shared preprocessing; DecodeError / UnsupportedImage."""
+    """Read, decode, run the shared preprocessing; DecodeError / UnsupportedImage.
+
+    JPEG 2000 is decoded at the reduced resolution ``decode_min_side(input_size)`` allows
+    (training uses the same rule), which still covers the display image of the SC.
+    """
     from cxrd.report import downscale_for_display
 
     t0 = time.perf_counter()
@@ -58,7 +68,7 @@ def prepare(path: str | Path, input_size: int) -> Prepared:
         ds = pydicom.dcmread(path)
     except Exception as exc:
         raise DecodeError(f"cannot read the spooled file: {exc}") from exc
-    pixels = decode_pixels(ds)
+    pixels = decode_pixels(ds, min_side=decode_min_side(input_size))
     t1 = time.perf_counter()
     gray = dataset_to_gray8(ds, pixels)
     del pixels

@@ -1,9 +1,12 @@
 """Loading manifest images into arrays, through the serving preprocessing.
 
-Each image goes through ``cxrd.preprocess.read_gray8`` and ``resize_gray8`` (the same
-functions the daemon uses) and is cached as uint8 at the training size. The float model
-input is made from that cache with ``cxrd.preprocess``'s SCALE and OFFSET, in numpy
-(``to_inputs``) or in TensorFlow (``training.train``), identically.
+Each image goes through ``cxrd.preprocess.read_gray8`` (``read_gray8_and_size``) and
+``resize_gray8``, the functions the daemon uses, with the daemon's
+``decode_min_side(size)``: JPEG 2000 DICOM is decoded at the same reduced resolution as in
+serving. Images are cached as uint8 at the training size, keyed by the preprocessing name
+and ``DECODE_REVISION``. The float model input is made from that cache with
+``cxrd.preprocess``'s SCALE and OFFSET, in numpy (``to_inputs``) or in TensorFlow
+(``training.train``), identically.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ import numpy as np
 import numpy.typing as npt
 
 from cxrd.modelinfo import CLASS_NAMES, PREPROCESSING
-from cxrd.preprocess import OFFSET, SCALE, read_gray8, resize_gray8
+from cxrd.preprocess import (
+    DECODE_REVISION,
+    OFFSET,
+    SCALE,
+    decode_min_side,
+    read_gray8_and_size,
+    resize_gray8,
+)
 from training.sources import Record
 
 log = logging.getLogger(__name__)
@@ -41,8 +51,9 @@ class ImageSet:
 
 def _load_one(args: tuple[str, int]) -> tuple[npt.NDArray[np.uint8], tuple[int, int]]:
     path, size = args
-    gray = read_gray8(path)
-    return resize_gray8(gray, size), (int(gray.shape[0]), int(gray.shape[1]))
+    # The same reduced JPEG 2000 decode as cxrd.worker.prepare; sizes stay the full ones.
+    gray, full_size = read_gray8_and_size(path, decode_min_side(size))
+    return resize_gray8(gray, size), full_size
 
 
 def load_images(
@@ -57,7 +68,7 @@ def load_images(
     """Preprocess ``records`` (cached by path list, size and preprocessing name)."""
     labels = np.array([CLASS_NAMES.index(r.label) for r in records], dtype=np.int64)
     key = hashlib.sha256(
-        json.dumps([PREPROCESSING, size, [r.path for r in records]]).encode()
+        json.dumps([PREPROCESSING, DECODE_REVISION, size, [r.path for r in records]]).encode()
     ).hexdigest()[:16]
     cache = cache_dir / f"{desc}-{size}-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
