@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SCHEDULER_INTERVAL_SECONDS = 0.5
 STATUS_SECONDS = 5.0
 DRAIN_SECONDS = 60.0
+QUICK_DEATH_SECONDS = 30.0
+RESTART_DELAY_MAX = 60.0
 
 
 class Node:
@@ -51,6 +53,9 @@ class Node:
         self._signals = 0
         self._ctx = spawn_context()
         self._workers: dict[int, Any] = {}
+        self._worker_started: dict[int, float] = {}
+        self._restart_delay: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}
         self.watcher: FolderWatcher | None = None
         self.receiver: Receiver | None = None
         self.sender = Sender(config, self.db)
@@ -111,14 +116,27 @@ class Node:
         )
         proc.start()
         self._workers[index] = proc
+        self._worker_started[index] = time.monotonic()
         log.info("action=worker-spawned index=%d pid=%s", index, proc.pid)
 
     def supervise(self) -> None:
+        """Restart dead workers; one that dies soon after starting (a model that cannot
+        load, say) is restarted with a growing delay, not in a tight loop."""
+        now = time.monotonic()
         for index, proc in list(self._workers.items()):
-            if not proc.is_alive() and not self._stop.is_set():
-                log.error("action=worker-died index=%d pid=%s exitcode=%s", index, proc.pid,
-                          proc.exitcode)
+            if proc.is_alive() or self._stop.is_set():
+                continue
+            if index not in self._restart_at:
+                lived = now - self._worker_started.get(index, now)
+                delay = (min(self._restart_delay.get(index, 1.0) * 2, RESTART_DELAY_MAX)
+                         if lived < QUICK_DEATH_SECONDS else 0.0)
+                self._restart_delay[index] = delay or 1.0
+                self._restart_at[index] = now + delay
+                log.error("action=worker-died index=%d pid=%s exitcode=%s lived_s=%.0f "
+                          "restart_in_s=%.0f", index, proc.pid, proc.exitcode, lived, delay)
                 remove_stale_temp_files(self.config.results.results_dir)  # its SC, if any
+            if now >= self._restart_at[index]:
+                del self._restart_at[index]
                 self._start_worker(index)
 
     def tick(self) -> None:
