@@ -54,8 +54,12 @@ def build_demo(
     n_test: int = 600,
     epochs: int = 15,
     seed: int = 7,
+    ship_below_target: bool = False,
 ) -> dict[str, float]:
-    """Regenerate the demo model; returns its headline figures."""
+    """Regenerate the demo model; returns its headline figures.
+
+    Below the acceptance figures nothing is shipped unless ``ship_below_target``; the
+    figures are in the model's metadata either way, so status and the tests show them."""
     from training.cli import main
 
     work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,7 @@ def build_demo(
     figures = json.loads((work / "eval" / "report.json").read_text())["headline"]
     accuracy = figures.get("test_accuracy", 0.0)
     pointing = figures.get("test_pointing_game", 0.0)
-    if accuracy < MIN_ACCURACY or pointing < MIN_POINTING_GAME:
+    if (accuracy < MIN_ACCURACY or pointing < MIN_POINTING_GAME) and not ship_below_target:
         raise DemoBelowTarget(
             f"held-out accuracy {accuracy:.3f} (needs {MIN_ACCURACY}), pointing game "
             f"{pointing:.3f} (needs {MIN_POINTING_GAME}); {out} left unchanged."
