@@ -454,3 +454,23 @@ def preprocess_file(path: str | Path, size: int, *, min_side: int | None = None)
     """Training path: a DICOM, PNG or JPEG file to one model input (size, size, 3);
     ``min_side`` as in :func:`preprocess_dataset`."""
     return to_model_input(resize_gray8(read_gray8(path, min_side), size))
+
+
+def bilinear_matrix(n_out: int, n_in: int) -> npt.NDArray[np.float64]:
+    """(n_out, n_in) bilinear interpolation weights, pixel centres aligned (half-pixel),
+    edges clamped.
+
+    The stretch of step 5 maps model-grid positions to image positions this way, so the
+    CAM of the model input is mapped back to the image with it: by the heatmap and the
+    SR's region (``cxrd.report``) and by the pointing game (``training.metrics``) alike.
+    """
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1.0)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m

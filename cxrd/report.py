@@ -50,6 +50,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from cxrd import __version__
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
+from cxrd.preprocess import bilinear_matrix
 from cxrd.uids import validate_uid  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -202,25 +203,12 @@ def shown_class(result: ImageResult, model: ModelInfo) -> int:
 # --------------------------------------------------------------------------- CAM geometry
 
 
-def _interp_matrix(n_out: int, n_in: int) -> F32:
-    """Bilinear interpolation weights (n_out, n_in), pixel centres aligned (half-pixel)."""
-    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    pos = np.clip(pos, 0.0, n_in - 1)
-    lo = np.floor(pos).astype(np.intp)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, lo), 1.0 - frac)
-    np.add.at(m, (rows, hi), frac)
-    return m.astype(np.float32)
-
-
 def upsample_cam(cam2d: npt.NDArray[np.floating], rows: int, cols: int) -> F32:
     """Bilinearly resize one CAM channel (h, w) to (rows, cols); two small matrix products."""
     h, w = cam2d.shape
     a = np.asarray(cam2d, dtype=np.float32)
-    out = _interp_matrix(rows, h) @ a @ _interp_matrix(cols, w).T
+    out = (bilinear_matrix(rows, h).astype(np.float32) @ a
+           @ bilinear_matrix(cols, w).astype(np.float32).T)
     return out.astype(np.float32, copy=False)
 
 

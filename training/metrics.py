@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cxrd.preprocess import bilinear_matrix
+
 __all__ = [
     "CLASSES",
     "WHO_TB_TRIAGE_SENSITIVITY",
@@ -501,20 +503,6 @@ def choose_tb_operating_point(
 # ----------------------------------------------------------------------- CAM pointing
 
 
-def _bilinear_matrix(n_out: int, n_in: int) -> FloatArray:
-    """(n_out, n_in) interpolation matrix, half-pixel centres aligned, edges clamped."""
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0.0, n_in - 1.0)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    m = np.zeros((n_out, n_in))
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, lo), 1.0 - frac)
-    np.add.at(m, (rows, hi), frac)
-    return m
-
-
 def _select_cam(cam: npt.ArrayLike, class_index: int | None) -> FloatArray:
     c = np.asarray(cam, dtype=np.float64)
     if c.ndim == 3:
@@ -561,7 +549,7 @@ def cam_argmax_location(
     c = _select_cam(cam, class_index)
     h, w = c.shape
     work_rows, work_cols = _working_size(rows, cols, max_side)
-    up = _bilinear_matrix(work_rows, h) @ c @ _bilinear_matrix(work_cols, w).T
+    up = bilinear_matrix(work_rows, h) @ c @ bilinear_matrix(work_cols, w).T
     peak = float(up.max())
     span = float(c.max() - c.min())
     rr, cc = np.nonzero(up >= peak - 1e-9 * max(span, abs(peak), 1e-300))
