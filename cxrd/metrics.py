@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,17 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_metrics_lock = threading.Lock()
 
 
 def metrics() -> _Metrics:
     global _metrics  # one set of metric objects per process, created lazily
     if _metrics is None:
-        _metrics = _Metrics()
+        # The receiver's association threads can get here at once: a second _Metrics
+        # would fail to register (DuplicateTimeseries) and its C-STORE would be refused.
+        with _metrics_lock:
+            if _metrics is None:
+                _metrics = _Metrics()
     return _metrics
 
 

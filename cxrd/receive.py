@@ -40,6 +40,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from cxrd.config import Config, TlsConfig
 from cxrd.domain import RejectReason
 from cxrd.ingest import ACCEPTED_SOP_CLASSES, Ingestor
+from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
+from cxrd.reactor import make_event_driven
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +230,14 @@ class Receiver:
                           calling, address)
             assoc.abort()
 
+    def on_conn_open(self, event: Any) -> None:
+        """Before the association's threads start: blocking loops instead of pynetdicom's
+        1 ms polling (``cxrd.reactor``)."""
+        try:
+            make_event_driven(event.assoc)
+        except Exception:  # pynetdicom's own loops still work
+            log.exception("action=reactor-patch-failed")
+
     def on_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
@@ -263,8 +273,8 @@ class Receiver:
 
     # -- lifecycle ---------------------------------------------------------------------
     def handlers(self) -> list[Any]:
-        return [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_C_ECHO, self.on_echo),
-                (evt.EVT_C_STORE, self.on_store)]
+        return [(evt.EVT_CONN_OPEN, self.on_conn_open), (evt.EVT_REQUESTED, self.on_requested),
+                (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store)]
 
     def start(self) -> None:
         node = self.config.node
@@ -278,8 +288,9 @@ class Receiver:
         thread.start()
         self.ae._servers.append(self.server)  # so ae.shutdown() finds it
         log.info("action=receive-start ae_title=%s host=%s port=%d tls=%s max_pdu=%d "
-                 "allowed_callers=%d", node.ae_title, node.host, node.port,
-                 node.tls is not None, node.max_pdu, len(self.allowed_callers))
+                 "allowed_callers=%d event_driven=%s", node.ae_title, node.host, node.port,
+                 node.tls is not None, node.max_pdu, len(self.allowed_callers),
+                 EVENT_DRIVEN_REACTORS)
 
     @property
     def port(self) -> int:

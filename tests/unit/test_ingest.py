@@ -121,6 +121,22 @@ def test_instances_of_one_study_share_a_study_row(ingestor, dirs):
     assert {i.sop_class_uid for i in rows(ingestor.db, Instance)} == {DX}
 
 
+def test_a_new_study_folder_and_each_rename_are_fsynced(ingestor, dirs, monkeypatch):
+    """A file renamed into a new folder survives a power loss only if the folder's own
+    entry does: the spool folder is fsynced once per new study folder (per process), the
+    study folder once per instance renamed into it, all before the row is committed."""
+    synced: list[Path] = []
+    real = ingest_mod.fsync_dir
+    monkeypatch.setattr(ingest_mod, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    study_uid = uid()
+    for i in range(2):
+        assert ingestor.store(part10_bytes(make_dataset("CR", study_uid=study_uid, seed=i)),
+                              "test").accepted
+    study_dir = dirs.spool / study_uid
+    assert synced.count(dirs.spool) == 1
+    assert synced.count(study_dir) == 2
+
+
 def test_duplicate_with_same_bytes_is_recorded_once_and_source_removed(ingestor, dirs):
     data = part10_bytes(make_dataset("CR"))
     first = ingestor.ingest_file(write(dirs.incoming / "a.dcm", data), "test")
