@@ -102,6 +102,16 @@ def _owned(db_job: Job | None, owner: str) -> bool:
             and db_job.lease_owner == owner)
 
 
+def _leased(s: Session, job: ClaimedJob, owner: str) -> tuple[Job, Instance] | None:
+    """The job's row (locked) and its instance, if ``owner`` still holds the lease."""
+    row = _locked_job(s, job.job_id)
+    if row is None or not _owned(row, owner):
+        return None
+    inst = s.get(Instance, job.instance_id)
+    assert inst is not None
+    return row, inst
+
+
 def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
              cam: object, device_uid: str, timings: Mapping[str, float], *,
              sc: tuple[str, Path] | None = None, destinations: Sequence[str] = ()) -> bool:
@@ -109,12 +119,12 @@ def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
     worker owns the job now; its results have the same UIDs, so nothing is duplicated)."""
     now = utcnow()
     with db.session() as s:
-        row = _locked_job(s, job.job_id)
-        if not _owned(row, owner):
+        leased = _leased(s, job, owner)
+        if leased is None:
             log.warning("action=lease-lost job_id=%d sop_instance_uid=%s", job.job_id,
                         job.sop_instance_uid)
             return False
-        assert row is not None
+        row, inst = leased
         row.state = JobState.DONE.value
         row.probs = json.dumps([float(p) for p in probs])
         row.cam = json.dumps(cam)
@@ -123,8 +133,6 @@ def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
         row.finished_at = now
         row.lease_owner = None
         row.error = None
-        inst = s.get(Instance, job.instance_id)
-        assert inst is not None
         inst.state = InstanceState.DONE.value
         inst.reason = None
         inst.detail = None
@@ -140,17 +148,15 @@ def skip(db: Database, job: ClaimedJob, owner: str, reason: SkipReason, detail: 
     """A permanent property of the image: no retry."""
     now = utcnow()
     with db.session() as s:
-        row = _locked_job(s, job.job_id)
-        if not _owned(row, owner):
+        leased = _leased(s, job, owner)
+        if leased is None:
             return
-        assert row is not None
+        row, inst = leased
         row.state = JobState.SKIPPED.value
         row.reason = reason.value
         row.error = detail[:4000]
         row.finished_at = now
         row.lease_owner = None
-        inst = s.get(Instance, job.instance_id)
-        assert inst is not None
         inst.state = InstanceState.SKIPPED.value
         inst.reason = reason.value
         inst.detail = detail[:4000]
@@ -163,12 +169,10 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
     """Put a failed job back with exponential backoff, or fail it for good."""
     now = utcnow()
     with db.session() as s:
-        row = _locked_job(s, job.job_id)
-        if not _owned(row, owner):
+        leased = _leased(s, job, owner)
+        if leased is None:
             return
-        assert row is not None
-        inst = s.get(Instance, job.instance_id)
-        assert inst is not None
+        row, inst = leased
         if row.attempts >= max_attempts:
             _fail(row, inst, f"failed {row.attempts} times; last error: {error}", now)
             return
