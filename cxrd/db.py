@@ -9,6 +9,8 @@ PostgreSQL for a queue shared by several nodes (jobs are then claimed with
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,6 +192,22 @@ def _is_sqlite_memory(url: str) -> bool:
     return not database or database == ":memory:" or "mode=memory" in url
 
 
+def _enable_wal(cur: Any) -> None:
+    """Switch a new database file to WAL. The switch needs an exclusive lock and SQLite
+    answers "database is locked" at once, without its busy handler, when several
+    processes open a new file together (node, workers and receivers at first start);
+    retry within the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the pragmas durability needs (SQLite) or a plain pool (PostgreSQL)."""
     if url.startswith("sqlite"):
@@ -218,9 +236,9 @@ def make_engine(url: str) -> Engine:
             # transaction handling would defer the write lock and deadlock writers.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            _enable_wal(cur)
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
