@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import shutil
+import struct
 import threading
 import uuid
 import weakref
@@ -202,20 +203,32 @@ def parse_header(data: bytes) -> Dataset:
     return ds
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _ascii_value(ds: Dataset, keyword: str) -> str:
+    """A UI or CS value as text, read from the raw element when it has not been converted
+    yet (both VRs are ASCII by definition): converting through pydicom's value validation
+    was a tenth of the receiver's time on small images. Several values stay joined by
+    backslashes; a missing or malformed element is empty."""
     try:
-        value = ds.get(keyword, "")
+        elem = ds.get_item(keyword, keep_deferred=True)
+        if elem is None:
+            return ""
+        if isinstance(elem, RawDataElement):
+            raw = elem.value
+            if isinstance(raw, bytes):
+                return raw.decode("ascii", "replace").strip("\x00 ")
+            return ""
+        value = elem.value
     except Exception:  # a malformed element raises when read; treat it as absent
         return ""
-    return str(value or "").strip().upper()
+    return str(value or "").strip()
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return _ascii_value(ds, keyword).upper()
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    try:
-        value = ds.get(keyword, "")
-    except Exception:
-        return ""
-    return str(value or "").strip()
+    return _ascii_value(ds, keyword)
 
 
 def _as_part10(ds: Dataset, data: bytes) -> bytes:
@@ -246,6 +259,38 @@ def _as_part10(ds: Dataset, data: bytes) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _meta_element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    tag = struct.pack("<HH", 0x0002, group_element)
+    if vr == b"OB":
+        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10(dataset: bytes, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+           implementation_uid: str, implementation_version: str) -> bytes:
+    """A data set as received (C-STORE) framed as a Part 10 file: preamble, ``DICM`` and
+    the File Meta Information (PS3.10 7.1), the data set's bytes unchanged.
+
+    The same bytes as pynetdicom's ``Event.encoded_dataset()``, without building and
+    writing a pydicom FileMetaDataset: at hundreds of small instances a second that was a
+    fifth of the receiver's time."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _even(implementation_uid, b"\x00")),
+        _meta_element(0x0013, b"SH", _even(implementation_version, b" ")),
+    ))
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
 
 
 #: The stored digest of a SOP Instance UID (built once: SQLAlchemy caches its compilation).

@@ -34,12 +34,12 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from cxrd.config import Config, TlsConfig
 from cxrd.domain import RejectReason
-from cxrd.ingest import ACCEPTED_SOP_CLASSES, Ingestor
+from cxrd.ingest import ACCEPTED_SOP_CLASSES, Ingestor, part10
 from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
 from cxrd.reactor import make_event_driven
 
@@ -245,7 +245,11 @@ class Receiver:
         assoc = event.assoc
         source = f"dicom:{str(assoc.requestor.ae_title).strip()}@{_peer_address(assoc)}"
         try:
-            data = event.encoded_dataset(include_meta=True)
+            request = event.request
+            data = part10(request.DataSet.getvalue(), str(request.AffectedSOPClassUID or ""),
+                          str(request.AffectedSOPInstanceUID or ""),
+                          str(event.context.transfer_syntax),
+                          PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
             outcome = self.ingestor.store(
                 data, source, name=str(event.request.AffectedSOPInstanceUID or ""),
                 expected_sop_class=str(event.context.abstract_syntax))

@@ -4,9 +4,11 @@ Due deliveries for one destination share one association. A transient failure (p
 down, timeout, out of resources) is retried with exponential backoff, seconds at first and
 capped at ``max_backoff_seconds``, until the delivery is ``max_age_hours`` old; then it is
 dead. A refusal of the object itself (data set does not match, cannot understand) is dead
-at once. An association rejected permanently (wrong AE title, for instance) is reported as
-such and retried only at the maximum backoff, never hammered. Everything is in the
-database, so a restart resumes every pending delivery.
+at once. An association rejected permanently (wrong AE title, for instance), or one on
+which the destination accepted no presentation context for the object's SOP class (it does
+not store that class, and will not on the next try either), is reported as such and retried
+only at the maximum backoff, never hammered. Everything is in the database, so a restart
+resumes every pending delivery.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from sqlalchemy import select
 
@@ -76,6 +79,29 @@ def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     if tls.certificate and tls.key:
         context.load_cert_chain(str(tls.certificate), str(tls.key))
     return context
+
+
+def record_connect_errors(context: ssl.SSLContext) -> list[OSError]:
+    """The errors of connections made with ``context`` (TCP connect and TLS handshake):
+    pynetdicom only logs them, and its association then says no more than that it is not
+    established."""
+    errors: list[OSError] = []
+
+    class RecordingSSLSocket(ssl.SSLSocket):
+        def connect(self, address: Any) -> None:
+            try:
+                super().connect(address)
+            except OSError as exc:
+                errors.append(exc)
+                raise
+
+    context.sslsocket_class = RecordingSSLSocket
+    return errors
+
+
+def sop_class_of(path: str) -> str:
+    """The SOP Class UID in a result file's meta information (the header only is read)."""
+    return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
 
 
 class Sender:
@@ -139,8 +165,11 @@ class Sender:
             ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
         kwargs: dict[str, Any] = {"ae_title": dest.ae_title,
                                   "max_pdu": self.config.node.max_pdu}
+        connect_errors: list[OSError] = []
         if dest.tls is not None:
-            kwargs["tls_args"] = (client_ssl_context(dest.tls), None)
+            context = client_ssl_context(dest.tls)
+            connect_errors = record_connect_errors(context)
+            kwargs["tls_args"] = (context, None)
         try:
             assoc = ae.associate(dest.host, dest.port, **kwargs)
         except Exception as exc:  # TLS and socket errors surface here
@@ -159,14 +188,37 @@ class Sender:
                 self._fail(items, text)
             return
         if not assoc.is_established:
-            self._fail(items, "association not established (peer unreachable or aborted)")
+            if connect_errors:
+                error = connect_errors[-1]
+                self._fail(items, f"cannot connect (TLS): {type(error).__name__}: {error}")
+            elif assoc.rejected_contexts and not assoc.accepted_contexts:
+                # accepted with every presentation context refused: pynetdicom aborts it
+                refused = ", ".join(sorted({str(cx.abstract_syntax)
+                                            for cx in assoc.rejected_contexts}))
+                self._fail(items, "PERMANENT: association accepted without any presentation "
+                           f"context (refused: {refused}); check the destination's SOP "
+                           "classes for this node", backoff_max=True)
+            else:
+                self._fail(items, "association not established (peer unreachable or aborted)")
             return
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
             for i, item in enumerate(items):
                 if self._stop.is_set() or not assoc.is_established:
                     if not assoc.is_established:
                         self._fail(items[i:], "association lost")
                     return
+                try:
+                    sop_class = sop_class_of(item.path)
+                except Exception as exc:
+                    self._fail([item], f"cannot read the result file: {type(exc).__name__}: "
+                                       f"{exc}")
+                    continue
+                if sop_class not in accepted:
+                    self._fail([item], "PERMANENT: no presentation context accepted for SOP "
+                               f"class {sop_class}; check the destination's SOP classes for "
+                               "this node", backoff_max=True)
+                    continue
                 t0 = time.perf_counter()
                 try:
                     status = assoc.send_c_store(item.path)

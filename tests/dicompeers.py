@@ -221,6 +221,8 @@ class Pki:
     rogue_ca: Path  # another CA, which signed:
     rogue_cert: Path  # a client certificate cxrd must refuse
     rogue_key: Path
+    rogue_server_cert: Path  # and a server certificate cxrd must not send to
+    rogue_server_key: Path
 
 
 #: ECDSA P-256 keys: generated in milliseconds (RSA takes seconds on a small machine).
@@ -263,7 +265,8 @@ def make_pki(folder: Path) -> Pki:
     client = _leaf(folder, "modality-client", ca, "clientAuth")
     rogue_ca = _ca(folder, "rogue-ca")
     rogue = _leaf(folder, "rogue-client", rogue_ca, "clientAuth")
-    return Pki(ca[0], *server, *client, rogue_ca[0], *rogue)
+    rogue_server = _leaf(folder, "rogue-server", rogue_ca, "serverAuth")
+    return Pki(ca[0], *server, *client, rogue_ca[0], *rogue, *rogue_server)
 
 
 # ------------------------------------------------------------------------------ Orthanc

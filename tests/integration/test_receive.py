@@ -28,7 +28,6 @@ from dicompeers import (
     SentFile,
     dataset_bytes,
     echoscu,
-    make_pki,
     output,
     phantom_study,
     start_dcmtk,
@@ -125,11 +124,6 @@ def start_receiver(tmp_path: Path) -> Iterator[StartReceiver]:
     for r in started:
         r.receiver.drain(timeout=5)
         r.db.dispose()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

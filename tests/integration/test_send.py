@@ -3,9 +3,11 @@ port, and pynetdicom SCPs where a test needs a precise answer (a permanent assoc
 rejection, a given C-STORE status). The outbox is a real SQLite file.
 
 Checked: one association per destination and pass, exponential backoff with a cap, the
-dead-letter state after ``max_age_hours``, a permanent rejection reported as such and
-retried only at the maximum backoff, and pending deliveries resumed by a new Sender on the
-same database (a restart).
+dead-letter state after ``max_age_hours``, a permanent rejection (of the association, or of
+every presentation context for the object's SOP class) reported as such and retried only at
+the maximum backoff, pending deliveries resumed by a new Sender on the same database (a
+restart), and TLS: delivery to a ``storescp +tls`` verified with the test CA (and showing
+our client certificate), and no delivery to one whose certificate another CA signed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import pydicom
 import pytest
 from dicomfactory import make_dataset, uid, write
-from dicompeers import StoreSCP, free_port, wait_for
+from dicompeers import Pki, StoreSCP, free_port, wait_for
 from pynetdicom import AE, evt
 from sqlalchemy import select, update
 
@@ -30,6 +32,8 @@ from cxrd.domain import DeliveryState, ResultKind
 from cxrd.send import Sender
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+CT = "1.2.840.10008.5.1.4.1.1.2"
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
@@ -39,14 +43,29 @@ STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 def sender_config(tmp_path: Path, destinations: Sequence[tuple[str, int]], *,
                   initial: float = 1.0, maximum: float = 8.0,
-                  max_age_hours: float = 168.0) -> Config:
+                  max_age_hours: float = 168.0, tls: dict[str, str] | None = None) -> Config:
+    """``tls``, when given, is every destination's ``tls`` table."""
     return validate({
         "storage": {"data_dir": str(tmp_path / "data")},
         "sender": {"initial_backoff_seconds": initial, "max_backoff_seconds": maximum,
                    "max_age_hours": max_age_hours},
-        "destinations": [{"name": name, "ae_title": "PACS", "host": "127.0.0.1", "port": port}
+        "destinations": [{"name": name, "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+                          **({"tls": tls} if tls is not None else {})}
                          for name, port in destinations],
     })
+
+
+def storescp_tls(key: Path, cert: Path, ca: Path) -> list[str]:
+    """storescp options: TLS with this key and certificate; callers must show a certificate
+    that ``ca`` signed (``--require-peer-cert`` is dcmtk's default)."""
+    return ["+tls", str(key), str(cert), "+cf", str(ca)]
+
+
+def destination_tls(pki: Pki) -> dict[str, str]:
+    """A destination's ``tls`` table: verify the peer with the test CA; show our client
+    certificate."""
+    return {"ca": str(pki.ca), "certificate": str(pki.client_cert),
+            "key": str(pki.client_key)}
 
 
 def queue_results(db: Database, folder: Path, n: int, destinations: Sequence[str], *,
@@ -102,17 +121,20 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
 
 class PynetdicomSCP:
     """A Storage SCP in this process that counts connections and answers each C-STORE
-    with ``status_for(sop_instance_uid)``; ``require_calling_aet`` makes it refuse us."""
+    with ``status_for(sop_instance_uid)``; ``require_calling_aet`` makes it refuse us, and
+    ``sop_classes`` are the only storage SOP classes it accepts."""
 
     def __init__(self, *, require_calling_aet: Sequence[str] = (),
-                 status_for: Callable[[str], int] = lambda _uid: 0x0000) -> None:
+                 status_for: Callable[[str], int] = lambda _uid: 0x0000,
+                 sop_classes: Sequence[str] = (SC,)) -> None:
         self.connections = 0
         self.stored: list[str] = []
         self._lock = threading.Lock()
         self.status_for = status_for
         self.ae = AE(ae_title="PACS")
         self.ae.require_calling_aet = list(require_calling_aet)
-        self.ae.add_supported_context(SC)
+        for sop_class in sop_classes:
+            self.ae.add_supported_context(sop_class)
         self.server = self.ae.start_server(
             ("127.0.0.1", 0), block=False,
             evt_handlers=[(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_C_STORE, self._on_store)])
@@ -223,6 +245,35 @@ def test_permanent_rejection_is_reported_and_not_hammered(
     assert not scp.stored
 
 
+@pytest.mark.parametrize("sop_classes", [(COMPREHENSIVE_SR,), (CT,)],
+                         ids=["another-class-accepted", "no-context-accepted"])
+def test_sop_class_not_accepted_is_permanent_and_not_hammered(
+        tmp_path: Path, db: Database, pynetdicom_scp: Callable[..., PynetdicomSCP],
+        sop_classes: tuple[str, ...]) -> None:
+    # the association is accepted, but not the Secondary Capture context: either another of
+    # the contexts we propose is (the association is established), or none is (pynetdicom
+    # aborts it). The PACS will not store SC on the next try either.
+    scp = pynetdicom_scp(sop_classes=sop_classes)
+    config = sender_config(tmp_path, [("pacs", scp.port)], initial=0.1, maximum=30)
+    queue_results(db, tmp_path / "results", 2, ["pacs"])
+    sender = Sender(config, db)
+    before = utcnow()
+    assert sender.run_once() == 2
+    assert scp.connections == 1
+    for row in deliveries(db):
+        assert row.state == DeliveryState.PENDING.value
+        assert row.attempts == 1
+        assert row.last_error is not None and row.last_error.startswith("PERMANENT"), \
+            row.last_error
+        assert "presentation context" in row.last_error and SC in row.last_error
+        assert 30 <= (row.next_attempt_at - before).total_seconds() <= 32
+    sender.start()
+    time.sleep(2.5)
+    sender.stop()
+    assert scp.connections == 1
+    assert not scp.stored
+
+
 def test_refused_object_is_dead_at_once_out_of_resources_is_retried(
         tmp_path: Path, db: Database, pynetdicom_scp: Callable[..., PynetdicomSCP]) -> None:
     refused: list[str] = []
@@ -281,3 +332,35 @@ def test_backoff_stays_capped_through_a_long_outage(tmp_path: Path, memdb: Datab
     sender = Sender(sender_config(tmp_path, [("pacs", 104)], initial=5, maximum=60), memdb)
     assert [sender.backoff(n).total_seconds() for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
     assert sender.backoff(10_000) == dt.timedelta(seconds=60)
+
+
+def test_tls_delivery_to_storescp_verified_with_our_ca(
+        tmp_path: Path, db: Database, storescp: Callable[..., StoreSCP], pki: Pki) -> None:
+    scp = storescp("pacs", options=storescp_tls(pki.server_key, pki.server_cert, pki.ca))
+    config = sender_config(tmp_path, [("pacs", scp.port)], tls=destination_tls(pki))
+    uids = queue_results(db, tmp_path / "results", 3, ["pacs"])
+    assert Sender(config, db).run_once() == 3
+    assert received_uids(scp) == sorted(uids), scp.log()
+    assert scp.associations() == 1, scp.log()
+    rows = deliveries(db)
+    assert {r.state for r in rows} == {DeliveryState.DONE.value}
+    assert all(r.attempts == 1 and r.last_error is None and r.done_at for r in rows)
+
+
+def test_tls_destination_signed_by_another_ca_gets_nothing(
+        tmp_path: Path, db: Database, storescp: Callable[..., StoreSCP], pki: Pki) -> None:
+    # an impostor: its certificate is from another CA (it would accept our client one)
+    scp = storescp("impostor", options=storescp_tls(pki.rogue_server_key,
+                                                    pki.rogue_server_cert, pki.ca))
+    config = sender_config(tmp_path, [("pacs", scp.port)], tls=destination_tls(pki))
+    queue_results(db, tmp_path / "results", 2, ["pacs"])
+    assert Sender(config, db).run_once() == 2
+    for row in deliveries(db):
+        assert row.state == DeliveryState.PENDING.value
+        assert row.done_at is None and row.attempts == 1
+        assert row.last_error is not None
+        assert "TLS" in row.last_error and "certificate verify failed" in row.last_error, \
+            row.last_error
+    assert scp.received() == []
+    assert scp.associations() == 0, scp.log()  # the handshake failed before any DICOM
+    assert scp.proc.poll() is None, scp.log()  # refused by us, not crashed

@@ -458,3 +458,27 @@ def test_concurrent_first_instances_of_a_new_study_make_one_study_row(ingestor):
     assert all(o.accepted and not o.duplicate for o in outcomes)
     assert count(ingestor.db, Instance) == 8
     assert count(ingestor.db, Study) == 1
+
+
+# ------------------------------------------------------------------ Part 10 framing
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    "1.2.840.10008.1.2.4.90"])
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.3.45"])  # odd and even lengths
+def test_part10_framing_matches_pynetdicom_and_parses(syntax, sop_uid):
+    """The receiver's framing of a C-STORE data set is byte for byte what pynetdicom's
+    Event.encoded_dataset() writes, and pydicom reads the meta back."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    body = b"\x08\x00\x16\x00" + b"payload!"  # any bytes: the data set is not parsed
+    expected = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(create_file_meta(
+        sop_class_uid=CR, sop_instance_uid=sop_uid, transfer_syntax=syntax)), body))
+    framed = ingest_mod.part10(body, CR, sop_uid, syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                               PYNETDICOM_IMPLEMENTATION_VERSION)
+    assert framed == expected
+    meta = pydicom.dcmread(io.BytesIO(framed[: -len(body)])).file_meta
+    assert meta.MediaStorageSOPInstanceUID == sop_uid
+    assert meta.TransferSyntaxUID == syntax
+    assert framed.endswith(body)
