@@ -88,6 +88,26 @@ def _add_train(sub: Any) -> None:
         action="store_true",
         help="add left-right flips (off by default: the chest is not symmetric)",
     )
+    p.add_argument("--max-zoom", type=float, default=0.08, help="random zoom, +- fraction")
+    p.add_argument(
+        "--max-shift", type=float, default=0.0,
+        help="random translation, +- fraction of the side (default 0: off)",
+    )
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument(
+        "--cam-loss-weight", type=float, default=0.0,
+        help="weight of an extra cross-entropy on the top-k pooled CAM, a localisation aid "
+        "(default 0: off; the exported model is GAP -> Dense either way)",
+    )
+    p.add_argument("--cam-top-k", type=int, default=4, help="CAM positions pooled by that loss")
+    p.add_argument(
+        "--gap-loss-weight", type=float, default=1.0,
+        help="weight of the classifier's own (GAP) cross-entropy in the first phase",
+    )
+    p.add_argument(
+        "--head-epochs", type=int, default=0,
+        help="then fit the Dense head alone (backbone frozen) with the GAP loss",
+    )
     p.add_argument("--steps-per-epoch", type=int, help="cap steps per epoch (smoke tests)")
 
 
@@ -223,6 +243,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         hflip=args.hflip,
+        max_zoom=args.max_zoom,
+        max_shift=args.max_shift,
+        label_smoothing=args.label_smoothing,
+        cam_loss_weight=args.cam_loss_weight,
+        cam_top_k=args.cam_top_k,
+        gap_loss_weight=args.gap_loss_weight,
+        head_epochs=args.head_epochs,
         steps_per_epoch=args.steps_per_epoch,
     )
     train(train_set, val_set, cfg, args.run)

@@ -35,6 +35,19 @@ class TrainConfig:
     brightness: float = 0.08
     contrast: float = 0.1
     hflip: bool = False  # off by default: chest anatomy is not left-right symmetric
+    max_shift: float = 0.0  # random translation, fraction of the image side (0 = off)
+    label_smoothing: float = 0.0
+    # Localisation aid: an extra cross-entropy on the CAM pooled by the mean of its top-k
+    # positions (weight 0 = off). It trains the same weights; the classifier and its export
+    # stay GAP -> Dense. With GAP alone the loss rewards spreading class evidence over as
+    # many positions as possible, so from scratch the CAM's peak need not sit on the lesion.
+    cam_loss_weight: float = 0.0
+    cam_top_k: int = 4
+    gap_loss_weight: float = 1.0  # 0: the first phase trains through the pooled CAM only
+    # Then this many epochs fit the head alone (backbone frozen, batch norm in inference
+    # mode) with the classifier's own GAP loss, so that the shipped GAP -> Dense
+    # probabilities are trained as such on the features the first phase learnt.
+    head_epochs: int = 0
     # Keras's MobileNetV2 uses batch-norm momentum 0.999, tuned for ImageNet-length runs:
     # on a few thousand steps the moving statistics stay near their initial values and
     # validation (inference mode) lags far behind training. A training hyperparameter;
@@ -63,6 +76,13 @@ def _augmenter(cfg: TrainConfig) -> Any:
         keras.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 255.0), seed=cfg.seed + 2),
         keras.layers.RandomContrast(cfg.contrast, seed=cfg.seed + 3),
     ]
+    if cfg.max_shift > 0:
+        layers.append(
+            keras.layers.RandomTranslation(
+                cfg.max_shift, cfg.max_shift, fill_mode="constant", fill_value=0.0,
+                seed=cfg.seed + 5,
+            )
+        )
     if cfg.hflip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=cfg.seed + 4))
     return keras.Sequential(layers, name="augment")
@@ -124,6 +144,97 @@ def make_dataset(data: ImageSet, cfg: TrainConfig, *, training: bool) -> Any:
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _cam_pool_layer(head: Any, k: int) -> Any:
+    """A layer: (out_relu features, GAP probs) -> (N, 2, C) = [GAP probs, top-k CAM probs].
+
+    The CAM is the head's own kernel and bias applied at every position (as in the export
+    twin); its per-class mean over the ``k`` highest positions goes through a softmax."""
+    import keras
+    from keras import ops
+
+    class TopKCamPool(keras.layers.Layer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._shared = [head]  # a list: the head's weights stay the classifier's own
+
+        def call(self, inputs: Any) -> Any:
+            features, gap_probs = inputs
+            dense = self._shared[0]
+            cam = ops.matmul(features, dense.kernel) + dense.bias  # (N, h, w, C)
+            classes = ops.shape(cam)[-1]
+            flat = ops.transpose(ops.reshape(cam, (ops.shape(cam)[0], -1, classes)), (0, 2, 1))
+            top, _ = ops.top_k(flat, k=k, sorted=False)
+            pooled = ops.softmax(ops.mean(top, axis=-1), axis=-1)
+            return ops.stack([gap_probs, pooled], axis=1)
+
+    return TopKCamPool(name="cam_topk")
+
+
+def build_training_model(model: Any, cfg: TrainConfig) -> Any:
+    """What ``fit`` trains: the classifier itself, or with ``cam_loss_weight`` a twin whose
+    output stacks the classifier's probabilities and the top-k pooled CAM's; both share
+    every weight, so training the twin trains the classifier."""
+    import keras
+
+    from training.model import HEAD
+
+    if cfg.cam_loss_weight <= 0:
+        return model
+    k = max(1, cfg.cam_top_k)
+    features = model.get_layer("out_relu").output
+    stacked = _cam_pool_layer(model.get_layer(HEAD), k)([features, model.output])
+    return keras.Model(model.input, stacked, name="cxrd_train_twin")
+
+
+def _loss_and_accuracy(cfg: TrainConfig) -> tuple[Any, Any]:
+    """Cross-entropy on the classifier's probabilities (with label smoothing), plus
+    ``cam_loss_weight`` times that on the pooled CAM's when the twin is trained."""
+    from keras import ops
+
+    n = len(CLASS_NAMES)
+    smooth, weight = cfg.label_smoothing, cfg.cam_loss_weight
+    gap_weight = cfg.gap_loss_weight
+
+    def _ce(target: Any, probs: Any) -> Any:
+        return -ops.sum(target * ops.log(ops.clip(probs, 1e-7, 1.0)), axis=-1)
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        target = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n)
+        if smooth > 0:
+            target = target * (1.0 - smooth) + smooth / n
+        if weight > 0:
+            return gap_weight * _ce(target, y_pred[:, 0]) + weight * _ce(target, y_pred[:, 1])
+        return _ce(target, y_pred)
+
+    def accuracy(y_true: Any, y_pred: Any) -> Any:
+        # the pooled CAM's when only it is trained, else the classifier's
+        probs = (y_pred[:, 1] if gap_weight <= 0 else y_pred[:, 0]) if weight > 0 else y_pred
+        labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        return ops.cast(ops.equal(ops.cast(ops.argmax(probs, axis=-1), "int32"), labels),
+                        "float32")
+
+    return loss, accuracy
+
+
+def _checkpoint_callback(model: Any, path: Path) -> Any:
+    """Save the classifier's weights whenever the validation loss improves."""
+    import keras
+
+    class BestClassifier(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = float("inf")
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            value = (logs or {}).get("val_loss")
+            if value is not None and float(value) < self.best:
+                self.best = float(value)
+                model.save_weights(str(path))
+                log.info("epoch %d: val_loss %.4f, saved %s", epoch + 1, self.best, path)
+
+    return BestClassifier()
+
+
 def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Path) -> Any:
     """Train and return the Keras model with the best validation loss.
 
@@ -141,10 +252,12 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = cfg.bn_momentum
-    model.compile(
+    fitted = build_training_model(model, cfg)
+    loss, accuracy = _loss_and_accuracy(cfg)
+    fitted.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=[accuracy],
         jit_compile=False,  # XLA is 10-30x slower on the CPU for this model
     )
     steps = cfg.steps_per_epoch or max(1, int(np.ceil(len(train_set) / cfg.batch_size)))
@@ -164,9 +277,7 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
     calibration = make_dataset(train_set, cfg, training=False).shuffle(64, seed=cfg.seed)
     callbacks = [
         _recalibration_callback(calibration.repeat(), RECALIBRATION_STEPS),
-        keras.callbacks.ModelCheckpoint(
-            str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
-        ),
+        _checkpoint_callback(model, checkpoint),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.patience, restore_best_weights=True
         ),
@@ -182,7 +293,7 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
         steps,
         weights,
     )
-    model.fit(
+    fitted.fit(
         make_dataset(train_set, cfg, training=True),
         validation_data=make_dataset(val_set, cfg, training=False),
         epochs=cfg.epochs,
@@ -193,8 +304,47 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
     )
     if checkpoint.exists():
         model.load_weights(str(checkpoint))
+    if cfg.head_epochs > 0:
+        _fit_head(model, train_set, val_set, cfg, out_dir, checkpoint, steps, weights)
     plot_curves(out_dir / "history.csv", out_dir / "curves.png")
     return model
+
+
+def _fit_head(model: Any, train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig,
+              out_dir: Path, checkpoint: Path, steps: int, weights: dict[int, float]) -> None:
+    """Second phase: the Dense head alone, under the classifier's own GAP loss."""
+    import dataclasses
+
+    import keras
+
+    from training.model import HEAD
+
+    for layer in model.layers:
+        layer.trainable = layer.name == HEAD
+    head_cfg = dataclasses.replace(cfg, cam_loss_weight=0.0)
+    loss, accuracy = _loss_and_accuracy(head_cfg)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss,
+                  metrics=[accuracy], jit_compile=False)
+    log.info("fitting the head alone for %d epochs (backbone frozen)", cfg.head_epochs)
+    checkpoint.unlink(missing_ok=True)  # the best of this phase is what ships
+    model.fit(
+        make_dataset(train_set, cfg, training=True),
+        validation_data=make_dataset(val_set, cfg, training=False),
+        epochs=cfg.head_epochs,
+        steps_per_epoch=steps,
+        class_weight=weights,
+        callbacks=[
+            _checkpoint_callback(model, checkpoint),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                          restore_best_weights=True),
+            keras.callbacks.CSVLogger(str(out_dir / "history_head.csv")),
+        ],
+        verbose=2,
+    )
+    for layer in model.layers:
+        layer.trainable = True
+    if checkpoint.exists():
+        model.load_weights(str(checkpoint))
 
 
 def plot_curves(history_csv: Path, out: Path) -> None:

@@ -255,3 +255,54 @@ def test_evaluate_writes_report_and_records_operating_point(
     assert info.operating_point.tb_threshold == pytest.approx(op["threshold"])
     assert op["sensitivity"] >= 0.9
     assert info.metrics["val_accuracy"] == pytest.approx(report["splits"]["val"]["accuracy"])
+
+
+def test_cam_pool_twin_shares_the_classifiers_weights() -> None:
+    """The top-k pooled CAM output is the head applied at every position, pooled by the
+    mean of the k highest; it adds no weight of its own."""
+    from training.train import TrainConfig, build_training_model
+
+    model = build_classifier(SIZE, "none")
+    k = 3
+    twin = build_training_model(model, TrainConfig(input_size=SIZE, cam_loss_weight=1.0,
+                                                   cam_top_k=k))
+    assert len(twin.weights) == len(model.weights)
+    assert {id(w) for w in twin.weights} == {id(w) for w in model.weights}
+    x = np.random.default_rng(3).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+    out = np.asarray(twin(x, training=False))
+    _, cam = build_export_model(model).predict(x, verbose=0)
+    flat = cam.reshape(2, -1, 3)
+    pooled = np.sort(flat, axis=1)[:, -k:, :].mean(axis=1)
+    assert out.shape == (2, 2, 3)
+    assert np.allclose(out[:, 0], model.predict(x, verbose=0), atol=1e-5)
+    assert np.allclose(out[:, 1], softmax(pooled), atol=1e-5)
+
+
+def test_head_phase_changes_only_the_head(trained: dict[str, Path], tmp_path: Path) -> None:
+    """The second phase fits the Dense head alone: every other weight (batch-norm statistics
+    included) is unchanged, the model is trainable again afterwards, and the export still
+    holds the CAM identity. The two-phase run itself goes through ``train``."""
+    from training.train import TrainConfig, _fit_head, class_weights, train
+
+    records = sources.read_manifest(trained["manifest"])
+    sets = {
+        split: load_images([r for r in records if r.split == split], SIZE)
+        for split in ("train", "val")
+    }
+    cfg = TrainConfig(input_size=SIZE, epochs=1, batch_size=8, steps_per_epoch=2,
+                      cam_loss_weight=1.0, gap_loss_weight=0.0, cam_top_k=2,
+                      label_smoothing=0.05, max_shift=0.05, head_epochs=1)
+    model = train(sets["train"], sets["val"], cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "history_head.csv").is_file()
+    before = {la.name: [np.array(w) for w in la.get_weights()] for la in model.layers}
+    _fit_head(model, sets["train"], sets["val"], cfg, tmp_path / "run",
+              tmp_path / "run" / "head.weights.h5", 2, class_weights(sets["train"].labels))
+    for layer in model.layers:
+        after = layer.get_weights()
+        same = all(np.array_equal(a, b) for a, b in zip(before[layer.name], after,
+                                                          strict=True))
+        assert same == (layer.name != "head"), layer.name
+        assert layer.trainable
+    x = to_inputs(sets["val"].images[:2])
+    probs, cam = build_export_model(model).predict(x, verbose=0)
+    assert np.allclose(softmax(cam.mean(axis=(1, 2))), probs, atol=1e-5)
