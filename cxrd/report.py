@@ -150,7 +150,8 @@ class ImageResult:
     the full-size geometry. ``display`` is the source as 8-bit grey after the modality/VOI
     LUTs and MONOCHROME1 inversion, already downscaled to at most DISPLAY_MAX_SIDE on the
     long side with the aspect ratio kept. ``probs`` are P(TB), P(NTB), P(NORM).
-    ``cam`` is (h, w, 3) raw class-activation logits over the model input, which is the
+    ``cam`` is (h, w, 3) class-activation logits (centred over the classes, see
+    ``training.model.build_export_model``) over the model input, which is the
     image stretched to a square.
     """
 

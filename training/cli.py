@@ -147,7 +147,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("cxrd/models/cxrd-demo.onnx"))
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-test", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--ship-below-target", action="store_true",
                    help="ship even below the acceptance figures (they stay in the metadata)")

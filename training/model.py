@@ -80,21 +80,29 @@ def build_classifier(input_size: int = 224, weights: str = "none") -> Any:
 def build_export_model(model: Any) -> Any:
     """A twin with outputs ``probs`` and ``cam`` sharing the classifier's weights.
 
-    ``cam`` is the head's Dense applied to every ``out_relu`` position (logits, before
-    softmax). Because the head is GAP then Dense, mean(cam) equals the head's logits, so
+    ``cam`` is the head's Dense applied at every ``out_relu`` position (logits, before
+    softmax), centred over the classes: at each position the mean over the three classes
+    is subtracted. That part is common to every class, and softmax ignores it, so it holds
+    no evidence for one class over another; left in, it can put every class's peak at the
+    same place (the place with the strongest features), whatever the lesion. The centring
+    is folded into the Dense weights (kernel and bias times I - 1/3), so the graph is still
+    GAP -> Dense, mean(cam) is the head's logits minus their mean, and
     softmax(mean(cam)) == probs exactly. Spatial size is dynamic.
     """
     import keras
+    import numpy as np
     from keras.layers import Activation, Dense, GlobalAveragePooling2D, Input
 
     head = model.get_layer(HEAD)
     kernel, bias = head.get_weights()
+    n = len(CLASS_NAMES)
+    centre = np.eye(n, dtype=np.float32) - np.float32(1.0 / n)
     backbone = keras.Model(model.input, model.get_layer("out_relu").output)
     inputs = Input(shape=(None, None, 3), name=INPUT_NAME)
     features = backbone(inputs)
-    cam_dense = Dense(len(CLASS_NAMES), activation=None, name="cam_dense")
+    cam_dense = Dense(n, activation=None, name="cam_dense")
     cam = cam_dense(features)
-    cam_dense.set_weights([kernel, bias])
+    cam_dense.set_weights([kernel @ centre, bias @ centre])
     logits = GlobalAveragePooling2D(name="gap")(cam)
     probs = Activation("softmax", name=OUTPUT_PROBS)(logits)
     cam = Activation("linear", name=OUTPUT_CAM)(cam)

@@ -176,6 +176,13 @@ def test_export_model_cam_identity() -> None:
     probs, cam = twin.predict(x, verbose=0)
     assert np.allclose(softmax(cam.mean(axis=(1, 2))), probs, atol=1e-5)
     assert np.allclose(model.predict(x, verbose=0), probs, atol=1e-5)
+    # the head at every position, centred over the classes
+    features = keras.Model(model.input, model.get_layer("out_relu").output).predict(
+        x, verbose=0)
+    kernel, bias = model.get_layer("head").get_weights()
+    raw = features @ kernel + bias
+    assert np.allclose(cam, raw - raw.mean(axis=-1, keepdims=True), atol=1e-4)
+    assert np.allclose(cam.sum(axis=-1), 0.0, atol=1e-4)
 
 
 def test_weights_from_local_files(tmp_path: Path) -> None:
