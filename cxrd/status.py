@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
@@ -130,6 +130,23 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 )
                 or 0
             ),
+            # Failed in the study's current generation: a reprocess of the study (which
+            # queues a new generation) answers a failure, so it no longer makes the node
+            # unhealthy; if the retry fails too, that failure counts.
+            "jobs_failed_unresolved": int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(
+                        Job.state == JobState.FAILED.value,
+                        ~exists().where(
+                            Study.study_instance_uid == Job.study_instance_uid,
+                            Study.generation > Job.generation,
+                        ),
+                    )
+                )
+                or 0
+            ),
             "results": _counts(s, Result.kind),
             # One current SR per reported study; a reprocess supersedes (never deletes) it.
             "reports": {
@@ -165,7 +182,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
             },
         }
     doc["healthy"] = (
-        doc["jobs"].get(JobState.FAILED.value, 0) == 0
+        doc["jobs_failed_unresolved"] == 0
         and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0
     )
     return doc

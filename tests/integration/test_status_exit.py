@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from cxrd.config import load_config
-from cxrd.db import Database, Delivery, Instance, Job, Result
-from cxrd.domain import DeliveryState, InstanceState, JobState, ResultKind
+from cxrd.db import Database, Delivery, Instance, Job, Result, Study
+from cxrd.domain import DeliveryState, InstanceState, JobState, ResultKind, StudyState
 
 
 def _status(config: Path) -> subprocess.CompletedProcess[str]:
@@ -45,6 +45,18 @@ def test_exit_codes(tmp_path: Path) -> None:
     assert failed.returncode == 2
     doc = json.loads(failed.stdout)
     assert doc["healthy"] is False and doc["recent_failures"][0]["error"] == "DecodeError: broken"
+    assert doc["jobs_failed_unresolved"] == 1
+
+    # `cxrd reprocess` queued the study again (a new generation): the old failure is
+    # answered, the node is healthy; a failure of the retry counts again.
+    with db.session() as s:
+        s.add(Study(study_instance_uid="1.2.3", state=StudyState.ADMITTED.value, generation=2))
+    assert _status(config).returncode == 0
+    with db.session() as s:
+        inst = _instance(s, "1.2.3.2")
+        s.add(Job(instance_id=inst.id, study_instance_uid="1.2.3", generation=2,
+                  state=JobState.FAILED.value, attempts=3, error="DecodeError: again"))
+    assert _status(config).returncode == 2
 
     with db.session() as s:
         for job in s.query(Job).all():
