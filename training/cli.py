@@ -88,6 +88,10 @@ def _add_train(sub: Any) -> None:
         action="store_true",
         help="add left-right flips (off by default: the chest is not symmetric)",
     )
+    p.add_argument(
+        "--vflip", action="store_true",
+        help="add upside-down copies (off by default); a localisation aid, see TrainConfig",
+    )
     p.add_argument("--max-zoom", type=float, default=0.08, help="random zoom, +- fraction")
     p.add_argument(
         "--max-shift", type=float, default=0.0,
@@ -147,7 +151,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("cxrd/models/cxrd-demo.onnx"))
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-test", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--ship-below-target", action="store_true",
                    help="ship even below the acceptance figures (they stay in the metadata)")
@@ -243,6 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         hflip=args.hflip,
+        vflip=args.vflip,
         max_zoom=args.max_zoom,
         max_shift=args.max_shift,
         label_smoothing=args.label_smoothing,

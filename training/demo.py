@@ -22,15 +22,12 @@ MIN_ACCURACY = 0.95
 MIN_POINTING_GAME = 0.90
 PHANTOM_SIZE = (610, 500)  # the full-size 2500 x 2048 aspect, small enough to train quickly
 DEMO_NAME = "cxrd-demo-phantom"
-DEMO_VERSION = "1.1.0"
-#: The demo recipe's training options (``python -m training train --help``), see
-#: ``build_demo``.
-DEMO_TRAIN_FLAGS: tuple[str, ...] = (
-    "--input-size", "512",  # a 16 x 16 CAM: finer, and each position sees less of the image
-    "--cam-loss-weight", "1.0", "--cam-top-k", "4",
-    "--max-shift", "0.1", "--max-zoom", "0.12",
-    "--label-smoothing", "0.05",  # TB scores stay below 1.0: the operating point means something
-)
+DEMO_VERSION = "1.0.0"
+#: The demo recipe's training options (``python -m training train --help``), passed after
+#: the fixed ones in ``build_demo``. Empty: the shipped model was trained with the
+#: defaults (224 px, GAP loss only). The localisation aids (pooled-CAM loss, vflip, 512 px)
+#: are not in it yet: none has reached the pointing-game target in a full run.
+DEMO_TRAIN_FLAGS: tuple[str, ...] = ()
 
 
 class DemoBelowTarget(RuntimeError):
@@ -60,7 +57,7 @@ def build_demo(
     *,
     n_train: int = 3000,
     n_test: int = 600,
-    epochs: int = 8,
+    epochs: int = 15,
     seed: int = 7,
     ship_below_target: bool = False,
 ) -> dict[str, float]:

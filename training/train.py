@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ class TrainConfig:
     contrast: float = 0.1
     hflip: bool = False  # off by default: chest anatomy is not left-right symmetric
     max_shift: float = 0.0  # random translation, fraction of the image side (0 = off)
+    # Upside-down copies (off by default: not a mild augmentation). A localisation aid: a
+    # model that must classify both orientations cannot tie a class to a place in the
+    # frame, nor shift its evidence by a fixed amount up or down from the lesion.
+    vflip: bool = False
     label_smoothing: float = 0.0
     # Localisation aid: an extra cross-entropy on the CAM pooled by the mean of its top-k
     # positions (weight 0 = off). It trains the same weights; the classifier and its export
@@ -85,6 +90,8 @@ def _augmenter(cfg: TrainConfig) -> Any:
         )
     if cfg.hflip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=cfg.seed + 4))
+    if cfg.vflip:
+        layers.append(keras.layers.RandomFlip("vertical", seed=cfg.seed + 6))
     return keras.Sequential(layers, name="augment")
 
 
@@ -229,7 +236,11 @@ def _checkpoint_callback(model: Any, path: Path) -> Any:
             value = (logs or {}).get("val_loss")
             if value is not None and float(value) < self.best:
                 self.best = float(value)
-                model.save_weights(str(path))
+                # beside it, then renamed: a crash (or a reader holding the HDF5 file
+                # lock) never leaves a truncated checkpoint, and never stops the run
+                tmp = path.with_name(path.name.removesuffix(".weights.h5") + ".tmp.weights.h5")
+                model.save_weights(str(tmp))
+                os.replace(tmp, path)
                 log.info("epoch %d: val_loss %.4f, saved %s", epoch + 1, self.best, path)
 
     return BestClassifier()
