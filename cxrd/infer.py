@@ -30,7 +30,7 @@ class Prediction:
     """The model's outputs for one image."""
 
     probs: npt.NDArray[np.float32]  # (3,) TB, NTB, NORM
-    cam: npt.NDArray[np.float32]  # (h, w, 3) class activation logits, centred over classes
+    cam: npt.NDArray[np.float32]  # (h, w, 3) class activation logits (centred: see export)
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
