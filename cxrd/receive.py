@@ -251,7 +251,7 @@ class Receiver:
                           str(event.context.transfer_syntax),
                           PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
             outcome = self.ingestor.store(
-                data, source, name=str(event.request.AffectedSOPInstanceUID or ""),
+                data, source, name=str(request.AffectedSOPInstanceUID or ""),
                 expected_sop_class=str(event.context.abstract_syntax))
         except Exception as exc:  # the handler must answer, whatever happened
             log.exception("action=store-error source=%s", source)

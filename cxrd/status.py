@@ -24,6 +24,11 @@ def _counts(s: Any, column: Any) -> dict[str, int]:
     }
 
 
+def _count(s: Any, model: Any, *conditions: Any) -> int:
+    """Rows of ``model`` meeting every condition."""
+    return int(s.scalar(select(func.count()).select_from(model).where(*conditions)) or 0)
+
+
 def collect(config: Config, db: Database) -> dict[str, Any]:
     """The status document (its shape is documented in the README)."""
     info = read_model_info(resolve_model_path(config.model.path))
@@ -122,54 +127,32 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
             "skipped": {k: v for k, v in _counts(s, Instance.reason).items() if k != "None"},
             "studies": _counts(s, Study.state),
             "jobs": _counts(s, Job.state),
-            "queue_depth": int(
-                s.scalar(
-                    select(func.count())
-                    .select_from(Job)
-                    .where(Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value)))
-                )
-                or 0
+            "queue_depth": _count(
+                s, Job, Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value))
             ),
             # Failed in the study's current generation: a reprocess of the study (which
             # queues a new generation) answers a failure, so it no longer makes the node
             # unhealthy; if the retry fails too, that failure counts.
-            "jobs_failed_unresolved": int(
-                s.scalar(
-                    select(func.count())
-                    .select_from(Job)
-                    .where(
-                        Job.state == JobState.FAILED.value,
-                        ~exists().where(
-                            Study.study_instance_uid == Job.study_instance_uid,
-                            Study.generation > Job.generation,
-                        ),
-                    )
-                )
-                or 0
+            "jobs_failed_unresolved": _count(
+                s,
+                Job,
+                Job.state == JobState.FAILED.value,
+                ~exists().where(
+                    Study.study_instance_uid == Job.study_instance_uid,
+                    Study.generation > Job.generation,
+                ),
             ),
             "results": _counts(s, Result.kind),
             # One current SR per reported study; a reprocess supersedes (never deletes) it.
             "reports": {
-                "current": int(
-                    s.scalar(
-                        select(func.count())
-                        .select_from(Study)
-                        .where(Study.sr_sop_instance_uid.is_not(None))
-                    )
-                    or 0
-                ),
-                "superseded": int(
-                    s.scalar(
-                        select(func.count())
-                        .select_from(Result)
-                        .where(
-                            Result.kind == ResultKind.SR.value,
-                            Result.sop_instance_uid.in_(
-                                select(Result.supersedes).where(Result.supersedes.is_not(None))
-                            ),
-                        )
-                    )
-                    or 0
+                "current": _count(s, Study, Study.sr_sop_instance_uid.is_not(None)),
+                "superseded": _count(
+                    s,
+                    Result,
+                    Result.kind == ResultKind.SR.value,
+                    Result.sop_instance_uid.in_(
+                        select(Result.supersedes).where(Result.supersedes.is_not(None))
+                    ),
                 ),
             },
             "rejected": _counts(s, Rejection.reason),

@@ -304,9 +304,11 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
         steps,
         weights,
     )
+    train_ds = make_dataset(train_set, cfg, training=True)
+    val_ds = make_dataset(val_set, cfg, training=False)
     fitted.fit(
-        make_dataset(train_set, cfg, training=True),
-        validation_data=make_dataset(val_set, cfg, training=False),
+        train_ds,
+        validation_data=val_ds,
         epochs=cfg.epochs,
         steps_per_epoch=steps,
         class_weight=weights,
@@ -316,14 +318,15 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
     if checkpoint.exists():
         model.load_weights(str(checkpoint))
     if cfg.head_epochs > 0:
-        _fit_head(model, train_set, val_set, cfg, out_dir, checkpoint, steps, weights)
+        _fit_head(model, train_ds, val_ds, cfg, out_dir, checkpoint, steps, weights)
     plot_curves(out_dir / "history.csv", out_dir / "curves.png")
     return model
 
 
-def _fit_head(model: Any, train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig,
-              out_dir: Path, checkpoint: Path, steps: int, weights: dict[int, float]) -> None:
-    """Second phase: the Dense head alone, under the classifier's own GAP loss."""
+def _fit_head(model: Any, train_ds: Any, val_ds: Any, cfg: TrainConfig, out_dir: Path,
+              checkpoint: Path, steps: int, weights: dict[int, float]) -> None:
+    """Second phase: the Dense head alone, under the classifier's own GAP loss, on the
+    first phase's datasets (``make_dataset``)."""
     import dataclasses
 
     import keras
@@ -339,8 +342,8 @@ def _fit_head(model: Any, train_set: ImageSet, val_set: ImageSet, cfg: TrainConf
     log.info("fitting the head alone for %d epochs (backbone frozen)", cfg.head_epochs)
     checkpoint.unlink(missing_ok=True)  # the best of this phase is what ships
     model.fit(
-        make_dataset(train_set, cfg, training=True),
-        validation_data=make_dataset(val_set, cfg, training=False),
+        train_ds,
+        validation_data=val_ds,
         epochs=cfg.head_epochs,
         steps_per_epoch=steps,
         class_weight=weights,

@@ -222,27 +222,36 @@ def test_delivery_older_than_max_age_becomes_dead(tmp_path: Path, db: Database) 
     assert state[old][1] and state[young][1]  # both say why
 
 
+def assert_permanent_and_not_hammered(sender: Sender, scp: PynetdicomSCP, db: Database,
+                                      n: int) -> list[Delivery]:
+    """One pass reaches the peer once and leaves every delivery pending with a PERMANENT
+    error, due again only at the maximum backoff (30 s); then the sender's own loop, for a
+    while, makes no new association attempt at all (a transient failure with a 0.1 s
+    initial backoff would be retried several times meanwhile). Returns the rows."""
+    before = utcnow()
+    assert sender.run_once() == n
+    assert scp.connections == 1
+    rows = deliveries(db)
+    for row in rows:
+        assert row.state == DeliveryState.PENDING.value
+        assert row.last_error is not None and row.last_error.startswith("PERMANENT"), \
+            row.last_error
+        assert 30 <= (row.next_attempt_at - before).total_seconds() <= 32
+    sender.start()
+    time.sleep(2.5)
+    sender.stop()
+    assert scp.connections == 1
+    assert not scp.stored
+    return rows
+
+
 def test_permanent_rejection_is_reported_and_not_hammered(
         tmp_path: Path, db: Database, pynetdicom_scp: Callable[..., PynetdicomSCP]) -> None:
     scp = pynetdicom_scp(require_calling_aet=["SOMEONE_ELSE"])
     config = sender_config(tmp_path, [("pacs", scp.port)], initial=0.1, maximum=30)
     queue_results(db, tmp_path / "results", 3, ["pacs"])
     sender = Sender(config, db)
-    before = utcnow()
-    assert sender.run_once() == 3
-    assert scp.connections == 1
-    for row in deliveries(db):
-        assert row.state == DeliveryState.PENDING.value
-        assert row.last_error is not None and row.last_error.startswith("PERMANENT"), \
-            row.last_error
-        assert 30 <= (row.next_attempt_at - before).total_seconds() <= 32
-    # the sender's own loop, for a while: no new association attempt at all (a transient
-    # failure with this initial backoff would be retried several times meanwhile)
-    sender.start()
-    time.sleep(2.5)
-    sender.stop()
-    assert scp.connections == 1
-    assert not scp.stored
+    assert_permanent_and_not_hammered(sender, scp, db, 3)
 
 
 @pytest.mark.parametrize("sop_classes", [(COMPREHENSIVE_SR,), (CT,)],
@@ -257,21 +266,10 @@ def test_sop_class_not_accepted_is_permanent_and_not_hammered(
     config = sender_config(tmp_path, [("pacs", scp.port)], initial=0.1, maximum=30)
     queue_results(db, tmp_path / "results", 2, ["pacs"])
     sender = Sender(config, db)
-    before = utcnow()
-    assert sender.run_once() == 2
-    assert scp.connections == 1
-    for row in deliveries(db):
-        assert row.state == DeliveryState.PENDING.value
+    for row in assert_permanent_and_not_hammered(sender, scp, db, 2):
         assert row.attempts == 1
-        assert row.last_error is not None and row.last_error.startswith("PERMANENT"), \
-            row.last_error
-        assert "presentation context" in row.last_error and SC in row.last_error
-        assert 30 <= (row.next_attempt_at - before).total_seconds() <= 32
-    sender.start()
-    time.sleep(2.5)
-    sender.stop()
-    assert scp.connections == 1
-    assert not scp.stored
+        assert row.last_error is not None and "presentation context" in row.last_error
+        assert SC in row.last_error
 
 
 def test_refused_object_is_dead_at_once_out_of_resources_is_retried(

@@ -289,7 +289,7 @@ def test_head_phase_changes_only_the_head(trained: dict[str, Path], tmp_path: Pa
     """The second phase fits the Dense head alone: every other weight (batch-norm statistics
     included) is unchanged, the model is trainable again afterwards, and the export still
     holds the CAM identity. The two-phase run itself goes through ``train``."""
-    from training.train import TrainConfig, _fit_head, class_weights, train
+    from training.train import TrainConfig, _fit_head, class_weights, make_dataset, train
 
     records = sources.read_manifest(trained["manifest"])
     sets = {
@@ -302,7 +302,8 @@ def test_head_phase_changes_only_the_head(trained: dict[str, Path], tmp_path: Pa
     model = train(sets["train"], sets["val"], cfg, tmp_path / "run")
     assert (tmp_path / "run" / "history_head.csv").is_file()
     before = {la.name: [np.array(w) for w in la.get_weights()] for la in model.layers}
-    _fit_head(model, sets["train"], sets["val"], cfg, tmp_path / "run",
+    _fit_head(model, make_dataset(sets["train"], cfg, training=True),
+              make_dataset(sets["val"], cfg, training=False), cfg, tmp_path / "run",
               tmp_path / "run" / "head.weights.h5", 2, class_weights(sets["train"].labels))
     for layer in model.layers:
         after = layer.get_weights()
