@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: import cxrd, t
 
 ORTHANC = "/usr/sbin/Orthanc"  # Debian installs it outside a normal user's PATH
 LABELS = ("TB", "NTB", "NORM")
-PEERS = ("cxrd", "storescp", "orthanc")
+PEERS = ("cxrd", "storescp", "orthanc", "pynetdicom")
 CALLING_AE = "BENCH"
 
 
@@ -322,6 +322,32 @@ class Orthanc(Receiver):
         return int(self._get("/statistics")["CountInstances"])
 
 
+class NoopPynetdicom(Receiver):
+    """``bench/noop_scp.py``: pynetdicom with cxrd's receiver set-up (contexts, PDU size,
+    event-driven reactors, SO_REUSEPORT processes) answering Success without storing: the
+    ceiling of the network stack cxrd is built on. Not durable."""
+
+    called_ae = "PYNETDICOM"
+
+    def __init__(self, run_dir: Path, max_pdu: int, processes: int) -> None:
+        self.processes = processes
+        self.name = f"pynetdicom P={processes}"
+        super().__init__(run_dir, max_pdu)
+
+    def start(self) -> None:
+        self.count_file = self.run_dir / "stored.count"
+        self._popen([sys.executable, str(ROOT / "bench" / "noop_scp.py"), "--port",
+                     str(self.port), "--ae-title", self.called_ae, "--max-pdu",
+                     str(self.max_pdu), "--processes", str(self.processes), "--count-file",
+                     str(self.count_file)])
+        assert self.proc is not None
+        wait_until(lambda: listeners(self.port) >= self.processes, 60, self.name, self.proc,
+                   self.log_path)
+
+    def count(self) -> int:
+        return self.count_file.stat().st_size if self.count_file.exists() else 0
+
+
 class Cxrd(Receiver):
     """``cxrd serve`` with R receiver processes sharing the port; from this checkout, or
     from ``src`` (another checkout's folder, put first on PYTHONPATH) for ``--compare``."""
@@ -471,6 +497,8 @@ def make_receiver(name: str, run_dir: Path, max_pdu: int,
         return StoreScp(run_dir, max_pdu)
     if name == "orthanc":
         return Orthanc(run_dir, max_pdu)
+    if name.startswith("pynetdicom P="):
+        return NoopPynetdicom(run_dir, max_pdu, int(name.partition("=")[2]))
     label, _, count = name.partition(" R=")
     return Cxrd(run_dir, max_pdu, int(count), label, sources.get(label))
 
@@ -597,8 +625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     receivers: list[str] = []
     for peer in PEERS:
         if peer in only:
-            receivers += ([f"{label} R={r}" for label in ("cxrd", *sources) for r in counts]
-                          if peer == "cxrd" else [peer])
+            if peer == "cxrd":
+                receivers += [f"{label} R={r}" for label in ("cxrd", *sources) for r in counts]
+            elif peer == "pynetdicom":  # as many processes as cxrd's receivers
+                receivers += [f"pynetdicom P={r}" for r in counts]
+            else:
+                receivers.append(peer)
     if args.repeats < 1 or args.large < 0 or args.small < 0 or not args.large + args.small:
         raise SystemExit("--repeats must be >= 1 and --large + --small >= 1")
     if "storescp" in only or "cxrd" in only:
@@ -624,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  data        {inp.spec.label}: {len(inp.files)} files, "
               f"{inp.total_bytes / 1e6:.0f} MB, {inp.spec.per_study} per study")
     print(f"  receivers   {', '.join(receivers)}; max PDU {args.max_pdu} for all; "
-          "storescp --fork (no fsync); Orthanc SyncStorageArea=true")
+          "storescp --fork (no fsync); Orthanc SyncStorageArea=true; pynetdicom: "
+          "bench/noop_scp.py (stores nothing)")
     print(f"  sender      {env['storescu']}; TCP_NODELAY=1; associations "
           f"{','.join(map(str, associations))}; repeats {args.repeats}")
     print(f"  machine     {env['cpus']} CPUs, load average at start "

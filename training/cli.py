@@ -151,7 +151,6 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("cxrd/models/cxrd-demo.onnx"))
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-test", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--ship-below-target", action="store_true",
                    help="ship even below the acceptance figures (they stay in the metadata)")
@@ -347,7 +346,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.out,
         n_train=args.n_train,
         n_test=args.n_test,
-        epochs=args.epochs,
         seed=args.seed,
         ship_below_target=args.ship_below_target,
     )

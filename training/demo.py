@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import training.phantoms as phantoms
@@ -23,11 +24,31 @@ MIN_POINTING_GAME = 0.90
 PHANTOM_SIZE = (610, 500)  # the full-size 2500 x 2048 aspect, small enough to train quickly
 DEMO_NAME = "cxrd-demo-phantom"
 DEMO_VERSION = "1.0.0"
-#: The demo recipe's training options (``python -m training train --help``), passed after
-#: the fixed ones in ``build_demo``. Empty: the shipped model was trained with the
-#: defaults (224 px, GAP loss only). The localisation aids (pooled-CAM loss, vflip, 512 px)
-#: are not in it yet: none has reached the pointing-game target in a full run.
-DEMO_TRAIN_FLAGS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DemoStage:
+    """One ``python -m training train`` run of the demo recipe. A later stage starts from
+    the previous stage's best weights (``--weights PATH``): the network is fully
+    convolutional, so weights learnt at one input size load at another."""
+
+    input_size: int
+    epochs: int
+    flags: tuple[str, ...] = ()  # more ``train`` options, after the fixed ones
+
+    def argv(self, manifest: Path, run: Path, weights: str, seed: int) -> list[str]:
+        return ["train", "--manifest", str(manifest), "--run", str(run), "--weights", weights,
+                "--input-size", str(self.input_size), "--epochs", str(self.epochs),
+                "--seed", str(seed), *self.flags]
+
+
+#: The recipe of the shipped model (``python -m training train --help`` for the flags).
+DEMO_STAGES: tuple[DemoStage, ...] = (DemoStage(224, 15),)
+
+
+def demo_input_size() -> int:
+    """The input size of the model the recipe ships: its last stage's."""
+    return DEMO_STAGES[-1].input_size
 
 
 class DemoBelowTarget(RuntimeError):
@@ -57,7 +78,7 @@ def build_demo(
     *,
     n_train: int = 3000,
     n_test: int = 600,
-    epochs: int = 15,
+    stages: tuple[DemoStage, ...] = DEMO_STAGES,
     seed: int = 7,
     ship_below_target: bool = False,
 ) -> dict[str, float]:
@@ -67,6 +88,8 @@ def build_demo(
     figures are in the model's metadata either way, so status and the tests show them."""
     from training.cli import main
 
+    if not stages:
+        raise ValueError("the demo recipe needs at least one training stage")
     work.mkdir(parents=True, exist_ok=True)
     train_root, test_root = work / "phantoms-train", work / "phantoms-test"
     for root, n, s in ((train_root, n_train, seed), (test_root, n_test, seed + 1000)):
@@ -74,22 +97,14 @@ def build_demo(
             phantoms.generate_images(root, n, s, fmt="dcm", size=PHANTOM_SIZE, progress=True)
     manifest = work / "manifest.csv"
     phantom_manifest(train_root, test_root, manifest, seed)
-    run, model = work / "run", work / "model.onnx"
-    steps = [
-        [
-            "train",
-            "--manifest",
-            str(manifest),
-            "--run",
-            str(run),
-            "--weights",
-            "none",
-            "--epochs",
-            str(epochs),
-            "--seed",
-            str(seed),
-            *DEMO_TRAIN_FLAGS,
-        ],
+    steps: list[list[str]] = []
+    weights = "none"
+    for i, stage in enumerate(stages, 1):
+        run = work / f"run-{i}-{stage.input_size}"
+        steps.append(stage.argv(manifest, run, weights, seed))
+        weights = str(run / "checkpoint.weights.h5")
+    model = work / "model.onnx"
+    steps += [
         [
             "export",
             "--run",

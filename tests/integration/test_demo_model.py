@@ -13,7 +13,7 @@ from cxrd.infer import Classifier
 from cxrd.modelinfo import CLASS_NAMES, PREPROCESSING, demo_model_path, read_model_info
 from cxrd.preprocess import preprocess_dataset
 from training import metrics, phantoms
-from training.demo import DEMO_TRAIN_FLAGS, MIN_ACCURACY, MIN_POINTING_GAME, PHANTOM_SIZE
+from training.demo import MIN_ACCURACY, MIN_POINTING_GAME, PHANTOM_SIZE, demo_input_size
 
 FRESH_SEED = 424242
 
@@ -26,9 +26,7 @@ def test_demo_model_metadata() -> None:
     assert info.demo is True and info.display_name.startswith("DEMO ")
     assert info.class_names == CLASS_NAMES and info.preprocessing == PREPROCESSING
     # the input size of the recipe that made it (python -m training demo)
-    flags = list(DEMO_TRAIN_FLAGS)
-    size = int(flags[flags.index("--input-size") + 1]) if "--input-size" in flags else 224
-    assert info.input_size == size
+    assert info.input_size == demo_input_size()
     assert "phantom" in info.training_data
     op = info.operating_point
     # <= 1.0: the demo model is overconfident, many TB scores saturate at exactly 1.0

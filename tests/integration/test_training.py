@@ -196,9 +196,13 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
             )
     whole = tmp_path / "whole.weights.h5"
     source.save_weights(str(whole))
-    loaded = build_classifier(SIZE, str(whole))
-    for a, b in zip(source.weights, loaded.weights, strict=True):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # at the same input size, and at another one (the demo recipe's later stages start
+    # from an earlier stage's weights at a larger size)
+    for size in (SIZE, SIZE + 32):
+        loaded = build_classifier(size, str(whole))
+        assert loaded.input_shape == (None, size, size, 3)
+        for a, b in zip(source.weights, loaded.weights, strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
 
     backbone = keras.applications.MobileNetV2(
         input_shape=(SIZE, SIZE, 3), weights=None, include_top=False, alpha=0.35
