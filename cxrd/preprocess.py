@@ -456,15 +456,28 @@ def preprocess_file(path: str | Path, size: int, *, min_side: int | None = None)
     return to_model_input(resize_gray8(read_gray8(path, min_side), size))
 
 
-def bilinear_matrix(n_out: int, n_in: int) -> npt.NDArray[np.float64]:
+#: Where the CAM's cells sit on the model input, in cells. The Keras MobileNetV2 pads its
+#: five stride-2 convolutions on the bottom and right only ("same" for Conv1, ``correct_pad``
+#: ((0, 1), (0, 1)) for the blocks, at even sizes), so each halving puts output pixel o over
+#: input pixels 2o .. 2o+2, centred at 2o + 1. Composed, cell i of ``out_relu`` is centred
+#: on input pixel 32 i + 31 (for input sizes that are multiples of 32), not on the centre of
+#: its 32-pixel block (32 i + 15.5): half a cell, less half a pixel, further right and down.
+#: ``tests/integration/test_training.py`` measures it on the network's receptive fields.
+CAM_STRIDE = 32
+CAM_CELL_SHIFT = 0.5 - 0.5 / CAM_STRIDE
+
+
+def bilinear_matrix(n_out: int, n_in: int, shift: float = 0.0) -> npt.NDArray[np.float64]:
     """(n_out, n_in) bilinear interpolation weights, pixel centres aligned (half-pixel),
-    edges clamped.
+    edges clamped; with ``shift``, input sample i sits at i + ``shift`` instead of i (in
+    input samples).
 
     The stretch of step 5 maps model-grid positions to image positions this way, so the
-    CAM of the model input is mapped back to the image with it: by the heatmap and the
-    SR's region (``cxrd.report``) and by the pointing game (``training.metrics``) alike.
+    CAM of the model input is mapped back to the image with it, with
+    ``shift=CAM_CELL_SHIFT`` (where the cells really are): by the heatmap and the SR's
+    region (``cxrd.report``) and by the pointing game (``training.metrics``) alike.
     """
-    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5 - shift
     pos = np.clip(pos, 0.0, n_in - 1.0)
     lo = np.floor(pos).astype(np.intp)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -474,3 +487,9 @@ def bilinear_matrix(n_out: int, n_in: int) -> npt.NDArray[np.float64]:
     np.add.at(m, (rows, lo), 1.0 - frac)
     np.add.at(m, (rows, hi), frac)
     return m
+
+
+def cam_matrix(n_out: int, n_cells: int) -> npt.NDArray[np.float64]:
+    """Bilinear weights from ``n_cells`` CAM cells to ``n_out`` image pixels along one axis,
+    each cell at the centre of its receptive field (``CAM_CELL_SHIFT``)."""
+    return bilinear_matrix(n_out, n_cells, CAM_CELL_SHIFT)

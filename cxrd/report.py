@@ -50,7 +50,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from cxrd import __version__
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
-from cxrd.preprocess import bilinear_matrix
+from cxrd.preprocess import cam_matrix
 from cxrd.uids import validate_uid  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -205,11 +205,12 @@ def shown_class(result: ImageResult, model: ModelInfo) -> int:
 
 
 def upsample_cam(cam2d: npt.NDArray[np.floating], rows: int, cols: int) -> F32:
-    """Bilinearly resize one CAM channel (h, w) to (rows, cols); two small matrix products."""
+    """Bilinearly resize one CAM channel (h, w) to (rows, cols), each cell at its receptive
+    field's centre (``cxrd.preprocess.cam_matrix``); two small matrix products."""
     h, w = cam2d.shape
     a = np.asarray(cam2d, dtype=np.float32)
-    out = (bilinear_matrix(rows, h).astype(np.float32) @ a
-           @ bilinear_matrix(cols, w).astype(np.float32).T)
+    out = (cam_matrix(rows, h).astype(np.float32) @ a
+           @ cam_matrix(cols, w).astype(np.float32).T)
     return out.astype(np.float32, copy=False)
 
 

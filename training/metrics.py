@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cxrd.preprocess import bilinear_matrix
+from cxrd.preprocess import cam_matrix
 
 __all__ = [
     "CLASSES",
@@ -538,7 +538,9 @@ def cam_argmax_location(
 
     The CAM (the model input is a square stretch of the image) is stretched bilinearly to
     a working resolution with the image's aspect ratio (the image size itself, or the
-    longest side reduced to ``max_side``); the argmax there is mapped back with
+    longest side reduced to ``max_side``), each cell placed at the centre of its receptive
+    field (``cxrd.preprocess.cam_matrix``: ``CAM_CELL_SHIFT`` of a cell right and down of
+    its block's centre); the argmax there is mapped back with
     ``image = (i + 0.5) * scale - 0.5`` per axis (pixel centres aligned).  On a plateau of
     equal maxima (a peak on the CAM border, a constant CAM) the maximal location nearest
     the plateau's centroid is used, so the choice is symmetric and deterministic.
@@ -549,7 +551,7 @@ def cam_argmax_location(
     c = _select_cam(cam, class_index)
     h, w = c.shape
     work_rows, work_cols = _working_size(rows, cols, max_side)
-    up = bilinear_matrix(work_rows, h) @ c @ bilinear_matrix(work_cols, w).T
+    up = cam_matrix(work_rows, h) @ c @ cam_matrix(work_cols, w).T
     peak = float(up.max())
     span = float(c.max() - c.min())
     rr, cc = np.nonzero(up >= peak - 1e-9 * max(span, abs(peak), 1e-300))

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cxrd import report
 from cxrd.errors import InvalidUID
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, OperatingPoint
-from cxrd.preprocess import dataset_to_gray8
+from cxrd.preprocess import CAM_CELL_SHIFT, dataset_to_gray8
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -498,9 +498,9 @@ def test_heatmap_sc(tmp_path: Path, demo: bool, photometric: str) -> None:
     image = pixels[:rows].astype(np.int32)
     redness = image[..., 0] - image[..., 1] - image[..., 2]
     hot_r, hot_c = np.unravel_index(int(np.argmax(redness)), redness.shape)
-    cell_h, cell_w = rows / 7, cols / 7
-    assert abs(hot_r - (peak[0] + 0.5) * cell_h) <= cell_h / 4
-    assert abs(hot_c - (peak[1] + 0.5) * cell_w) <= cell_w / 4
+    cell_h, cell_w = rows / 7, cols / 7  # the hot cell at its receptive field's centre
+    assert abs(hot_r - (peak[0] + 0.5 + CAM_CELL_SHIFT) * cell_h) <= cell_h / 4
+    assert abs(hot_c - (peak[1] + 0.5 + CAM_CELL_SHIFT) * cell_w) <= cell_w / 4
     # Away from the hot spot the radiograph stays grey; the legend band is grey text.
     assert redness[5, cols - 5] <= 0
     band = pixels[rows:]
@@ -527,11 +527,13 @@ def test_hottest_region_maps_to_full_size_non_square() -> None:
     def box(cam: np.ndarray) -> tuple[float, float, float, float]:
         return report.hottest_region(report.ImageResult(ds, display, probs, cam), 0)
 
-    # One hot cell: the half-maximum contour of the bilinear surface is that cell.
+    # One hot cell: the half-maximum contour of the bilinear surface is that cell, moved to
+    # its receptive field's centre (CAM_CELL_SHIFT of a cell right and down).
+    s = CAM_CELL_SHIFT
     cam = np.zeros((7, 7, 3), dtype=np.float32)
     cam[1, 5, 0] = 3.0
     step_x, step_y = 500 / 7 / 16, 600 / 7 / 16
-    expected = (5 * 500 / 7, 1 * 600 / 7, 6 * 500 / 7, 2 * 600 / 7)
+    expected = ((5 + s) * 500 / 7, (1 + s) * 600 / 7, (6 + s) * 500 / 7, (2 + s) * 600 / 7)
     got = box(cam)
     assert np.allclose(got[0::2], expected[0::2], atol=step_x + 1e-6), got
     assert np.allclose(got[1::2], expected[1::2], atol=step_y + 1e-6), got
@@ -541,32 +543,39 @@ def test_hottest_region_maps_to_full_size_non_square() -> None:
     cam[0, 6, 0] = 2.0
     x0, y0, x1, y1 = box(cam)
     assert (y0, x1) == (0.0, 500.0)
-    assert abs(x0 - 6 * 500 / 7) <= step_x + 1e-6 and abs(y1 - 600 / 7) <= step_y + 1e-6
+    assert abs(x0 - (6 + s) * 500 / 7) <= step_x + 1e-6
+    assert abs(y1 - (1 + s) * 600 / 7) <= step_y + 1e-6
 
     # Two separate blobs above threshold: only the one holding the maximum is boxed.
     cam = np.zeros((7, 7, 3), dtype=np.float32)
     cam[5, 1, 0] = 3.0
     cam[1, 5, 0] = 2.5
     x0, y0, x1, y1 = box(cam)
-    assert x1 <= 2 * 500 / 7 + step_x and y0 >= 5 * 600 / 7 - step_y
+    assert x1 <= (2 + s) * 500 / 7 + step_x and y0 >= (5 + s) * 600 / 7 - step_y
 
     # A CAM of another size (e.g. 10x10 at a larger input) maps the same way.
     cam = np.zeros((10, 10, 3), dtype=np.float32)
     cam[9, 0, 0] = 1.0
     x0, y0, x1, y1 = box(cam)
     assert (x0, y1) == (0.0, 600.0)
-    assert abs(x1 - 50) <= 500 / 160 + 1e-6 and abs(y0 - 540) <= 600 / 160 + 1e-6
+    assert abs(x1 - (1 + s) * 50) <= 500 / 160 + 1e-6
+    assert abs(y0 - (9 + s) * 60) <= 600 / 160 + 1e-6
 
     # A flat CAM has no hot spot: the box is the whole image.
     assert box(np.ones((7, 7, 3), dtype=np.float32)) == (0.0, 0.0, 500.0, 600.0)
 
 
-def test_upsample_cam_is_bilinear_with_aligned_centres() -> None:
+def test_upsample_cam_places_cells_at_their_receptive_field_centres() -> None:
     cam = np.arange(4, dtype=np.float32).reshape(2, 2)
     up = report.upsample_cam(cam, 4, 4)
     assert up.shape == (4, 4)
-    assert up[0, 0] == 0.0 and up[3, 3] == 3.0
-    assert np.isclose(up[0, 1], 0.25) and np.isclose(up[1, 0], 0.5)
+    # output pixel o samples the CAM at (o + 0.5) * 2 / 4 - 0.5 - CAM_CELL_SHIFT, clamped
+    pos = np.clip((np.arange(4) + 0.5) * 0.5 - 0.5 - CAM_CELL_SHIFT, 0.0, 1.0)
+    expected = pos[:, None] * 2 + pos[None, :]  # cam[r, c] = 2 r + c is itself bilinear
+    assert np.allclose(up, expected, atol=1e-6)
+    assert up[0, 0] == 0.0 and up[0, 1] == 0.0  # left of cell 0's centre: clamped
+    # without the shift (the blocks' centres), the corners would be 0 and 3
+    assert up[3, 3] < 3.0
 
 
 # --------------------------------------------------------------------------- files and UIDs

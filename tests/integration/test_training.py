@@ -318,3 +318,27 @@ def test_head_phase_changes_only_the_head(trained: dict[str, Path], tmp_path: Pa
     x = to_inputs(sets["val"].images[:2])
     probs, cam = build_export_model(model).predict(x, verbose=0)
     assert np.allclose(softmax(cam.mean(axis=(1, 2))), probs, atol=1e-5)
+
+
+def test_cam_cells_sit_at_their_receptive_field_centres() -> None:
+    """CAM_CELL_SHIFT, measured: the input pixels that reach an ``out_relu`` cell (its
+    gradient's support) are centred on pixel 32 i + 31, not on its block's centre."""
+    import tensorflow as tf
+
+    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+
+    model = build_classifier(1024, "none")
+    backbone = tf.keras.Model(model.input, model.get_layer("out_relu").output)
+    x = tf.constant(np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)), tf.float32)
+    for cell in ((16, 16), (15, 18)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = backbone(x, training=False)[0, cell[0], cell[1], :]
+            value = tf.reduce_sum(out * tf.range(1.0, out.shape[0] + 1.0))
+        grad = np.abs(tape.gradient(value, x).numpy()[0]).sum(axis=-1)
+        rows, cols = np.flatnonzero(grad.any(axis=1)), np.flatnonzero(grad.any(axis=0))
+        assert rows[0] > 0 and rows[-1] < 1023 and cols[0] > 0 and cols[-1] < 1023  # inside
+        centre = ((rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2)
+        expected = tuple((i + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5 for i in cell)
+        assert expected == (32 * cell[0] + 31, 32 * cell[1] + 31)
+        assert np.allclose(centre, expected, atol=0.5), (cell, centre, expected)

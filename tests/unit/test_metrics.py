@@ -10,6 +10,7 @@ import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
+from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
 from training import metrics as m
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -290,71 +291,75 @@ def test_operating_point_without_positives() -> None:
 # ----------------------------------------------------------------------- CAM pointing
 
 
-def test_cam_peak_maps_to_pixel_centre() -> None:
+def _centre(i: int, n_cells: int, size: int) -> float:
+    """Image coordinate of CAM cell ``i``'s receptive-field centre (pixel centres aligned)."""
+    return (i + 0.5 + CAM_CELL_SHIFT) * size / n_cells - 0.5
+
+
+def test_cam_cell_shift_is_mobilenetv2s() -> None:
+    # cell i is centred on model-input pixel 32 i + 31; its block's centre is 32 i + 15.5
+    assert (CAM_CELL_SHIFT + 0.5) * CAM_STRIDE - 0.5 == 31.0
+
+
+def test_cam_peak_maps_to_its_receptive_field_centre() -> None:
     cam = np.zeros((3, 3))
     cam[1, 1] = 1.0
-    # 9x9 image: CAM cell (1, 1) has its centre at (1 + 0.5) * 3 - 0.5 = 4
-    assert m.cam_argmax_location(cam, 9, 9) == (4.0, 4.0)
-    # non-square 9 rows x 15 cols: x = 1.5 * 5 - 0.5 = 7, y = 1.5 * 3 - 0.5 = 4
-    assert m.cam_argmax_location(cam, 9, 15) == (7.0, 4.0)
+    for rows, cols in ((90, 90), (90, 150)):
+        x, y = m.cam_argmax_location(cam, rows, cols)
+        assert abs(x - _centre(1, 3, cols)) <= 0.5 and abs(y - _centre(1, 3, rows)) <= 0.5
+    # 32 image pixels per cell: the block's centre is 47.5, the receptive field's 63
+    x, y = m.cam_argmax_location(cam, 96, 96)
+    assert abs(x - 63.0) <= 0.5 and abs(y - 63.0) <= 0.5
     cam = np.zeros((5, 5))
     cam[2, 3] = 1.0
-    x, y = m.cam_argmax_location(cam, 50, 100)  # centre at x = 69.5, y = 24.5
-    assert abs(x - 69.5) <= 0.5 and abs(y - 24.5) <= 0.5
+    x, y = m.cam_argmax_location(cam, 50, 100)
+    assert abs(x - _centre(3, 5, 100)) <= 0.5 and abs(y - _centre(2, 5, 50)) <= 0.5
 
 
 def test_cam_hit_inside_outside_and_tolerance() -> None:
     cam = np.zeros((4, 4))
-    cam[1, 2] = 1.0  # rows 400, cols 800: centre x = 2.5 * 200 - 0.5 = 499.5, y = 149.5
+    cam[1, 2] = 1.0  # rows 400, cols 800: the cell's centre is at x = 596.4, y = 197.9
     x, y = m.cam_argmax_location(cam, 400, 800)
-    assert abs(x - 499.5) <= 0.5 and abs(y - 149.5) <= 0.5
-    assert m.cam_hit(cam, 400, 800, [(450, 100, 550, 200)])
-    assert not m.cam_hit(cam, 400, 800, [(0, 0, 100, 100), (600, 100, 700, 200)])
-    assert m.cam_hit(cam, 400, 800, [(0, 0, 100, 100), (450, 100, 550, 200)])
+    assert abs(x - _centre(2, 4, 800)) <= 0.5 and abs(y - _centre(1, 4, 400)) <= 0.5
+    box = (550, 150, 650, 250)
+    assert m.cam_hit(cam, 400, 800, [box])
+    # the block of the cell, without the receptive-field shift, is missed
+    assert not m.cam_hit(cam, 400, 800, [(400, 100, 590, 190)])
+    assert not m.cam_hit(cam, 400, 800, [(0, 0, 100, 100), (700, 100, 800, 200)])
+    assert m.cam_hit(cam, 400, 800, [(0, 0, 100, 100), box])
     # inclusive edges, then a box one pixel beyond the peak, rescued by the tolerance
     assert m.cam_hit(cam, 400, 800, [(x, y, x + 10, y + 10)])
     assert not m.cam_hit(cam, 400, 800, [(x + 1, y + 1, x + 50, y + 50)])
     assert m.cam_hit(cam, 400, 800, [(x + 1, y + 1, x + 50, y + 50)], tolerance=1.0)
     # swapped corners are normalised; no boxes is no hit
-    assert m.cam_hit(cam, 400, 800, [(550, 200, 450, 100)])
+    assert m.cam_hit(cam, 400, 800, [(box[2], box[3], box[0], box[1])])
     assert not m.cam_hit(cam, 400, 800, [])
     # the same geometry read from a (h, w, 3) CAM by class index
     cam3 = np.zeros((4, 4, 3))
     cam3[:, :, 1] = cam
     cam3[0, 0, 0] = 5.0
-    assert m.cam_hit(cam3, 400, 800, [(450, 100, 550, 200)], class_index=1)
-    assert not m.cam_hit(cam3, 400, 800, [(450, 100, 550, 200)], class_index=0)
+    assert m.cam_hit(cam3, 400, 800, [box], class_index=1)
+    assert not m.cam_hit(cam3, 400, 800, [box], class_index=0)
     with pytest.raises(ValueError):
-        m.cam_hit(cam3, 400, 800, [(450, 100, 550, 200)])
+        m.cam_hit(cam3, 400, 800, [box])
 
 
 def test_cam_corners_non_square() -> None:
     rows, cols = 100, 200  # 2x2 CAM: each cell covers 50 rows x 100 cols
-    quadrants = {
-        (0, 0): (0, 0, 99.5, 49.5),
-        (0, 1): (99.5, 0, 199, 49.5),
-        (1, 0): (0, 49.5, 99.5, 99),
-        (1, 1): (99.5, 49.5, 199, 99),
-    }
-    for (r, c), box in quadrants.items():
-        cam = np.zeros((2, 2))
-        cam[r, c] = 1.0
-        x, y = m.cam_argmax_location(cam, rows, cols)
-        assert 0 <= x <= cols - 1 and 0 <= y <= rows - 1
-        assert m.cam_hit(cam, rows, cols, [box])
-        others = [b for k, b in quadrants.items() if k != (r, c)]
-        # pixel-centre boundaries lie at 99.5 / 49.5, so only the own quadrant can be hit
-        assert not any(
-            m.cam_hit(cam, rows, cols, [(b[0] + 1, b[1] + 1, b[2], b[3])]) for b in others
-        )
-    # corner-to-corner symmetry of the mapping (up to one pixel of tie-breaking)
-    tl = np.zeros((2, 2))
-    tl[0, 0] = 1.0
-    br = np.zeros((2, 2))
-    br[1, 1] = 1.0
-    x0, y0 = m.cam_argmax_location(tl, rows, cols)
-    x1, y1 = m.cam_argmax_location(br, rows, cols)
-    assert abs((x0 + x1) - (cols - 1)) <= 1 and abs((y0 + y1) - (rows - 1)) <= 1
+    for r in (0, 1):
+        for c in (0, 1):
+            cam = np.zeros((2, 2))
+            cam[r, c] = 1.0
+            x, y = m.cam_argmax_location(cam, rows, cols)
+            assert 0 <= x <= cols - 1 and 0 <= y <= rows - 1
+            # edges are clamped: from the image's first pixel to cell 0's centre the surface
+            # is flat, and a plateau's peak is its middle; the last cell's centre is within
+            # a pixel of the image's last pixel
+            ex = _centre(c, 2, cols) / (2 if c == 0 else 1)
+            ey = _centre(r, 2, rows) / (2 if r == 0 else 1)
+            assert abs(x - ex) <= 1 and abs(y - ey) <= 1
+            # each peak stays in its own quadrant
+            assert (x < cols / 2) == (c == 0) and (y < rows / 2) == (r == 0)
 
 
 def test_cam_large_image_uses_reduced_working_resolution() -> None:
@@ -362,7 +367,7 @@ def test_cam_large_image_uses_reduced_working_resolution() -> None:
     cam[4, 11] = 1.0
     rows, cols = 3000, 4500
     x, y = m.cam_argmax_location(cam, rows, cols)
-    ex, ey = (11 + 0.5) * cols / 16 - 0.5, (4 + 0.5) * rows / 16 - 0.5
+    ex, ey = _centre(11, 16, cols), _centre(4, 16, rows)
     half_work_pixel = max(rows, cols) / 1024 / 2 + 1e-9
     assert abs(x - ex) <= half_work_pixel and abs(y - ey) <= half_work_pixel
 
@@ -372,7 +377,7 @@ def test_pointing_game_tally() -> None:
     hit[1, 2] = 1.0
     miss = np.zeros((4, 4))
     miss[3, 0] = 1.0
-    box = [(450, 100, 550, 200)]
+    box = [(550, 150, 650, 250)]
     result = m.pointing_game(
         cams=[hit, miss, hit, hit, hit],
         sizes=[(400, 800)] * 5,
