@@ -109,6 +109,14 @@ def _add_train(sub: Any) -> None:
         help="weight of the classifier's own (GAP) cross-entropy in the first phase",
     )
     p.add_argument(
+        "--erase-loss-weight", type=float, default=0.0,
+        help="weight of the erase-consistency loss, a localisation aid (default 0: off): "
+        "a square on the CAM's peak is replaced by the mirror image's and the class's "
+        "probability must drop",
+    )
+    p.add_argument("--erase-size", type=float, default=0.25,
+                   help="side of that square, as a fraction of the image side")
+    p.add_argument(
         "--head-epochs", type=int, default=0,
         help="then fit the Dense head alone (backbone frozen) with the GAP loss",
     )
@@ -253,6 +261,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cam_loss_weight=args.cam_loss_weight,
         cam_top_k=args.cam_top_k,
         gap_loss_weight=args.gap_loss_weight,
+        erase_loss_weight=args.erase_loss_weight,
+        erase_size=args.erase_size,
         head_epochs=args.head_epochs,
         steps_per_epoch=args.steps_per_epoch,
     )

@@ -49,6 +49,15 @@ class TrainConfig:
     cam_loss_weight: float = 0.0
     cam_top_k: int = 4
     gap_loss_weight: float = 1.0  # 0: the first phase trains through the pooled CAM only
+    # Localisation aid: erase consistency (weight 0 = off). Each image is passed a second
+    # time with a square of ``erase_size`` (fraction of the side) replaced by the same
+    # square of its mirror image (the other lung's tissue): for half of the abnormal images
+    # the square sits on the true class's CAM peak and the loss asks the class's
+    # probability to drop (the evidence must be where the peak is); otherwise it sits at
+    # random and the label stands (a patch is not itself evidence). Neither GAP nor the
+    # pooled-CAM loss cares where the evidence is relative to the lesion; this does.
+    erase_loss_weight: float = 0.0
+    erase_size: float = 0.25
     # Then this many epochs fit the head alone (backbone frozen, batch norm in inference
     # mode) with the classifier's own GAP loss, so that the shipped GAP -> Dense
     # probabilities are trained as such on the features the first phase learnt.
@@ -105,7 +114,13 @@ def recalibrate_batch_norm(model: Any, dataset: Any, steps: int) -> None:
     """
     import keras
 
-    layers = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    def walk(layer: Any) -> Any:  # the erase twin nests the classifier
+        for child in getattr(layer, "layers", ()):
+            yield child
+            yield from walk(child)
+
+    layers = list({id(la): la for la in walk(model)
+                   if isinstance(la, keras.layers.BatchNormalization)}.values())
     saved = [la.momentum for la in layers]
     for la in layers:
         la.momentum = 0.8
@@ -146,6 +161,8 @@ def make_dataset(data: ImageSet, cfg: TrainConfig, *, training: bool) -> Any:
         return tf.repeat(x, 3, axis=-1), labels
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if cfg.erase_loss_weight > 0:  # the erase twin takes the labels too
+        ds = ds.map(lambda x, y: ((x, y), y))
     if training:
         ds = ds.repeat()
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -177,6 +194,52 @@ def _cam_pool_layer(head: Any, k: int) -> Any:
     return TopKCamPool(name="cam_topk")
 
 
+def _erase_layer(head: Any, cfg: TrainConfig) -> Any:
+    """A layer: (images, labels, out_relu features) -> (erased images, peak flag)."""
+    import keras
+    from keras import ops
+
+    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+
+    norm = CLASS_NAMES.index("NORM")
+    seeds = keras.random.SeedGenerator(cfg.seed + 11)
+
+    class EraseSquare(keras.layers.Layer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._shared = [head]
+            self._seeds = seeds
+
+        def call(self, inputs: Any) -> Any:
+            images, labels, features = inputs
+            dense = self._shared[0]
+            cam = ops.matmul(features, dense.kernel) + dense.bias  # (N, h, w, C)
+            labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+            onehot = ops.one_hot(labels, len(CLASS_NAMES))
+            cam_y = ops.sum(cam * onehot[:, None, None, :], axis=-1)  # (N, h, w)
+            n, w = ops.shape(cam_y)[0], ops.shape(cam_y)[2]
+            peak = ops.argmax(ops.reshape(cam_y, (n, -1)), axis=-1)
+            size = ops.cast(ops.shape(images)[1], "float32")
+            # each cell at its receptive field's centre on the model input
+            py, px = ((ops.cast(cell, "float32") + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5
+                      for cell in (peak // w, peak % w))
+            ry = keras.random.uniform((n,), 0.0, 1.0, seed=self._seeds) * size
+            rx = keras.random.uniform((n,), 0.0, 1.0, seed=self._seeds) * size
+            coin = keras.random.uniform((n,), 0.0, 1.0, seed=self._seeds)
+            on_peak = ops.logical_and(ops.not_equal(labels, norm), coin < 0.5)
+            cy, cx = ops.where(on_peak, py, ry), ops.where(on_peak, px, rx)
+            half = size * cfg.erase_size / 2.0
+            grid = ops.cast(ops.arange(ops.shape(images)[1]), "float32")
+            inside_y = ops.abs(grid[None, :] - cy[:, None]) <= half  # (N, S)
+            inside_x = ops.abs(grid[None, :] - cx[:, None]) <= half
+            mask = ops.logical_and(inside_y[:, :, None], inside_x[:, None, :])[..., None]
+            mirrored = ops.flip(images, axis=2)
+            erased = ops.where(mask, mirrored, images)
+            return erased, ops.cast(on_peak, "float32")
+
+    return EraseSquare(name="erase_square")
+
+
 def build_training_model(model: Any, cfg: TrainConfig) -> Any:
     """What ``fit`` trains: the classifier itself, or with ``cam_loss_weight`` a twin whose
     output stacks the classifier's probabilities and the top-k pooled CAM's; both share
@@ -185,12 +248,24 @@ def build_training_model(model: Any, cfg: TrainConfig) -> Any:
 
     from training.model import HEAD
 
-    if cfg.cam_loss_weight <= 0:
+    if cfg.cam_loss_weight <= 0 and cfg.erase_loss_weight <= 0:
         return model
     k = max(1, cfg.cam_top_k)
     features = model.get_layer("out_relu").output
     stacked = _cam_pool_layer(model.get_layer(HEAD), k)([features, model.output])
-    return keras.Model(model.input, stacked, name="cxrd_train_twin")
+    if cfg.erase_loss_weight <= 0:
+        return keras.Model(model.input, stacked, name="cxrd_train_twin")
+    from keras import ops
+
+    images = keras.Input(shape=model.input_shape[1:], name="twin_image")
+    labels = keras.Input(shape=(), dtype="int32", name="twin_label")
+    inner = keras.Model(model.input, [stacked, features], name="cxrd_inner")
+    first, feats = inner(images)
+    erased, on_peak = _erase_layer(model.get_layer(HEAD), cfg)([images, labels, feats])
+    erased_probs = model(erased)
+    flag = ops.repeat(on_peak[:, None, None], len(CLASS_NAMES), axis=-1)
+    out = ops.concatenate([first, erased_probs[:, None, :], flag], axis=1)  # (N, 4, C)
+    return keras.Model([images, labels], out, name="cxrd_erase_twin")
 
 
 def _loss_and_accuracy(cfg: TrainConfig) -> tuple[Any, Any]:
@@ -205,17 +280,26 @@ def _loss_and_accuracy(cfg: TrainConfig) -> tuple[Any, Any]:
     def _ce(target: Any, probs: Any) -> Any:
         return -ops.sum(target * ops.log(ops.clip(probs, 1e-7, 1.0)), axis=-1)
 
+    erase = cfg.erase_loss_weight
+
     def loss(y_true: Any, y_pred: Any) -> Any:
-        target = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n)
-        if smooth > 0:
-            target = target * (1.0 - smooth) + smooth / n
+        hard = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n)
+        target = hard * (1.0 - smooth) + smooth / n if smooth > 0 else hard
+        if erase > 0:
+            total = gap_weight * _ce(target, y_pred[:, 0]) + weight * _ce(target, y_pred[:, 1])
+            erased, on_peak = y_pred[:, 2], y_pred[:, 3, 0]
+            # on the peak: the true class's probability must drop; elsewhere: unchanged
+            p_true = ops.sum(erased * hard, axis=-1)
+            dropped = -ops.log(ops.clip(1.0 - p_true, 1e-7, 1.0))
+            return total + erase * (on_peak * dropped + (1.0 - on_peak) * _ce(target, erased))
         if weight > 0:
             return gap_weight * _ce(target, y_pred[:, 0]) + weight * _ce(target, y_pred[:, 1])
         return _ce(target, y_pred)
 
     def accuracy(y_true: Any, y_pred: Any) -> Any:
         # the pooled CAM's when only it is trained, else the classifier's
-        probs = (y_pred[:, 1] if gap_weight <= 0 else y_pred[:, 0]) if weight > 0 else y_pred
+        twin = weight > 0 or erase > 0
+        probs = (y_pred[:, 1] if gap_weight <= 0 else y_pred[:, 0]) if twin else y_pred
         labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
         return ops.cast(ops.equal(ops.cast(ops.argmax(probs, axis=-1), "int32"), labels),
                         "float32")

@@ -342,3 +342,43 @@ def test_cam_cells_sit_at_their_receptive_field_centres() -> None:
         expected = tuple((i + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5 for i in cell)
         assert expected == (32 * cell[0] + 31, 32 * cell[1] + 31)
         assert np.allclose(centre, expected, atol=0.5), (cell, centre, expected)
+
+
+def test_erase_twin_replaces_the_cam_peak_with_the_mirror_image() -> None:
+    """The erase-consistency twin: for abnormal images flagged "on peak", the square
+    replaced by the mirror image is centred on the true class's CAM peak (the cell's
+    receptive-field centre); never for NORM; pixels outside the square are untouched; no
+    weight of its own."""
+    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+    from training.train import TrainConfig, _erase_layer, build_training_model
+
+    size, n = 128, 40  # 4 x 4 cells
+    cfg = TrainConfig(input_size=size, erase_loss_weight=1.0, erase_size=0.25, seed=5)
+    model = build_classifier(size, "none")
+    twin = build_training_model(model, cfg)
+    assert {id(w) for w in twin.weights} == {id(w) for w in model.weights}
+
+    head = model.get_layer("head")
+    kernel = np.zeros(head.kernel.shape, np.float32)
+    kernel[0, :] = [1.0, 2.0, 0.5]  # every class's CAM is a multiple of feature 0
+    head.set_weights([kernel, np.zeros(3, np.float32)])
+    features = np.zeros((n, 4, 4, kernel.shape[0]), np.float32)
+    features[:, 1, 2, 0] = 5.0  # the peak: cell (row 1, column 2)
+    rng = np.random.default_rng(4)
+    images = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0] * (n // 4), np.int32)  # TB, NTB, NORM, TB
+    erased, on_peak = (np.asarray(t) for t in _erase_layer(head, cfg)(
+        [images, labels, features]))
+    mirrored = images[:, :, ::-1]
+    centre = [(i + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5 for i in (1, 2)]  # 63, 95
+    half = size * cfg.erase_size / 2
+    assert 0 < on_peak.sum() < n and not on_peak[labels == 2].any()
+    for k in range(n):
+        changed = erased[k] != images[k]
+        assert np.array_equal(erased[k][changed], mirrored[k][changed])
+        rows, cols = np.flatnonzero(changed.any(axis=(1, 2))), np.flatnonzero(
+            changed.any(axis=(0, 2)))
+        if on_peak[k]:
+            assert rows[0] >= centre[0] - half and rows[-1] <= centre[0] + half
+            assert cols[0] >= centre[1] - half and cols[-1] <= min(centre[1] + half, size)
+            assert rows[0] <= centre[0] <= rows[-1] and cols[0] <= centre[1] <= cols[-1]
