@@ -243,7 +243,9 @@ def _erase_layer(head: Any, cfg: TrainConfig) -> Any:
 def build_training_model(model: Any, cfg: TrainConfig) -> Any:
     """What ``fit`` trains: the classifier itself, or with ``cam_loss_weight`` a twin whose
     output stacks the classifier's probabilities and the top-k pooled CAM's; both share
-    every weight, so training the twin trains the classifier."""
+    every weight, so training the twin trains the classifier. With ``erase_loss_weight``
+    the twin takes (image, label) and also stacks the probabilities of the erased image
+    and the on-peak flag (``_erase_layer``)."""
     import keras
 
     from training.model import HEAD
@@ -340,6 +342,8 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
 
     from training.model import build_classifier
 
+    if cfg.erase_loss_weight > 0 and cfg.head_epochs > 0:
+        raise ValueError("--erase-loss-weight and --head-epochs cannot be combined")
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(cfg.input_size, cfg.weights)
