@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DICOM ingest benchmark: dcmtk ``storescu`` -> cxrd, dcmtk ``storescp`` and Orthanc.
+"""DICOM ingest benchmark: dcmtk ``storescu`` -> cxrd, dcmtk ``storescp``, Orthanc and a
+pynetdicom receiver that stores nothing.
 
 The same files go to each receiver, over 1 and over 4 associations (4 ``storescu``
 processes in parallel, each with a quarter of the files), for two data sets:
@@ -16,6 +17,8 @@ Receivers, each started fresh (empty storage) for every measurement:
 * ``storescp``: dcmtk's ``storescp --fork -od DIR`` (a process per association, no fsync).
 * ``orthanc``: Orthanc with ``SyncStorageArea`` (an fsync per stored file), its SQLite
   index in WAL mode with ``synchronous=NORMAL``, no compression and no plugins.
+* ``pynetdicom``: ``bench/noop_scp.py``, cxrd's receiver class with a C-STORE handler that
+  stores nothing (P processes, as many as cxrd's R): the ceiling of the network stack.
 
 Run ``python bench/ingest.py --help``; see bench/README.md.
 """
