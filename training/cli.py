@@ -342,6 +342,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cache_dir=args.out / "cache",
     )
     print(json.dumps(report["headline"], indent=2))
+    for split, rep in report["splits"].items():
+        offsets = rep.get("pointing_game", {}).get("peak_offset")
+        if offsets:  # median (x, y) from the CAM peak to the lesion, in CAM cells
+            print(f"CAM peak offset from the lesion ({split}, cells):", json.dumps(offsets))
     if "operating_point" in report:
         print("TB operating point (validation):", json.dumps(report["operating_point"]))
     return 0

@@ -42,6 +42,7 @@ __all__ = [
     "apply_operating_point",
     "cam_argmax_location",
     "cam_hit",
+    "cam_peak_offsets",
     "choose_tb_operating_point",
     "classification_report",
     "expected_calibration_error",
@@ -644,6 +645,43 @@ def pointing_game(
 
     out = {name: entry(h, t) for name, (h, t) in tally.items()}
     out["overall"] = entry(sum(h for h, _ in tally.values()), sum(t for _, t in tally.values()))
+    return out
+
+
+def cam_peak_offsets(
+    cams: Sequence[npt.ArrayLike],
+    sizes: Sequence[tuple[int, int]],
+    boxes: Sequence[Sequence[Sequence[float]]],
+    labels: Sequence[str | int],
+    *,
+    scored_classes: Sequence[str] = ("TB", "NTB"),
+    max_side: int = 1024,
+) -> dict[str, Any]:
+    """Where the CAM peaks relative to the lesions: per class, the median and standard
+    deviation of the offset (x, y) from the CAM peak to the nearest box centre, in CAM
+    cells (positive: right of, below the lesion).
+
+    A pointing game below target is either a spread (peaks anywhere) or a systematic
+    offset (peaks a fixed distance from the lesion: a small deviation, a large median);
+    this tells them apart. ``cams[i]`` is a (h, w) map, as for :func:`pointing_game`.
+    """
+    found: dict[str, list[tuple[float, float]]] = {name: [] for name in scored_classes}
+    for cam, (rows, cols), box, label in zip(cams, sizes, boxes, labels, strict=True):
+        name = CLASSES[label] if isinstance(label, (int, np.integer)) else str(label)
+        b = np.asarray(box, dtype=np.float64).reshape(-1, 4)
+        if name not in found or b.size == 0:
+            continue
+        c = _select_cam(cam, None)
+        x, y = cam_argmax_location(c, rows, cols, max_side=max_side)
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        j = int(np.argmin((cx - x) ** 2 + (cy - y) ** 2))
+        found[name].append(((x - cx[j]) * c.shape[1] / cols, (y - cy[j]) * c.shape[0] / rows))
+    out: dict[str, Any] = {}
+    for name, values in found.items():
+        a = np.asarray(values, dtype=np.float64).reshape(-1, 2)
+        out[name] = {"n": len(values),
+                     "median_cells": np.median(a, axis=0).tolist() if values else None,
+                     "std_cells": np.std(a, axis=0).tolist() if values else None}
     return out
 
 

@@ -372,6 +372,31 @@ def test_cam_large_image_uses_reduced_working_resolution() -> None:
     assert abs(x - ex) <= half_work_pixel and abs(y - ey) <= half_work_pixel
 
 
+def test_cam_peak_offsets_measure_a_systematic_offset() -> None:
+    # 8 x 8 cells on 400 x 800 (rows x cols): one cell is 50 rows x 100 cols
+    rows, cols, n = 400, 800, 8
+    cams, boxes = [], []
+    for k in range(3):
+        cam = np.zeros((n, n))
+        cam[2 + k, 1 + k] = 1.0  # the peak: cell (row 2 + k, column 1 + k)
+        x, y = _centre(1 + k, n, cols), _centre(2 + k, n, rows)
+        # the lesion two cells left of and one above the peak, plus a far decoy box
+        cx, cy = x - 2 * cols / n, y - rows / n
+        boxes.append([(cx - 20, cy - 10, cx + 20, cy + 10), (700, 350, 790, 390)])
+        cams.append(cam)
+    labels = ["TB", "TB", "NTB"]
+    got = m.cam_peak_offsets(cams, [(rows, cols)] * 3, boxes, labels)
+    assert got["TB"]["n"] == 2 and got["NTB"]["n"] == 1
+    for name in ("TB", "NTB"):
+        # the peak maps to the nearest pixel: within one working pixel of (2, 1) cells
+        assert np.allclose(got[name]["median_cells"], (2.0, 1.0), atol=0.02), got
+        assert np.allclose(got[name]["std_cells"], 0.0, atol=0.02)
+    # no boxes, other classes: not counted
+    none = m.cam_peak_offsets(cams, [(rows, cols)] * 3, [[], [], []], ["TB", "NORM", "TB"])
+    assert none["TB"] == {"n": 0, "median_cells": None, "std_cells": None}
+    _dumps(none)
+
+
 def test_pointing_game_tally() -> None:
     hit = np.zeros((4, 4))
     hit[1, 2] = 1.0
