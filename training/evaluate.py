@@ -43,16 +43,12 @@ def _pointing(data: ImageSet, probs: npt.NDArray[Any], cams: npt.NDArray[Any]) -
     if not sel:
         return {}
     pred = probs.argmax(axis=1)
-    args = (
+    return metrics.pointing_game(
         [cams[i][..., pred[i]] for i in sel],
         [(int(data.sizes[i][0]), int(data.sizes[i][1])) for i in sel],
         [[tuple(b) for b in json.loads(data.records[i].boxes)] for i in sel],
         [data.records[i].label for i in sel],
     )
-    game = metrics.pointing_game(*args)
-    # where the predicted class's peak sits relative to the lesion (systematic or spread)
-    game["peak_offset"] = metrics.cam_peak_offsets(*args)
-    return game
 
 
 def evaluate(

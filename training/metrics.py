@@ -42,7 +42,6 @@ __all__ = [
     "apply_operating_point",
     "cam_argmax_location",
     "cam_hit",
-    "cam_peak_offsets",
     "choose_tb_operating_point",
     "classification_report",
     "expected_calibration_error",
@@ -567,6 +566,23 @@ def cam_argmax_location(
     return x, y
 
 
+def _boxes(boxes: npt.ArrayLike) -> FloatArray:
+    """Boxes as a (k, 4) array of ``(x0, y0, x1, y1)``, corners normalised (k may be 0)."""
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.size == 0:
+        return np.zeros((0, 4))
+    if b.shape[-1] != 4:
+        raise ValueError(f"boxes must be (x0, y0, x1, y1), got shape {b.shape}")
+    b = b.reshape(-1, 4)
+    return np.stack([np.minimum(b[:, 0], b[:, 2]), np.minimum(b[:, 1], b[:, 3]),
+                     np.maximum(b[:, 0], b[:, 2]), np.maximum(b[:, 1], b[:, 3])], axis=1)
+
+
+def _inside(x: float, y: float, b: FloatArray, tolerance: float) -> bool:
+    return bool(np.any((b[:, 0] - tolerance <= x) & (x <= b[:, 2] + tolerance)
+                       & (b[:, 1] - tolerance <= y) & (y <= b[:, 3] + tolerance)))
+
+
 def cam_hit(
     cam: npt.ArrayLike,
     rows: int,
@@ -582,18 +598,11 @@ def cam_hit(
     Boxes are in original pixel coordinates, inclusive on all sides and widened by
     ``tolerance`` pixels.  No boxes means no hit.  See :func:`cam_argmax_location`.
     """
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.size == 0:
+    b = _boxes(boxes)
+    if len(b) == 0:
         return False
-    if b.shape[-1] != 4:
-        raise ValueError(f"boxes must be (x0, y0, x1, y1), got shape {b.shape}")
-    b = b.reshape(-1, 4)
     x, y = cam_argmax_location(cam, rows, cols, class_index=class_index, max_side=max_side)
-    x0 = np.minimum(b[:, 0], b[:, 2]) - tolerance
-    x1 = np.maximum(b[:, 0], b[:, 2]) + tolerance
-    y0 = np.minimum(b[:, 1], b[:, 3]) - tolerance
-    y1 = np.maximum(b[:, 1], b[:, 3]) + tolerance
-    return bool(np.any((x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)))
+    return _inside(x, y, b, tolerance)
 
 
 def pointing_game(
@@ -607,7 +616,8 @@ def pointing_game(
     scored_classes: Sequence[str] = ("TB", "NTB"),
     max_side: int = 1024,
 ) -> dict[str, Any]:
-    """Pointing game over images: ``{"TB": {...}, "NTB": {...}, "overall": {...}}``.
+    """Pointing game over images: ``{"TB": {...}, "NTB": {...}, "overall": {...},
+    "peak_offset": {...}}``.
 
     ``cams[i]`` is the predicted-class CAM ``(h, w)`` or an ``(h, w, C)`` CAM with
     ``class_indices[i]``; ``sizes[i]`` is the original ``(rows, cols)``; ``boxes[i]`` the
@@ -615,6 +625,12 @@ def pointing_game(
     Only images with at least one box and a label in ``scored_classes`` count; each entry
     holds ``hits``, ``total`` and ``rate`` (``None`` when ``total`` is 0), and ``overall``
     pools the scored classes.
+
+    ``peak_offset`` says where the peaks sit relative to the lesions: per scored class, the
+    median and standard deviation of the offset (x, y) from each CAM peak to the nearest
+    box centre, in CAM cells (positive: right of, below the lesion). A low rate is either a
+    spread (peaks anywhere) or a systematic offset (a large median, a small deviation);
+    this tells them apart.
     """
     n = len(cams)
     if not (len(sizes) == len(boxes) == len(labels) == n):
@@ -622,66 +638,35 @@ def pointing_game(
     if class_indices is not None and len(class_indices) != n:
         raise ValueError("class_indices must have one entry per CAM")
     tally = {name: [0, 0] for name in scored_classes}
+    offsets: dict[str, list[tuple[float, float]]] = {name: [] for name in scored_classes}
     for i in range(n):
         label = labels[i]
         name = CLASSES[label] if isinstance(label, (int, np.integer)) else str(label)
-        if name not in tally or np.asarray(boxes[i]).size == 0:
+        b = _boxes(boxes[i])
+        if name not in tally or len(b) == 0:
             continue
         rows, cols = sizes[i]
-        hit = cam_hit(
-            cams[i],
-            rows,
-            cols,
-            boxes[i],
-            tolerance,
-            class_index=None if class_indices is None else int(class_indices[i]),
-            max_side=max_side,
-        )
-        tally[name][0] += int(hit)
+        cam = _select_cam(cams[i], None if class_indices is None else int(class_indices[i]))
+        x, y = cam_argmax_location(cam, rows, cols, max_side=max_side)
+        tally[name][0] += int(_inside(x, y, b, tolerance))
         tally[name][1] += 1
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        j = int(np.argmin((cx - x) ** 2 + (cy - y) ** 2))
+        offsets[name].append(((x - cx[j]) * cam.shape[1] / cols,
+                              (y - cy[j]) * cam.shape[0] / rows))
 
     def entry(hits: int, total: int) -> dict[str, Any]:
         return {"hits": hits, "total": total, "rate": _safe_div(hits, total)}
 
-    out = {name: entry(h, t) for name, (h, t) in tally.items()}
-    out["overall"] = entry(sum(h for h, _ in tally.values()), sum(t for _, t in tally.values()))
-    return out
-
-
-def cam_peak_offsets(
-    cams: Sequence[npt.ArrayLike],
-    sizes: Sequence[tuple[int, int]],
-    boxes: Sequence[Sequence[Sequence[float]]],
-    labels: Sequence[str | int],
-    *,
-    scored_classes: Sequence[str] = ("TB", "NTB"),
-    max_side: int = 1024,
-) -> dict[str, Any]:
-    """Where the CAM peaks relative to the lesions: per class, the median and standard
-    deviation of the offset (x, y) from the CAM peak to the nearest box centre, in CAM
-    cells (positive: right of, below the lesion).
-
-    A pointing game below target is either a spread (peaks anywhere) or a systematic
-    offset (peaks a fixed distance from the lesion: a small deviation, a large median);
-    this tells them apart. ``cams[i]`` is a (h, w) map, as for :func:`pointing_game`.
-    """
-    found: dict[str, list[tuple[float, float]]] = {name: [] for name in scored_classes}
-    for cam, (rows, cols), box, label in zip(cams, sizes, boxes, labels, strict=True):
-        name = CLASSES[label] if isinstance(label, (int, np.integer)) else str(label)
-        b = np.asarray(box, dtype=np.float64).reshape(-1, 4)
-        if name not in found or b.size == 0:
-            continue
-        c = _select_cam(cam, None)
-        x, y = cam_argmax_location(c, rows, cols, max_side=max_side)
-        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-        j = int(np.argmin((cx - x) ** 2 + (cy - y) ** 2))
-        found[name].append(((x - cx[j]) * c.shape[1] / cols, (y - cy[j]) * c.shape[0] / rows))
-    out: dict[str, Any] = {}
-    for name, values in found.items():
+    def spread(values: list[tuple[float, float]]) -> dict[str, Any]:
         a = np.asarray(values, dtype=np.float64).reshape(-1, 2)
-        out[name] = {"n": len(values),
-                     "median_cells": np.median(a, axis=0).tolist() if values else None,
-                     "std_cells": np.std(a, axis=0).tolist() if values else None}
+        return {"n": len(values),
+                "median_cells": np.median(a, axis=0).tolist() if values else None,
+                "std_cells": np.std(a, axis=0).tolist() if values else None}
+
+    out: dict[str, Any] = {name: entry(h, t) for name, (h, t) in tally.items()}
+    out["overall"] = entry(sum(h for h, _ in tally.values()), sum(t for _, t in tally.values()))
+    out["peak_offset"] = {name: spread(v) for name, v in offsets.items()}
     return out
 
 

@@ -287,16 +287,16 @@ def _loss_and_accuracy(cfg: TrainConfig) -> tuple[Any, Any]:
     def loss(y_true: Any, y_pred: Any) -> Any:
         hard = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n)
         target = hard * (1.0 - smooth) + smooth / n if smooth > 0 else hard
-        if erase > 0:
-            total = gap_weight * _ce(target, y_pred[:, 0]) + weight * _ce(target, y_pred[:, 1])
-            erased, on_peak = y_pred[:, 2], y_pred[:, 3, 0]
-            # on the peak: the true class's probability must drop; elsewhere: unchanged
-            p_true = ops.sum(erased * hard, axis=-1)
-            dropped = -ops.log(ops.clip(1.0 - p_true, 1e-7, 1.0))
-            return total + erase * (on_peak * dropped + (1.0 - on_peak) * _ce(target, erased))
-        if weight > 0:
-            return gap_weight * _ce(target, y_pred[:, 0]) + weight * _ce(target, y_pred[:, 1])
-        return _ce(target, y_pred)
+        if weight <= 0 and erase <= 0:
+            return _ce(target, y_pred)
+        total = gap_weight * _ce(target, y_pred[:, 0]) + weight * _ce(target, y_pred[:, 1])
+        if erase <= 0:
+            return total
+        erased, on_peak = y_pred[:, 2], y_pred[:, 3, 0]
+        # on the peak: the true class's probability must drop; elsewhere: unchanged
+        p_true = ops.sum(erased * hard, axis=-1)
+        dropped = -ops.log(ops.clip(1.0 - p_true, 1e-7, 1.0))
+        return total + erase * (on_peak * dropped + (1.0 - on_peak) * _ce(target, erased))
 
     def accuracy(y_true: Any, y_pred: Any) -> Any:
         # the pooled CAM's when only it is trained, else the classifier's

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+from cxrd.preprocess import CAM_CELL_SHIFT
 from training import metrics as m
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -296,11 +296,6 @@ def _centre(i: int, n_cells: int, size: int) -> float:
     return (i + 0.5 + CAM_CELL_SHIFT) * size / n_cells - 0.5
 
 
-def test_cam_cell_shift_is_mobilenetv2s() -> None:
-    # cell i is centred on model-input pixel 32 i + 31; its block's centre is 32 i + 15.5
-    assert (CAM_CELL_SHIFT + 0.5) * CAM_STRIDE - 0.5 == 31.0
-
-
 def test_cam_peak_maps_to_its_receptive_field_centre() -> None:
     cam = np.zeros((3, 3))
     cam[1, 1] = 1.0
@@ -385,14 +380,15 @@ def test_cam_peak_offsets_measure_a_systematic_offset() -> None:
         boxes.append([(cx - 20, cy - 10, cx + 20, cy + 10), (700, 350, 790, 390)])
         cams.append(cam)
     labels = ["TB", "TB", "NTB"]
-    got = m.cam_peak_offsets(cams, [(rows, cols)] * 3, boxes, labels)
+    got = m.pointing_game(cams, [(rows, cols)] * 3, boxes, labels)["peak_offset"]
     assert got["TB"]["n"] == 2 and got["NTB"]["n"] == 1
     for name in ("TB", "NTB"):
         # the peak maps to the nearest pixel: within one working pixel of (2, 1) cells
         assert np.allclose(got[name]["median_cells"], (2.0, 1.0), atol=0.02), got
         assert np.allclose(got[name]["std_cells"], 0.0, atol=0.02)
     # no boxes, other classes: not counted
-    none = m.cam_peak_offsets(cams, [(rows, cols)] * 3, [[], [], []], ["TB", "NORM", "TB"])
+    none = m.pointing_game(cams, [(rows, cols)] * 3, [[], [], []],
+                           ["TB", "NORM", "TB"])["peak_offset"]
     assert none["TB"] == {"n": 0, "median_cells": None, "std_cells": None}
     _dumps(none)
 
