@@ -102,7 +102,12 @@ def _sharpened(run: Path, x: np.ndarray) -> object:
     """The tiny run's model made input-sensitive: a few training steps leave the batch-norm
     moving statistics at their initial values, where activations vanish through the
     network and every input gives the same probabilities (a parity check then proves
-    nothing). Set each BN layer's statistics from real inputs, as long training would."""
+    nothing). Set each BN layer's statistics from real inputs, as long training would.
+    The random head is kept moderate (logits within about +-5): float32 rounding across
+    the ~50 layers differs between TensorFlow and onnxruntime by ~1e-5 in the logits'
+    scale, and a head five times larger (logits to +-24) put max |delta probs| at up
+    to 1.1e-4 on some runs of the (not bit-reproducible) tiny training, over the 1e-4
+    bound, with nothing wrong in the conversion."""
     model = build_classifier(SIZE, str(run / "checkpoint.weights.h5"))
     for layer in model.layers:
         if layer.__class__.__name__ != "BatchNormalization":
@@ -114,7 +119,7 @@ def _sharpened(run: Path, x: np.ndarray) -> object:
     head = model.get_layer("head")
     kernel, bias = head.get_weights()
     rng = np.random.default_rng(0)
-    head.set_weights([rng.normal(0, 0.5, kernel.shape).astype(np.float32), bias])
+    head.set_weights([rng.normal(0, 0.1, kernel.shape).astype(np.float32), bias])
     return model
 
 
