@@ -117,6 +117,16 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--erase-size", type=float, default=0.25,
                    help="side of that square, as a fraction of the image side")
     p.add_argument(
+        "--locality-loss-weight", type=float, default=0.0,
+        help="weight of the occlusion-locality loss, a localisation aid (default 0: off): "
+        "with a random square replaced by the mirror image's, the CAM of the cells away "
+        "from the square must not change, so evidence stays near what it comes from",
+    )
+    p.add_argument("--locality-size", type=float, default=0.25,
+                   help="side of that square, as a fraction of the image side")
+    p.add_argument("--locality-margin", type=float, default=1.0,
+                   help="CAM cells around the square left free to change")
+    p.add_argument(
         "--head-epochs", type=int, default=0,
         help="then fit the Dense head alone (backbone frozen) with the GAP loss",
     )
@@ -263,6 +273,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         gap_loss_weight=args.gap_loss_weight,
         erase_loss_weight=args.erase_loss_weight,
         erase_size=args.erase_size,
+        locality_loss_weight=args.locality_loss_weight,
+        locality_size=args.locality_size,
+        locality_margin=args.locality_margin,
         head_epochs=args.head_epochs,
         steps_per_epoch=args.steps_per_epoch,
     )

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cxrd.preprocess import cam_matrix
+from cxrd.preprocess import CAM_CELL_SHIFT
 
 __all__ = [
     "CLASSES",
@@ -518,52 +518,38 @@ def _select_cam(cam: npt.ArrayLike, class_index: int | None) -> FloatArray:
     return c
 
 
-def _working_size(rows: int, cols: int, max_side: int) -> tuple[int, int]:
-    longest = max(rows, cols)
-    if longest <= max_side:
-        return rows, cols
-    f = max_side / longest
-    return max(1, round(rows * f)), max(1, round(cols * f))
-
-
 def cam_argmax_location(
     cam: npt.ArrayLike,
     rows: int,
     cols: int,
     *,
     class_index: int | None = None,
-    max_side: int = 1024,
 ) -> tuple[float, float]:
     """Peak of the CAM in original image coordinates, as ``(x, y)`` (x = column).
 
-    The CAM (the model input is a square stretch of the image) is stretched bilinearly to
-    a working resolution with the image's aspect ratio (the image size itself, or the
-    longest side reduced to ``max_side``), each cell placed at the centre of its receptive
-    field (``cxrd.preprocess.cam_matrix``: ``CAM_CELL_SHIFT`` of a cell right and down of
-    its block's centre); the argmax there is mapped back with
-    ``image = (i + 0.5) * scale - 0.5`` per axis (pixel centres aligned).  On a plateau of
-    equal maxima (a peak on the CAM border, a constant CAM) the maximal location nearest
-    the plateau's centroid is used, so the choice is symmetric and deterministic.
+    The peak is the CAM's highest cell, placed at the centre of its receptive field: the
+    model input is a square stretch of the image, and cell i sits at model-input position
+    ``(i + 0.5 + CAM_CELL_SHIFT) * stride - 0.5``, which is image position
+    ``(i + 0.5 + CAM_CELL_SHIFT) * size / n_cells - 0.5`` per axis (pixel centres aligned),
+    clamped to the image. The bilinearly upsampled CAM (the heatmap,
+    ``cxrd.preprocess.cam_matrix``) has its maximum there too; between the image border
+    and the outermost cells' centres it is clamped flat, and a point on that flat part
+    carries nothing of its own, so none is chosen. Tied cells (a constant CAM) go to the
+    one nearest their centroid: symmetric and deterministic.
     """
     rows, cols = int(rows), int(cols)
     if rows < 1 or cols < 1:
         raise ValueError("image size must be positive")
     c = _select_cam(cam, class_index)
     h, w = c.shape
-    work_rows, work_cols = _working_size(rows, cols, max_side)
-    up = cam_matrix(work_rows, h) @ c @ cam_matrix(work_cols, w).T
-    peak = float(up.max())
-    span = float(c.max() - c.min())
-    rr, cc = np.nonzero(up >= peak - 1e-9 * max(span, abs(peak), 1e-300))
-    if rr.size == 1:
-        r, col = float(rr[0]), float(cc[0])
-    else:
-        cy, cx = rr.mean(), cc.mean()
-        nearest = int(np.argmin((rr - cy) ** 2 + (cc - cx) ** 2))
-        r, col = float(rr[nearest]), float(cc[nearest])
-    y = (r + 0.5) * (rows / work_rows) - 0.5
-    x = (col + 0.5) * (cols / work_cols) - 0.5
-    return x, y
+    peak = float(c.max())
+    span = float(peak - c.min())
+    rr, cc = np.nonzero(c >= peak - 1e-9 * max(span, abs(peak), 1e-300))
+    nearest = int(np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2))
+    r, col = int(rr[nearest]), int(cc[nearest])
+    y = (r + 0.5 + CAM_CELL_SHIFT) * rows / h - 0.5
+    x = (col + 0.5 + CAM_CELL_SHIFT) * cols / w - 0.5
+    return float(np.clip(x, 0.0, cols - 1.0)), float(np.clip(y, 0.0, rows - 1.0))
 
 
 def _boxes(boxes: npt.ArrayLike) -> FloatArray:
@@ -591,7 +577,6 @@ def cam_hit(
     tolerance: float = 0.0,
     *,
     class_index: int | None = None,
-    max_side: int = 1024,
 ) -> bool:
     """Pointing-game hit: does the CAM peak fall inside any box ``(x0, y0, x1, y1)``?
 
@@ -601,7 +586,7 @@ def cam_hit(
     b = _boxes(boxes)
     if len(b) == 0:
         return False
-    x, y = cam_argmax_location(cam, rows, cols, class_index=class_index, max_side=max_side)
+    x, y = cam_argmax_location(cam, rows, cols, class_index=class_index)
     return _inside(x, y, b, tolerance)
 
 
@@ -614,7 +599,6 @@ def pointing_game(
     tolerance: float = 0.0,
     class_indices: Sequence[int] | None = None,
     scored_classes: Sequence[str] = ("TB", "NTB"),
-    max_side: int = 1024,
 ) -> dict[str, Any]:
     """Pointing game over images: ``{"TB": {...}, "NTB": {...}, "overall": {...},
     "peak_offset": {...}}``.
@@ -647,7 +631,7 @@ def pointing_game(
             continue
         rows, cols = sizes[i]
         cam = _select_cam(cams[i], None if class_indices is None else int(class_indices[i]))
-        x, y = cam_argmax_location(cam, rows, cols, max_side=max_side)
+        x, y = cam_argmax_location(cam, rows, cols)
         tally[name][0] += int(_inside(x, y, b, tolerance))
         tally[name][1] += 1
         cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2

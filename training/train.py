@@ -58,6 +58,17 @@ class TrainConfig:
     # pooled-CAM loss cares where the evidence is relative to the lesion; this does.
     erase_loss_weight: float = 0.0
     erase_size: float = 0.25
+    # Localisation aid: occlusion locality (weight 0 = off). Each batch goes through the
+    # network a second time, in the same forward pass (batch norm sees one batch), with a
+    # random square of ``locality_size`` (fraction of the side) replaced by the same square
+    # of the mirror image. The class-centred CAM of every cell whose receptive-field centre
+    # lies more than ``locality_margin`` cells outside the square must not change (mean
+    # squared difference). So a cell's evidence may come only from its neighbourhood: a
+    # lesion can raise only the cells near it, which is what the pointing game asks. It
+    # needs no label and no box, and leaves the classifier GAP -> Dense.
+    locality_loss_weight: float = 0.0
+    locality_size: float = 0.25
+    locality_margin: float = 1.0
     # Then this many epochs fit the head alone (backbone frozen, batch norm in inference
     # mode) with the classifier's own GAP loss, so that the shipped GAP -> Dense
     # probabilities are trained as such on the features the first phase learnt.
@@ -240,24 +251,103 @@ def _erase_layer(head: Any, cfg: TrainConfig) -> Any:
     return EraseSquare(name="erase_square")
 
 
+def far_cells(centres: Any, half: float, h: int, w: int) -> Any:
+    """(N, h, w) float mask: 1 where a CAM cell's receptive-field centre (model-input
+    pixels) lies more than ``half`` from the square centred on ``centres`` (N, 2: y, x),
+    along either axis."""
+    from keras import ops
+
+    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+
+    def axis(cells: int, c: Any) -> Any:
+        pos = (ops.cast(ops.arange(cells), "float32") + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5
+        return ops.abs(pos[None, :] - c[:, None]) > half
+
+    far_y, far_x = axis(h, centres[:, 0]), axis(w, centres[:, 1])
+    return ops.cast(ops.logical_or(far_y[:, :, None], far_x[:, None, :]), "float32")
+
+
+def _locality_layers(head: Any, cfg: TrainConfig) -> tuple[Any, Any]:
+    """Two layers: images -> (images and their occluded copies stacked on the batch axis,
+    square centres); and (stacked outputs, stacked out_relu features, centres) -> the
+    clean half of the outputs, adding ``locality_loss_weight`` times the CAM change far
+    from the square as a training loss."""
+    import keras
+    from keras import ops
+
+    from cxrd.preprocess import CAM_STRIDE
+
+    seeds = keras.random.SeedGenerator(cfg.seed + 13)
+
+    class OccludeSquare(keras.layers.Layer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._seeds = seeds
+
+        def call(self, images: Any) -> Any:
+            n, size = ops.shape(images)[0], ops.shape(images)[1]
+            centres = keras.random.uniform((n, 2), 0.0, 1.0, seed=self._seeds) * ops.cast(
+                size, "float32")
+            half = ops.cast(size, "float32") * cfg.locality_size / 2.0
+            grid = ops.cast(ops.arange(size), "float32")
+            inside_y = ops.abs(grid[None, :] - centres[:, 0:1]) <= half  # (N, S)
+            inside_x = ops.abs(grid[None, :] - centres[:, 1:2]) <= half
+            mask = ops.logical_and(inside_y[:, :, None], inside_x[:, None, :])[..., None]
+            occluded = ops.where(mask, ops.flip(images, axis=2), images)
+            return ops.concatenate([images, occluded], axis=0), centres
+
+    class LocalityPenalty(keras.layers.Layer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._shared = [head]
+
+        def call(self, inputs: Any, training: bool | None = None) -> Any:
+            outputs, features, centres = inputs
+            n = ops.shape(centres)[0]
+            if training:
+                dense = self._shared[0]
+                cam = ops.matmul(features, dense.kernel) + dense.bias
+                cam = cam - ops.mean(cam, axis=-1, keepdims=True)  # as exported
+                change = ops.mean(ops.square(cam[:n] - cam[n:]), axis=-1)  # (N, h, w)
+                size = ops.cast(ops.shape(features)[1] * CAM_STRIDE, "float32")
+                half = size * cfg.locality_size / 2.0 + cfg.locality_margin * CAM_STRIDE
+                far = far_cells(centres, half, ops.shape(cam)[1], ops.shape(cam)[2])
+                penalty = ops.sum(change * far) / ops.maximum(ops.sum(far), 1.0)
+                self.add_loss(cfg.locality_loss_weight * penalty)
+            return outputs[:n]
+
+    return OccludeSquare(name="occlude_square"), LocalityPenalty(name="cam_locality")
+
+
 def build_training_model(model: Any, cfg: TrainConfig) -> Any:
     """What ``fit`` trains: the classifier itself, or with ``cam_loss_weight`` a twin whose
     output stacks the classifier's probabilities and the top-k pooled CAM's; both share
     every weight, so training the twin trains the classifier. With ``erase_loss_weight``
     the twin takes (image, label) and also stacks the probabilities of the erased image
-    and the on-peak flag (``_erase_layer``)."""
+    and the on-peak flag (``_erase_layer``). With ``locality_loss_weight`` the twin runs
+    each batch with its occluded copies and adds the locality loss (``_locality_layers``);
+    its output is the clean half's, as without it."""
     import keras
+    from keras import ops
 
     from training.model import HEAD
 
+    features = model.get_layer("out_relu").output
+    if cfg.cam_loss_weight > 0 or cfg.erase_loss_weight > 0:
+        stacked = _cam_pool_layer(model.get_layer(HEAD), max(1, cfg.cam_top_k))(
+            [features, model.output])
+    else:
+        stacked = model.output
+    if cfg.locality_loss_weight > 0:
+        occlude, penalty = _locality_layers(model.get_layer(HEAD), cfg)
+        images = keras.Input(shape=model.input_shape[1:], name="twin_image")
+        both, centres = occlude(images)
+        outputs, feats = keras.Model(model.input, [stacked, features], name="cxrd_inner")(both)
+        return keras.Model(images, penalty([outputs, feats, centres]), name="cxrd_local_twin")
     if cfg.cam_loss_weight <= 0 and cfg.erase_loss_weight <= 0:
         return model
-    k = max(1, cfg.cam_top_k)
-    features = model.get_layer("out_relu").output
-    stacked = _cam_pool_layer(model.get_layer(HEAD), k)([features, model.output])
     if cfg.erase_loss_weight <= 0:
         return keras.Model(model.input, stacked, name="cxrd_train_twin")
-    from keras import ops
 
     images = keras.Input(shape=model.input_shape[1:], name="twin_image")
     labels = keras.Input(shape=(), dtype="int32", name="twin_label")
@@ -344,6 +434,8 @@ def train(train_set: ImageSet, val_set: ImageSet, cfg: TrainConfig, out_dir: Pat
 
     if cfg.erase_loss_weight > 0 and cfg.head_epochs > 0:
         raise ValueError("--erase-loss-weight and --head-epochs cannot be combined")
+    if cfg.erase_loss_weight > 0 and cfg.locality_loss_weight > 0:
+        raise ValueError("--erase-loss-weight and --locality-loss-weight cannot be combined")
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(cfg.input_size, cfg.weights)

@@ -387,3 +387,57 @@ def test_erase_twin_replaces_the_cam_peak_with_the_mirror_image() -> None:
             assert rows[0] >= centre[0] - half and rows[-1] <= centre[0] + half
             assert cols[0] >= centre[1] - half and cols[-1] <= min(centre[1] + half, size)
             assert rows[0] <= centre[0] <= rows[-1] and cols[0] <= centre[1] <= cols[-1]
+
+
+def test_locality_twin_occludes_and_penalises_only_far_cam_changes() -> None:
+    """The occlusion-locality twin: the second half of its batch is the images with one
+    square replaced by the mirror image's; its loss is the mean squared change of the
+    class-centred CAM over the cells outside the square and its margin, and nothing else;
+    in inference mode it adds no loss and returns the classifier's own output."""
+    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+    from training.train import TrainConfig, _locality_layers, build_training_model
+
+    size, n = 128, 6  # 4 x 4 cells, centres at 31, 63, 95, 127
+    cfg = TrainConfig(input_size=size, locality_loss_weight=2.0, locality_size=0.25,
+                      locality_margin=1.0, seed=3)
+    model = build_classifier(size, "none")
+    twin = build_training_model(model, cfg)
+    assert {id(w) for w in twin.weights} == {id(w) for w in model.weights}
+    images = np.random.default_rng(6).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+    assert np.allclose(twin(images, training=False), model(images, training=False), atol=1e-6)
+    assert not twin.losses
+
+    head = model.get_layer("head")
+    occlude, penalty = _locality_layers(head, cfg)
+    both, centres = (np.asarray(t) for t in occlude(images))
+    assert both.shape == (2 * n, size, size, 3) and np.array_equal(both[:n], images)
+    half = size * cfg.locality_size / 2
+    for k in range(n):
+        changed = both[n + k] != images[k]
+        assert np.array_equal(both[n + k][changed], images[k][:, ::-1][changed])
+        rows, cols = np.flatnonzero(changed.any(axis=(1, 2))), np.flatnonzero(
+            changed.any(axis=(0, 2)))
+        assert rows[0] >= centres[k, 0] - half and rows[-1] <= centres[k, 0] + half
+        assert cols[0] >= centres[k, 1] - half and cols[-1] <= centres[k, 1] + half
+
+    # the penalty on made-up features: the CAM is feature 0 times (1, 2, 0.5)
+    kernel = np.zeros(head.kernel.shape, np.float32)
+    kernel[0, :] = [1.0, 2.0, 0.5]
+    head.set_weights([kernel, np.zeros(3, np.float32)])
+    square = np.array([[63.0, 63.0]], np.float32)  # on cell (1, 1): cells 0-2 are near
+    assert [(i + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5 for i in range(4)] == [31, 63, 95, 127]
+    outputs = np.zeros((2, 3), np.float32)
+
+    def loss(cell: tuple[int, int]) -> float:
+        features = np.zeros((2, 4, 4, kernel.shape[0]), np.float32)
+        features[1, cell[0], cell[1], 0] = 3.0  # the occluded copy changes at one cell
+        layer = _locality_layers(head, cfg)[1]
+        out = layer([outputs, features, square], training=True)
+        assert np.asarray(out).shape == (1, 3)
+        return float(layer.losses[0])
+
+    assert loss((2, 2)) == 0.0  # 32 px from the square's edge: inside the margin
+    centred = 3.0 * (np.array([1.0, 2.0, 0.5]) - 3.5 / 3)
+    far = 16 - 9  # cells outside rows/columns 0-2
+    assert np.isclose(loss((3, 0)), cfg.locality_loss_weight * np.mean(centred**2) / far)
+    assert np.isclose(loss((0, 3)), loss((3, 3)))

@@ -347,24 +347,28 @@ def test_cam_corners_non_square() -> None:
             cam[r, c] = 1.0
             x, y = m.cam_argmax_location(cam, rows, cols)
             assert 0 <= x <= cols - 1 and 0 <= y <= rows - 1
-            # edges are clamped: from the image's first pixel to cell 0's centre the surface
-            # is flat, and a plateau's peak is its middle; the last cell's centre is within
-            # a pixel of the image's last pixel
-            ex = _centre(c, 2, cols) / (2 if c == 0 else 1)
-            ey = _centre(r, 2, rows) / (2 if r == 0 else 1)
-            assert abs(x - ex) <= 1 and abs(y - ey) <= 1
+            # a border cell's peak is its receptive field's centre, not a point of the flat
+            # (clamped) heatmap between it and the image border; the last cell's centre is
+            # within a pixel of the image's last pixel
+            assert (x, y) == (_centre(c, 2, cols), _centre(r, 2, rows))
             # each peak stays in its own quadrant
             assert (x < cols / 2) == (c == 0) and (y < rows / 2) == (r == 0)
 
 
-def test_cam_large_image_uses_reduced_working_resolution() -> None:
+def test_cam_tied_cells_resolve_to_the_middle_one() -> None:
+    x, y = m.cam_argmax_location(np.full((3, 3), 0.7), 90, 150)  # a constant CAM
+    assert (x, y) == (_centre(1, 3, 150), _centre(1, 3, 90))
+    cam = np.zeros((1, 5))
+    cam[0, 1:4] = 2.0  # three equal cells in a row
+    assert m.cam_argmax_location(cam, 10, 100)[0] == _centre(2, 5, 100)
+
+
+def test_cam_peak_on_a_large_image() -> None:
     cam = np.zeros((16, 16))
     cam[4, 11] = 1.0
     rows, cols = 3000, 4500
     x, y = m.cam_argmax_location(cam, rows, cols)
-    ex, ey = _centre(11, 16, cols), _centre(4, 16, rows)
-    half_work_pixel = max(rows, cols) / 1024 / 2 + 1e-9
-    assert abs(x - ex) <= half_work_pixel and abs(y - ey) <= half_work_pixel
+    assert np.isclose(x, _centre(11, 16, cols)) and np.isclose(y, _centre(4, 16, rows))
 
 
 def test_cam_peak_offsets_measure_a_systematic_offset() -> None:
