@@ -269,9 +269,10 @@ def far_cells(centres: Any, half: float, h: int, w: int) -> Any:
 
 def _locality_layers(head: Any, cfg: TrainConfig) -> tuple[Any, Any]:
     """Two layers: images -> (images and their occluded copies stacked on the batch axis,
-    square centres); and (stacked outputs, stacked out_relu features, centres) -> the
-    clean half of the outputs, adding ``locality_loss_weight`` times the CAM change far
-    from the square as a training loss."""
+    square centres; in inference mode the images alone); and (stacked outputs, stacked
+    out_relu features, centres) -> the clean half of the outputs, adding
+    ``locality_loss_weight`` times the CAM change far from the square as a training
+    loss."""
     import keras
     from keras import ops
 
@@ -284,10 +285,12 @@ def _locality_layers(head: Any, cfg: TrainConfig) -> tuple[Any, Any]:
             super().__init__(**kwargs)
             self._seeds = seeds
 
-        def call(self, images: Any) -> Any:
+        def call(self, images: Any, training: bool | None = None) -> Any:
             n, size = ops.shape(images)[0], ops.shape(images)[1]
             centres = keras.random.uniform((n, 2), 0.0, 1.0, seed=self._seeds) * ops.cast(
                 size, "float32")
+            if not training:  # validation: no loss to compute, the clean images alone
+                return images, centres
             half = ops.cast(size, "float32") * cfg.locality_size / 2.0
             grid = ops.cast(ops.arange(size), "float32")
             inside_y = ops.abs(grid[None, :] - centres[:, 0:1]) <= half  # (N, S)

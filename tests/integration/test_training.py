@@ -409,7 +409,9 @@ def test_locality_twin_occludes_and_penalises_only_far_cam_changes() -> None:
 
     head = model.get_layer("head")
     occlude, penalty = _locality_layers(head, cfg)
-    both, centres = (np.asarray(t) for t in occlude(images))
+    same, _ = occlude(images, training=False)  # validation passes the images alone
+    assert np.array_equal(np.asarray(same), images)
+    both, centres = (np.asarray(t) for t in occlude(images, training=True))
     assert both.shape == (2 * n, size, size, 3) and np.array_equal(both[:n], images)
     half = size * cfg.locality_size / 2
     for k in range(n):
@@ -441,3 +443,23 @@ def test_locality_twin_occludes_and_penalises_only_far_cam_changes() -> None:
     far = 16 - 9  # cells outside rows/columns 0-2
     assert np.isclose(loss((3, 0)), cfg.locality_loss_weight * np.mean(centred**2) / far)
     assert np.isclose(loss((0, 3)), loss((3, 3)))
+
+
+def test_training_with_the_locality_loss_runs_and_validates(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """`train --locality-loss-weight` fits and validates the twin (clean and occluded
+    images in training, the clean ones alone in validation) and saves the classifier's
+    own weights."""
+    run = tmp_path / "loc"
+    assert main(["train", "--manifest", str(trained["manifest"]), "--run", str(run),
+                 "--input-size", str(SIZE), "--epochs", "1", "--steps-per-epoch", "2",
+                 "--batch-size", "8", "--locality-loss-weight", "1.0",
+                 "--locality-margin", "0.5"]) == 0
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["locality_loss_weight"] == 1.0 and cfg["locality_margin"] == 0.5
+    header, row = (run / "history.csv").read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    assert float(values["val_loss"]) > 0 and float(values["loss"]) > 0
+    model = build_classifier(SIZE, str(run / "checkpoint.weights.h5"))
+    assert model.output_shape == (None, 3)
