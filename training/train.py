@@ -179,6 +179,34 @@ def make_dataset(data: ImageSet, cfg: TrainConfig, *, training: bool) -> Any:
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _head_cam(head: Any, features: Any) -> Any:
+    """The classifier's Dense head applied at every out_relu position: (N, h, w, C)."""
+    from keras import ops
+
+    return ops.matmul(features, head.kernel) + head.bias
+
+
+def _cell_centres(cells: Any) -> Any:
+    """Model-input position of CAM cell indices: each at its receptive field's centre."""
+    from keras import ops
+
+    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
+
+    return (ops.cast(cells, "float32") + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5
+
+
+def _mirror_square(images: Any, cy: Any, cx: Any, half: Any) -> Any:
+    """``images`` (N, S, S, ch) with the square of half-side ``half`` centred on (cy, cx)
+    (each (N,), model-input pixels) replaced by the same square of the mirror image."""
+    from keras import ops
+
+    grid = ops.cast(ops.arange(ops.shape(images)[1]), "float32")
+    inside_y = ops.abs(grid[None, :] - cy[:, None]) <= half  # (N, S)
+    inside_x = ops.abs(grid[None, :] - cx[:, None]) <= half
+    mask = ops.logical_and(inside_y[:, :, None], inside_x[:, None, :])[..., None]
+    return ops.where(mask, ops.flip(images, axis=2), images)
+
+
 def _cam_pool_layer(head: Any, k: int) -> Any:
     """A layer: (out_relu features, GAP probs) -> (N, 2, C) = [GAP probs, top-k CAM probs].
 
@@ -194,8 +222,7 @@ def _cam_pool_layer(head: Any, k: int) -> Any:
 
         def call(self, inputs: Any) -> Any:
             features, gap_probs = inputs
-            dense = self._shared[0]
-            cam = ops.matmul(features, dense.kernel) + dense.bias  # (N, h, w, C)
+            cam = _head_cam(self._shared[0], features)  # (N, h, w, C)
             classes = ops.shape(cam)[-1]
             flat = ops.transpose(ops.reshape(cam, (ops.shape(cam)[0], -1, classes)), (0, 2, 1))
             top, _ = ops.top_k(flat, k=k, sorted=False)
@@ -210,8 +237,6 @@ def _erase_layer(head: Any, cfg: TrainConfig) -> Any:
     import keras
     from keras import ops
 
-    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
-
     norm = CLASS_NAMES.index("NORM")
     seeds = keras.random.SeedGenerator(cfg.seed + 11)
 
@@ -223,29 +248,20 @@ def _erase_layer(head: Any, cfg: TrainConfig) -> Any:
 
         def call(self, inputs: Any) -> Any:
             images, labels, features = inputs
-            dense = self._shared[0]
-            cam = ops.matmul(features, dense.kernel) + dense.bias  # (N, h, w, C)
+            cam = _head_cam(self._shared[0], features)  # (N, h, w, C)
             labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
             onehot = ops.one_hot(labels, len(CLASS_NAMES))
             cam_y = ops.sum(cam * onehot[:, None, None, :], axis=-1)  # (N, h, w)
             n, w = ops.shape(cam_y)[0], ops.shape(cam_y)[2]
             peak = ops.argmax(ops.reshape(cam_y, (n, -1)), axis=-1)
             size = ops.cast(ops.shape(images)[1], "float32")
-            # each cell at its receptive field's centre on the model input
-            py, px = ((ops.cast(cell, "float32") + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5
-                      for cell in (peak // w, peak % w))
+            py, px = _cell_centres(peak // w), _cell_centres(peak % w)
             ry = keras.random.uniform((n,), 0.0, 1.0, seed=self._seeds) * size
             rx = keras.random.uniform((n,), 0.0, 1.0, seed=self._seeds) * size
             coin = keras.random.uniform((n,), 0.0, 1.0, seed=self._seeds)
             on_peak = ops.logical_and(ops.not_equal(labels, norm), coin < 0.5)
             cy, cx = ops.where(on_peak, py, ry), ops.where(on_peak, px, rx)
-            half = size * cfg.erase_size / 2.0
-            grid = ops.cast(ops.arange(ops.shape(images)[1]), "float32")
-            inside_y = ops.abs(grid[None, :] - cy[:, None]) <= half  # (N, S)
-            inside_x = ops.abs(grid[None, :] - cx[:, None]) <= half
-            mask = ops.logical_and(inside_y[:, :, None], inside_x[:, None, :])[..., None]
-            mirrored = ops.flip(images, axis=2)
-            erased = ops.where(mask, mirrored, images)
+            erased = _mirror_square(images, cy, cx, size * cfg.erase_size / 2.0)
             return erased, ops.cast(on_peak, "float32")
 
     return EraseSquare(name="erase_square")
@@ -257,11 +273,8 @@ def far_cells(centres: Any, half: float, h: int, w: int) -> Any:
     along either axis."""
     from keras import ops
 
-    from cxrd.preprocess import CAM_CELL_SHIFT, CAM_STRIDE
-
     def axis(cells: int, c: Any) -> Any:
-        pos = (ops.cast(ops.arange(cells), "float32") + 0.5 + CAM_CELL_SHIFT) * CAM_STRIDE - 0.5
-        return ops.abs(pos[None, :] - c[:, None]) > half
+        return ops.abs(_cell_centres(ops.arange(cells))[None, :] - c[:, None]) > half
 
     far_y, far_x = axis(h, centres[:, 0]), axis(w, centres[:, 1])
     return ops.cast(ops.logical_or(far_y[:, :, None], far_x[:, None, :]), "float32")
@@ -292,11 +305,7 @@ def _locality_layers(head: Any, cfg: TrainConfig) -> tuple[Any, Any]:
             if not training:  # validation: no loss to compute, the clean images alone
                 return images, centres
             half = ops.cast(size, "float32") * cfg.locality_size / 2.0
-            grid = ops.cast(ops.arange(size), "float32")
-            inside_y = ops.abs(grid[None, :] - centres[:, 0:1]) <= half  # (N, S)
-            inside_x = ops.abs(grid[None, :] - centres[:, 1:2]) <= half
-            mask = ops.logical_and(inside_y[:, :, None], inside_x[:, None, :])[..., None]
-            occluded = ops.where(mask, ops.flip(images, axis=2), images)
+            occluded = _mirror_square(images, centres[:, 0], centres[:, 1], half)
             return ops.concatenate([images, occluded], axis=0), centres
 
     class LocalityPenalty(keras.layers.Layer):
@@ -308,8 +317,7 @@ def _locality_layers(head: Any, cfg: TrainConfig) -> tuple[Any, Any]:
             outputs, features, centres = inputs
             n = ops.shape(centres)[0]
             if training:
-                dense = self._shared[0]
-                cam = ops.matmul(features, dense.kernel) + dense.bias
+                cam = _head_cam(self._shared[0], features)
                 cam = cam - ops.mean(cam, axis=-1, keepdims=True)  # as exported
                 change = ops.mean(ops.square(cam[:n] - cam[n:]), axis=-1)  # (N, h, w)
                 size = ops.cast(ops.shape(features)[1] * CAM_STRIDE, "float32")
