@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import Select, or_, select
 
 from cxrd.db import Database, Instance, Job, Study, utcnow
+from cxrd.dicom import CR, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
 from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
-from cxrd.ingest import CR, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -52,28 +51,16 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
+from cxrd.dicom import ACCEPTED_SOP_CLASSES, DEFLATED
 from cxrd.domain import InstanceState, RejectReason, StudyState
 from cxrd.metrics import metrics
 from cxrd.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-#: The SOP classes cxrd stores (dicom-output.md section 5).
-ACCEPTED_SOP_CLASSES = {
-    CR: "Computed Radiography Image Storage",
-    DX_PRESENTATION: "Digital X-Ray Image Storage - For Presentation",
-    DX_PROCESSING: "Digital X-Ray Image Storage - For Processing",
-    SECONDARY_CAPTURE: "Secondary Capture Image Storage",
-}
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 UNDEFINED_LENGTH = 0xFFFFFFFF
-#: Transfer syntaxes whose data set is deflated as a whole (JPIP Referenced Deflate, too).
-DEFLATED = {DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"}
 #: Beside each file moved to ``rejected/``: why it was refused.
 REASON_SUFFIX = ".reason.txt"
 

@@ -19,55 +19,32 @@ from dataclasses import replace
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from cxrd.config import Config, TlsConfig
+from cxrd.dicom import (
+    ACCEPTED_SOP_CLASSES,
+    RECEIVE_TRANSFER_SYNTAXES,
+    REJECT_PERMANENT,
+    REJECT_REASON_CALLING_AE_NOT_RECOGNISED,
+    REJECT_SOURCE_SERVICE_USER,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    VERIFICATION,
+)
 from cxrd.domain import RejectReason
-from cxrd.ingest import ACCEPTED_SOP_CLASSES, Ingestor, part10
+from cxrd.ingest import Ingestor, part10
 from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
 from cxrd.reactor import make_event_driven
 
 log = logging.getLogger(__name__)
 
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-
-# DIMSE status codes (PS3.4 Annex B.2.3, PS3.7 Annex C)
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-# A-ASSOCIATE-RJ: result rejected-permanent, source service-user, reason
-REJECT_PERMANENT = 0x01
-SOURCE_SERVICE_USER = 0x01
-REASON_CALLING_AE_NOT_RECOGNISED = 0x03
-
 #: A caller gets this long to finish the TLS handshake (in its own thread, never in the
 #: accept loop, where one silent client would block every other caller).
 TLS_HANDSHAKE_SECONDS = 30.0
-
-#: Every transfer syntax that pydicom + the pylibjpeg plugins decode (dicom-output.md §5).
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
-]
 
 _STATUS_FOR_REASON = {
     RejectReason.STORAGE_FAILED: STATUS_OUT_OF_RESOURCES,
@@ -172,9 +149,9 @@ class Receiver:
         self.ae.maximum_associations = 64
         self.ae.network_timeout = 120
         self.ae.dimse_timeout = 120
-        self.ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        self.ae.add_supported_context(VERIFICATION)
         for sop_class in ACCEPTED_SOP_CLASSES:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+            self.ae.add_supported_context(sop_class, RECEIVE_TRANSFER_SYNTAXES)
         self.server: ThreadedAssociationServer | None = None
         self.stored = 0
 
@@ -219,8 +196,8 @@ class Receiver:
         log.warning("action=association-rejected calling_ae=%s address=%s reason=%s",
                     calling, address, reason)
         try:
-            assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER,
-                                   REASON_CALLING_AE_NOT_RECOGNISED)
+            assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER,
+                                   REJECT_REASON_CALLING_AE_NOT_RECOGNISED)
             # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (as
             # pynetdicom does for its own refusals): returning at once would close the
             # socket first, and the caller would see an abort instead of the reason.

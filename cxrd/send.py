@@ -29,6 +29,14 @@ from sqlalchemy import select
 
 from cxrd.config import Config, DestinationConfig, TlsConfig
 from cxrd.db import Database, Delivery, Result, utcnow
+from cxrd.dicom import (
+    REJECT_PERMANENT,
+    SECONDARY_CAPTURE,
+    SEND_TRANSFER_SYNTAXES,
+    SR_SOP_CLASSES,
+    STATUS_OUT_OF_RESOURCES_RANGE,
+    STATUS_STORED,
+)
 from cxrd.domain import DeliveryState
 from cxrd.metrics import metrics, observe_stages
 
@@ -42,23 +50,10 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 #: Doubling stops here: 2**60 initial backoffs exceed any cap, and a larger power would
 #: overflow the float (a long outage under a small cap reaches thousands of attempts).
 MAX_DOUBLINGS = 60
-SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-SR_STORAGES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33",
-               "1.2.840.10008.5.1.4.1.1.88.22")
-TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # explicit, implicit LE
-
-# C-STORE response statuses (PS3.4 Annex B.2.3)
-STATUS_SUCCESS = 0x0000
-STATUS_WARNING_COERCION = 0xB000
-STATUS_WARNING_ELEMENTS_DISCARDED = 0xB006
-STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS = 0xB007
-STORED = (STATUS_SUCCESS, STATUS_WARNING_COERCION, STATUS_WARNING_ELEMENTS_DISCARDED,
-          STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS)
-#: 0xA7xx: out of resources; the object itself is fine, so it is retried.
-OUT_OF_RESOURCES = range(0xA700, 0xA800)
+#: The result objects' SOP classes: every SR IOD, and the heatmap Secondary Capture.
+RESULT_SOP_CLASSES: tuple[str, ...] = (*SR_SOP_CLASSES.values(), SECONDARY_CAPTURE)
+#: Stands for the status of a C-STORE that got no response (timeout, abort).
 NO_RESPONSE = -1
-# A-ASSOCIATE-RJ result: rejected-permanent (0x02 is rejected-transient)
-REJECTED_PERMANENT = 0x01
 
 
 @dataclass(frozen=True)
@@ -161,8 +156,8 @@ class Sender:
         ae.acse_timeout = 30
         ae.dimse_timeout = 120
         ae.network_timeout = 60
-        for sop_class in (*SR_STORAGES, SC_STORAGE):
-            ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+        for sop_class in RESULT_SOP_CLASSES:
+            ae.add_requested_context(sop_class, SEND_TRANSFER_SYNTAXES)
         kwargs: dict[str, Any] = {"ae_title": dest.ae_title,
                                   "max_pdu": self.config.node.max_pdu}
         connect_errors: list[OSError] = []
@@ -181,7 +176,7 @@ class Sender:
             text = (f"association rejected (result {result}, source "
                     f"{getattr(rj, 'result_source', None)}, reason "
                     f"{getattr(rj, 'diagnostic', None)})")
-            if result == REJECTED_PERMANENT:
+            if result == REJECT_PERMANENT:
                 self._fail(items, "PERMANENT: " + text + "; check the destination's AE "
                            "configuration for this node", backoff_max=True)
             else:
@@ -227,11 +222,11 @@ class Sender:
                     continue
                 observe_stages({"send": time.perf_counter() - t0})
                 code = int(getattr(status, "Status", NO_RESPONSE)) if status else NO_RESPONSE
-                if code in STORED:  # success or warning
+                if code in STATUS_STORED:  # success or warning
                     self._done(item, dest.name)
                 elif code == NO_RESPONSE:
                     self._fail([item], "no response to C-STORE (timeout or abort)")
-                elif code in OUT_OF_RESOURCES:
+                elif code in STATUS_OUT_OF_RESOURCES_RANGE:
                     self._fail([item], f"destination out of resources (0x{code:04X})")
                 else:
                     comment = getattr(status, "ErrorComment", "")

@@ -48,16 +48,18 @@ from sqlalchemy import func, select
 
 from cxrd.config import Config, validate
 from cxrd.db import Database, Instance, Rejection, Study
-from cxrd.domain import InstanceState, RejectReason
-from cxrd.ingest import CR, DX_PRESENTATION, Ingestor
-from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
-from cxrd.receive import (
+from cxrd.dicom import (
+    CR,
+    DX_PRESENTATION,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
-    Receiver,
 )
+from cxrd.domain import InstanceState, RejectReason
+from cxrd.ingest import Ingestor
+from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
+from cxrd.receive import Receiver
 
 LOG = "cxrd.receive"
 

@@ -28,14 +28,13 @@ from sqlalchemy import select, update
 
 from cxrd.config import Config, validate
 from cxrd.db import Database, Delivery, Result, utcnow
+from cxrd.dicom import STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, STATUS_OUT_OF_RESOURCES
 from cxrd.domain import DeliveryState, ResultKind
 from cxrd.send import Sender
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 CT = "1.2.840.10008.5.1.4.1.1.2"
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -8,9 +8,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from cxrd.dicom import RECEIVE_TRANSFER_SYNTAXES
 from cxrd.errors import DecodeError
 from cxrd.preprocess import dataset_to_gray8
-from cxrd.receive import TRANSFER_SYNTAXES
 
 CASES = {
     "JPGExtended.dcm": "1.2.840.10008.1.2.4.51",  # JPEG extended, 12-bit
@@ -29,7 +29,7 @@ def test_compressed_syntax_decodes(name: str) -> None:
     assert path, f"{name} is not shipped with this pydicom"
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == CASES[name]
-    assert CASES[name] in TRANSFER_SYNTAXES  # the receiver accepts it
+    assert CASES[name] in RECEIVE_TRANSFER_SYNTAXES  # the receiver accepts it
     gray = dataset_to_gray8(ds)
     assert gray.dtype == np.uint8 and gray.shape == (ds.Rows, ds.Columns)
     assert gray.max() > gray.min()

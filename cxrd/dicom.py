@@ -1,0 +1,98 @@
+"""DICOM vocabulary shared by the receiver, the ingest, admission, the report writer and the
+sender: SOP classes, transfer syntaxes, DIMSE status codes and association-reject codes.
+
+Only pydicom is imported (no pynetdicom), so that modules which do not talk DICOM over the
+network (the ingest of the watched folder, admission) stay as light as they are.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedSRStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
+
+# ------------------------------------------------------------------------- SOP classes
+
+#: Verification (C-ECHO); pydicom.uid names no constant for it.
+VERIFICATION = UID("1.2.840.10008.1.1")
+CR = ComputedRadiographyImageStorage
+DX_PRESENTATION = DigitalXRayImageStorageForPresentation
+DX_PROCESSING = DigitalXRayImageStorageForProcessing
+SECONDARY_CAPTURE = SecondaryCaptureImageStorage
+
+#: The SOP classes cxrd stores (dicom-output.md section 5).
+ACCEPTED_SOP_CLASSES = {
+    CR: "Computed Radiography Image Storage",
+    DX_PRESENTATION: "Digital X-Ray Image Storage - For Presentation",
+    DX_PROCESSING: "Digital X-Ray Image Storage - For Processing",
+    SECONDARY_CAPTURE: "Secondary Capture Image Storage",
+}
+
+#: The SR IODs a structured report can use (``results.sr_sop_class``), by config name
+#: (TID 1500 fits all three); the default first.
+SR_SOP_CLASSES: dict[str, UID] = {
+    "comprehensive3d": Comprehensive3DSRStorage,
+    "comprehensive": ComprehensiveSRStorage,
+    "enhanced": EnhancedSRStorage,
+}
+
+# ------------------------------------------------------------------- transfer syntaxes
+
+#: What the receiver accepts: every transfer syntax that pydicom + the pylibjpeg plugins
+#: decode (dicom-output.md section 5).
+RECEIVE_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+]
+#: What the sender proposes for its results (SR, SC): explicit, then implicit VR little
+#: endian.
+SEND_TRANSFER_SYNTAXES: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: Transfer syntaxes whose data set is deflated as a whole (JPIP Referenced Deflate, too;
+#: pydicom.uid names no constant for it).
+DEFLATED = {DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"}
+
+# -------------------------------------------------------------------- DIMSE statuses
+# PS3.4 Annex B.2.3 (Storage Service Class), PS3.7 Annex C
+
+STATUS_SUCCESS = 0x0000
+STATUS_WARNING_COERCION = 0xB000
+STATUS_WARNING_ELEMENTS_DISCARDED = 0xB006
+STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+#: A C-STORE answered with one of these stored the object (success or a warning).
+STATUS_STORED = (STATUS_SUCCESS, STATUS_WARNING_COERCION, STATUS_WARNING_ELEMENTS_DISCARDED,
+                 STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS)
+#: 0xA7xx: out of resources; the object itself is fine, so a sender may retry it.
+STATUS_OUT_OF_RESOURCES_RANGE = range(0xA700, 0xA800)
+
+# ------------------------------------------------------------- A-ASSOCIATE-RJ (PS3.8 9.3.4)
+
+#: Result: rejected-permanent (0x02 is rejected-transient).
+REJECT_PERMANENT = 0x01
+#: Source: DICOM UL service-user.
+REJECT_SOURCE_SERVICE_USER = 0x01
+#: Reason (service-user source): calling AE title not recognised.
+REJECT_REASON_CALLING_AE_NOT_RECOGNISED = 0x03
