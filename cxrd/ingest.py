@@ -136,13 +136,6 @@ def write_temp(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either nothing or all of it."""
-    tmp = write_temp(path, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _check_complete(ds: Dataset, size: int) -> None:
     """Raise IncompleteFile when an element's value runs past the end of the data.
 

@@ -1,7 +1,7 @@
 """Loading manifest images into arrays, through the serving preprocessing.
 
-Each image goes through ``cxrd.preprocess.read_gray8`` (``read_gray8_and_size``) and
-``resize_gray8``, the functions the daemon uses, with the daemon's
+Each image goes through ``cxrd.preprocess.read_gray8_and_size`` and ``resize_gray8``, the
+functions the daemon uses, with the daemon's
 ``decode_min_side(size)``: JPEG 2000 DICOM is decoded at the same reduced resolution as in
 serving. Images are cached as uint8 at the training size, keyed by the preprocessing name
 and ``DECODE_REVISION``. The float model input is made from that cache with

@@ -78,7 +78,7 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.results.sr_sop_class is SrSopClass.COMPREHENSIVE_3D
     assert config.results.sr_sop_class.uid == "1.2.840.10008.5.1.4.1.1.88.34"
     assert config.metrics.listen == "127.0.0.1:9464"
-    assert config.metrics.address == ("127.0.0.1", 9464)
+    assert parse_listen(config.metrics.listen) == ("127.0.0.1", 9464)
     assert config.logging.level == "INFO"
     assert config.logging.format is LogFormat.TEXT
     assert config.destinations == ()
@@ -382,7 +382,7 @@ port = 104
     assert config.model.path == model
     assert not config.model.uses_embedded_model
     assert config.results.sr_sop_class.uid == "1.2.840.10008.5.1.4.1.1.88.22"
-    assert config.metrics.address == ("::1", 9464)
+    assert parse_listen(config.metrics.listen) == ("::1", 9464)
     assert config.logging.level == "DEBUG"
     assert config.logging.format is LogFormat.JSON
     assert config.destinations[0].port == 104
@@ -395,7 +395,7 @@ port = 104
 def test_metrics_off_and_parse_listen() -> None:
     config = validate({"metrics": {"listen": ""}}, base_dir="/")
     assert not config.metrics.enabled
-    assert config.metrics.address is None
+    assert config.metrics.listen == ""
     assert parse_listen("0.0.0.0:9000") == ("0.0.0.0", 9000)
     with pytest.raises(ValueError):
         parse_listen("host:99999")

@@ -23,7 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cxrd.preprocess import read_gray8
+from cxrd.preprocess import read_gray8_and_size
 from training import phantoms as P
 
 SMALL = (244, 200)  # rows, cols: the 2500 x 2048 aspect, small enough to be quick
@@ -300,7 +300,7 @@ def test_read_gray8_monochrome1_matches_monochrome2(tmp_path: Path,
             P.write_dicom(ph, m1, study, P.DicomOptions(modality=modality, bits_stored=bits,
                                                         photometric="MONOCHROME1"))
             P.write_dicom(ph, m2, study, P.DicomOptions(modality=modality, bits_stored=bits))
-            g1, g2 = read_gray8(m1), read_gray8(m2)
+            g1, g2 = read_gray8_and_size(m1)[0], read_gray8_and_size(m2)[0]
             assert g1.dtype == np.uint8 and g1.shape == (rows, cols)
             assert np.abs(g1.astype(int) - g2.astype(int)).max() <= 1
     # display convention: dense is bright. Lungs sit either side of the mediastinum.
@@ -312,7 +312,7 @@ def test_read_gray8_monochrome1_matches_monochrome2(tmp_path: Path,
           "mediastinum": (lx0 + lx1) // 2}
     nowin = tmp_path / "nowin.dcm"  # the percentile-window fallback must agree
     P.write_dicom(ph, nowin, study, P.DicomOptions(photometric="MONOCHROME1", window=False))
-    for gray in (g1, read_gray8(nowin)):
+    for gray in (g1, read_gray8_and_size(nowin)[0]):
         m = {k: float(gray[cy - dy:cy + dy, x - dx:x + dx].mean()) for k, x in xs.items()}
         assert m["right lung"] < m["mediastinum"] - 40, m
         assert m["left lung"] < m["mediastinum"] - 40, m

@@ -16,7 +16,7 @@ from cxrd.preprocess import (
     dataset_to_gray8,
     preprocess_dataset,
     preprocess_file,
-    read_gray8,
+    read_gray8_and_size,
     resize_gray8,
     to_model_input,
 )
@@ -108,15 +108,15 @@ def test_model_input_range_and_shape() -> None:
 def test_png_16bit_and_8bit(tmp_path: Path, ramp: np.ndarray) -> None:
     p16 = tmp_path / "a.png"
     Image.fromarray(ramp.astype(np.uint16)).save(p16)
-    g16 = read_gray8(p16)
+    g16 = read_gray8_and_size(p16)[0]
     assert g16.shape == ramp.shape and g16.min() == 0 and g16.max() == 255
     p8 = tmp_path / "b.png"
     Image.fromarray((ramp // 16).astype(np.uint8)).save(p8)
-    assert np.array_equal(read_gray8(p8), (ramp // 16).astype(np.uint8))
+    assert np.array_equal(read_gray8_and_size(p8)[0], (ramp // 16).astype(np.uint8))
     bad = tmp_path / "c.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(DecodeError):
-        read_gray8(bad)
+        read_gray8_and_size(bad)
 
 
 def test_training_path_equals_serving_path(tmp_path: Path, ramp: np.ndarray) -> None:
