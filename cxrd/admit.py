@@ -13,6 +13,7 @@ from sqlalchemy import Select, or_, select
 from cxrd.db import Database, Instance, Job, Study, utcnow
 from cxrd.dicom import CR, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
 from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
+from cxrd.queue import study_progress
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,12 @@ def admit_stable_studies(db: Database, stable_seconds: float,
                 Job.study_instance_uid == study.study_instance_uid).limit(1)).first()
             if queued or has_jobs is not None:
                 # Also when only skipped instances arrived late: earlier jobs may still be
-                # running, or done without an SR yet. The report stage decides (it keeps
+                # running, or done without an SR yet. The report job decides (it keeps
                 # the current SR when nothing new was classified).
                 study.state = StudyState.ADMITTED.value
+                if not queued:
+                    s.flush()
+                    study_progress(s, study.study_instance_uid, now)
             else:
                 study.state = StudyState.NOTHING_TO_DO.value
             log.info("action=admitted study_instance_uid=%s queued=%d skipped=%d",

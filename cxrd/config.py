@@ -68,14 +68,11 @@ class SrSopClass(StrEnum):
     @property
     def uid(self) -> str:
         """The SOP Class UID of this SR IOD."""
-        return _SR_SOP_CLASS_UIDS[self]
+        # Imported here: cxrd.dicom imports pydicom, which the CLI need not load just to
+        # read its configuration.
+        from cxrd.dicom import SR_SOP_CLASSES
 
-
-_SR_SOP_CLASS_UIDS: dict[SrSopClass, str] = {
-    SrSopClass.COMPREHENSIVE_3D: "1.2.840.10008.5.1.4.1.1.88.34",
-    SrSopClass.COMPREHENSIVE: "1.2.840.10008.5.1.4.1.1.88.33",
-    SrSopClass.ENHANCED: "1.2.840.10008.5.1.4.1.1.88.22",
-}
+        return SR_SOP_CLASSES[self.value]
 
 
 # --------------------------------------------------------------------------- the tree
@@ -176,7 +173,9 @@ class ModelConfig:
 
     path: Path | None = None  # None: the embedded demo model
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    intra_op_threads: int = 0  # 0: onnxruntime's default
+    intra_op_threads: int = 0  # 0: the cores per worker process
+    # A worker refuses to start (and `cxrd serve` before it listens) when CUDA is not in use.
+    require_cuda: bool = False
 
     @property
     def uses_embedded_model(self) -> bool:
@@ -188,7 +187,7 @@ class ModelConfig:
 class WorkersConfig:
     """``[workers]``: inference processes and job leasing."""
 
-    processes: int = 1
+    processes: int | None = None  # None: "auto", see worker_processes()
     batch_size: int = 8
     lease_seconds: float = 300.0
     max_attempts: int = 3
@@ -225,11 +224,6 @@ class MetricsConfig:
     def enabled(self) -> bool:
         """False when ``listen`` is empty."""
         return bool(self.listen)
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        """``(host, port)`` to bind (IPv6 hosts without brackets), or None when off."""
-        return parse_listen(self.listen) if self.listen else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +395,31 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a systemd CPUAffinity=)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_processes(config: Config) -> int:
+    """``workers.processes`` with "auto" resolved: one worker per core that the receivers
+    do not need. The main process (the first receiver, the watcher and the scheduler)
+    shares the cores with the workers; each extra receiver process takes one."""
+    if config.workers.processes:
+        return config.workers.processes
+    return max(1, usable_cpus() - (config.node.receivers - 1))
+
+
+def worker_threads(config: Config) -> int:
+    """onnxruntime's intra-op threads per worker: ``model.intra_op_threads``, or the
+    cores shared out among the workers (never more threads than cores in all)."""
+    if config.model.intra_op_threads:
+        return config.model.intra_op_threads
+    return max(1, usable_cpus() // worker_processes(config))
+
+
 def describe(config: Config) -> dict[str, Any]:
     """A JSON-serialisable view of ``config`` for ``cxrd status`` and ``check-config``.
 
@@ -423,6 +442,9 @@ def describe(config: Config) -> dict[str, Any]:
     view["results"]["results_dir"] = str(config.results.results_dir)
     view["results"]["sr_sop_class_uid"] = config.results.sr_sop_class.uid
     view["model"]["uses_embedded_model"] = config.model.uses_embedded_model
+    view["workers"]["processes"] = config.workers.processes or "auto"
+    view["workers"]["processes_resolved"] = worker_processes(config)
+    view["workers"]["intra_op_threads_resolved"] = worker_threads(config)
     view["metrics"]["enabled"] = config.metrics.enabled
     return view
 
@@ -893,13 +915,21 @@ def _read_model(t: _Table, base: Path) -> ModelConfig:
         high=1024,
         allowed="an integer from 0 (onnxruntime's default) to 1024",
     )
-    return ModelConfig(path=path, providers=providers, intra_op_threads=threads)
+    require_cuda = t.boolean("require_cuda", d.require_cuda)
+    if require_cuda and "CUDAExecutionProvider" not in providers:
+        t.bad("require_cuda", True, 'false, or list "CUDAExecutionProvider" in providers')
+    return ModelConfig(path=path, providers=providers, intra_op_threads=threads,
+                       require_cuda=require_cuda)
 
 
 def _read_workers(t: _Table) -> WorkersConfig:
     d = WorkersConfig()
+    processes: int | None = None
+    if t.data.get("processes") != "auto":
+        processes = t.integer("processes", 0, low=1, high=1024,
+                              allowed='"auto" or an integer from 1 to 1024') or None
     return WorkersConfig(
-        processes=t.integer("processes", d.processes, low=1, high=1024),
+        processes=processes,
         batch_size=t.integer("batch_size", d.batch_size, low=1, high=256),
         lease_seconds=t.number("lease_seconds", d.lease_seconds, low=0, strict=True),
         max_attempts=t.integer("max_attempts", d.max_attempts, low=1, high=1000),

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from cxrd.domain import DeliveryState, InstanceState, JobState, StudyState
+from cxrd.domain import DeliveryState, InstanceState, JobKind, JobState, StudyState
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Open connections kept per process (per engine) to a SQLite file.
@@ -92,11 +92,22 @@ class Instance(Base):
 
 
 class Job(Base):
+    """A unit of work any worker can claim with a lease: classifying one instance
+    (``kind`` classify) or writing the SR of one study generation (``kind`` report)."""
+
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "state", "not_before"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "not_before"),
+        # One report job per study generation, whichever node enqueues it.
+        Index("ux_jobs_report", "study_instance_uid", "generation", unique=True,
+              sqlite_where=text("kind = 'report'"), postgresql_where=text("kind = 'report'")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8), default=JobKind.CLASSIFY.value,
+                                      server_default=JobKind.CLASSIFY.value)
+    # The instance classified; NULL for a report job.
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
@@ -108,9 +119,12 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     error: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(String(32))  # SkipReason for SKIPPED jobs
-    # outputs, kept small: the SR is rebuilt from these without touching pixels again
+    # A classify job's outputs, kept small: the study's SR is built from these alone.
     probs: Mapped[str | None] = mapped_column(Text)  # JSON [p_TB, p_NTB, p_NORM]
-    cam: Mapped[str | None] = mapped_column(Text)  # JSON (h, w, 3) nested lists
+    cam: Mapped[str | None] = mapped_column(Text)  # schema 1 only; no longer written
+    # JSON {"header": DICOM JSON of cxrd.headers.source_record, "region": [x0, y0, x1, y1]
+    # of the reported class's hottest CAM region, or null for NORM}
+    record: Mapped[str | None] = mapped_column(Text)
     model_device_uid: Mapped[str | None] = mapped_column(String(64))
     timings: Mapped[str | None] = mapped_column(Text)  # JSON stage -> seconds
 
@@ -182,8 +196,35 @@ def _v1(conn: Any) -> None:
     Base.metadata.create_all(conn)
 
 
+def _v2(conn: Any) -> None:
+    """Report jobs: ``jobs.kind`` and ``jobs.record``, ``jobs.instance_id`` NULL for a
+    report job, one report job per study generation. A database created at version 1 by
+    this code's models already has them."""
+    columns = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    if "kind" in columns:
+        return
+    table = Job.__table__
+    if conn.dialect.name == "sqlite":
+        # SQLite cannot drop a NOT NULL constraint: rebuild the table (nothing refers to it).
+        conn.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_v1")
+        for index in inspect(conn).get_indexes("jobs_v1"):
+            conn.exec_driver_sql(f'DROP INDEX "{index["name"]}"')
+        table.create(conn)  # type: ignore[attr-defined]
+        names = ", ".join(sorted(columns))
+        conn.exec_driver_sql(f"INSERT INTO jobs ({names}) SELECT {names} FROM jobs_v1")
+        conn.exec_driver_sql("DROP TABLE jobs_v1")
+        return
+    conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN kind VARCHAR(8) NOT NULL "
+                         "DEFAULT 'classify'")
+    conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN record TEXT")
+    conn.exec_driver_sql("ALTER TABLE jobs ALTER COLUMN instance_id DROP NOT NULL")
+    for index in table.indexes:  # type: ignore[attr-defined]
+        if index.name == "ux_jobs_report":
+            index.create(conn)
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
-MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -311,10 +352,6 @@ class Database:
         """A session in a transaction: committed on success, rolled back on error."""
         with self.sessions() as session, session.begin():
             yield session
-
-    def ping(self) -> None:
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -24,6 +24,11 @@ class StudyState(StrEnum):
     NOTHING_TO_DO = "nothing-to-do"  # every instance was skipped or failed
 
 
+class JobKind(StrEnum):
+    CLASSIFY = "classify"  # one instance: decode, infer, heatmap SC, findings record
+    REPORT = "report"  # one study generation: the SR, from its classify jobs' records
+
+
 class JobState(StrEnum):
     PENDING = "pending"
     RUNNING = "running"  # leased by a worker until lease_expires
@@ -68,6 +73,3 @@ class RejectReason(StrEnum):
     SOP_CLASS_MISMATCH = "sop-class-mismatch"
     CONFLICTING_DUPLICATE = "conflicting-duplicate"  # same SOP Instance UID, other content
     STORAGE_FAILED = "storage-failed"
-
-
-TERMINAL_JOB_STATES = (JobState.DONE, JobState.SKIPPED, JobState.FAILED)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,15 +22,36 @@ from cxrd.modelinfo import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+CUDA = "CUDAExecutionProvider"
+DEFAULT_PROVIDERS = (CUDA, "CPUExecutionProvider")
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """The model's outputs for one image."""
+def _probe_cuda(path: str | None, providers: Sequence[str], out: Any) -> None:
+    try:
+        Classifier(path, providers, 1, require_cuda=True)
+        out.put("")
+    except Exception as exc:  # reported by the parent
+        out.put(str(exc))
 
-    probs: npt.NDArray[np.float32]  # (3,) TB, NTB, NORM
-    cam: npt.NDArray[np.float32]  # (h, w, 3) class activation logits (centred: see export)
+
+def check_cuda(config: Any) -> None:
+    """``[model] require_cuda``: open a session in a short-lived process (the main process
+    keeps no CUDA context) and raise ModelError when it does not run on CUDA."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    path = str(config.model.path) if config.model.path else None
+    proc = ctx.Process(target=_probe_cuda, args=(path, list(config.model.providers), out),
+                       name="cxrd-cuda-probe")
+    proc.start()
+    try:
+        error = out.get(timeout=300)
+    except Exception:
+        error = f"the CUDA probe process exited with {proc.exitcode} without an answer"
+    proc.join(10)
+    if error:
+        raise ModelError(error)
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
@@ -40,11 +61,27 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
+#: Batch sizes a session runs: a batch is padded up to the next one. On CUDA each new input
+#: shape costs a cuDNN algorithm search (and memory), so the shapes are few and all warmed
+#: up at start (:meth:`Classifier.warm_up`); on the CPU the padding costs a few
+#: milliseconds at most.
+def batch_buckets(batch_size: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to ``batch_size`` (which is always the last bucket)."""
+    sizes = []
+    n = 1
+    while n < batch_size:
+        sizes.append(n)
+        n *= 2
+    sizes.append(batch_size)
+    return tuple(sizes)
+
+
 class Classifier:
     """An onnxruntime session plus the model's metadata.
 
     onnxruntime-gpu silently falls back to the CPU when CUDA cannot start, so the providers
-    actually in use are read back from the session (``providers``), not assumed.
+    actually in use are read back from the session (``providers``), not assumed. With
+    ``require_cuda`` a session that does not run on CUDA is refused (ModelError).
     """
 
     def __init__(
@@ -52,6 +89,9 @@ class Classifier:
         path: str | Path | None = None,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         intra_op_threads: int = 0,
+        *,
+        require_cuda: bool = False,
+        max_batch: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -60,6 +100,15 @@ class Classifier:
             raise ModelError(f"Model file {self.path} does not exist.")
         self.info: ModelInfo = read_model_info(self.path)
         available = set(ort.get_available_providers())
+        if CUDA in providers and CUDA in available:
+            # onnxruntime-gpu >= 1.21 can load the CUDA and cuDNN libraries of the
+            # nvidia-* wheels itself; without it a missing library means a CPU fallback.
+            preload = getattr(ort, "preload_dlls", None)
+            if preload is not None:
+                try:
+                    preload()
+                except Exception as exc:  # reported through the providers check below
+                    log.warning("action=preload-dlls-failed error=%s", exc)
         wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -71,6 +120,12 @@ class Classifier:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"onnxruntime cannot load {self.path}: {exc}") from exc
         self.providers: list[str] = list(self.session.get_providers())
+        if require_cuda and CUDA not in self.providers:
+            why = ("onnxruntime has no CUDA provider (install the [gpu] extra)"
+                   if CUDA not in available else "CUDA could not start (driver, CUDA or "
+                   "cuDNN libraries; see onnxruntime's log)")
+            raise ModelError(f"[model] require_cuda is set but onnxruntime runs on "
+                             f"{','.join(self.providers)}: {why}.")
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or set(outputs) != {OUTPUT_PROBS, OUTPUT_CAM}:
@@ -78,21 +133,34 @@ class Classifier:
                 f"{self.path} has inputs {inputs} and outputs {outputs}; the contract is "
                 f"[{INPUT_NAME}] -> [{OUTPUT_PROBS}, {OUTPUT_CAM}]."
             )
+        self.buckets = batch_buckets(max(1, max_batch))
 
     @property
     def input_size(self) -> int:
         return self.info.input_size
 
+    def warm_up(self) -> float:
+        """Run every bucket's shape once (CUDA kernels, cuDNN's search); returns seconds."""
+        import time
+
+        t0 = time.perf_counter()
+        size = self.input_size
+        for n in self.buckets:
+            self.run(np.zeros((n, size, size, 3), dtype=np.float32))
+        return time.perf_counter() - t0
+
     def run(
         self, batch: npt.NDArray[np.float32]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """Run a (N, size, size, 3) float32 batch; returns probs (N, 3) and cam (N, h, w, 3)."""
-        probs, cam = self.session.run([OUTPUT_PROBS, OUTPUT_CAM], {INPUT_NAME: batch})
-        return np.asarray(probs, dtype=np.float32), np.asarray(cam, dtype=np.float32)
+        """Run a (N, size, size, 3) float32 batch; returns probs (N, 3) and cam (N, h, w, 3).
 
-    def predict(self, inputs: Sequence[npt.NDArray[np.float32]]) -> list[Prediction]:
-        """Classify preprocessed inputs, one Prediction each."""
-        if not inputs:
-            return []
-        probs, cam = self.run(np.stack(inputs).astype(np.float32, copy=False))
-        return [Prediction(probs=probs[i], cam=cam[i]) for i in range(len(inputs))]
+        The batch is padded with zeros to the next bucket size, so a session sees only the
+        shapes warmed up at start; batches above the largest bucket run as they are."""
+        n = batch.shape[0]
+        bucket = next((b for b in self.buckets if b >= n), n)
+        if bucket > n:
+            pad = np.zeros((bucket - n, *batch.shape[1:]), dtype=batch.dtype)
+            batch = np.concatenate([batch, pad])
+        probs, cam = self.session.run([OUTPUT_PROBS, OUTPUT_CAM], {INPUT_NAME: batch})
+        return (np.asarray(probs[:n], dtype=np.float32),
+                np.asarray(cam[:n], dtype=np.float32))

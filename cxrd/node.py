@@ -1,8 +1,12 @@
-"""``cxrd serve``: watcher, scheduler (admission + reports), worker processes, in one service.
+"""``cxrd serve``: receiver, watcher, scheduler, worker processes and sender in one service.
 
-The main process never decodes or infers. It ingests (watch), admits stable studies,
-writes each study's SR when its jobs end, and supervises the worker processes, restarting
-any that die. SIGTERM drains: stop ingesting, let workers finish their batch (bounded),
+The main process never decodes, infers or builds a result. It ingests (receiver, watch),
+admits stable studies, runs the outbox (sender) and supervises the worker processes,
+restarting any that die. Workers do every per-image and per-study computation: classify
+jobs and the study's report job (``cxrd.worker``). The scheduler's CPU time is counted
+(``scheduler_cpu_s`` in the drain line and in systemd's STATUS).
+
+SIGTERM drains: stop ingesting, let workers finish their batch (bounded),
 exit 0. A second SIGTERM exits at once; the queue recovers on the next start.
 """
 
@@ -18,16 +22,16 @@ from typing import Any
 
 from cxrd import queue
 from cxrd.admit import admit_stable_studies
-from cxrd.config import Config
+from cxrd.config import Config, worker_processes
 from cxrd.db import Database
-from cxrd.infer import resolve_model_path
+from cxrd.durable import remove_stale_temp_files
+from cxrd.infer import check_cuda, resolve_model_path
 from cxrd.ingest import Ingestor
 from cxrd.logs import setup_logging
 from cxrd.metrics import enable_multiprocess
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.receive import Receiver, receiver_main
-from cxrd.results import finish_studies, remove_stale_temp_files
 from cxrd.send import Sender
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
@@ -65,6 +69,9 @@ class Node:
         self._reload = threading.Event()
         self._metrics_server: Any = None
         self._last_status = 0.0
+        self.worker_count = worker_processes(config)
+        self.scheduler_cpu_s = 0.0
+        self.scheduler_ticks = 0
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -79,12 +86,12 @@ class Node:
         # what this node's earlier processes were writing when they died
         remove_stale_temp_files(cfg.results.results_dir)
         remove_stale_temp_files(cfg.storage.spool_dir, recursive=True)
-        from cxrd.report import warm_up
-
-        warm_up(self.model)  # the first SR would otherwise pay highdicom's start-up
+        if cfg.model.require_cuda:
+            check_cuda(cfg)  # before the receiver listens: a node that cannot infer exits
         log.info("action=node-start ae_title=%s data_dir=%s schema=%d model=%s device_uid=%s "
-                 "demo=%s", cfg.node.ae_title, cfg.storage.data_dir, version,
-                 self.model.display_name, self.model.device_uid, self.model.demo)
+                 "demo=%s workers=%d", cfg.node.ae_title, cfg.storage.data_dir, version,
+                 self.model.display_name, self.model.device_uid, self.model.demo,
+                 self.worker_count)
         if self.model.demo:
             log.warning("action=demo-model model=%s note=trained on synthetic phantoms; "
                         "not for clinical use", self.model.display_name)
@@ -105,7 +112,7 @@ class Node:
         self.watcher = FolderWatcher(ingestor, folders, cfg.watch.settle_seconds,
                                      exclude=[cfg.results.results_dir])
         self.watcher.start()
-        for index in range(cfg.workers.processes):
+        for index in range(self.worker_count):
             self._start_worker(index)
         self.sender.start()
 
@@ -140,13 +147,19 @@ class Node:
                 self._start_worker(index)
 
     def tick(self) -> None:
-        """One scheduler round: admit stable studies, write finished studies' SRs."""
+        """One scheduler round: admit stable studies (which queues their jobs); a safety
+        net for admitted studies without a report job. Its CPU time is accounted."""
+        t0 = time.thread_time()
+        try:
+            self._tick()
+        finally:
+            self.scheduler_cpu_s += time.thread_time() - t0
+            self.scheduler_ticks += 1
+
+    def _tick(self) -> None:
         cfg = self.config
         admit_stable_studies(self.db, cfg.study.stable_seconds)
-        finish_studies(self.db, self.model, cfg.results.results_dir,
-                       sr_sop_class=cfg.results.sr_sop_class.value,
-                       structured_report=cfg.results.structured_report,
-                       destinations=self.destination_names)
+        queue.ensure_report_jobs(self.db)
 
     def run(self) -> int:
         self.prepare()
@@ -188,7 +201,7 @@ class Node:
         except Exception as exc:
             return f"database unavailable: {type(exc).__name__}"
         return (f"queue depth {depth}, deliveries pending {pending}, "
-                f"model {self.model.display_name}")
+                f"model {self.model.display_name}, scheduler CPU {self.scheduler_cpu_s:.1f} s")
 
     def reload(self) -> None:
         """SIGHUP: apply what is safe to change live; name what needs a restart."""
@@ -256,7 +269,8 @@ class Node:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.db.dispose()
-        log.info("action=drain-done")
+        log.info("action=drain-done scheduler_cpu_s=%.4f scheduler_ticks=%d",
+                 self.scheduler_cpu_s, self.scheduler_ticks)
         return 0
 
     def _install_signals(self) -> None:

@@ -29,7 +29,8 @@ def _is_dicom(path: Path) -> bool:
 
 def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool = False) -> int:
     """Classify ``files``; returns the exit code (1 if any file could not be classified)."""
-    from cxrd.report import ImageResult, build_sr, save_dataset, shown_class
+    from cxrd.findings import ImageFindings, decide_class
+    from cxrd.report import build_sr, save_dataset
     from cxrd.worker import prepare, write_heatmap
 
     clf = Classifier(config.model.path, config.model.providers, config.model.intra_op_threads)
@@ -38,7 +39,7 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
     if model.demo:
         print("DEMO model: trained on synthetic phantoms, not for clinical use", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    by_study: dict[str, list[ImageResult]] = defaultdict(list)
+    by_study: dict[str, list[ImageFindings]] = defaultdict(list)
     failed = 0
     for path in files:
         row: dict[str, object] = {"file": str(path)}
@@ -46,20 +47,22 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
             if _is_dicom(path):
                 prep = prepare(path, clf.input_size)
                 probs, cam = clf.run(prep.model_input[None])
-                result = ImageResult(prep.dataset, prep.display, probs[0], cam[0])
                 sc_uid, sc_path = write_heatmap(prep, probs[0], cam[0], model, out, 1)
-                by_study[str(prep.dataset.StudyInstanceUID)].append(result)
+                by_study[str(prep.dataset.StudyInstanceUID)].append(ImageFindings.of(
+                    prep.dataset, probs[0], cam[0], model.operating_point.tb_threshold))
+                dicom = True
                 row["sc"] = str(sc_path)
             else:
                 probs, cam = clf.run(preprocess_file(path, clf.input_size)[None])
-                result = None
+                dicom = False
         except (CxrdError, OSError) as exc:
             failed += 1
             row["error"] = str(exc)
             print(json.dumps(row) if as_json else f"{path}: cannot classify: {exc}")
             continue
         p = probs[0]
-        decision = int(np.argmax(p)) if result is None else shown_class(result, model)
+        decision = (decide_class(p, model.operating_point.tb_threshold) if dicom
+                    else int(np.argmax(p)))
         row.update({c: round(float(v), 4) for c, v in zip(CLASS_NAMES, p, strict=True)})
         row["tb_threshold"] = model.operating_point.tb_threshold
         row["tb"] = bool(p[0] >= model.operating_point.tb_threshold)
@@ -79,7 +82,7 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
             model,
             sop_class=config.results.sr_sop_class.value,
             sop_instance_uid=derived_uid(
-                "predict-sr", study_uid, *[r.dataset.SOPInstanceUID for r in results]
+                "predict-sr", study_uid, *[r.header.SOPInstanceUID for r in results]
             ),
             series_instance_uid=derived_uid("sr-series", study_uid, model.device_uid),
         )

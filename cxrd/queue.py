@@ -1,4 +1,10 @@
-"""The job queue on database rows: claim with a lease, complete, retry with backoff, skip.
+"""The job queue on database rows, and every job and study state change that work makes:
+claim with a lease, complete, retry with backoff, skip, fail, and the study's report job.
+
+Two kinds of job share the same lease, retry and crash rules (``cxrd.domain.JobKind``):
+classify (one instance) and report (the SR of one study generation). The transaction that
+ends a study's last open classify job enqueues its report job (``_study_progress``), so
+exactly one report job exists per study generation whichever worker or node ends it.
 
 A claim increments ``attempts``, so a job whose processing kills its worker (a decoder
 crash, say) comes back after its lease expires and fails for good after ``max_attempts``
@@ -11,63 +17,71 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from cxrd.db import Database, Instance, Job, Worker, utcnow
-from cxrd.domain import InstanceState, JobState, ResultKind, SkipReason
-from cxrd.results import add_result
+from cxrd.db import Database, Instance, Job, Result, Study, Worker, utcnow
+from cxrd.domain import InstanceState, JobKind, JobState, ResultKind, SkipReason, StudyState
+from cxrd.durable import pid_alive
+from cxrd.outbox import add_result
 
 log = logging.getLogger(__name__)
+
+
+_OPEN = (JobState.PENDING.value, JobState.RUNNING.value)
 
 
 @dataclass(frozen=True)
 class ClaimedJob:
     job_id: int
-    instance_id: int
-    sop_instance_uid: str
+    instance_id: int | None  # None for a report job
+    sop_instance_uid: str  # "" for a report job
     study_instance_uid: str
-    path: str
+    path: str  # the spool file; "" for a report job
     generation: int
     attempts: int
+    kind: JobKind = JobKind.CLASSIFY
 
 
 def claim(db: Database, owner: str, batch_size: int, lease_seconds: float,
           max_attempts: int) -> list[ClaimedJob]:
-    """Lease up to ``batch_size`` due jobs, oldest first, across studies."""
+    """Lease up to ``batch_size`` due jobs: report jobs first (each finishes a study),
+    then classify jobs oldest first, across studies."""
     now = utcnow()
     with db.session() as s:
         due = or_(
             (Job.state == JobState.PENDING.value) & (Job.not_before <= now),
             (Job.state == JobState.RUNNING.value) & (Job.lease_expires < now),
         )
-        query = select(Job).where(due).order_by(Job.id).limit(batch_size)
+        reports_first = case((Job.kind == JobKind.REPORT.value, 0), else_=1)
+        query = select(Job).where(due).order_by(reports_first, Job.id).limit(batch_size)
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
         jobs = s.scalars(query).all()
         claimed: list[ClaimedJob] = []
         for job in jobs:
-            inst = s.get(Instance, job.instance_id)
-            assert inst is not None
+            inst = s.get(Instance, job.instance_id) if job.instance_id is not None else None
+            what = inst.sop_instance_uid if inst is not None else f"report:{job.study_instance_uid}"
             if job.state == JobState.RUNNING.value:
-                log.warning("action=lease-expired job_id=%d sop_instance_uid=%s owner=%s",
-                            job.id, inst.sop_instance_uid, job.lease_owner)
+                log.warning("action=lease-expired job_id=%d kind=%s sop_instance_uid=%s owner=%s",
+                            job.id, job.kind, what, job.lease_owner)
             if job.attempts >= max_attempts:
-                _fail(job, inst, f"gave up after {job.attempts} attempts; last error: "
-                                 f"{job.error or 'the worker died while processing it'}", now)
+                _fail(s, job, inst, f"gave up after {job.attempts} attempts; last error: "
+                                    f"{job.error or 'the worker died while processing it'}", now)
                 continue
             job.state = JobState.RUNNING.value
             job.lease_owner = owner
             job.lease_expires = now + dt.timedelta(seconds=lease_seconds)
             job.attempts += 1
-            claimed.append(ClaimedJob(job.id, inst.id, inst.sop_instance_uid,
-                                      inst.study_instance_uid, inst.path, job.generation,
-                                      job.attempts))
+            claimed.append(ClaimedJob(
+                job.id, job.instance_id, inst.sop_instance_uid if inst is not None else "",
+                job.study_instance_uid, inst.path if inst is not None else "",
+                job.generation, job.attempts, JobKind(job.kind)))
         return claimed
 
 
@@ -79,16 +93,79 @@ def error_kind(error: str) -> str:
     return head if head.replace(".", "").replace("_", "").isalnum() else "error"
 
 
-def _fail(job: Job, inst: Instance, error: str, now: dt.datetime) -> None:
+def _fail(s: Session, job: Job, inst: Instance | None, error: str, now: dt.datetime) -> None:
     job.state = JobState.FAILED.value
     job.error = error[:4000]
     job.finished_at = now
     job.lease_owner = None
-    inst.state = InstanceState.FAILED.value
-    inst.detail = error[:4000]
-    log.error("action=job-failed job_id=%d sop_instance_uid=%s error_type=%s", job.id,
-              inst.sop_instance_uid, error_kind(error))
+    if inst is not None:
+        inst.state = InstanceState.FAILED.value
+        inst.detail = error[:4000]
+    log.error("action=job-failed job_id=%d kind=%s sop_instance_uid=%s study_instance_uid=%s "
+              "error_type=%s", job.id, job.kind, inst.sop_instance_uid if inst else "",
+              job.study_instance_uid, error_kind(error))
     log.debug("action=job-failed job_id=%d detail=%s", job.id, error)
+    if job.kind == JobKind.CLASSIFY.value:
+        study_progress(s, job.study_instance_uid, now)
+
+
+def _locked_study(s: Session, study_uid: str) -> Study | None:
+    # On PostgreSQL the row lock serialises the transactions that end a study's jobs, so
+    # the last one to commit sees every other one ended (READ COMMITTED re-reads after
+    # the lock). SQLite's BEGIN IMMEDIATE serialises them already.
+    return s.scalars(select(Study).where(Study.study_instance_uid == study_uid)
+                     .with_for_update()).first()
+
+
+def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
+    """Enqueue the study's report job once its last open classify job has ended.
+
+    Called in the transaction that ends a classify job (done, skipped, failed) and by
+    admission. Nothing happens while the study is collecting (reopened by a late
+    instance: admission calls again) or while classify jobs are open. A report job of this
+    generation that already ended is put back to pending: its study has changed since
+    (a late instance was classified); the rebuilt SR supersedes the one it wrote, or, when
+    nothing it reports changed, the job writes nothing. A pending or running one is left
+    alone: a running one checks, when it completes, that it saw the latest results.
+    """
+    study = _locked_study(s, study_uid)
+    if study is None or study.state != StudyState.ADMITTED.value:
+        return
+    still_open = s.scalars(select(Job.id).where(
+        Job.study_instance_uid == study_uid, Job.kind == JobKind.CLASSIFY.value,
+        Job.state.in_(_OPEN)).limit(1)).first()
+    if still_open is not None:
+        return
+    report = s.scalars(select(Job).where(
+        Job.study_instance_uid == study_uid, Job.kind == JobKind.REPORT.value,
+        Job.generation == study.generation)).first()
+    if report is None:
+        s.add(Job(kind=JobKind.REPORT.value, instance_id=None, study_instance_uid=study_uid,
+                  generation=study.generation, state=JobState.PENDING.value, not_before=now,
+                  created_at=now))
+    elif report.state not in _OPEN:
+        report.state = JobState.PENDING.value
+        report.attempts = 0
+        report.error = None
+        report.not_before = now
+        report.finished_at = None
+
+
+def ensure_report_jobs(db: Database) -> int:
+    """The scheduler's safety net: admitted studies with no open job and no report job of
+    their generation get one (a database upgraded from schema 1 with studies in flight).
+    Returns how many were enqueued; a cheap query when there is nothing to do."""
+    now = utcnow()
+    with db.session() as s:
+        open_or_reported = select(Job.study_instance_uid).where(or_(
+            Job.state.in_(_OPEN),
+            (Job.kind == JobKind.REPORT.value) & (Job.generation == Study.generation)))
+        uids = s.scalars(select(Study.study_instance_uid).where(
+            Study.state == StudyState.ADMITTED.value,
+            Study.study_instance_uid.not_in(open_or_reported)).limit(100)).all()
+        for uid in uids:
+            study_progress(s, uid, now)
+    return len(uids)
 
 
 def _locked_job(s: Session, job_id: int) -> Job | None:
@@ -102,21 +179,26 @@ def _owned(db_job: Job | None, owner: str) -> bool:
             and db_job.lease_owner == owner)
 
 
-def _leased(s: Session, job: ClaimedJob, owner: str) -> tuple[Job, Instance] | None:
-    """The job's row (locked) and its instance, if ``owner`` still holds the lease."""
+def _leased(s: Session, job: ClaimedJob, owner: str) -> tuple[Job, Instance | None] | None:
+    """The job's row (locked) and its instance (None for a report job), if ``owner``
+    still holds the lease."""
     row = _locked_job(s, job.job_id)
     if row is None or not _owned(row, owner):
         return None
+    if job.instance_id is None:
+        return row, None
     inst = s.get(Instance, job.instance_id)
     assert inst is not None
     return row, inst
 
 
 def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
-             cam: object, device_uid: str, timings: Mapping[str, float], *,
-             sc: tuple[str, Path] | None = None, destinations: Sequence[str] = ()) -> bool:
-    """Mark a job done with its outputs. False when the lease was lost meanwhile (another
-    worker owns the job now; its results have the same UIDs, so nothing is duplicated)."""
+             record: Mapping[str, object] | None, device_uid: str,
+             timings: Mapping[str, float], *, sc: tuple[str, Path] | None = None,
+             destinations: Sequence[str] = ()) -> bool:
+    """Mark a classify job done with its outputs: the probabilities and the findings
+    record the SR is built from. False when the lease was lost meanwhile (another worker
+    owns the job now; its results have the same UIDs, so nothing is duplicated)."""
     now = utcnow()
     with db.session() as s:
         leased = _leased(s, job, owner)
@@ -125,9 +207,10 @@ def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
                         job.sop_instance_uid)
             return False
         row, inst = leased
+        assert inst is not None, "complete() is for classify jobs"
         row.state = JobState.DONE.value
         row.probs = json.dumps([float(p) for p in probs])
-        row.cam = json.dumps(cam)
+        row.record = json.dumps(record, separators=(",", ":")) if record is not None else None
         row.model_device_uid = device_uid
         row.timings = json.dumps(dict(timings))
         row.finished_at = now
@@ -141,6 +224,91 @@ def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
                        study_instance_uid=job.study_instance_uid, generation=job.generation,
                        path=sc[1], destinations=destinations,
                        source_sop_instance_uid=job.sop_instance_uid)
+        study_progress(s, job.study_instance_uid, now)
+    return True
+
+
+@dataclass(frozen=True)
+class StudyFindings:
+    """What a report job reads: the study's generation and current SR, and the latest done
+    classify job of each of its instances (id, probabilities JSON, record JSON)."""
+
+    study_instance_uid: str
+    generation: int
+    current_sr: str | None
+    current_sr_path: str | None
+    jobs: list[tuple[int, str, str | None]]
+
+    @property
+    def latest_job(self) -> int | None:
+        return max((j[0] for j in self.jobs), default=None)
+
+
+def _latest_done_jobs(study_uid: str) -> Any:
+    return select(func.max(Job.id)).where(
+        Job.study_instance_uid == study_uid, Job.kind == JobKind.CLASSIFY.value,
+        Job.state == JobState.DONE.value).group_by(Job.instance_id)
+
+
+def study_findings(db: Database, study_uid: str) -> StudyFindings:
+    """Everything a report job needs, from the database alone (no spool reads)."""
+    with db.session() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        rows = s.execute(select(Job.id, Job.probs, Job.record)
+                         .where(Job.id.in_(_latest_done_jobs(study_uid)))
+                         .order_by(Job.instance_id)).all()
+        path = None
+        if study.sr_sop_instance_uid:
+            path = s.scalars(select(Result.path).where(
+                Result.sop_instance_uid == study.sr_sop_instance_uid)).first()
+        return StudyFindings(study_uid, study.generation, study.sr_sop_instance_uid, path,
+                             [(int(r[0]), str(r[1] or "[]"), r[2]) for r in rows])
+
+
+def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFindings, *,
+                    sr: tuple[str, Path] | None, seconds: float,
+                    destinations: Sequence[str] = ()) -> bool:
+    """End a report job: record the SR written from ``findings`` (None: nothing new to
+    write) as the study's current SR, in the same transaction as the study's state.
+
+    When a classify job of the study finished after ``findings`` was read (a late
+    instance), the SR is stale: the job goes back to pending and is rebuilt, and the
+    file written stays unrecorded. False when the lease was lost or the SR was stale.
+    """
+    now = utcnow()
+    with db.session() as s:
+        leased = _leased(s, job, owner)
+        if leased is None:
+            log.warning("action=lease-lost job_id=%d kind=report study_instance_uid=%s",
+                        job.job_id, job.study_instance_uid)
+            return False
+        row, _ = leased
+        study = _locked_study(s, job.study_instance_uid)
+        assert study is not None
+        latest = s.scalars(select(func.max(Job.id)).where(
+            Job.id.in_(_latest_done_jobs(job.study_instance_uid)))).first()
+        if latest != findings.latest_job:
+            row.state = JobState.PENDING.value
+            row.lease_owner = None
+            row.not_before = now
+            log.info("action=report-stale study_instance_uid=%s", job.study_instance_uid)
+            return False
+        if sr is not None:
+            add_result(s, kind=ResultKind.SR, sop_instance_uid=sr[0],
+                       study_instance_uid=job.study_instance_uid, generation=job.generation,
+                       path=sr[1], destinations=destinations, supersedes=findings.current_sr)
+            study.sr_sop_instance_uid = sr[0]
+        if study.state == StudyState.ADMITTED.value:
+            # A study reopened by a late instance meanwhile stays collecting; its next
+            # SR will supersede this one.
+            study.state = (StudyState.REPORTED.value if study.sr_sop_instance_uid
+                           else StudyState.NOTHING_TO_DO.value)
+        study.reported_at = now
+        study.report_seconds = seconds
+        row.state = JobState.DONE.value
+        row.finished_at = now
+        row.lease_owner = None
+        row.error = None
     return True
 
 
@@ -157,9 +325,12 @@ def skip(db: Database, job: ClaimedJob, owner: str, reason: SkipReason, detail: 
         row.error = detail[:4000]
         row.finished_at = now
         row.lease_owner = None
-        inst.state = InstanceState.SKIPPED.value
-        inst.reason = reason.value
-        inst.detail = detail[:4000]
+        if inst is not None:
+            inst.state = InstanceState.SKIPPED.value
+            inst.reason = reason.value
+            inst.detail = detail[:4000]
+        if job.kind == JobKind.CLASSIFY:
+            study_progress(s, job.study_instance_uid, now)
     log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
              job.sop_instance_uid, job.study_instance_uid, reason.value)
 
@@ -174,7 +345,7 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
             return
         row, inst = leased
         if row.attempts >= max_attempts:
-            _fail(row, inst, f"failed {row.attempts} times; last error: {error}", now)
+            _fail(s, row, inst, f"failed {row.attempts} times; last error: {error}", now)
             return
         delay = backoff_seconds * 2 ** (row.attempts - 1)
         row.state = JobState.PENDING.value
@@ -185,16 +356,6 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
     log.warning("action=job-retry job_id=%d sop_instance_uid=%s attempt=%d delay_s=%.0f "
                 "error_type=%s", job.job_id, job.sop_instance_uid, job.attempts, delay,
                 error_kind(error))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def release_dead_leases(db: Database, owner_prefix: str) -> int:
@@ -209,7 +370,7 @@ def release_dead_leases(db: Database, owner_prefix: str) -> int:
         dead = []
         for owner in owners:
             pid = (owner or "")[len(owner_prefix):].split(":", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            if not pid.isdigit() or not pid_alive(int(pid)):
                 dead.append(owner)
         count = 0
         if dead:

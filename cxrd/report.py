@@ -29,8 +29,6 @@ Coding choices, so that readers of the SR know what to look for:
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +39,23 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
-from pydicom.valuerep import DA, DT, TM
 
 from cxrd import __version__
+from cxrd.durable import write_file
+from cxrd.findings import (
+    CLASS_LABELS,
+    NORM,
+    NTB,
+    TB,
+    ImageFindings,
+    decide_class,
+    upsample_cam,
+)
+from cxrd.headers import header_view, library_view
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
-from cxrd.preprocess import cam_matrix
 from cxrd.uids import validate_uid  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -60,11 +65,8 @@ F32 = npt.NDArray[np.float32]
 
 _SRIod = type[hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR]
 
-SR_SOP_CLASSES = {
-    "comprehensive3d": "1.2.840.10008.5.1.4.1.1.88.34",
-    "comprehensive": "1.2.840.10008.5.1.4.1.1.88.33",
-    "enhanced": "1.2.840.10008.5.1.4.1.1.88.22",
-}
+from cxrd.dicom import SR_SOP_CLASSES  # noqa: E402
+
 _SR_IODS: dict[str, _SRIod] = {
     SR_SOP_CLASSES["comprehensive3d"]: hd.sr.Comprehensive3DSR,
     SR_SOP_CLASSES["comprehensive"]: hd.sr.ComprehensiveSR,
@@ -76,7 +78,6 @@ SC_SERIES_DESCRIPTION = "AI heatmap, not for diagnostic use"
 #: The long side of the heatmap Secondary Capture; larger displays are downscaled first.
 DISPLAY_MAX_SIDE = 1024
 
-TB, NTB, NORM = (CLASS_NAMES.index(name) for name in ("TB", "NTB", "NORM"))
 
 # Concepts (dicom-output.md, table in section 1).
 TUBERCULOSIS = Code("56717001", "SCT", "Tuberculosis")
@@ -98,14 +99,6 @@ _SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processin
 CLASS_FINDINGS: tuple[Code, ...] = tuple(
     {"TB": TUBERCULOSIS, "NTB": ABNORMAL, "NORM": NORMAL}[name] for name in CLASS_NAMES
 )
-CLASS_LABELS: tuple[str, ...] = tuple(
-    {"TB": "tuberculosis", "NTB": "abnormal, not TB", "NORM": "normal"}[name]
-    for name in CLASS_NAMES
-)
-
-
-# Samples per CAM cell when hottest_region upsamples (a 7x7 CAM becomes 112x112).
-_REGION_SAMPLES_PER_CELL = 16
 _HEATMAP_MAX_ALPHA = 0.6
 _LEGEND_LINE_HEIGHT = 13  # the default bitmap font is 11 px high
 
@@ -180,170 +173,11 @@ class ImageResult:
             raise ValueError("ImageResult.dataset needs Rows and Columns (the full-size geometry).")
 
 
-# --------------------------------------------------------------------------- decisions
-
-
-def decide_class(probs: F32 | Sequence[float], tb_threshold: float) -> int:
-    """The reported class: TB if P(TB) >= tb_threshold, else the likelier of NTB and NORM."""
-    p = np.asarray(probs, dtype=np.float64)
-    if p[TB] >= tb_threshold:
-        return TB
-    return NTB if p[NTB] >= p[NORM] else NORM
-
-
-def shown_class(result: ImageResult, model: ModelInfo) -> int:
-    """Index of the class the heatmap shows, which is the class the SR reports.
-
-    TB when P(TB) reaches the operating point, otherwise the likelier of NTB and NORM
-    (not a plain argmax: with a threshold above 0.5 that could show TB while the SR
-    says Tuberculosis Absent).
-    """
-    return decide_class(result.probs, model.operating_point.tb_threshold)
-
-
-# --------------------------------------------------------------------------- CAM geometry
-
-
-def upsample_cam(cam2d: npt.NDArray[np.floating], rows: int, cols: int) -> F32:
-    """Bilinearly resize one CAM channel (h, w) to (rows, cols), each cell at its receptive
-    field's centre (``cxrd.preprocess.cam_matrix``); two small matrix products."""
-    h, w = cam2d.shape
-    a = np.asarray(cam2d, dtype=np.float32)
-    out = (cam_matrix(rows, h).astype(np.float32) @ a
-           @ cam_matrix(cols, w).astype(np.float32).T)
-    return out.astype(np.float32, copy=False)
-
-
-def _component(mask: npt.NDArray[np.bool_], seed: tuple[int, int]) -> npt.NDArray[np.bool_]:
-    """The 8-connected component of ``mask`` containing ``seed`` (geodesic dilation)."""
-    comp = np.zeros_like(mask)
-    comp[seed] = True
-    count = 1
-    while True:
-        grown = comp.copy()
-        grown[1:, :] |= comp[:-1, :]
-        grown[:-1, :] |= comp[1:, :]
-        wide = grown.copy()
-        wide[:, 1:] |= grown[:, :-1]
-        wide[:, :-1] |= grown[:, 1:]
-        wide &= mask
-        new_count = int(wide.sum())
-        if new_count == count:
-            return wide
-        comp, count = wide, new_count
-
-
-def hottest_region(result: ImageResult, class_index: int) -> tuple[float, float, float, float]:
-    """Bounding box (x0, y0, x1, y1) of the hottest CAM region, in source pixel coordinates.
-
-    The class's CAM is upsampled bilinearly, thresholded halfway between its minimum and
-    maximum, and the connected component holding the maximum is boxed. Coordinates are
-    (column, row) with the top-left corner of the image at (0, 0) and the bottom-right
-    corner at (Columns, Rows), as SR SCOORD graphic data uses them. The CAM covers the
-    image stretched to a square, so x scales by Columns/w and y by Rows/h.
-    """
-    cam = result.cam[..., class_index]
-    h, w = cam.shape
-    gh, gw = h * _REGION_SAMPLES_PER_CELL, w * _REGION_SAMPLES_PER_CELL
-    up = upsample_cam(cam, gh, gw)
-    lo, hi = float(up.min()), float(up.max())
-    peak = np.unravel_index(int(np.argmax(up)), up.shape)
-    # A flat CAM gives an all-true mask and therefore the whole image.
-    comp = _component(up >= lo + 0.5 * (hi - lo), (int(peak[0]), int(peak[1])))
-    rows_hit = np.flatnonzero(comp.any(axis=1))
-    cols_hit = np.flatnonzero(comp.any(axis=0))
-    sy = int(result.dataset.Rows) / gh
-    sx = int(result.dataset.Columns) / gw
-    return (
-        float(cols_hit[0] * sx),
-        float(rows_hit[0] * sy),
-        float((cols_hit[-1] + 1) * sx),
-        float((rows_hit[-1] + 1) * sy),
-    )
-
-
 # --------------------------------------------------------------------------- UIDs and headers
 
 
 def _new_uid() -> str:
     return str(hd.UID())
-
-
-# Bulk data never needed by the report stage; left out of the header views.
-_BULK_GROUPS = (0x7FE0, 0x5400)
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
-_DATE_TIME_VRS: dict[str, type] = {"DA": DA, "DT": DT, "TM": TM}
-
-
-def _parses(parse: type, value: object) -> bool:
-    """Whether every value of a date/time element converts as highdicom converts it."""
-    values = value if isinstance(value, (list, MultiValue)) else [value]
-    try:
-        for v in values:
-            if v not in (None, ""):
-                parse(v)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _header_view(ds: Dataset) -> Dataset:
-    """A shallow header-only copy of the source, with the Type 2 patient/study attributes
-    that highdicom reads as attributes present (empty when the source lacks them)."""
-    view = Dataset()
-    # keys(), not iteration: iterating a Dataset converts every raw element, Pixel Data too.
-    for tag in ds.keys():  # noqa: SIM118
-        btag = BaseTag(tag)
-        overlay_data = 0x6000 <= btag.group <= 0x60FF and btag.element == 0x3000
-        if btag.group in _BULK_GROUPS or overlay_data:
-            continue
-        elem = ds[btag]
-        parse = _DATE_TIME_VRS.get(elem.VR)
-        if parse is not None and not _parses(parse, elem.value):
-            # A malformed date or time ("1901-12-31", seen in the wild) makes highdicom
-            # refuse the whole object, quoting the value (a birth date) in its error. The
-            # copy gets it empty (Type 2 or 3 where it is copied to); the source keeps it.
-            view.add_new(btag, elem.VR, None)
-            continue
-        view.add(elem)
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in view:
-            setattr(view, keyword, None)
-    return view
-
-
-def _library_view(ds: Dataset) -> Dataset:
-    """What highdicom's TID 1600 image library reads from an image.
-
-    For CR/DX highdicom adds the TID 1603 descriptors and then requires both Patient
-    Orientation and Imager Pixel Spacing. Those descriptors are optional in TID 1603 and
-    the attributes are Type 2/3 in CR, so when either is missing the view hides the
-    Modality from that check; the coded Modality descriptor comes from the SOP Class and
-    is still written.
-    """
-    view = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "Modality",
-                    "FrameOfReferenceUID", "PatientOrientation", "ImagerPixelSpacing"):
-        if keyword in ds and ds[keyword].value not in (None, ""):
-            setattr(view, keyword, ds[keyword].value)
-    orientation = list(view.get("PatientOrientation") or [])
-    spacing = list(view.get("ImagerPixelSpacing") or [])
-    complete = len(orientation) == 2 and all(orientation) and len(spacing) == 2
-    if not complete or "Modality" not in view:
-        view.Modality = ""
-    return view
 
 
 # --------------------------------------------------------------------------- SR
@@ -388,7 +222,7 @@ def _tracking(text: str) -> hd.sr.TrackingIdentifier:
 
 
 def _image_groups(
-    result: ImageResult, view: Dataset, model: ModelInfo, number: int, include_region: bool
+    result: ImageFindings, view: Dataset, model: ModelInfo, number: int, include_region: bool
 ) -> list[
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -436,8 +270,8 @@ def _image_groups(
             )
         )
     # A box around "the most normal region" would mislead a reader, so NORM gets none.
-    if include_region and decided != NORM:
-        x0, y0, x1, y1 = hottest_region(result, decided)
+    if include_region and decided != NORM and result.region is not None:
+        x0, y0, x1, y1 = result.region
         box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -476,7 +310,7 @@ def _described(text: str, model: ModelInfo) -> str:
 
 
 def build_sr(
-    results: Sequence[ImageResult],
+    results: Sequence[ImageFindings],
     model: ModelInfo,
     *,
     series_instance_uid: str | None = None,
@@ -487,30 +321,31 @@ def build_sr(
     sop_instance_uid: str | None = None,
     include_region: bool = True,
 ) -> Dataset:
-    """Build the one TID 1500 SR for a study from the results of its images.
+    """Build the one TID 1500 SR for a study from the recorded findings of its images.
 
     The SR is a new instance in the source study, in its own series (Modality SR),
     COMPLETE and UNVERIFIED, with the model as device observer. Per image it holds a
     finding group for the reported class (Finding Site Lung, Normality, Tuberculosis at
     the operating point, algorithm identification with the threshold), one group per
     class with its Probability, and, unless the image is reported NORM or
-    ``include_region`` is False, the hottest CAM region as a closed polyline box.
+    ``include_region`` is False, the recorded hottest CAM region as a closed polyline box.
+    Nothing here reads a file: the findings carry the source headers' recorded part.
     ``predecessor`` is the earlier cxrd SR of the study that this one supersedes.
     Raises ValueError when the results are empty, span several studies or repeat an
     image, and InvalidUID for a malformed UID.
     """
     if not results:
-        raise ValueError("build_sr needs at least one ImageResult.")
+        raise ValueError("build_sr needs at least one ImageFindings.")
     iod = _sr_iod_for(sop_class)
-    study_uid = str(results[0].dataset.StudyInstanceUID)
+    study_uid = str(results[0].header.StudyInstanceUID)
     seen: set[str] = set()
     for r in results:
-        if str(r.dataset.StudyInstanceUID) != study_uid:
+        if str(r.header.StudyInstanceUID) != study_uid:
             raise ValueError(
                 "All results of one SR must share StudyInstanceUID; got "
-                f"{study_uid} and {r.dataset.StudyInstanceUID}."
+                f"{study_uid} and {r.header.StudyInstanceUID}."
             )
-        image_uid = str(r.dataset.SOPInstanceUID)
+        image_uid = str(r.header.SOPInstanceUID)
         if image_uid in seen:
             raise ValueError(f"SOPInstanceUID {image_uid} appears twice in the results.")
         seen.add(image_uid)
@@ -531,7 +366,7 @@ def build_sr(
             raise ValueError("The new SR cannot reuse its predecessor's SOPInstanceUID.")
         previous = [predecessor]
 
-    views = [_header_view(r.dataset) for r in results]
+    views = [header_view(r.header) for r in results]
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -552,7 +387,7 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CHEST_RADIOGRAPH,
         imaging_measurements=groups,
-        referenced_images=[_library_view(r.dataset) for r in results],
+        referenced_images=[library_view(r.header) for r in results],
     )
     sr = iod(
         evidence=views,
@@ -623,7 +458,7 @@ def render_heatmap(result: ImageResult, model: ModelInfo) -> U8:
     """The SC pixels: (H + legend, W, 3) uint8, display blended with the shown class's CAM."""
     display = downscale_for_display(result.display)
     rows, cols = display.shape
-    k = shown_class(result, model)
+    k = decide_class(result.probs, model.operating_point.tb_threshold)
     up = upsample_cam(result.cam[..., k], rows, cols)
     lo, hi = float(up.min()), float(up.max())
     scale = np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
@@ -669,10 +504,10 @@ def build_heatmap_sc(
     series_uid = validate_uid(series_instance_uid)
     sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
     pixels = render_heatmap(result, model)
-    k = shown_class(result, model)
+    k = decide_class(result.probs, model.operating_point.tb_threshold)
     laterality = str(src.get("Laterality", "") or "")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_header_view(src),
+        ref_dataset=header_view(src),
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -738,26 +573,10 @@ def save_dataset(ds: Dataset, folder: Path) -> Path:
     Raises InvalidUID when the SOPInstanceUID is not a valid UID.
     """
     uid = validate_uid(str(ds.get("SOPInstanceUID", "")))
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{uid}.dcm"
-    # The writer's pid is in the name: a crash leaves the temp file behind, and the node
-    # removes those whose writer is gone (cxrd.results.remove_stale_temp_files).
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{uid}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            dcmwrite(fh, ds, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    target = Path(folder) / f"{uid}.dcm"
+    # A new folder is made durably too; a crash leaves the temp file behind, and the node
+    # removes those whose writer is gone (cxrd.durable.remove_stale_temp_files).
+    write_file(target, lambda fh: dcmwrite(fh, ds, enforce_file_format=True))
     return target
 
 
@@ -792,5 +611,6 @@ def warm_up(model: ModelInfo) -> float:
     result = ImageResult(ds, np.zeros((16, 16), dtype=np.uint8),
                          np.full(3, 1 / 3, dtype=np.float32), cam)
     build_heatmap_sc(result, model, series_instance_uid=generate_uid())
-    build_sr([result], model)
+    build_sr([ImageFindings.of(ds, result.probs, cam, model.operating_point.tb_threshold)],
+             model)
     return time.perf_counter() - t0

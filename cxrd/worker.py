@@ -1,9 +1,14 @@
-"""Worker processes: claim jobs, decode and preprocess, infer in batches across studies,
-write one heatmap SC per image. The SR per study is written by ``cxrd.results`` once every
-job of the study has ended."""
+"""Worker processes: claim jobs with a lease and do them.
+
+* classify jobs, batched across studies: decode and preprocess, one onnxruntime run per
+  batch, one heatmap SC per image, and the image's findings record (``Job.record``);
+* report jobs, one per study generation, enqueued by the transaction that ends the study's
+  last classify job (``cxrd.queue``): the study's SR, built from those records alone.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -22,10 +27,11 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from cxrd import queue
-from cxrd.config import Config
+from cxrd.config import Config, worker_threads
 from cxrd.db import Database
-from cxrd.domain import SkipReason
+from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
+from cxrd.findings import ImageFindings, decide_class
 from cxrd.infer import Classifier
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
@@ -36,7 +42,6 @@ from cxrd.preprocess import (
     resize_gray8,
     to_model_input,
 )
-from cxrd.report import decide_class
 from cxrd.uids import derived_uid
 
 log = logging.getLogger(__name__)
@@ -109,14 +114,21 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
 
 
 class WorkerLoop:
-    """The body of one worker process (also used in-process by tests and benchmarks)."""
+    """The body of one worker process (also used in-process by tests and benchmarks).
 
-    def __init__(self, config: Config, worker_id: str, db: Database | None = None) -> None:
+    It claims jobs of both kinds: a study's report job first, then classify jobs batched
+    across studies. ``classifier`` may be injected (a test's fake, or a session opened by
+    the caller); by default one is opened from ``[model]``.
+    """
+
+    def __init__(self, config: Config, worker_id: str, db: Database | None = None,
+                 classifier: Classifier | None = None) -> None:
         self.config = config
         self.worker_id = worker_id
         self.db = db or Database(config.storage.database_url_resolved)
-        self.classifier = Classifier(config.model.path, config.model.providers,
-                                     config.model.intra_op_threads)
+        self.classifier = classifier or Classifier(
+            config.model.path, config.model.providers, worker_threads(config),
+            require_cuda=config.model.require_cuda, max_batch=config.workers.batch_size)
         self.model = self.classifier.info
         self.processed = 0
         self.results_dir = config.results.results_dir
@@ -130,7 +142,10 @@ class WorkerLoop:
                         "in_use=%s", worker_id, ",".join(self.classifier.providers))
         from cxrd.report import warm_up
 
-        warm_up(self.model)  # highdicom's first use costs ~0.5 s: not on the first image
+        # Every batch shape once (CUDA: cuDNN's algorithm search), and highdicom's first
+        # use (~0.5 s): neither lands on the first study.
+        self.classifier.warm_up()
+        warm_up(self.model)
         queue.heartbeat(self.db, worker_id, model=self.model.display_name,
                         device_uid=self.model.device_uid, demo=self.model.demo,
                         providers=self.classifier.providers)
@@ -144,11 +159,17 @@ class WorkerLoop:
         if time.monotonic() - self._last_beat > HEARTBEAT_SECONDS:
             queue.heartbeat(self.db, self.worker_id, processed=self.processed)
             self._last_beat = time.monotonic()
-        if jobs:
-            self.process(jobs)
+        reports = [j for j in jobs if j.kind == JobKind.REPORT]
+        for job in reports:
+            self.report(job)
+        classify = [j for j in jobs if j.kind == JobKind.CLASSIFY]
+        if classify:
+            self.process(classify)
         return len(jobs)
 
     def process(self, jobs: list[queue.ClaimedJob]) -> None:
+        """Classify a batch: decode and preprocess each, one inference, then per image its
+        heatmap SC and the job's completion with its findings record."""
         ready: list[tuple[queue.ClaimedJob, Prepared]] = []
         for job in jobs:
             try:
@@ -170,15 +191,19 @@ class WorkerLoop:
                 self._retry(job, exc)
             return
         infer = (time.perf_counter() - t0) / len(ready)
+        threshold = self.model.operating_point.tb_threshold
         for i, (job, prep) in enumerate(ready):
             try:
                 prep.timings["infer"] = infer
                 sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.results_dir,
                                     job.generation)
                       if self.config.results.heatmap_secondary_capture else None)
-                done = queue.complete(self.db, job, self.worker_id, probs[i].tolist(),
-                                      np.round(cams[i], 5).tolist(), self.model.device_uid,
-                                      prep.timings, sc=sc, destinations=self.destinations)
+                t1 = time.perf_counter()
+                record = ImageFindings.of(prep.dataset, probs[i], cams[i], threshold).record()
+                prep.timings["record"] = time.perf_counter() - t1
+                done = queue.complete(self.db, job, self.worker_id, probs[i].tolist(), record,
+                                      self.model.device_uid, prep.timings, sc=sc,
+                                      destinations=self.destinations)
             except Exception as exc:
                 self._retry(job, exc)
                 continue
@@ -186,12 +211,53 @@ class WorkerLoop:
                 self.processed += 1
                 observe_stages(prep.timings)
                 metrics().images_classified.labels(
-                    CLASS_NAMES[decide_class(probs[i], self.model.operating_point.tb_threshold)]
-                ).inc()
+                    CLASS_NAMES[decide_class(probs[i], threshold)]).inc()
                 log.info("action=classified sop_instance_uid=%s study_instance_uid=%s "
                          "p_tb=%.3f p_ntb=%.3f p_norm=%.3f model=%s",
                          job.sop_instance_uid, job.study_instance_uid, *probs[i].tolist(),
                          self.model.display_name)
+
+    def report(self, job: queue.ClaimedJob) -> None:
+        """A report job: the study's SR from its classify jobs' records (no spool reads).
+
+        The SR's UID is a function of the study, the generation, the newest classify job
+        it covers and the model, so a redo after a crash rewrites the same object."""
+        t0 = time.perf_counter()
+        try:
+            sr = None
+            findings = queue.study_findings(self.db, job.study_instance_uid)
+            latest = findings.latest_job
+            if latest is not None and self.config.results.structured_report:
+                sr_uid = derived_uid("sr", job.study_instance_uid, findings.generation, latest,
+                                     self.model.device_uid)
+                if sr_uid != findings.current_sr:
+                    sr = (sr_uid, self._write_sr(findings, sr_uid))
+            seconds = time.perf_counter() - t0
+            done = queue.complete_report(self.db, job, self.worker_id, findings, sr=sr,
+                                         seconds=seconds, destinations=self.destinations)
+        except Exception as exc:
+            self._retry(job, exc)
+            return
+        if done:
+            observe_stages({"report": seconds})
+            log.info("action=study-reported study_instance_uid=%s sr_sop_instance_uid=%s "
+                     "images=%d supersedes=%s model=%s", job.study_instance_uid,
+                     sr[0] if sr else None, len(findings.jobs),
+                     findings.current_sr if sr else None, self.model.display_name)
+
+    def _write_sr(self, findings: queue.StudyFindings, sr_uid: str) -> Path:
+        from cxrd.report import build_sr, save_dataset
+
+        images = [ImageFindings.from_record(json.loads(probs), json.loads(record or "{}"))
+                  for _, probs, record in findings.jobs]
+        previous = findings.current_sr_path
+        predecessor = (pydicom.dcmread(previous, stop_before_pixels=True)
+                       if previous and Path(previous).exists() else None)
+        sr = build_sr(images, self.model, sop_class=self.config.results.sr_sop_class.value,
+                      predecessor=predecessor, sop_instance_uid=sr_uid,
+                      series_instance_uid=derived_uid("sr-series", findings.study_instance_uid,
+                                                      self.model.device_uid))
+        return save_dataset(sr, self.results_dir)
 
     def _retry(self, job: queue.ClaimedJob, exc: BaseException) -> None:
         w = self.config.workers

@@ -66,8 +66,11 @@ def test_ingest_admit_claim_complete(db: Database, dirs):
     assert len(batch) == 4 and {c.study_instance_uid for c in batch} == set(studies)
     for c in batch:
         assert Path(c.path).is_file()
-        assert queue.complete(db, c, "w", [0.2, 0.3, 0.5], [[[0.0, 0.0, 1.0]]], "1.2.3", {})
+        assert queue.complete(db, c, "w", [0.2, 0.3, 0.5], None, "1.2.3", {})
     with db.session() as s:
         assert set(s.scalars(select(Instance.state))) == {InstanceState.DONE.value}
-        assert set(s.scalars(select(Job.state))) == {JobState.DONE.value}
+        states = s.execute(select(Job.kind, Job.state)).all()
+        # every classify job done, and each study's report job queued
+        assert sorted(states) == [("classify", JobState.DONE.value)] * 4 + [
+            ("report", JobState.PENDING.value)] * 2
         assert set(s.scalars(select(Study.state))) == {StudyState.ADMITTED.value}

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
-from cxrd.db import SCHEMA_VERSION, Database, SchemaVersion, Study, make_engine
+from cxrd.db import MIGRATIONS, SCHEMA_VERSION, Database, Job, SchemaVersion, Study, make_engine
 
 
 def test_in_memory_database_is_one_database_across_sessions():
@@ -36,7 +37,7 @@ def test_migrate_is_idempotent(tmp_path: Path):
     assert db.migrate() == SCHEMA_VERSION
     assert db.migrate() == SCHEMA_VERSION
     with db.session() as s:
-        assert s.scalars(select(SchemaVersion.version)).all() == [SCHEMA_VERSION]
+        assert s.scalars(select(SchemaVersion.version)).all() == [v for v, _ in MIGRATIONS]
     db.dispose()
 
 
@@ -63,7 +64,7 @@ def test_concurrent_migrations_apply_each_step_once(tmp_path: Path):
     assert errors == []
     db = Database(url)
     with db.session() as s:
-        assert s.scalars(select(SchemaVersion.version)).all() == [SCHEMA_VERSION]
+        assert s.scalars(select(SchemaVersion.version)).all() == [v for v, _ in MIGRATIONS]
     db.dispose()
 
 
@@ -81,3 +82,52 @@ def test_session_rolls_back_on_error(memdb: Database):
         raise RuntimeError
     with memdb.session() as s:
         assert s.execute(text("SELECT count(*) FROM studies")).scalar() == 0
+
+
+_JOBS_V1 = """CREATE TABLE jobs (
+    id INTEGER NOT NULL PRIMARY KEY, instance_id INTEGER NOT NULL REFERENCES instances (id),
+    study_instance_uid VARCHAR(64) NOT NULL, generation INTEGER NOT NULL,
+    state VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, not_before DATETIME NOT NULL,
+    lease_owner VARCHAR(128), lease_expires DATETIME, created_at DATETIME NOT NULL,
+    finished_at DATETIME, error TEXT, reason VARCHAR(32), probs TEXT, cam TEXT,
+    model_device_uid VARCHAR(64), timings TEXT)"""
+
+
+def test_schema_1_jobs_are_migrated_to_report_jobs(tmp_path: Path):
+    """A database written by schema 1 (jobs.instance_id NOT NULL, no kind) keeps its jobs
+    and can hold report jobs after migrating."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.dispose()
+    conn = sqlite3.connect(path)
+    conn.executescript(f"""
+        DROP TABLE jobs; {_JOBS_V1};
+        CREATE INDEX ix_jobs_claim ON jobs (state, not_before);
+        CREATE INDEX ix_jobs_instance_id ON jobs (instance_id);
+        DELETE FROM schema_version WHERE version > 1;
+        INSERT INTO instances (id, sop_instance_uid, study_instance_uid, series_instance_uid,
+            sop_class_uid, transfer_syntax_uid, modality, body_part, view_position,
+            presentation_intent, photometric, has_pixels, frames, path, sha256, size, source,
+            received_at, state)
+            VALUES (1, '1.2.3', '1.2', '1.2.4', '1.2.840.10008.5.1.4.1.1.1', '', 'CR', '',
+            '', '', '', 1, 1, '/x', '0', 1, 't', '2026-01-01 00:00:00', 'done');
+        INSERT INTO jobs VALUES (7, 1, '1.2', 1, 'done', 1, '2026-01-01 00:00:00', NULL, NULL,
+            '2026-01-01 00:00:00', NULL, NULL, NULL, '[0.1, 0.2, 0.7]', '[]', '1.9', '{{}}');
+    """)
+    conn.commit()
+    conn.close()
+    db = Database(f"sqlite:///{path}")
+    assert db.migrate() == SCHEMA_VERSION
+    with db.session() as s:
+        job = s.get(Job, 7)
+        assert job is not None
+        assert (job.kind, job.instance_id, job.probs) == ("classify", 1, "[0.1, 0.2, 0.7]")
+        s.add(Job(kind="report", instance_id=None, study_instance_uid="1.2", generation=1,
+                  state="pending"))
+    with pytest.raises(IntegrityError), db.session() as s:
+        s.add(Job(kind="report", instance_id=None, study_instance_uid="1.2", generation=1,
+                  state="pending"))
+    db.dispose()

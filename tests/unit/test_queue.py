@@ -13,8 +13,8 @@ from queuehelpers import expire_leases, get_instance, get_job, make_due, make_jo
 from sqlalchemy import select
 
 from cxrd import queue
-from cxrd.db import Database, Delivery, Job, Result, Worker, utcnow
-from cxrd.domain import InstanceState, JobState, ResultKind, SkipReason
+from cxrd.db import Database, Delivery, Job, Result, Study, Worker, utcnow
+from cxrd.domain import InstanceState, JobKind, JobState, ResultKind, SkipReason, StudyState
 
 LEASE = 300.0
 
@@ -105,19 +105,20 @@ def test_retry_backs_off_exponentially_then_fails(memdb):
     assert "failed 3 times" in row.error and "boom 3" in row.error
     assert get_instance(memdb, row.instance_id).state == InstanceState.FAILED.value
     make_due(memdb)
-    assert claim(memdb, "w") == []
+    # No classify job is left: what remains is the study's report job.
+    assert [j.kind for j in claim(memdb, "w")] == [JobKind.REPORT]
 
 
 def test_complete_records_outputs_and_marks_the_instance_done(memdb, tmp_path):
     (job_id,) = make_jobs(memdb, studies=1, per_study=1)
     (c,) = claim(memdb, "w")
-    cam = [[[0.1, 0.2, 0.7]]]
-    ok = queue.complete(memdb, c, "w", [0.1, 0.2, 0.7], cam, "1.2.3", {"infer": 0.01},
+    record = {"header": {}, "region": [1.0, 2.0, 3.0, 4.0]}
+    ok = queue.complete(memdb, c, "w", [0.1, 0.2, 0.7], record, "1.2.3", {"infer": 0.01},
                         sc=("1.2.3.4", tmp_path / "sc.dcm"), destinations=["pacs", "archive"])
     assert ok
     row = get_job(memdb, job_id)
     assert row.state == JobState.DONE.value and row.lease_owner is None
-    assert json.loads(row.probs) == [0.1, 0.2, 0.7] and json.loads(row.cam) == cam
+    assert json.loads(row.probs) == [0.1, 0.2, 0.7] and json.loads(row.record) == record
     assert row.model_device_uid == "1.2.3" and json.loads(row.timings) == {"infer": 0.01}
     assert get_instance(memdb, c.instance_id).state == InstanceState.DONE.value
     with memdb.session() as s:
@@ -133,16 +134,16 @@ def test_complete_with_a_lost_lease_returns_false(memdb):
     (old,) = claim(memdb, "w1")
     expire_leases(memdb)
     (new,) = claim(memdb, "w2")
-    assert queue.complete(memdb, old, "w1", [1, 0, 0], [], "1.2", {}) is False
+    assert queue.complete(memdb, old, "w1", [1, 0, 0], None, "1.2", {}) is False
     row = get_job(memdb, job_id)
     assert row.state == JobState.RUNNING.value and row.lease_owner == "w2"
     # the lost lease's retry and skip are ignored too
     queue.retry_or_fail(memdb, old, "w1", "late", max_attempts=3, backoff_seconds=1)
     queue.skip(memdb, old, "w1", SkipReason.DECODE_FAILED, "late")
     assert get_job(memdb, job_id).state == JobState.RUNNING.value
-    assert queue.complete(memdb, new, "w2", [1, 0, 0], [], "1.2", {}) is True
+    assert queue.complete(memdb, new, "w2", [1, 0, 0], None, "1.2", {}) is True
     assert get_job(memdb, job_id).state == JobState.DONE.value
-    assert queue.complete(memdb, new, "w2", [1, 0, 0], [], "1.2", {}) is False  # once
+    assert queue.complete(memdb, new, "w2", [1, 0, 0], None, "1.2", {}) is False  # once
 
 
 def test_skip_is_permanent(memdb):
@@ -155,7 +156,7 @@ def test_skip_is_permanent(memdb):
     inst = get_instance(memdb, c.instance_id)
     assert inst.state == InstanceState.SKIPPED.value and inst.detail == "YBR_FULL"
     make_due(memdb)
-    assert claim(memdb, "w") == []
+    assert [j.kind for j in claim(memdb, "w")] == [JobKind.REPORT]
 
 
 def test_release_dead_leases_returns_only_this_hosts_jobs(memdb):
@@ -208,3 +209,132 @@ def test_heartbeat_upserts_the_worker_row(memdb):
         (w,) = s.scalars(select(Worker)).all()
         assert (w.model, w.providers, w.processed, w.demo) == (
             "m 1.0", "CPUExecutionProvider", 7, True)
+
+
+# --------------------------------------------------------------------------- report jobs
+
+
+def _report_jobs(db: Database) -> list[Job]:
+    with db.session() as s:
+        return list(s.scalars(select(Job).where(Job.kind == JobKind.REPORT.value)))
+
+
+def test_the_last_classify_job_of_a_study_enqueues_its_one_report_job(memdb):
+    ids = make_jobs(memdb, studies=2, per_study=2)
+    first, second, other, _ = claim(memdb, "w", batch=4)
+    assert queue.complete(memdb, first, "w", [0.1, 0.2, 0.7], None, "1.2", {})
+    assert _report_jobs(memdb) == []  # the study's second job is still running
+    queue.skip(memdb, second, "w", SkipReason.DECODE_FAILED, "bad")
+    (report,) = _report_jobs(memdb)
+    assert (report.study_instance_uid, report.generation, report.state, report.instance_id) == (
+        first.study_instance_uid, 1, JobState.PENDING.value, None)
+    # the other study is not finished: its report job does not exist yet
+    assert other.study_instance_uid != first.study_instance_uid
+    # a report job is claimed before classify jobs, and carries no instance
+    make_jobs(memdb, studies=1, per_study=1)
+    (got, classify) = claim(memdb, "w2", batch=2)
+    assert (got.kind, got.job_id, got.instance_id, got.path) == (
+        JobKind.REPORT, report.id, None, "")
+    assert classify.kind == JobKind.CLASSIFY and classify.job_id > ids[-1]
+
+
+def test_one_report_job_per_study_generation_is_enforced_by_the_database(memdb):
+    from sqlalchemy.exc import IntegrityError
+
+    make_jobs(memdb, studies=1, per_study=1)
+    (c,) = claim(memdb, "w")
+    queue.complete(memdb, c, "w", [0.1, 0.2, 0.7], None, "1.2", {})
+    with pytest.raises(IntegrityError), memdb.session() as s:
+        s.add(Job(kind=JobKind.REPORT.value, study_instance_uid=c.study_instance_uid,
+                  generation=1, state=JobState.PENDING.value))
+    # another generation of the same study may have its own
+    with memdb.session() as s:
+        s.add(Job(kind=JobKind.REPORT.value, study_instance_uid=c.study_instance_uid,
+                  generation=2, state=JobState.PENDING.value))
+
+
+def _finish_classify(db: Database) -> queue.ClaimedJob:
+    (c,) = claim(db, "w")
+    assert c.kind == JobKind.CLASSIFY
+    assert queue.complete(db, c, "w", [0.6, 0.2, 0.2], {"header": {}, "region": None},
+                          "1.2", {})
+    return c
+
+
+def test_complete_report_records_the_sr_and_reports_the_study(memdb, tmp_path):
+    make_jobs(memdb, studies=1, per_study=1)
+    c = _finish_classify(memdb)
+    (r,) = claim(memdb, "w")
+    findings = queue.study_findings(memdb, c.study_instance_uid)
+    assert len(findings.jobs) == 1 and findings.current_sr is None
+    assert json.loads(findings.jobs[0][1]) == [0.6, 0.2, 0.2]
+    assert queue.complete_report(memdb, r, "w", findings, sr=("1.2.9", tmp_path / "sr.dcm"),
+                                 seconds=0.01, destinations=["pacs"])
+    with memdb.session() as s:
+        study = s.scalars(select(Study)).one()
+        assert (study.state, study.sr_sop_instance_uid) == (StudyState.REPORTED.value, "1.2.9")
+        (result,) = s.scalars(select(Result)).all()
+        assert (result.kind, result.supersedes) == (ResultKind.SR.value, None)
+        assert s.scalars(select(Delivery)).one().destination == "pacs"
+    assert get_job(memdb, r.job_id).state == JobState.DONE.value
+    # a redo of the same job (its lease is gone) changes nothing
+    assert not queue.complete_report(memdb, r, "w", findings, sr=("1.2.9", tmp_path / "sr.dcm"),
+                                     seconds=0.01)
+
+
+def test_a_report_built_before_a_late_image_finished_is_rebuilt(memdb, tmp_path):
+    """A late instance of the same generation: the SR being built is stale, so the report
+    job goes back to pending and nothing is recorded; once rebuilt it supersedes."""
+    (first_job,) = make_jobs(memdb, studies=1, per_study=1)
+    c = _finish_classify(memdb)
+    (r,) = claim(memdb, "w")
+    stale = queue.study_findings(memdb, c.study_instance_uid)
+    # a late instance's job, queued and done while the report was being built
+    with memdb.session() as s:
+        first = s.get(Job, first_job)
+        s.add(Job(instance_id=first.instance_id, study_instance_uid=c.study_instance_uid,
+                  generation=1, state=JobState.PENDING.value, not_before=utcnow()))
+    (late,) = claim(memdb, "w2")
+    queue.complete(memdb, late, "w2", [0.1, 0.8, 0.1], None, "1.2", {})
+    assert not queue.complete_report(memdb, r, "w", stale, sr=("1.2.8", tmp_path / "a.dcm"),
+                                     seconds=0.01)
+    row = get_job(memdb, r.job_id)
+    assert row.state == JobState.PENDING.value and row.lease_owner is None
+    with memdb.session() as s:
+        assert s.scalars(select(Result)).all() == []
+    (again,) = claim(memdb, "w")
+    assert again.job_id == r.job_id
+    fresh = queue.study_findings(memdb, c.study_instance_uid)
+    assert fresh.latest_job == late.job_id
+    assert queue.complete_report(memdb, again, "w", fresh, sr=("1.2.7", tmp_path / "b.dcm"),
+                                 seconds=0.01)
+
+
+def test_an_ended_report_job_is_rearmed_when_its_study_changes(memdb, tmp_path):
+    make_jobs(memdb, studies=1, per_study=1)
+    c = _finish_classify(memdb)
+    (r,) = claim(memdb, "w")
+    findings = queue.study_findings(memdb, c.study_instance_uid)
+    queue.complete_report(memdb, r, "w", findings, sr=("1.2.9", tmp_path / "sr.dcm"),
+                          seconds=0.01)
+    # the study is admitted again with a late instance's job, which then ends
+    instance_id = get_job(memdb, c.job_id).instance_id
+    with memdb.session() as s:
+        s.scalars(select(Study)).one().state = StudyState.ADMITTED.value
+        s.add(Job(instance_id=instance_id,
+                  study_instance_uid=c.study_instance_uid, generation=1,
+                  state=JobState.PENDING.value, not_before=utcnow()))
+    _finish_classify(memdb)
+    (report,) = _report_jobs(memdb)
+    assert (report.id, report.state, report.attempts) == (r.job_id, JobState.PENDING.value, 0)
+
+
+def test_the_scheduler_safety_net_enqueues_missing_report_jobs(memdb):
+    make_jobs(memdb, studies=2, per_study=1)
+    # finished jobs without a report job: a database upgraded with studies in flight
+    with memdb.session() as s:
+        for job in s.scalars(select(Job)):
+            job.state = JobState.DONE.value
+    assert queue.ensure_report_jobs(memdb) == 2
+    assert len(_report_jobs(memdb)) == 2
+    assert queue.ensure_report_jobs(memdb) == 0

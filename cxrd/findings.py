@@ -1,0 +1,162 @@
+"""What the model found and where: the decision rule at the operating point, and the CAM's
+geometry on the source image.
+
+Every output uses these two decisions, so the SR's finding, its Normality and Tuberculosis
+evaluations, its region and the heatmap never contradict each other:
+
+* the reported class: TB when P(TB) >= the model's TB threshold, otherwise the likelier of
+  NTB and NORM (a plain argmax could say TB while Tuberculosis is Absent when the threshold
+  is above 0.5);
+* the hottest region of the reported class's CAM, boxed in source pixel coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from cxrd.headers import source_record
+from cxrd.modelinfo import CLASS_NAMES
+from cxrd.preprocess import cam_matrix
+
+F32 = npt.NDArray[np.float32]
+Box = tuple[float, float, float, float]
+
+TB, NTB, NORM = (CLASS_NAMES.index(name) for name in ("TB", "NTB", "NORM"))
+#: Plain-language class names, in CLASS_NAMES order (legends, logs).
+CLASS_LABELS: tuple[str, ...] = tuple(
+    {"TB": "tuberculosis", "NTB": "abnormal, not TB", "NORM": "normal"}[name]
+    for name in CLASS_NAMES
+)
+
+# Samples per CAM cell when hottest_region upsamples (a 7x7 CAM becomes 112x112).
+_REGION_SAMPLES_PER_CELL = 16
+
+
+def decide_class(probs: F32 | Sequence[float], tb_threshold: float) -> int:
+    """The reported class: TB if P(TB) >= tb_threshold, else the likelier of NTB and NORM."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p[TB] >= tb_threshold:
+        return TB
+    return NTB if p[NTB] >= p[NORM] else NORM
+
+
+def upsample_cam(cam2d: npt.NDArray[np.floating], rows: int, cols: int) -> F32:
+    """Bilinearly resize one CAM channel (h, w) to (rows, cols), each cell at its receptive
+    field's centre (``cxrd.preprocess.cam_matrix``); two small matrix products."""
+    h, w = cam2d.shape
+    a = np.asarray(cam2d, dtype=np.float32)
+    out = (cam_matrix(rows, h).astype(np.float32) @ a
+           @ cam_matrix(cols, w).astype(np.float32).T)
+    return out.astype(np.float32, copy=False)
+
+
+def _component(mask: npt.NDArray[np.bool_], seed: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """The 8-connected component of ``mask`` containing ``seed`` (geodesic dilation)."""
+    comp = np.zeros_like(mask)
+    comp[seed] = True
+    count = 1
+    while True:
+        grown = comp.copy()
+        grown[1:, :] |= comp[:-1, :]
+        grown[:-1, :] |= comp[1:, :]
+        wide = grown.copy()
+        wide[:, 1:] |= grown[:, :-1]
+        wide[:, :-1] |= grown[:, 1:]
+        wide &= mask
+        new_count = int(wide.sum())
+        if new_count == count:
+            return wide
+        comp, count = wide, new_count
+
+
+def hottest_region(cam: npt.NDArray[np.floating], class_index: int, rows: int,
+                   cols: int) -> Box:
+    """Bounding box (x0, y0, x1, y1) of the hottest region of one class's CAM, in the
+    coordinates of a ``rows`` x ``cols`` source image.
+
+    ``cam`` is (h, w, classes). The class's channel is upsampled bilinearly, thresholded
+    halfway between its minimum and maximum, and the connected component holding the
+    maximum is boxed. Coordinates are (column, row) with the top-left corner of the image
+    at (0, 0) and the bottom-right corner at (cols, rows), as SR SCOORD graphic data uses
+    them. The CAM covers the image stretched to a square, so x scales by cols/w and y by
+    rows/h.
+    """
+    channel = np.asarray(cam)[..., class_index]
+    h, w = channel.shape
+    gh, gw = h * _REGION_SAMPLES_PER_CELL, w * _REGION_SAMPLES_PER_CELL
+    up = upsample_cam(channel, gh, gw)
+    lo, hi = float(up.min()), float(up.max())
+    peak = np.unravel_index(int(np.argmax(up)), up.shape)
+    # A flat CAM gives an all-true mask and therefore the whole image.
+    comp = _component(up >= lo + 0.5 * (hi - lo), (int(peak[0]), int(peak[1])))
+    rows_hit = np.flatnonzero(comp.any(axis=1))
+    cols_hit = np.flatnonzero(comp.any(axis=0))
+    sy = rows / gh
+    sx = cols / gw
+    return (
+        float(cols_hit[0] * sx),
+        float(rows_hit[0] * sy),
+        float((cols_hit[-1] + 1) * sx),
+        float((rows_hit[-1] + 1) * sy),
+    )
+
+
+@dataclass(frozen=True)
+class ImageFindings:
+    """One classified image as the study's SR reports it, recorded by the worker that
+    classified it (``Job.record``), so the SR is built without opening the spool.
+
+    ``header`` is the source's :func:`cxrd.headers.source_record`; ``probs`` are P(TB),
+    P(NTB), P(NORM); ``region`` is the hottest region of the reported class's CAM in
+    source pixel coordinates, None when the image is reported NORM.
+    """
+
+    header: Dataset
+    probs: F32
+    region: Box | None
+
+    def __post_init__(self) -> None:
+        n = len(CLASS_NAMES)
+        if self.probs.shape != (n,):
+            raise ValueError(f"ImageFindings.probs must have shape ({n},), not "
+                             f"{self.probs.shape}.")
+        if not np.all(np.isfinite(self.probs)) or np.any(self.probs < 0) or np.any(self.probs > 1):
+            raise ValueError(f"ImageFindings.probs must lie in [0, 1], got {self.probs}.")
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            if not self.header.get(keyword):
+                raise ValueError(f"ImageFindings.header has no {keyword}.")
+        if int(self.header.get("Rows") or 0) < 1 or int(self.header.get("Columns") or 0) < 1:
+            raise ValueError("ImageFindings.header needs Rows and Columns (the full-size "
+                             "geometry).")
+
+    @classmethod
+    def of(cls, dataset: Dataset, probs: npt.ArrayLike, cam: npt.NDArray[np.floating],
+           tb_threshold: float) -> ImageFindings:
+        """The findings of a classified image: ``cam`` is the model's (h, w, classes)."""
+        p = np.asarray(probs, dtype=np.float32)
+        decided = decide_class(p, tb_threshold)
+        region = None
+        if decided != NORM:
+            region = hottest_region(cam, decided, int(dataset.get("Rows") or 0),
+                                    int(dataset.get("Columns") or 0))
+        return cls(source_record(dataset), p, region)
+
+    def record(self) -> dict[str, object]:
+        """The JSON-able record stored in ``Job.record`` (probabilities are stored apart)."""
+        return {"header": self.header.to_json_dict(), "region": list(self.region)
+                if self.region is not None else None}
+
+    @classmethod
+    def from_record(cls, probs: Sequence[float], record: Mapping[str, object]) -> ImageFindings:
+        region = record.get("region")
+        box: Box | None = None
+        if isinstance(region, list) and len(region) == 4:
+            x0, y0, x1, y1 = (float(v) for v in region)
+            box = (x0, y0, x1, y1)
+        return cls(Dataset.from_json(record["header"]),  # type: ignore[arg-type]
+                   np.asarray(probs, dtype=np.float32), box)

@@ -1,0 +1,160 @@
+"""WorkerLoop in-process: claim -> infer -> complete -> report, with a small fake classifier
+(the real model's path is tested by the acceptance tests and bench/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from dicomfactory import make_dataset, part10_bytes, uid
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from cxrd.admit import admit_stable_studies, requeue_study
+from cxrd.config import load_config
+from cxrd.db import Database, Job, Result, Study
+from cxrd.domain import JobKind, JobState, ResultKind, StudyState
+from cxrd.ingest import Ingestor
+from cxrd.modelinfo import ModelInfo, OperatingPoint
+from cxrd.worker import WorkerLoop
+
+F32 = npt.NDArray[np.float32]
+
+
+class FakeClassifier:
+    """Answers by the image's mean: bright images are TB, dark ones NORM; its CAM is hot
+    in one corner cell. Records the batch sizes it was given."""
+
+    def __init__(self) -> None:
+        self.info = ModelInfo(name="fake", version="1", device_uid=generate_uid(),
+                              demo=True, input_size=32,
+                              operating_point=OperatingPoint(tb_threshold=0.5))
+        self.providers = ["CPUExecutionProvider"]
+        self.input_size = 32
+        self.batches: list[int] = []
+
+    def warm_up(self) -> float:
+        return 0.0
+
+    def run(self, batch: F32) -> tuple[F32, F32]:
+        self.batches.append(batch.shape[0])
+        bright = batch.reshape(batch.shape[0], -1).mean(axis=1) > 0
+        probs = np.where(bright[:, None], [[0.8, 0.1, 0.1]], [[0.05, 0.15, 0.8]])
+        cam = np.zeros((batch.shape[0], 2, 2, 3), dtype=np.float32)
+        cam[:, 0, 1, :] = 3.0
+        return probs.astype(np.float32), cam
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[WorkerLoop, Ingestor, Database, FakeClassifier]:
+    config_file = tmp_path / "cxrd.toml"
+    config_file.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+                           '[workers]\nbatch_size = 3\n')
+    config = load_config(config_file, env={})
+    db = Database(config.storage.database_url_resolved)
+    db.migrate()
+    fake = FakeClassifier()
+    loop = WorkerLoop(config, "test:1:w0", db, classifier=fake)  # type: ignore[arg-type]
+    ingestor = Ingestor(db, config.storage.spool_dir, config.storage.rejected_dir)
+    yield loop, ingestor, db, fake
+    db.dispose()
+
+
+def _store_study(ingestor: Ingestor, n: int, bright: bool) -> str:
+    study = uid()
+    for i in range(n):
+        ds = make_dataset("CR", study_uid=study, seed=i, rows=40, columns=30,
+                          PatientName="Doe^Jane", PatientID="P-42", AccessionNumber="A1")
+        ds.PixelData = np.full((40, 30), 4000 if bright else 10, dtype=np.uint16).tobytes()
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.WindowCenter, ds.WindowWidth = 2000, 4000
+        assert ingestor.store(part10_bytes(ds), "test").accepted
+    return study
+
+
+def _drain(loop: WorkerLoop) -> int:
+    total = 0
+    while claimed := loop.run_once():
+        total += claimed
+    return total
+
+
+def _results(db: Database, study: str) -> list[Result]:
+    with db.session() as s:
+        return list(s.scalars(select(Result).where(Result.study_instance_uid == study)
+                              .order_by(Result.id)))
+
+
+def test_claim_infer_complete_report_in_process(node) -> None:
+    loop, ingestor, db, fake = node
+    tb_study = _store_study(ingestor, 2, bright=True)
+    norm_study = _store_study(ingestor, 2, bright=False)
+    assert admit_stable_studies(db, 0) == 2
+    assert _drain(loop) == 6  # 4 classify jobs, 2 report jobs
+    assert max(fake.batches) == 3  # batches span studies, up to batch_size
+    with db.session() as s:
+        studies = {st.study_instance_uid: st for st in s.scalars(select(Study))}
+        jobs = s.execute(select(Job.kind, Job.state)).all()
+    assert sorted(jobs) == [("classify", "done")] * 4 + [("report", "done")] * 2
+    for study, expected in ((tb_study, 0.8), (norm_study, 0.05)):
+        assert studies[study].state == StudyState.REPORTED.value
+        results = _results(db, study)
+        assert sorted(r.kind for r in results) == ["sc", "sc", "sr"]
+        (sr_row,) = [r for r in results if r.kind == ResultKind.SR.value]
+        assert studies[study].sr_sop_instance_uid == sr_row.sop_instance_uid
+        sr = hd.sr.srread(sr_row.path)
+        # the SR holds the classifier's probabilities and the sources' patient data, all
+        # from the recorded findings (no spool read: see the next test)
+        assert sr.PatientID == "P-42" and sr.AccessionNumber == "A1"
+        values = [float(m.value) for g in sr.content.get_image_measurement_groups()
+                  for m in g.get_measurements()]
+        assert len(values) == 6 and values.count(pytest.approx(expected, abs=1e-6)) == 2
+        rois = sr.content.get_planar_roi_measurement_groups()
+        assert len(rois) == (2 if expected > 0.5 else 0)  # NORM images get no region
+
+
+def test_the_report_job_reads_no_spool_file(node) -> None:
+    loop, ingestor, db, _ = node
+    study = _store_study(ingestor, 2, bright=True)
+    admit_stable_studies(db, 0)
+    w = loop.config.workers
+    from cxrd import queue
+
+    for job in queue.claim(db, loop.worker_id, 8, w.lease_seconds, w.max_attempts):
+        assert job.kind == JobKind.CLASSIFY
+        loop.process([job])
+    for path in Path(loop.config.storage.spool_dir).rglob("*.dcm"):
+        path.unlink()  # the report job must not need them
+    assert _drain(loop) == 1
+    (sr_row,) = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
+    assert pydicom.dcmread(sr_row.path).Modality == "SR"
+
+
+def test_reprocess_supersedes_and_a_redone_report_rewrites_the_same_sr(node) -> None:
+    loop, ingestor, db, _ = node
+    study = _store_study(ingestor, 1, bright=True)
+    admit_stable_studies(db, 0)
+    _drain(loop)
+    (first,) = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
+    assert requeue_study(db, study) == 1
+    _drain(loop)
+    srs = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
+    assert len(srs) == 2 and srs[1].supersedes == first.sop_instance_uid
+    second = pydicom.dcmread(srs[1].path)
+    assert second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.sop_instance_uid
+    # A report job done again (a worker died after writing, before recording) makes the
+    # same SR UID and no new result row.
+    with db.session() as s:
+        report = s.scalars(select(Job).where(Job.kind == JobKind.REPORT.value,
+                                             Job.generation == 2)).one()
+        report.state = JobState.PENDING.value
+        st = s.scalars(select(Study)).one()
+        st.state, st.sr_sop_instance_uid = StudyState.ADMITTED.value, first.sop_instance_uid
+    _drain(loop)
+    assert [r.sop_instance_uid for r in _results(db, study) if r.kind == "sr"] == [
+        first.sop_instance_uid, srs[1].sop_instance_uid]
