@@ -20,7 +20,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -265,15 +265,19 @@ def study_findings(db: Database, study_uid: str) -> StudyFindings:
                              [(int(r[0]), str(r[1] or "[]"), r[2]) for r in rows])
 
 
+ReportOutcome = Literal["done", "lost", "stale"]
+
+
 def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFindings, *,
                     sr: tuple[str, Path] | None, seconds: float,
-                    destinations: Sequence[str] = ()) -> bool:
+                    destinations: Sequence[str] = ()) -> ReportOutcome:
     """End a report job: record the SR written from ``findings`` (None: nothing new to
     write) as the study's current SR, in the same transaction as the study's state.
 
     When a classify job of the study finished after ``findings`` was read (a late
-    instance), the SR is stale: the job goes back to pending and is rebuilt, and the
-    file written stays unrecorded. False when the lease was lost or the SR was stale.
+    instance), the SR is stale: the job goes back to pending and is rebuilt ("stale": the
+    caller removes the file it wrote, which nothing records). "lost" when the lease was
+    lost (another worker holds the job and writes the same UID: leave the file alone).
     """
     now = utcnow()
     with db.session() as s:
@@ -281,7 +285,7 @@ def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFi
         if leased is None:
             log.warning("action=lease-lost job_id=%d kind=report study_instance_uid=%s",
                         job.job_id, job.study_instance_uid)
-            return False
+            return "lost"
         row, _ = leased
         study = _locked_study(s, job.study_instance_uid)
         assert study is not None
@@ -292,7 +296,7 @@ def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFi
             row.lease_owner = None
             row.not_before = now
             log.info("action=report-stale study_instance_uid=%s", job.study_instance_uid)
-            return False
+            return "stale"
         if sr is not None:
             add_result(s, kind=ResultKind.SR, sop_instance_uid=sr[0],
                        study_instance_uid=job.study_instance_uid, generation=job.generation,
@@ -309,7 +313,7 @@ def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFi
         row.finished_at = now
         row.lease_owner = None
         row.error = None
-    return True
+    return "done"
 
 
 def skip(db: Database, job: ClaimedJob, owner: str, reason: SkipReason, detail: str) -> None:

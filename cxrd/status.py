@@ -10,7 +10,7 @@ from sqlalchemy import exists, func, select
 
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
-from cxrd.domain import DeliveryState, JobState, ResultKind
+from cxrd.domain import DeliveryState, JobKind, JobState, ResultKind
 from cxrd.infer import resolve_model_path
 from cxrd.modelinfo import read_model_info
 
@@ -18,10 +18,9 @@ RECENT = 10
 WORKER_STALE_SECONDS = 60
 
 
-def _counts(s: Any, column: Any) -> dict[str, int]:
-    return {
-        str(k): int(n) for k, n in s.execute(select(column, func.count()).group_by(column)).all()
-    }
+def _counts(s: Any, column: Any, *conditions: Any) -> dict[str, int]:
+    query = select(column, func.count()).where(*conditions).group_by(column)
+    return {str(k): int(n) for k, n in s.execute(query).all()}
 
 
 def _count(s: Any, model: Any, *conditions: Any) -> int:
@@ -49,15 +48,16 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
         ]
         failures = [
             {
-                "sop_instance_uid": inst.sop_instance_uid,
-                "study_instance_uid": inst.study_instance_uid,
+                "kind": job.kind,
+                "sop_instance_uid": inst.sop_instance_uid if inst is not None else None,
+                "study_instance_uid": job.study_instance_uid,
                 "error": job.error,
                 "attempts": job.attempts,
                 "at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
             }
             for job, inst in s.execute(
                 select(Job, Instance)
-                .join(Instance, Job.instance_id == Instance.id)
+                .outerjoin(Instance, Job.instance_id == Instance.id)
                 .where(Job.state == JobState.FAILED.value)
                 .order_by(Job.id.desc())
                 .limit(RECENT)
@@ -127,6 +127,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
             "skipped": {k: v for k, v in _counts(s, Instance.reason).items() if k != "None"},
             "studies": _counts(s, Study.state),
             "jobs": _counts(s, Job.state),
+            "report_jobs": _counts(s, Job.state, Job.kind == JobKind.REPORT.value),
             "queue_depth": _count(
                 s, Job, Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value))
             ),
@@ -164,9 +165,14 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "pending_with_errors": pending_errors,
             },
         }
+    # [model] require_cuda: a live worker off CUDA (or none at all) cannot do the job asked.
+    live = [w for w in workers if w["alive"]]
+    doc["cuda_required_unmet"] = bool(config.model.require_cuda) and (
+        not live or any("CUDAExecutionProvider" not in list(w["providers"]) for w in live))
     doc["healthy"] = (
         doc["jobs_failed_unresolved"] == 0
         and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0
+        and not doc["cuda_required_unmet"]
     )
     return doc
 
@@ -209,5 +215,6 @@ def render(doc: dict[str, Any]) -> str:
         )
     for r in doc["recent_rejections"][:5]:
         lines.append(f"  rejected ({r['reason']}): {r['detail']}")
-    lines.append("healthy" if doc["healthy"] else "UNHEALTHY: failed jobs or dead deliveries")
+    lines.append("healthy" if doc["healthy"] else "UNHEALTHY: failed jobs, dead deliveries or "
+                 "CUDA required but not in use")
     return "\n".join(lines)

@@ -233,12 +233,14 @@ class WorkerLoop:
                 if sr_uid != findings.current_sr:
                     sr = (sr_uid, self._write_sr(findings, sr_uid))
             seconds = time.perf_counter() - t0
-            done = queue.complete_report(self.db, job, self.worker_id, findings, sr=sr,
-                                         seconds=seconds, destinations=self.destinations)
+            outcome = queue.complete_report(self.db, job, self.worker_id, findings, sr=sr,
+                                            seconds=seconds, destinations=self.destinations)
+            if outcome == "stale" and sr is not None:
+                sr[1].unlink(missing_ok=True)  # recorded nowhere; the rebuild supersedes it
         except Exception as exc:
             self._retry(job, exc)
             return
-        if done:
+        if outcome == "done":
             observe_stages({"report": seconds})
             log.info("action=study-reported study_instance_uid=%s sr_sop_instance_uid=%s "
                      "images=%d supersedes=%s model=%s", job.study_instance_uid,

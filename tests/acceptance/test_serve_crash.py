@@ -22,7 +22,7 @@ from nodehelpers import (
 from sqlalchemy import select
 
 from cxrd.db import Instance, Job
-from cxrd.domain import JobState
+from cxrd.domain import JobKind, JobState
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +107,53 @@ def test_kill_main_then_a_worker_nothing_lost_nothing_duplicated(tmp_path, nodes
     assert outcome["rejections"] >= 1
     rejected = [p.name for p in (dirs.data_dir / "rejected").iterdir()]
     assert any(name.endswith("-notes.txt") for name in rejected), rejected
+
+
+def freeze_worker_in_report_job(db: DbView, node: NodeProcess, timeout: float = 90.0
+                                ) -> tuple[int, int]:
+    """SIGSTOP the worker holding a study's report job; returns (job id, worker pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.session() as s:
+            row = s.execute(select(Job.id, Job.lease_owner).where(
+                Job.kind == JobKind.REPORT.value, Job.state == JobState.RUNNING.value)
+                .limit(1)).first()
+        if row is not None and row.lease_owner:
+            pid = int(row.lease_owner.rsplit(":", 2)[1])
+            if pid in node.workers():
+                os.kill(pid, signal.SIGSTOP)
+                with db.session() as s:
+                    again = s.execute(select(Job.state, Job.lease_owner)
+                                      .where(Job.id == row.id)).one()
+                if again.state == JobState.RUNNING.value and again.lease_owner == row.lease_owner:
+                    return row.id, pid
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.005)
+    pytest.fail("no worker was caught holding a report job")
+
+
+def test_a_study_sr_survives_a_kill_of_the_worker_holding_its_report_job(tmp_path, nodes,
+                                                                          db_of):
+    """kill -9 the worker while it builds a study's SR: the report job's lease expires, a
+    new worker builds the SR, and the study ends with exactly one current SR naming all its
+    images (no duplicate, no temp file)."""
+    from nodehelpers import frontal_set
+
+    images = frontal_set(tmp_path / "in", n_studies=3, per_study=2)
+    dirs = write_config(tmp_path, batch_size=2)
+    db = db_of(dirs)
+    node = nodes.start(dirs)
+    images.drop(dirs.incoming)
+    job_id, victim = freeze_worker_in_report_job(db, node)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: [p for p in node.workers() if p != victim], 30,
+               "the node to start a new worker")
+    wait_until(lambda: settled(dirs, db), DONE_TIMEOUT, "every study to be reported")
+    assert node.stop() == 0
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.kind == JobKind.REPORT.value
+        assert job.state == JobState.DONE.value and job.attempts >= 2
+    assert f"action=lease-expired job_id={job_id} kind=report" in node.log()
+    outcome = check_outcome(dirs, db, images.files)
+    assert outcome["srs"] == 3

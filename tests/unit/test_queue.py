@@ -269,7 +269,7 @@ def test_complete_report_records_the_sr_and_reports_the_study(memdb, tmp_path):
     assert len(findings.jobs) == 1 and findings.current_sr is None
     assert json.loads(findings.jobs[0][1]) == [0.6, 0.2, 0.2]
     assert queue.complete_report(memdb, r, "w", findings, sr=("1.2.9", tmp_path / "sr.dcm"),
-                                 seconds=0.01, destinations=["pacs"])
+                                 seconds=0.01, destinations=["pacs"]) == "done"
     with memdb.session() as s:
         study = s.scalars(select(Study)).one()
         assert (study.state, study.sr_sop_instance_uid) == (StudyState.REPORTED.value, "1.2.9")
@@ -278,8 +278,8 @@ def test_complete_report_records_the_sr_and_reports_the_study(memdb, tmp_path):
         assert s.scalars(select(Delivery)).one().destination == "pacs"
     assert get_job(memdb, r.job_id).state == JobState.DONE.value
     # a redo of the same job (its lease is gone) changes nothing
-    assert not queue.complete_report(memdb, r, "w", findings, sr=("1.2.9", tmp_path / "sr.dcm"),
-                                     seconds=0.01)
+    assert queue.complete_report(memdb, r, "w", findings, sr=("1.2.9", tmp_path / "sr.dcm"),
+                                 seconds=0.01) == "lost"
 
 
 def test_a_report_built_before_a_late_image_finished_is_rebuilt(memdb, tmp_path):
@@ -296,8 +296,8 @@ def test_a_report_built_before_a_late_image_finished_is_rebuilt(memdb, tmp_path)
                   generation=1, state=JobState.PENDING.value, not_before=utcnow()))
     (late,) = claim(memdb, "w2")
     queue.complete(memdb, late, "w2", [0.1, 0.8, 0.1], None, "1.2", {})
-    assert not queue.complete_report(memdb, r, "w", stale, sr=("1.2.8", tmp_path / "a.dcm"),
-                                     seconds=0.01)
+    assert queue.complete_report(memdb, r, "w", stale, sr=("1.2.8", tmp_path / "a.dcm"),
+                                 seconds=0.01) == "stale"
     row = get_job(memdb, r.job_id)
     assert row.state == JobState.PENDING.value and row.lease_owner is None
     with memdb.session() as s:
@@ -307,7 +307,7 @@ def test_a_report_built_before_a_late_image_finished_is_rebuilt(memdb, tmp_path)
     fresh = queue.study_findings(memdb, c.study_instance_uid)
     assert fresh.latest_job == late.job_id
     assert queue.complete_report(memdb, again, "w", fresh, sr=("1.2.7", tmp_path / "b.dcm"),
-                                 seconds=0.01)
+                                 seconds=0.01) == "done"
 
 
 def test_an_ended_report_job_is_rearmed_when_its_study_changes(memdb, tmp_path):
