@@ -166,9 +166,9 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
             },
         }
     # [model] require_cuda: a live worker off CUDA (or none at all) cannot do the job asked.
-    live = [w for w in workers if w["alive"]]
+    live: list[Any] = [w["providers"] for w in workers if w["alive"]]
     doc["cuda_required_unmet"] = bool(config.model.require_cuda) and (
-        not live or any("CUDAExecutionProvider" not in list(w["providers"]) for w in live))
+        not live or any("CUDAExecutionProvider" not in providers for providers in live))
     doc["healthy"] = (
         doc["jobs_failed_unresolved"] == 0
         and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0
