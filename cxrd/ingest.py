@@ -5,7 +5,7 @@ Order of operations, which is what makes a crash at any point safe:
 
 1. parse the header (never the pixels: decoding belongs to the workers);
 2. write the bytes to a temp file beside ``spool/<study>/<sop>.dcm`` and fsync it (a new
-   study folder is first fsynced into the spool folder);
+   study folder is first fsynced into the spool folder): ``cxrd.durable``;
 3. in one transaction: insert the instance row (which claims the UID), update the study,
    rename the temp file to its final path, fsync the directory, commit (a rerun after a
    crash rewrites the same path). Instances stored at the same moment (several
@@ -26,7 +26,6 @@ import os
 import shutil
 import struct
 import threading
-import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from cxrd import durable
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
 from cxrd.dicom import ACCEPTED_SOP_CLASSES, DEFLATED
 from cxrd.domain import InstanceState, RejectReason, StudyState
@@ -80,60 +80,6 @@ class StoreOutcome:
 
 class IncompleteFile(ValueError):
     """The data set ends before its last element does: the file is truncated."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(path: Path) -> Path:
-    # Unique per call, not just per process: the receiver stores from several threads,
-    # and two threads writing the same temp file would interleave their bytes.
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-
-
-#: Folders this process has made durable (created or found, then their parent fsynced).
-_durable_dirs: set[Path] = set()
-_DURABLE_DIRS_MAX = 10_000
-
-
-def make_dirs_durably(folder: Path) -> None:
-    """Create ``folder`` and its missing parents so that they survive a power loss.
-
-    A file renamed into a new folder is only as durable as the folder's own entry in its
-    parent, so the parent is fsynced: once per folder and process. A folder found already
-    there is fsynced into its parent too (its creator, another thread or process, may not
-    have done so yet); it is remembered only after that, so no caller goes on early.
-    """
-    if folder in _durable_dirs:
-        return
-    if not folder.parent.is_dir():
-        make_dirs_durably(folder.parent)
-    folder.mkdir(exist_ok=True)
-    fsync_dir(folder.parent)
-    if len(_durable_dirs) >= _DURABLE_DIRS_MAX:
-        _durable_dirs.clear()  # a cache: forgetting costs one more fsync per folder
-    _durable_dirs.add(folder)
-
-
-def write_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` durably to a hidden temp file beside ``path`` (its folder created
-    durably when missing); returns the temp file."""
-    make_dirs_durably(path.parent)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _check_complete(ds: Dataset, size: int) -> None:
@@ -364,7 +310,7 @@ class _GroupCommit:
                     taken[uid] = item.digest
                     folders[item.spool.parent] = None
                 for folder in folders:
-                    fsync_dir(folder)
+                    durable.fsync_dir(folder)
         except BaseException as exc:
             for item in group:
                 item.error = exc
@@ -576,7 +522,7 @@ class Ingestor:
         ORM session, since at hundreds of instances a second its bookkeeping was a third
         of the time.
         """
-        tmp = write_temp(spool, part10)
+        tmp = durable.write_temp(spool, part10)
         item = _Pending(ds, uids, spool, tmp, digest, len(part10), source)
         try:
             self._group.commit(item)

@@ -146,7 +146,7 @@ def test_watching_the_data_folder_itself_never_reads_spool_or_rejected(db, dirs)
 
 
 def test_storage_failure_is_retried_later_not_in_a_tight_loop(ingestor, dirs, monkeypatch):
-    from cxrd import ingest as ingest_mod
+    from cxrd import durable
     from cxrd import watch as watch_mod
 
     calls = []
@@ -155,7 +155,7 @@ def test_storage_failure_is_retried_later_not_in_a_tight_loop(ingestor, dirs, mo
         calls.append(path)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ingest_mod, "write_temp", failing)
+    monkeypatch.setattr(durable, "write_temp", failing)
     monkeypatch.setattr(watch_mod, "RETRY_SECONDS", 0.5)
     src = write(dirs.incoming / "x.dcm", part10_bytes(make_dataset("CR")))
     w = FolderWatcher(ingestor, [dirs.incoming], 0)

@@ -27,6 +27,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import func, select
 
+from cxrd import durable
 from cxrd import ingest as ingest_mod
 from cxrd.db import Database, Instance, Rejection, Study
 from cxrd.domain import InstanceState, RejectReason, StudyState
@@ -126,8 +127,8 @@ def test_a_new_study_folder_and_each_rename_are_fsynced(ingestor, dirs, monkeypa
     entry does: the spool folder is fsynced once per new study folder (per process), the
     study folder once per instance renamed into it, all before the row is committed."""
     synced: list[Path] = []
-    real = ingest_mod.fsync_dir
-    monkeypatch.setattr(ingest_mod, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: (synced.append(p), real(p)))
     study_uid = uid()
     for i in range(2):
         assert ingestor.store(part10_bytes(make_dataset("CR", study_uid=study_uid, seed=i)),
@@ -362,7 +363,7 @@ def test_storage_failure_leaves_the_file_for_a_retry(ingestor, dirs, monkeypatch
     def disk_full(path: Path, data: bytes) -> Path:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ingest_mod, "write_temp", disk_full)
+    monkeypatch.setattr(durable, "write_temp", disk_full)
     outcome = ingestor.ingest_file(src, "t")
     assert not outcome.accepted and outcome.reason is RejectReason.STORAGE_FAILED
     assert src.exists(), "the file must stay for a retry"

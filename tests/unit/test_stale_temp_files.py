@@ -10,8 +10,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from cxrd.durable import remove_stale_temp_files
 from cxrd.report import save_dataset
-from cxrd.results import remove_stale_temp_files
 
 
 def dead_pid() -> int:

@@ -1,0 +1,177 @@
+"""Durable files: written whole or not at all, and still there after a power loss.
+
+Every file cxrd writes for keeps (spooled instances, SR and SC results) goes the same way:
+
+1. its folder, when new, is created and fsynced into its parent (``make_dirs_durably``);
+2. the bytes go to a hidden temp file beside the target, ``.<name>.<pid>.<random>.tmp``,
+   which is flushed and fsynced (``write_temp``);
+3. the temp file is renamed over the target and the folder fsynced (``write_file``; the
+   ingest does these two steps itself, inside its group commit, one folder fsync per
+   group).
+
+A crash between 2 and 3 leaves the temp file behind, and nothing else would remove it: the
+writer's pid in its name lets ``remove_stale_temp_files`` take away those whose writer is
+gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+#: What goes into a file: its bytes, or a function that writes them to the open file.
+Content = bytes | Callable[[BinaryIO], object]
+
+# ----------------------------------------------------------------------- temp file names
+
+
+def temp_path(path: Path) -> Path:
+    """A hidden temp file beside ``path``: ``.<name>.<pid>.<random>.tmp``.
+
+    Unique per call, not just per process: the receiver stores from several threads, and
+    two threads writing the same temp file would interleave their bytes."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def _writer_pid(name: str) -> int | None:
+    """The writer's pid in a temp file's name (``temp_path``), or None for another name."""
+    try:
+        return int(name.split(".")[-3])
+    except (IndexError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------ folders
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of the folder ``path`` (a rename into it, a new subfolder) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: Folders this process has made durable (created or found, then their parent fsynced).
+_durable_dirs: set[Path] = set()
+_DURABLE_DIRS_MAX = 10_000
+
+
+def make_dirs_durably(folder: Path) -> None:
+    """Create ``folder`` and its missing parents so that they survive a power loss.
+
+    A file renamed into a new folder is only as durable as the folder's own entry in its
+    parent, so the parent is fsynced: once per folder and process. A folder found already
+    there is fsynced into its parent too (its creator, another thread or process, may not
+    have done so yet); it is remembered only after that, so no caller goes on early.
+    """
+    if folder in _durable_dirs:
+        return
+    if not folder.parent.is_dir():
+        make_dirs_durably(folder.parent)
+    folder.mkdir(exist_ok=True)
+    fsync_dir(folder.parent)
+    if len(_durable_dirs) >= _DURABLE_DIRS_MAX:
+        _durable_dirs.clear()  # a cache: forgetting costs one more fsync per folder
+    _durable_dirs.add(folder)
+
+
+def _forget_dirs(folder: Path) -> None:
+    for path in (folder, *folder.parents):
+        _durable_dirs.discard(path)
+
+
+# -------------------------------------------------------------------------------- files
+
+
+def write_temp(path: Path, content: Content) -> Path:
+    """Write ``content`` durably (flushed, fsynced) to a new temp file beside ``path``, its
+    folder created durably when missing; returns the temp file. Nothing is left behind on
+    failure."""
+    folder = path.parent
+    make_dirs_durably(folder)
+    tmp = temp_path(path)
+    try:
+        _write_synced(tmp, content)
+    except FileNotFoundError:
+        if folder.is_dir():
+            raise
+        # The folder was removed after this process made it (an operator's clean-up):
+        # make it again.
+        _forget_dirs(folder)
+        make_dirs_durably(folder)
+        _write_synced(tmp, content)
+    return tmp
+
+
+def _write_synced(tmp: Path, content: Content) -> None:
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_file(path: Path, content: Content) -> None:
+    """Write ``content`` to ``path`` atomically and durably: a reader sees either the old
+    file (or none) or the whole new one, and after the return a power loss keeps it."""
+    tmp = write_temp(path, content)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+# -------------------------------------------------------------------- stale temp files
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (whoever owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path, *, recursive: bool = False) -> int:
+    """Remove temp files left by writers that died mid-write (kill -9, power loss).
+
+    One whose writer (on this host) is gone can go; one of a live process is left alone,
+    and so is a hidden ``.tmp`` file not named by ``temp_path``. Returns how many were
+    removed.
+    """
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        pid = _writer_pid(path.name)
+        if pid is None:
+            continue  # not one of ours
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+    if removed:
+        log.warning("action=removed-temp-files folder=%s count=%d", folder, removed)
+    return removed
