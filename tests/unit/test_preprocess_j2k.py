@@ -168,7 +168,7 @@ def test_reduce_level_rule() -> None:
 
 def test_display_size_is_the_decode_floor() -> None:
     """The heatmap SC's display image never needs more than the reduced decode keeps."""
-    from cxrd.report import DISPLAY_MAX_SIDE
+    from cxrd.heatmap import DISPLAY_MAX_SIDE
 
     assert DISPLAY_MAX_SIDE <= DECODE_MIN_SIDE
 
@@ -196,7 +196,7 @@ def test_odd_sizes_decode() -> None:
 
 def _closeness(ds: Dataset, min_side: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """|model gray8 (reduced) - model gray8 (full)| and the same for the display image."""
-    from cxrd.report import downscale_for_display
+    from cxrd.heatmap import downscale_for_display
 
     reduced = decode_pixels(ds, min_side=min_side)
     assert reduced.shape == (-(-ds.Rows // 2), -(-ds.Columns // 2))  # reduce 1
@@ -341,7 +341,7 @@ def test_png_is_unaffected(tmp_path: Path) -> None:
 def test_training_equals_serving_for_j2k(tmp_path: Path) -> None:
     """training.data and cxrd.worker.prepare take the same reduced decode (a long side of
     2100 at the production floor of 1024 gives reduce 1), and sizes stay the full ones."""
-    from cxrd.report import downscale_for_display
+    from cxrd.heatmap import downscale_for_display
     from cxrd.worker import prepare
     from training.data import load_images, to_inputs
     from training.sources import Record
