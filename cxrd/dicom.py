@@ -40,7 +40,7 @@ DX_PRESENTATION = DigitalXRayImageStorageForPresentation
 DX_PROCESSING = DigitalXRayImageStorageForProcessing
 SECONDARY_CAPTURE = SecondaryCaptureImageStorage
 
-#: The SOP classes cxrd stores (dicom-output.md section 5).
+#: The SOP classes cxrd stores (docs/dicom-output.md §5).
 ACCEPTED_SOP_CLASSES = {
     CR: "Computed Radiography Image Storage",
     DX_PRESENTATION: "Digital X-Ray Image Storage - For Presentation",
@@ -59,7 +59,7 @@ SR_SOP_CLASSES: dict[str, UID] = {
 # ------------------------------------------------------------------- transfer syntaxes
 
 #: What the receiver accepts: every transfer syntax that pydicom + the pylibjpeg plugins
-#: decode (dicom-output.md section 5).
+#: decode (docs/dicom-output.md §5).
 RECEIVE_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,

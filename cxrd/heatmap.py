@@ -2,8 +2,8 @@
 
 The radiograph, downscaled for display, with the class activation map (CAM) of the class
 shown blended in colour and a legend burned in below: "AI heatmap, not for diagnostic use",
-the model's name and version, and the class shown. See ``/work/shared/dicom-output.md``
-section 2 for the object's header.
+the model's name and version, and the class shown. See ``docs/dicom-output.md`` §2 for
+the object's header.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The report stage: classification results to DICOM objects for the PACS.
 
-Two kinds of object go back into the source study (see ``/work/shared/dicom-output.md``):
+Two kinds of object go back into the source study (see ``docs/dicom-output.md``):
 
 * one Structured Report per study, a TID 1500 Measurement Report built with highdicom
   (Comprehensive 3D SR by default, as IHE AIR asks; Comprehensive and Enhanced SR for older
@@ -79,7 +79,7 @@ SC_SERIES_DESCRIPTION = "AI heatmap, not for diagnostic use"
 DISPLAY_MAX_SIDE = 1024
 
 
-# Concepts (dicom-output.md, table in section 1).
+# Concepts (docs/dicom-output.md §1, the code table).
 TUBERCULOSIS = Code("56717001", "SCT", "Tuberculosis")
 NORMAL = Code("17621005", "SCT", "Normal")
 ABNORMAL = Code("263654008", "SCT", "Abnormal")

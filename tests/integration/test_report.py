@@ -445,7 +445,7 @@ def test_pixelmed_sr_validator(tmp_path: Path) -> None:
          "com.pixelmed.validate.DicomSRValidator", str(path)],
         capture_output=True, text=True, timeout=300,
     )
-    # Known pixelmed 2022 artefacts (dicom-output.md section 4) are not errors of ours:
+    # Known pixelmed 2022 artefacts (docs/dicom-output.md §4) are not errors of ours:
     # with exactly one group carrying a SCOORD it checks every group as TID 1410.
     # Procedure Reported (TID 1500 row 4) uses CID 100, which is extensible: a chest
     # radiograph code outside the group is allowed, pixelmed's tables flag it anyway.

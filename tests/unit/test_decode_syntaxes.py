@@ -1,4 +1,4 @@
-"""Every compressed transfer syntax of dicom-output.md §5 decodes through the serving path
+"""Every compressed transfer syntax of docs/dicom-output.md §5 decodes through the serving path
 (pydicom + the pylibjpeg plugins), on files pydicom ships."""
 
 from __future__ import annotations
