@@ -75,6 +75,13 @@ class SrSopClass(StrEnum):
         return SR_SOP_CLASSES[self.value]
 
 
+class HeatmapCompression(StrEnum):
+    """How the heatmap Secondary Capture's pixels are stored (``cxrd.heatmap``)."""
+
+    NONE = "none"  # RGB, Explicit VR Little Endian
+    JPEG_BASELINE = "jpeg-baseline"  # JPEG Baseline (1.2.840.10008.1.2.4.50), lossy
+
+
 # --------------------------------------------------------------------------- the tree
 
 
@@ -205,6 +212,8 @@ class ResultsConfig:
     folder: Path | None = None
     structured_report: bool = True
     heatmap_secondary_capture: bool = True
+    heatmap_max_side: int = 1024
+    heatmap_compression: HeatmapCompression = HeatmapCompression.NONE
     parametric_map: bool = False
     sr_sop_class: SrSopClass = SrSopClass.COMPREHENSIVE_3D
 
@@ -925,7 +934,9 @@ def _read_model(t: _Table, base: Path) -> ModelConfig:
 def _read_workers(t: _Table) -> WorkersConfig:
     d = WorkersConfig()
     processes: int | None = None
-    if t.data.get("processes") != "auto":
+    if t.data.get("processes") == "auto":
+        t.known.append("processes")
+    else:
         processes = t.integer("processes", 0, low=1, high=1024,
                               allowed='"auto" or an integer from 1 to 1024') or None
     return WorkersConfig(
@@ -942,6 +953,19 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
     folder = t.path("folder", base, expected='a directory, or "" for data_dir/results', kind="dir")
     structured_report = t.boolean("structured_report", d.structured_report)
     heatmap = t.boolean("heatmap_secondary_capture", d.heatmap_secondary_capture)
+    heatmap_max_side = t.integer("heatmap_max_side", d.heatmap_max_side, low=256, high=4096)
+    compression_text = t.string("heatmap_compression", d.heatmap_compression.value)
+    try:
+        heatmap_compression = HeatmapCompression(compression_text)
+    except ValueError:
+        allowed = ", ".join(f'"{c.value}"' for c in HeatmapCompression)
+        hint = _suggest(compression_text, [c.value for c in HeatmapCompression])
+        t.bad(
+            "heatmap_compression",
+            compression_text,
+            f"one of {allowed}" + (f'; did you mean "{hint}"?' if hint else ""),
+        )
+        heatmap_compression = d.heatmap_compression
     parametric_map = t.boolean("parametric_map", d.parametric_map)
     if parametric_map:
         # The Parametric Map IOD requires a Frame of Reference (patient coordinates), which
@@ -966,6 +990,8 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
         folder=folder,
         structured_report=structured_report,
         heatmap_secondary_capture=heatmap,
+        heatmap_max_side=heatmap_max_side,
+        heatmap_compression=heatmap_compression,
         parametric_map=parametric_map,
         sr_sop_class=sr_sop_class,
     )

@@ -6,7 +6,8 @@ Two kinds of object go back into the source study (see ``docs/dicom-output.md``)
   (Comprehensive 3D SR by default, as IHE AIR asks; Comprehensive and Enhanced SR for older
   archives);
 * one heatmap Secondary Capture per image: the radiograph, downscaled, with the class
-  activation map of the class shown blended in colour and a legend burned in.
+  activation map of the class shown blended in colour and a legend burned in, built by
+  ``cxrd.heatmap``.
 
 Coding choices, so that readers of the SR know what to look for:
 
@@ -30,29 +31,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
 
 from cxrd import __version__
 from cxrd.durable import write_file
 from cxrd.findings import (
-    CLASS_LABELS,
     NORM,
     NTB,
     TB,
     ImageFindings,
     decide_class,
-    upsample_cam,
 )
 from cxrd.headers import header_view, library_view
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
@@ -74,9 +70,6 @@ _SR_IODS: dict[str, _SRIod] = {
 }
 
 SR_SERIES_DESCRIPTION = "cxrd AI report"
-SC_SERIES_DESCRIPTION = "AI heatmap, not for diagnostic use"
-#: The long side of the heatmap Secondary Capture; larger displays are downscaled first.
-DISPLAY_MAX_SIDE = 1024
 
 
 # Concepts (docs/dicom-output.md §1, the code table).
@@ -92,85 +85,12 @@ LUNG = Code("39607008", "SCT", "Lung")
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 #: Procedure reported. SNOMED CT "Plain chest X-ray (procedure)"; see the module docstring.
 CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
-_SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 
 #: The Finding concept of each class, in CLASS_NAMES order. NTB is "Abnormal" plus
 #: Tuberculosis = Absent in the same group.
 CLASS_FINDINGS: tuple[Code, ...] = tuple(
     {"TB": TUBERCULOSIS, "NTB": ABNORMAL, "NORM": NORMAL}[name] for name in CLASS_NAMES
 )
-_HEATMAP_MAX_ALPHA = 0.6
-_LEGEND_LINE_HEIGHT = 13  # the default bitmap font is 11 px high
-
-
-def _jet_lut() -> U8:
-    """A 256-entry jet-like colour map whose top end is pure red, so "hottest" is exact."""
-    stops = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
-    colours = np.array(
-        [[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 96, 0], [255, 0, 0]],
-        dtype=np.float64,
-    )
-    x = np.linspace(0.0, 1.0, 256)
-    lut = np.stack([np.interp(x, stops, colours[:, c]) for c in range(3)], axis=-1)
-    return np.rint(lut).astype(np.uint8)
-
-
-_LUT = _jet_lut()
-
-
-def _blend_table() -> U8:
-    """RGB for every (activation index, grey) pair, flattened to (256 * 256, 3).
-
-    Opacity grows with activation: cold areas keep the radiograph, hot ones turn red.
-    """
-    alpha = np.arange(256, dtype=np.float64) / 255.0 * _HEATMAP_MAX_ALPHA
-    gray = np.arange(256, dtype=np.float64)
-    out = (
-        gray[None, :, None] * (1.0 - alpha)[:, None, None]
-        + alpha[:, None, None] * _LUT[:, None, :].astype(np.float64)
-    )
-    return np.rint(out).astype(np.uint8).reshape(256 * 256, 3)
-
-
-_BLEND = _blend_table()
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """The classification of one source image, as the report stage needs it.
-
-    ``dataset`` is the source header (Pixel Data may be absent); its Rows and Columns are
-    the full-size geometry. ``display`` is the source as 8-bit grey after the modality/VOI
-    LUTs and MONOCHROME1 inversion, already downscaled to at most DISPLAY_MAX_SIDE on the
-    long side with the aspect ratio kept. ``probs`` are P(TB), P(NTB), P(NORM).
-    ``cam`` is (h, w, 3) class-activation logits (centred over the classes, see
-    ``training.model.build_export_model``) over the model input, which is the
-    image stretched to a square.
-    """
-
-    dataset: Dataset
-    display: U8
-    probs: F32
-    cam: F32
-
-    def __post_init__(self) -> None:
-        n = len(CLASS_NAMES)
-        if self.probs.shape != (n,):
-            raise ValueError(f"ImageResult.probs must have shape ({n},), not {self.probs.shape}.")
-        if not np.all(np.isfinite(self.probs)) or np.any(self.probs < 0) or np.any(self.probs > 1):
-            raise ValueError(f"ImageResult.probs must lie in [0, 1], got {self.probs}.")
-        if self.cam.ndim != 3 or self.cam.shape[-1] != n or min(self.cam.shape[:2]) < 1:
-            raise ValueError(f"ImageResult.cam must have shape (h, w, {n}), not {self.cam.shape}.")
-        if self.display.ndim != 2 or self.display.dtype != np.uint8:
-            raise ValueError(
-                "ImageResult.display must be a 2-D uint8 array, "
-                f"not {self.display.dtype} {self.display.shape}."
-            )
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not self.dataset.get(keyword):
-                raise ValueError(f"ImageResult.dataset has no {keyword}.")
-        if int(self.dataset.get("Rows") or 0) < 1 or int(self.dataset.get("Columns") or 0) < 1:
-            raise ValueError("ImageResult.dataset needs Rows and Columns (the full-size geometry).")
 
 
 # --------------------------------------------------------------------------- UIDs and headers
@@ -183,7 +103,24 @@ def _new_uid() -> str:
 # --------------------------------------------------------------------------- SR
 
 
+#: A model's TID 4019 items, built once per model: they are the same in every group of
+#: every SR the model writes (about a tenth of an SR's build time otherwise).
+_ALGORITHMS: dict[tuple[str, bool], hd.sr.AlgorithmIdentification] = {}
+
+
 def _algorithm(model: ModelInfo, *, with_parameters: bool) -> hd.sr.AlgorithmIdentification:
+    key = (f"{model.device_uid}|{model.name}|{model.version}|{model.demo}|"
+           f"{model.operating_point}|{model.training_data}", with_parameters)
+    cached = _ALGORITHMS.get(key)
+    if cached is None:
+        if len(_ALGORITHMS) > 16:  # a process serves one model; tests build many
+            _ALGORITHMS.clear()
+        cached = _ALGORITHMS[key] = _build_algorithm(model, with_parameters=with_parameters)
+    return cached
+
+
+def _build_algorithm(model: ModelInfo, *, with_parameters: bool
+                     ) -> hd.sr.AlgorithmIdentification:
     parameters: list[str] | None = None
     if with_parameters:
         op = model.operating_point
@@ -389,9 +326,21 @@ def build_sr(
         imaging_measurements=groups,
         referenced_images=[library_view(r.header) for r in results],
     )
-    sr = iod(
+    # highdicom's SR constructor deep-copies the content tree, parses it back into its own
+    # objects and searches it for references: over half of the SR's cost for a tree of
+    # ~800 items (4 images), and none of it changes the document. So the IOD is built
+    # around a one-item stub of the same root container, and the real tree's root
+    # attributes replace the stub's, as highdicom itself copies them. The evidence
+    # (Current Requested Procedure Evidence Sequence) is built from ``views`` either way:
+    # highdicom lists every evidence data set, referenced or not. The result is returned as
+    # a plain Dataset (highdicom's ``content`` view would show the stub).
+    root = report[0]
+    stub = hd.sr.ContainerContentItem(name=root.ConceptNameCodeSequence[0],
+                                      template_id=root.ContentTemplateSequence[0].TemplateIdentifier)
+    stub.add_new("ContentSequence", "SQ", [])
+    built = iod(
         evidence=views,
-        content=report,
+        content=stub,
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
@@ -403,6 +352,11 @@ def build_sr(
         series_description=_described(SR_SERIES_DESCRIPTION, model),
         manufacturer_model_name=model.name,
     )
+    sr = Dataset()
+    sr.update(built)
+    sr.file_meta = built.file_meta
+    for tag, value in root.items():
+        sr[tag] = value
     sr.add_new("SoftwareVersions", "LO", _software_versions(model))
     logger.debug(
         "built SR",
@@ -414,152 +368,6 @@ def build_sr(
         },
     )
     return sr
-
-
-# --------------------------------------------------------------------------- heatmap SC
-
-
-def downscale_for_display(gray: U8, max_side: int = DISPLAY_MAX_SIDE) -> U8:
-    """Shrink an 8-bit image so its long side is at most ``max_side`` (aspect kept)."""
-    rows, cols = gray.shape
-    scale = max_side / max(rows, cols)
-    if scale >= 1.0:
-        return gray
-    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-    # reducing_gap=1: Pillow first box-averages by the whole factor (2 for a 2500-row
-    # radiograph), then resamples the rest. Half the time of a full antialiased resize
-    # (about 12 ms instead of 22 ms), within a few grey levels of it; the model input
-    # does not come from here, so training and serving are unaffected.
-    img = Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR, reducing_gap=1.0)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _ascii(text: str) -> str:
-    # The default bitmap font covers Latin-1 only; keep the legend plain ASCII.
-    return text.encode("ascii", "replace").decode("ascii")
-
-
-def _legend_band(lines: Sequence[str], width: int) -> U8:
-    """White text on black, the default bitmap font scaled up by a whole factor."""
-    font = ImageFont.load_default_imagefont()
-    text_width = max(int(font.getbbox(line)[2]) for line in lines)
-    scale = max(1, min(4, (width - 8) // max(text_width, 1)))
-    band_w = -(-width // scale)
-    band_h = len(lines) * _LEGEND_LINE_HEIGHT + 4
-    img = Image.new("L", (band_w, band_h), 0)
-    draw = ImageDraw.Draw(img)
-    for i, line in enumerate(lines):
-        draw.text((3, 2 + i * _LEGEND_LINE_HEIGHT), line, fill=255, font=font)
-    big = img.resize((band_w * scale, band_h * scale), Image.Resampling.NEAREST)
-    return np.asarray(big, dtype=np.uint8)[:, :width]
-
-
-def render_heatmap(result: ImageResult, model: ModelInfo) -> U8:
-    """The SC pixels: (H + legend, W, 3) uint8, display blended with the shown class's CAM."""
-    display = downscale_for_display(result.display)
-    rows, cols = display.shape
-    k = decide_class(result.probs, model.operating_point.tb_threshold)
-    up = upsample_cam(result.cam[..., k], rows, cols)
-    lo, hi = float(up.min()), float(up.max())
-    scale = np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
-    up -= np.float32(lo)
-    up *= scale
-    up += np.float32(0.5)
-    idx = up.astype(np.uint16)
-    # One gather from the (activation, grey) -> RGB table does the colour map and blend.
-    idx <<= 8
-    idx |= display
-    blended = np.take(_BLEND, idx, axis=0)
-
-    lines = [
-        SC_SERIES_DESCRIPTION,
-        _ascii(model.display_name),
-        f"Class shown: {CLASS_NAMES[k]} ({CLASS_LABELS[k]}), P={float(result.probs[k]):.3f}",
-        f"TB threshold {model.operating_point.tb_threshold:g}, "
-        f"P(TB)={float(result.probs[TB]):.3f}",
-    ]
-    band = _legend_band(lines, cols)
-    out = np.empty((rows + band.shape[0], cols, 3), dtype=np.uint8)
-    out[:rows] = blended
-    out[rows:] = band[..., None]
-    return out
-
-
-def build_heatmap_sc(
-    result: ImageResult,
-    model: ModelInfo,
-    *,
-    series_instance_uid: str,
-    series_number: int = 9002,
-    instance_number: int = 1,
-    sop_instance_uid: str | None = None,
-) -> Dataset:
-    """Build the heatmap Secondary Capture for one image, in the source study.
-
-    RGB 8-bit, Explicit VR Little Endian, ImageType DERIVED\\SECONDARY, Source Image
-    Sequence pointing at the radiograph, the legend "AI heatmap, not for diagnostic use",
-    the model name and the class shown burned in below the image.
-    """
-    src = result.dataset
-    series_uid = validate_uid(series_instance_uid)
-    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
-    pixels = render_heatmap(result, model)
-    k = decide_class(result.probs, model.operating_point.tb_threshold)
-    laterality = str(src.get("Laterality", "") or "")
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header_view(src),
-        pixel_array=pixels,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=model.manufacturer,
-        # highdicom insists on an orientation here; the source's own value replaces it below.
-        patient_orientation=("L", "F"),
-        laterality=laterality if laterality in ("R", "L") else None,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=_described(SC_SERIES_DESCRIPTION, model),
-        manufacturer_model_name=model.name,
-    )
-    sc.add_new("SoftwareVersions", "LO", _software_versions(model))
-    # The pixels are the source's, downscaled without flips, so its orientation holds;
-    # Type 2, so empty when the source has none.
-    sc.PatientOrientation = list(src.get("PatientOrientation") or [])
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.ConversionType = "WSD"  # produced by software on a workstation
-    for keyword in ("BurnedInAnnotation", "LossyImageCompression",
-                    "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
-        if src.get(keyword):
-            setattr(sc, keyword, src[keyword].value)
-    # Without Body Part Examined, dciodvfy cannot rule out a paired organ and demands
-    # Laterality. cxrd reports on chest radiographs only, so CHEST is the fallback.
-    sc.BodyPartExamined = str(src.get("BodyPartExamined") or "CHEST")
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = src.SOPClassUID
-    reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = [
-        hd.sr.CodedConcept.from_code(_SOURCE_FOR_PROCESSING)
-    ]
-    sc.SourceImageSequence = [reference]
-    sc.DerivationDescription = (
-        f"Class activation map of class {CLASS_NAMES[k]} ({CLASS_LABELS[k]}, "
-        f"P={float(result.probs[k]):.3f}) from {_ascii(model.display_name)}, bilinearly "
-        f"upsampled and blended in colour onto a copy of the source image downscaled to "
-        f"{pixels.shape[1]} columns, legend burned in below. "
-        "Not for diagnostic use."
-    )
-    logger.debug(
-        "built heatmap SC",
-        extra={
-            "action": "build_heatmap_sc",
-            "sop_instance_uid": sop_uid,
-            "source_sop_instance_uid": str(src.SOPInstanceUID),
-        },
-    )
-    return sc
 
 
 # --------------------------------------------------------------------------- files
@@ -591,6 +399,8 @@ def warm_up(model: ModelInfo) -> float:
 
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    from cxrd.heatmap import ImageResult, build_heatmap_sc
 
     t0 = time.perf_counter()
     ds = Dataset()

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -22,8 +23,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrd import report
+from cxrd import findings, heatmap, report
 from cxrd.errors import InvalidUID
+from cxrd.findings import ImageFindings
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, OperatingPoint
 from cxrd.preprocess import CAM_CELL_SHIFT, dataset_to_gray8
 
@@ -101,7 +103,7 @@ def fake_result(
     peak: tuple[int, int] = (2, 5),
     biases: tuple[float, float, float] = (1.0, 0.0, 0.0),
     size: int = 7,
-) -> report.ImageResult:
+) -> heatmap.ImageResult:
     """A result whose CAM has one hot cell at ``peak`` for every class, shifted per class
     by ``biases``; probs are softmax(mean CAM), as the real model guarantees."""
     cam = np.zeros((size, size, 3), dtype=np.float32)
@@ -111,8 +113,15 @@ def fake_result(
     logits = cam.mean(axis=(0, 1)).astype(np.float64)
     probs = np.exp(logits - logits.max())
     probs = (probs / probs.sum()).astype(np.float32)
-    display = report.downscale_for_display(dataset_to_gray8(ds))
-    return report.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
+    display = heatmap.downscale_for_display(dataset_to_gray8(ds))
+    return heatmap.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
+
+
+def build_sr(results: list[heatmap.ImageResult], model: ModelInfo, **kwargs: Any) -> Dataset:
+    """The SR from what a worker records of each classified image (ImageFindings)."""
+    return report.build_sr(
+        [ImageFindings.of(r.dataset, r.probs, r.cam, model.operating_point.tb_threshold)
+         for r in results], model, **kwargs)
 
 
 def make_model(*, demo: bool) -> ModelInfo:
@@ -220,7 +229,7 @@ def test_sr_validates_and_round_trips(tmp_path: Path, demo: bool) -> None:
         peak=(4, 1),
         biases=(-2.0, 1.5, 0.0),
     )
-    sr = report.build_sr([first, second], model)
+    sr = build_sr([first, second], model)
     path = report.save_dataset(sr, tmp_path)
     assert path == tmp_path / f"{sr.SOPInstanceUID}.dcm"
 
@@ -299,7 +308,7 @@ def test_sr_validates_and_round_trips(tmp_path: Path, demo: bool) -> None:
     assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     points = np.asarray(roi.roi.value)
     assert points.shape == (5, 2) and np.array_equal(points[0], points[-1])
-    x0, y0, x1, y1 = report.hottest_region(first, 0)
+    x0, y0, x1, y1 = findings.hottest_region(first.cam, 0, int(src.Rows), int(src.Columns))
     assert np.allclose(points[:, 0].min(), x0, atol=1e-3)
     assert np.allclose(points[:, 1].max(), y1, atol=1e-3)
     assert 0 <= x0 < x1 <= src.Columns and 0 <= y0 < y1 <= src.Rows
@@ -309,7 +318,7 @@ def test_sr_normal_image_has_no_region_and_tb_absent(tmp_path: Path) -> None:
     model = make_model(demo=False)
     result = fake_result(make_source(), biases=(-3.0, 0.0, 2.0))
     assert result.probs[0] < TB_THRESHOLD
-    sr = report.build_sr([result], model, sop_instance_uid=generate_uid())
+    sr = build_sr([result], model, sop_instance_uid=generate_uid())
     path = report.save_dataset(sr, tmp_path)
     assert dciodvfy(path) == []
     dsrdump(path)
@@ -325,13 +334,13 @@ def test_tb_present_follows_the_threshold_not_the_argmax(tmp_path: Path) -> None
     """P(TB) = 0.35 with NORM most likely: at a 0.3 operating point the report says TB."""
     model = make_model(demo=False)
     ds = make_source()
-    display = report.downscale_for_display(dataset_to_gray8(ds))
+    display = heatmap.downscale_for_display(dataset_to_gray8(ds))
     cam = np.zeros((7, 7, 3), dtype=np.float32)
     cam[3, 3, 0] = 4.0
     probs = np.array([0.35, 0.15, 0.5], dtype=np.float32)
-    result = report.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
-    assert report.shown_class(result, model) == 0
-    sr = report.build_sr([result], model, include_region=False)
+    result = heatmap.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
+    assert findings.decide_class(result.probs, model.operating_point.tb_threshold) == 0
+    sr = build_sr([result], model, include_region=False)
     back = hd.sr.srread(report.save_dataset(sr, tmp_path))
     group = finding_groups(back)[ds.SOPInstanceUID]
     assert group.finding_type == report.TUBERCULOSIS
@@ -341,8 +350,8 @@ def test_tb_present_follows_the_threshold_not_the_argmax(tmp_path: Path) -> None
     # Above a 0.5 threshold the same TB-argmax image is not TB: the likelier of NTB/NORM.
     strict = ModelInfo(name="m", version="1", device_uid=generate_uid(),
                        operating_point=OperatingPoint(tb_threshold=0.7))
-    tb_argmax = report.ImageResult(ds, display, np.array([0.6, 0.1, 0.3], np.float32), cam)
-    assert report.shown_class(tb_argmax, strict) == 2
+    tb_argmax = heatmap.ImageResult(ds, display, np.array([0.6, 0.1, 0.3], np.float32), cam)
+    assert findings.decide_class(tb_argmax.probs, strict.operating_point.tb_threshold) == 2
 
 
 @pytest.mark.parametrize(
@@ -350,7 +359,7 @@ def test_tb_present_follows_the_threshold_not_the_argmax(tmp_path: Path) -> None
 )
 def test_other_sr_sop_classes_validate(tmp_path: Path, sop_class: str) -> None:
     result = fake_result(make_source())
-    sr = report.build_sr([result], make_model(demo=True), sop_class=sop_class)
+    sr = build_sr([result], make_model(demo=True), sop_class=sop_class)
     expected = report.SR_SOP_CLASSES.get(sop_class, sop_class)
     assert sr.SOPClassUID == expected
     path = report.save_dataset(sr, tmp_path)
@@ -375,9 +384,9 @@ def test_sparse_source(tmp_path: Path) -> None:
     result = fake_result(ds)
     del ds.PixelData  # the worker hands over headers without pixels
     model = make_model(demo=False)
-    sr_path = report.save_dataset(report.build_sr([result], model), tmp_path)
+    sr_path = report.save_dataset(build_sr([result], model), tmp_path)
     sc_path = report.save_dataset(
-        report.build_heatmap_sc(result, model, series_instance_uid=generate_uid()), tmp_path
+        heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid()), tmp_path
     )
     for path in (sr_path, sc_path):
         warnings_ = dciodvfy(path)
@@ -391,9 +400,9 @@ def test_sparse_source(tmp_path: Path) -> None:
 def test_predecessor_is_referenced(tmp_path: Path) -> None:
     model = make_model(demo=False)
     result = fake_result(make_source())
-    first_path = report.save_dataset(report.build_sr([result], model), tmp_path)
+    first_path = report.save_dataset(build_sr([result], model), tmp_path)
     first = pydicom.dcmread(first_path)
-    second = report.build_sr(
+    second = build_sr(
         [result], model, predecessor=first, series_instance_uid=first.SeriesInstanceUID,
         instance_number=2,
     )
@@ -412,8 +421,8 @@ def test_predecessor_is_referenced(tmp_path: Path) -> None:
 
     other = fake_result(make_source())
     with pytest.raises(ValueError, match="predecessor"):
-        report.build_sr([other], model, predecessor=first)
-    assert "PredecessorDocumentsSequence" not in report.build_sr([result], model)
+        build_sr([other], model, predecessor=first)
+    assert "PredecessorDocumentsSequence" not in build_sr([result], model)
 
 
 def test_build_sr_rejects_bad_input() -> None:
@@ -421,23 +430,23 @@ def test_build_sr_rejects_bad_input() -> None:
     a = fake_result(make_source())
     b = fake_result(make_source())
     with pytest.raises(ValueError, match="StudyInstanceUID"):
-        report.build_sr([a, b], model)
+        build_sr([a, b], model)
     with pytest.raises(ValueError, match="twice"):
-        report.build_sr([a, a], model)
+        build_sr([a, a], model)
     with pytest.raises(ValueError, match="at least one"):
-        report.build_sr([], model)
+        build_sr([], model)
     with pytest.raises(ValueError, match="sop_class"):
-        report.build_sr([a], model, sop_class="basic")
+        build_sr([a], model, sop_class="basic")
     with pytest.raises(InvalidUID):
-        report.build_sr([a], model, series_instance_uid="1.2.03")
+        build_sr([a], model, series_instance_uid="1.2.03")
     with pytest.raises(ValueError, match="probs"):
-        report.ImageResult(a.dataset, a.display, np.array([0.5, 0.5], np.float32), a.cam)
+        heatmap.ImageResult(a.dataset, a.display, np.array([0.5, 0.5], np.float32), a.cam)
 
 
 def test_pixelmed_sr_validator(tmp_path: Path) -> None:
     # scripts/test installs libpixelmed-java; a missing validator is a failure, not a skip.
     assert PIXELMED.exists(), f"{PIXELMED} missing: apt-get install libpixelmed-java"
-    path = report.save_dataset(report.build_sr([fake_result(make_source())],
+    path = report.save_dataset(build_sr([fake_result(make_source())],
                                                make_model(demo=False)), tmp_path)
     proc = subprocess.run(
         [tool("java"), "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0",
@@ -457,75 +466,12 @@ def test_pixelmed_sr_validator(tmp_path: Path) -> None:
     assert errors == [], proc.stdout + proc.stderr
 
 
-# --------------------------------------------------------------------------- SC
-
-
-@pytest.mark.parametrize("demo", [False, True])
-@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
-def test_heatmap_sc(tmp_path: Path, demo: bool, photometric: str) -> None:
-    model = make_model(demo=demo)
-    sop_class = CR if photometric == "MONOCHROME2" else DX_PRESENTATION
-    ds = make_source(1300, 1100, sop_class=sop_class, photometric=photometric)
-    peak = (5, 1)
-    result = fake_result(ds, peak=peak)
-    rows, cols = result.display.shape
-    assert max(rows, cols) <= report.DISPLAY_MAX_SIDE
-
-    sr = report.build_sr([result], model)
-    sc = report.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
-    path = report.save_dataset(sc, tmp_path)
-    assert dciodvfy(path) == []
-
-    back = pydicom.dcmread(path)
-    assert back.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-    assert back.StudyInstanceUID == ds.StudyInstanceUID
-    assert back.SeriesInstanceUID not in (ds.SeriesInstanceUID, sr.SeriesInstanceUID)
-    assert back.PatientID == ds.PatientID and back.PatientName == ds.PatientName
-    assert back.PhotometricInterpretation == "RGB" and back.SamplesPerPixel == 3
-    assert back.BitsAllocated == 8
-    assert list(back.ImageType) == ["DERIVED", "SECONDARY"]
-    assert back.BodyPartExamined == "CHEST"
-    assert back.DerivationDescription
-    (source,) = back.SourceImageSequence
-    assert source.ReferencedSOPInstanceUID == ds.SOPInstanceUID
-    assert source.ReferencedSOPClassUID == ds.SOPClassUID
-    assert "not for diagnostic use" in back.SeriesDescription
-    assert ("DEMO" in back.SeriesDescription) is demo
-
-    pixels = back.pixel_array
-    assert pixels.shape[1] == cols and pixels.shape[0] > rows  # legend band below
-    image = pixels[:rows].astype(np.int32)
-    redness = image[..., 0] - image[..., 1] - image[..., 2]
-    hot_r, hot_c = np.unravel_index(int(np.argmax(redness)), redness.shape)
-    cell_h, cell_w = rows / 7, cols / 7  # the hot cell at its receptive field's centre
-    assert abs(hot_r - (peak[0] + 0.5 + CAM_CELL_SHIFT) * cell_h) <= cell_h / 4
-    assert abs(hot_c - (peak[1] + 0.5 + CAM_CELL_SHIFT) * cell_w) <= cell_w / 4
-    # Away from the hot spot the radiograph stays grey; the legend band is grey text.
-    assert redness[5, cols - 5] <= 0
-    band = pixels[rows:]
-    assert np.all(band[..., 0] == band[..., 1]) and band.max() == 255
-
-
-def test_heatmap_sc_downscales_an_oversized_display() -> None:
-    ds = make_source(2500, 2048)
-    result = fake_result(ds)
-    big = report.ImageResult(ds, dataset_to_gray8(ds), result.probs, result.cam)
-    sc = report.build_heatmap_sc(big, make_model(demo=True), series_instance_uid=generate_uid())
-    assert sc.Columns <= report.DISPLAY_MAX_SIDE
-    assert sc.Rows - sc.Columns * 2500 / 2048 < 200  # display plus the legend band
-
-
 # --------------------------------------------------------------------------- geometry
 
 
 def test_hottest_region_maps_to_full_size_non_square() -> None:
-    ds = make_source(600, 500)
-    display = np.zeros((600, 500), dtype=np.uint8)
-    probs = np.array([0.5, 0.3, 0.2], dtype=np.float32)
-
     def box(cam: np.ndarray) -> tuple[float, float, float, float]:
-        return report.hottest_region(report.ImageResult(ds, display, probs, cam), 0)
+        return findings.hottest_region(cam, 0, 600, 500)
 
     # One hot cell: the half-maximum contour of the bilinear surface is that cell, moved to
     # its receptive field's centre (CAM_CELL_SHIFT of a cell right and down).
@@ -567,7 +513,7 @@ def test_hottest_region_maps_to_full_size_non_square() -> None:
 
 def test_upsample_cam_places_cells_at_their_receptive_field_centres() -> None:
     cam = np.arange(4, dtype=np.float32).reshape(2, 2)
-    up = report.upsample_cam(cam, 4, 4)
+    up = findings.upsample_cam(cam, 4, 4)
     assert up.shape == (4, 4)
     # output pixel o samples the CAM at (o + 0.5) * 2 / 4 - 0.5 - CAM_CELL_SHIFT, clamped
     pos = np.clip((np.arange(4) + 0.5) * 0.5 - 0.5 - CAM_CELL_SHIFT, 0.0, 1.0)
@@ -639,15 +585,15 @@ def test_large_source_is_fast(tmp_path: Path) -> None:
     """
     model = make_model(demo=False)
     result = fake_result(make_source(2500, 2048))
-    report.build_sr([result], model)
-    report.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
+    build_sr([result], model)
+    heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
 
     start = time.perf_counter()
-    report.save_dataset(report.build_sr([result], model), tmp_path)
+    report.save_dataset(build_sr([result], model), tmp_path)
     sr_s = time.perf_counter() - start
     start = time.perf_counter()
     report.save_dataset(
-        report.build_heatmap_sc(result, model, series_instance_uid=generate_uid()), tmp_path
+        heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid()), tmp_path
     )
     sc_s = time.perf_counter() - start
     assert sr_s < 1.0 and sc_s < 1.0, (sr_s, sc_s)

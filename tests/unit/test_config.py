@@ -20,7 +20,10 @@ from cxrd.config import (
     describe,
     load_config,
     parse_listen,
+    usable_cpus,
     validate,
+    worker_processes,
+    worker_threads,
 )
 from cxrd.errors import ConfigError, CxrdError
 
@@ -66,7 +69,8 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.model.uses_embedded_model
     assert config.model.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert config.model.intra_op_threads == 0
-    assert config.workers.processes == 1
+    assert config.workers.processes is None  # "auto"
+    assert worker_processes(config) == max(1, usable_cpus())
     assert config.workers.batch_size == 8
     assert config.workers.lease_seconds == 300
     assert config.workers.max_attempts == 3
@@ -492,3 +496,27 @@ def test_parametric_map_is_refused_with_the_reason() -> None:
         validate({"results": {"parametric_map": True}})
     assert any("results.parametric_map" in p and "frame of reference" in p
                for p in err.value.problems)
+
+
+def test_workers_processes_auto_and_integer(tmp_path: Path) -> None:
+    auto = load_config(write(tmp_path / "a.toml", '[workers]\nprocesses = "auto"\n'), env={})
+    assert auto.workers.processes is None
+    assert worker_processes(auto) == max(1, usable_cpus())
+    assert worker_threads(auto) == max(1, usable_cpus() // worker_processes(auto))
+    extra = load_config(write(tmp_path / "b.toml",
+                              '[node]\nreceivers = 2\n[workers]\nprocesses = "auto"\n'), env={})
+    assert worker_processes(extra) == max(1, usable_cpus() - 1)
+    fixed = load_config(write(tmp_path / "c.toml",
+                              "[workers]\nprocesses = 3\n[model]\nintra_op_threads = 2\n"),
+                        env={})
+    assert (worker_processes(fixed), worker_threads(fixed)) == (3, 2)
+    with pytest.raises(ConfigError, match="workers.processes"):
+        load_config(write(tmp_path / "d.toml", '[workers]\nprocesses = "all"\n'), env={})
+
+
+def test_require_cuda_needs_the_cuda_provider(tmp_path: Path) -> None:
+    ok = load_config(write(tmp_path / "a.toml", "[model]\nrequire_cuda = true\n"), env={})
+    assert ok.model.require_cuda
+    with pytest.raises(ConfigError, match="model.require_cuda"):
+        load_config(write(tmp_path / "b.toml", '[model]\nrequire_cuda = true\n'
+                          'providers = ["CPUExecutionProvider"]\n'), env={})
