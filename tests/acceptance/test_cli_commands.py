@@ -141,3 +141,36 @@ def test_check_config_accepts_a_good_config(tmp_path):
     assert done.returncode == 0, done.stderr
     described = json.loads(done.stdout)
     assert described["study"]["stable_seconds"] == 1
+
+
+def test_serve_requiring_cuda_exits_before_listening_on_a_cpu_machine(tmp_path):
+    """[model] require_cuda on a machine where onnxruntime has no CUDA: `cxrd serve` exits
+    non-zero with one line that says why, and never starts its receiver."""
+    import socket
+
+    dirs = write_config(tmp_path, processes=1)
+    text = dirs.config.read_text().replace(
+        'providers = ["CPUExecutionProvider"]',
+        'providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]\nrequire_cuda = true')
+    dirs.config.write_text(text)
+    port = int(text.split("port = ", 1)[1].split()[0])
+    done = run_cli("serve", "--config", str(dirs.config), cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("cxrd:")]
+    assert len(lines) == 1, done.stderr
+    assert "require_cuda" in lines[0] and "CPUExecutionProvider" in lines[0], lines[0]
+    assert "action=receive-start" not in done.stderr + done.stdout
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there
+
+
+def test_the_worker_refuses_a_session_without_cuda_when_required():
+    from cxrd.errors import ModelError
+    from cxrd.infer import Classifier
+
+    with pytest.raises(ModelError, match="require_cuda"):
+        Classifier(None, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                   require_cuda=True)
+    # the same session without the requirement falls back to the CPU and says so
+    assert Classifier(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]).providers == [
+        "CPUExecutionProvider"]
