@@ -40,6 +40,8 @@ from cxrd.worker import spawn_context, worker_id_prefix, worker_main
 log = logging.getLogger(__name__)
 
 SCHEDULER_INTERVAL_SECONDS = 0.5
+#: How often the scheduler looks for admitted studies that lack a report job.
+REPORT_SWEEP_SECONDS = 30.0
 STATUS_SECONDS = 5.0
 DRAIN_SECONDS = 60.0
 QUICK_DEATH_SECONDS = 30.0
@@ -72,6 +74,7 @@ class Node:
         self.worker_count = worker_processes(config)
         self.scheduler_cpu_s = 0.0
         self.scheduler_ticks = 0
+        self._next_sweep = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -159,7 +162,9 @@ class Node:
     def _tick(self) -> None:
         cfg = self.config
         admit_stable_studies(self.db, cfg.study.stable_seconds)
-        queue.ensure_report_jobs(self.db)
+        if time.monotonic() >= self._next_sweep:  # a safety net: rarely, not every round
+            self._next_sweep = time.monotonic() + REPORT_SWEEP_SECONDS
+            queue.ensure_report_jobs(self.db)
 
     def run(self) -> int:
         self.prepare()
