@@ -1,6 +1,7 @@
 """Admission: when a study has been quiet for ``stable_seconds``, decide per instance whether
-it is a frontal chest radiograph, queue a job for each one that is, and record a reason
-for each one that is not."""
+it is a frontal chest radiograph (``skip_reason``). ``cxrd.queue`` then queues a job for
+each one that is and records the reason for each one that is not: the decisions live here,
+the state changes there."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import Select, or_, select
 from cxrd.db import Database, Instance, Job, Study, utcnow
 from cxrd.dicom import CR, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
 from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
-from cxrd.queue import study_progress
+from cxrd.queue import admit_study, requeue
 
 log = logging.getLogger(__name__)
 
@@ -73,34 +74,8 @@ def admit_stable_studies(db: Database, stable_seconds: float,
             instances = s.scalars(select(Instance).where(
                 Instance.study_instance_uid == study.study_instance_uid,
                 Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)).all()
-            queued = skipped = 0
-            for inst in instances:
-                reason = skip_reason(inst)
-                if reason is None:
-                    inst.state = InstanceState.QUEUED.value
-                    s.add(Job(instance_id=inst.id, study_instance_uid=study.study_instance_uid,
-                              generation=study.generation, state=JobState.PENDING.value,
-                              not_before=now, created_at=now))
-                    queued += 1
-                else:
-                    inst.state = InstanceState.SKIPPED.value
-                    inst.reason = reason.value
-                    skipped += 1
-                    log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
-                             inst.sop_instance_uid, study.study_instance_uid, reason.value)
-            study.stable_at = now
-            has_jobs = s.scalars(select(Job.id).where(
-                Job.study_instance_uid == study.study_instance_uid).limit(1)).first()
-            if queued or has_jobs is not None:
-                # Also when only skipped instances arrived late: earlier jobs may still be
-                # running, or done without an SR yet. The report job decides (it keeps
-                # the current SR when nothing new was classified).
-                study.state = StudyState.ADMITTED.value
-                if not queued:
-                    s.flush()
-                    study_progress(s, study.study_instance_uid, now)
-            else:
-                study.state = StudyState.NOTHING_TO_DO.value
+            decisions = [(inst, skip_reason(inst)) for inst in instances]
+            queued, skipped = admit_study(s, study, decisions, now)
             log.info("action=admitted study_instance_uid=%s queued=%d skipped=%d",
                      study.study_instance_uid, queued, skipped)
             admitted += 1
@@ -146,23 +121,8 @@ def requeue_study(db: Database, study_uid: str) -> int:
             return 0
         instances = s.scalars(select(Instance).where(
             Instance.study_instance_uid == study_uid).order_by(Instance.id)).all()
-        classify = []
-        for inst in instances:
-            reason = skip_reason(inst)
-            if reason is None:
-                classify.append(inst)
-            else:
-                inst.state, inst.reason = InstanceState.SKIPPED.value, reason.value
-        if classify:
-            study.generation += 1
-            for inst in classify:
-                inst.state, inst.reason, inst.detail = InstanceState.QUEUED.value, None, None
-                s.add(Job(instance_id=inst.id, study_instance_uid=study_uid,
-                          generation=study.generation, state=JobState.PENDING.value,
-                          not_before=now, created_at=now))
-            study.state = StudyState.ADMITTED.value
-            study.stable_at = now
+        classify = requeue(s, study, [(inst, skip_reason(inst)) for inst in instances], now)
         generation = study.generation
     log.info("action=reprocess study_instance_uid=%s generation=%d queued=%d",
-             study_uid, generation, len(classify))
-    return len(classify)
+             study_uid, generation, classify)
+    return classify

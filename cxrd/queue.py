@@ -151,6 +151,65 @@ def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
         report.finished_at = None
 
 
+def admit_study(s: Session, study: Study,
+                decisions: Sequence[tuple[Instance, SkipReason | None]],
+                now: dt.datetime) -> tuple[int, int]:
+    """Admission's outcome for a stable study (``cxrd.admit`` decides): a classify job for
+    each instance without a skip reason, the reason recorded for the others, and the
+    study's state. Returns (queued, skipped)."""
+    queued = skipped = 0
+    for inst, reason in decisions:
+        if reason is None:
+            inst.state = InstanceState.QUEUED.value
+            s.add(Job(instance_id=inst.id, study_instance_uid=study.study_instance_uid,
+                      generation=study.generation, state=JobState.PENDING.value,
+                      not_before=now, created_at=now))
+            queued += 1
+        else:
+            inst.state = InstanceState.SKIPPED.value
+            inst.reason = reason.value
+            skipped += 1
+            log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
+                     inst.sop_instance_uid, study.study_instance_uid, reason.value)
+    study.stable_at = now
+    has_jobs = s.scalars(select(Job.id).where(
+        Job.study_instance_uid == study.study_instance_uid).limit(1)).first()
+    if queued or has_jobs is not None:
+        # Also when only skipped instances arrived late: earlier jobs may still be
+        # running, or done without an SR yet. The report job decides (it keeps the
+        # current SR when nothing new was classified).
+        study.state = StudyState.ADMITTED.value
+        if not queued:
+            s.flush()
+            study_progress(s, study.study_instance_uid, now)
+    else:
+        study.state = StudyState.NOTHING_TO_DO.value
+    return queued, skipped
+
+
+def requeue(s: Session, study: Study,
+            decisions: Sequence[tuple[Instance, SkipReason | None]], now: dt.datetime) -> int:
+    """A reprocess of an idle study: a new generation with a classify job for each
+    instance without a skip reason (the reasons recorded for the others); returns how many
+    were queued. Nothing changes when none is classifiable."""
+    classify = []
+    for inst, reason in decisions:
+        if reason is None:
+            classify.append(inst)
+        else:
+            inst.state, inst.reason = InstanceState.SKIPPED.value, reason.value
+    if classify:
+        study.generation += 1
+        for inst in classify:
+            inst.state, inst.reason, inst.detail = InstanceState.QUEUED.value, None, None
+            s.add(Job(instance_id=inst.id, study_instance_uid=study.study_instance_uid,
+                      generation=study.generation, state=JobState.PENDING.value,
+                      not_before=now, created_at=now))
+        study.state = StudyState.ADMITTED.value
+        study.stable_at = now
+    return len(classify)
+
+
 def ensure_report_jobs(db: Database) -> int:
     """The scheduler's safety net: admitted studies with no open job and no report job of
     their generation get one (a database upgraded from schema 1 with studies in flight).
