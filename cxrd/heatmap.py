@@ -1,27 +1,58 @@
 """The heatmap Secondary Capture: one per classified image, in the source study.
 
-The radiograph, downscaled for display, with the class activation map (CAM) of the class
-shown blended in colour and a legend burned in below: "AI heatmap, not for diagnostic use",
-the model's name and version, and the class shown. See ``docs/dicom-output.md`` §2 for
-the object's header.
+What it shows. The radiograph, downscaled so that its long side is at most ``max_side``
+(``[results] heatmap_max_side``, 1024 by default; never enlarged), with a legend band burned
+in below it: "AI heatmap, not for diagnostic use", the model's name and version (with DEMO
+for a demo model), the class shown with its probability, and the TB threshold with P(TB).
+The class shown is the reported class, ``cxrd.findings.decide_class`` at the model's TB
+operating point, the same decision as the SR's.
+
+The colour rule, one rule for every SC (each SC states it in its Derivation Description):
+
+* NORM: no colour at all. The image part is the plain grey radiograph (R == G == B).
+* TB and NTB: the shown class's CAM is upsampled bilinearly onto the display, each cell at
+  its receptive field's centre (``cxrd.findings.upsample_cam``); ``lo`` and ``hi`` are its
+  minimum and maximum there. A pixel below half-way, ``(lo + hi) / 2``, keeps the plain
+  radiograph. From half-way up the pixel is blended with the jet colour of
+  ``(c - lo) / (hi - lo)`` (green-yellow at half-way, pure red at the maximum) at an opacity
+  rising linearly from 0 at half-way to 0.6 at the maximum. Half-way is the level at which
+  ``cxrd.findings.hottest_region`` thresholds the same map, so the SR's region is the box
+  of the coloured blob that holds the maximum. A flat CAM (``hi == lo``) shows no colour.
+
+Size. ``compression="none"`` stores 8-bit RGB in Explicit VR Little Endian, 3 bytes a pixel
+(2.6 MB at 1024 x 839 plus the legend); ``"jpeg-baseline"`` stores JPEG Baseline
+(1.2.840.10008.1.2.4.50), quality 90 with 4:2:2 chroma (Photometric Interpretation
+YBR_FULL_422), about 20 to 30 times smaller, marked lossy (Lossy Image Compression "01",
+its ratio, method ISO_10918_1).
+
+The header follows ``/work/shared/dicom-output.md`` section 2: the patient and study of the
+source, its own series (Modality OT), ImageType DERIVED\\SECONDARY, a Source Image Sequence
+pointing at the radiograph, Body Part Examined (CHEST when the source has none). It is
+built with pydicom directly: highdicom's ``SCImage.from_ref_dataset`` made the same
+attributes but took longer than rendering the pixels (it looks up its IOD tables on every
+call).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.valuerep import DA, DT, TM
 
-from cxrd.findings import CLASS_LABELS, TB, decide_class, upsample_cam
-from cxrd.headers import header_view
+from cxrd import __version__
+from cxrd.findings import CLASS_LABELS, NORM, TB, decide_class, upsample_cam
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
 from cxrd.report import _described, _new_uid, _software_versions
 from cxrd.uids import validate_uid
@@ -32,11 +63,29 @@ U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
 
 SC_SERIES_DESCRIPTION = "AI heatmap, not for diagnostic use"
-#: The long side of the heatmap Secondary Capture; larger displays are downscaled first.
+#: The default long side of the radiograph in the SC (``[results] heatmap_max_side``).
 DISPLAY_MAX_SIDE = 1024
+#: ``[results] heatmap_compression`` values (``cxrd.config.HeatmapCompression``): how the
+#: SC's pixels are stored.
+COMPRESSIONS = ("none", "jpeg-baseline")
+#: Pillow's JPEG quality for "jpeg-baseline".
+JPEG_QUALITY = 90
+SC_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture Image Storage
 _SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
+_ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
+_PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 _HEATMAP_MAX_ALPHA = 0.6
 _LEGEND_LINE_HEIGHT = 13  # the default bitmap font is 11 px high
+_PATIENT_SEXES = ("M", "F", "O")
+_DATE_TIME_VRS: dict[str, type] = {"DA": DA, "DT": DT, "TM": TM}
+#: Copied from the source (Patient and General Study modules, Type 2: empty when missing).
+_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                  "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                  "AccessionNumber")
+#: The source's equipment, named in the Contributing Equipment Sequence when present.
+_SOURCE_EQUIPMENT = ("ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber",
+                     "InstitutionName", "InstitutionalDepartmentName", "InstitutionAddress",
+                     "StationName")
 
 
 def _jet_lut() -> U8:
@@ -54,12 +103,17 @@ def _jet_lut() -> U8:
 _LUT = _jet_lut()
 
 
-def _blend_table() -> U8:
-    """RGB for every (activation index, grey) pair, flattened to (256 * 256, 3).
+def _opacity() -> npt.NDArray[np.float64]:
+    """Opacity of each activation index i = (c - lo) / (hi - lo) * 255: 0 below half-way
+    (i <= 127), then rising linearly to _HEATMAP_MAX_ALPHA at the maximum (i = 255)."""
+    i = np.arange(256, dtype=np.float64)
+    return np.clip((i - 127.5) / 127.5, 0.0, 1.0) * _HEATMAP_MAX_ALPHA
 
-    Opacity grows with activation: cold areas keep the radiograph, hot ones turn red.
-    """
-    alpha = np.arange(256, dtype=np.float64) / 255.0 * _HEATMAP_MAX_ALPHA
+
+def _blend_table() -> U8:
+    """RGB for every (activation index, grey) pair, flattened to (256 * 256, 3): the grey
+    itself below half-way, the jet colour blended in at the opacity of ``_opacity`` above."""
+    alpha = _opacity()
     gray = np.arange(256, dtype=np.float64)
     out = (
         gray[None, :, None] * (1.0 - alpha)[:, None, None]
@@ -77,8 +131,9 @@ class ImageResult:
 
     ``dataset`` is the source header (Pixel Data may be absent); its Rows and Columns are
     the full-size geometry. ``display`` is the source as 8-bit grey after the modality/VOI
-    LUTs and MONOCHROME1 inversion, already downscaled to at most DISPLAY_MAX_SIDE on the
-    long side with the aspect ratio kept. ``probs`` are P(TB), P(NTB), P(NORM).
+    LUTs and MONOCHROME1 inversion, with the aspect ratio kept, at any size: the decoded
+    image (``cxrd.worker.prepare`` passes the full image, or a reduced JPEG 2000 decode),
+    which the SC downscales to its ``max_side``. ``probs`` are P(TB), P(NTB), P(NORM).
     ``cam`` is (h, w, 3) class-activation logits (centred over the classes, see
     ``training.model.build_export_model``) over the model input, which is the
     image stretched to a square.
@@ -109,19 +164,39 @@ class ImageResult:
             raise ValueError("ImageResult.dataset needs Rows and Columns (the full-size geometry).")
 
 
+# --------------------------------------------------------------------------- pixels
+
+
+def display_size(rows: int, cols: int, max_side: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
+    """(rows, cols) of an image shrunk so its long side is ``max_side``, aspect kept; the
+    image's own size when it is no larger."""
+    long_side = max(rows, cols)
+    if long_side <= max_side:
+        return rows, cols
+    scale = max_side / long_side
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+
+def _downscale(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` ('L') at :func:`display_size`: a box average by the whole factor
+    (``Image.reduce``, the cheap part), then a box filter for the remaining factor below 2.
+    Area averaging throughout, so no aliasing; about 4 ms for 2500x2048 to 1024x839, where
+    an antialiased bilinear resize from full size takes 25 ms."""
+    cols, rows = img.size
+    out_rows, out_cols = display_size(rows, cols, max_side)
+    if (out_rows, out_cols) == (rows, cols):
+        return img
+    factor = min(rows // out_rows, cols // out_cols)
+    if factor >= 2:
+        img = img.reduce(factor)
+    if img.size != (out_cols, out_rows):
+        img = img.resize((out_cols, out_rows), Image.Resampling.BOX)
+    return img
+
 
 def downscale_for_display(gray: U8, max_side: int = DISPLAY_MAX_SIDE) -> U8:
     """Shrink an 8-bit image so its long side is at most ``max_side`` (aspect kept)."""
-    rows, cols = gray.shape
-    scale = max_side / max(rows, cols)
-    if scale >= 1.0:
-        return gray
-    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-    # reducing_gap=1: Pillow first box-averages by the whole factor (2 for a 2500-row
-    # radiograph), then resamples the rest. Half the time of a full antialiased resize
-    # (about 12 ms instead of 22 ms), within a few grey levels of it; the model input
-    # does not come from here, so training and serving are unaffected.
-    img = Image.fromarray(gray).resize(size, Image.Resampling.BILINEAR, reducing_gap=1.0)
+    img = _downscale(Image.fromarray(gray), max_side)
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -130,50 +205,180 @@ def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
-def _legend_band(lines: Sequence[str], width: int) -> U8:
-    """White text on black, the default bitmap font scaled up by a whole factor."""
-    font = ImageFont.load_default_imagefont()
+@functools.cache
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default_imagefont()
+
+
+def _legend_band(lines: Sequence[str], width: int) -> Image.Image:
+    """White text on black ('L'), ``width`` wide: the default bitmap font scaled up by a
+    whole factor (1 to 4) that fits, or shrunk to fit a narrow image."""
+    font = _font()
     text_width = max(int(font.getbbox(line)[2]) for line in lines)
-    scale = max(1, min(4, (width - 8) // max(text_width, 1)))
-    band_w = -(-width // scale)
     band_h = len(lines) * _LEGEND_LINE_HEIGHT + 4
+    fits = text_width + 8 <= width
+    scale = max(1, min(4, (width - 8) // max(text_width, 1))) if fits else 1
+    band_w = -(-width // scale) if fits else text_width + 8
     img = Image.new("L", (band_w, band_h), 0)
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(lines):
         draw.text((3, 2 + i * _LEGEND_LINE_HEIGHT), line, fill=255, font=font)
+    if not fits:
+        return img.resize((width, max(1, round(band_h * width / band_w))),
+                          Image.Resampling.BOX)
     big = img.resize((band_w * scale, band_h * scale), Image.Resampling.NEAREST)
-    return np.asarray(big, dtype=np.uint8)[:, :width]
+    return big.crop((0, 0, width, big.height))
 
 
-def render_heatmap(result: ImageResult, model: ModelInfo) -> U8:
-    """The SC pixels: (H + legend, W, 3) uint8, display blended with the shown class's CAM."""
-    display = downscale_for_display(result.display)
-    rows, cols = display.shape
-    k = decide_class(result.probs, model.operating_point.tb_threshold)
-    up = upsample_cam(result.cam[..., k], rows, cols)
+def _colour(cam2d: F32, display: Image.Image) -> tuple[tuple[int, int], U8] | None:
+    """The coloured part of the overlay (see the module docstring): the top-left corner
+    (column, row) and RGB pixels of the smallest rectangle holding every pixel at or above
+    half-way, or None when the CAM is flat. Pixels of the rectangle below half-way come out
+    grey (opacity 0), so only the rectangle needs blending."""
+    cols, rows = display.size
+    up = upsample_cam(cam2d, rows, cols)
     lo, hi = float(up.min()), float(up.max())
-    scale = np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
-    up -= np.float32(lo)
-    up *= scale
-    up += np.float32(0.5)
-    idx = up.astype(np.uint16)
+    if not hi > lo:
+        return None
+    half = lo + 0.5 * (hi - lo)
+    rows_hit = np.flatnonzero(up.max(axis=1) >= half)
+    r0, r1 = int(rows_hit[0]), int(rows_hit[-1]) + 1
+    cols_hit = np.flatnonzero(up[r0:r1].max(axis=0) >= half)
+    c0, c1 = int(cols_hit[0]), int(cols_hit[-1]) + 1
+    # Activation index (c - lo) / (hi - lo) * 255, rounded: below half-way it is at most
+    # 127, whose opacity is 0.
+    idx = up[r0:r1, c0:c1]
+    idx -= np.float32(lo)
+    idx *= np.float32(255.0 / (hi - lo))
+    idx += np.float32(0.5)
+    table_idx = idx.astype(np.uint16)
     # One gather from the (activation, grey) -> RGB table does the colour map and blend.
-    idx <<= 8
-    idx |= display
-    blended = np.take(_BLEND, idx, axis=0)
+    table_idx <<= 8
+    table_idx |= np.asarray(display.crop((c0, r0, c1, r1)), dtype=np.uint8)
+    return (c0, r0), np.take(_BLEND, table_idx, axis=0)
 
-    lines = [
-        SC_SERIES_DESCRIPTION,
-        _ascii(model.display_name),
-        f"Class shown: {CLASS_NAMES[k]} ({CLASS_LABELS[k]}), P={float(result.probs[k]):.3f}",
-        f"TB threshold {model.operating_point.tb_threshold:g}, "
-        f"P(TB)={float(result.probs[TB]):.3f}",
-    ]
-    band = _legend_band(lines, cols)
-    out = np.empty((rows + band.shape[0], cols, 3), dtype=np.uint8)
-    out[:rows] = blended
-    out[rows:] = band[..., None]
+
+def _legend_lines(result: ImageResult, model: ModelInfo, k: int) -> list[str]:
+    threshold = model.operating_point.tb_threshold
+    p_k = float(result.probs[k])
+    lines = [SC_SERIES_DESCRIPTION, _ascii(model.display_name)]
+    if k == NORM:
+        lines.append(f"Result: {CLASS_NAMES[k]} ({CLASS_LABELS[k]}), P={p_k:.3f}")
+    else:
+        lines.append(f"Class shown: {CLASS_NAMES[k]} ({CLASS_LABELS[k]}), P={p_k:.3f}")
+    lines.append(f"TB threshold {threshold:g}, P(TB)={float(result.probs[TB]):.3f}")
+    lines.append("No colour overlay for a normal result" if k == NORM
+                 else f"Colour: {CLASS_NAMES[k]} map above half-way, red = max")
+    return lines
+
+
+def _render(result: ImageResult, model: ModelInfo, max_side: int) -> Image.Image:
+    """The SC's pixels as an RGB image: the display with the overlay, the legend below."""
+    k = decide_class(result.probs, model.operating_point.tb_threshold)
+    display = _downscale(Image.fromarray(result.display), max_side)
+    cols, rows = display.size
+    band = _legend_band(_legend_lines(result, model, k), cols)
+    gray = Image.new("L", (cols, rows + band.height))
+    gray.paste(display, (0, 0))
+    gray.paste(band, (0, rows))
+    out = Image.merge("RGB", (gray, gray, gray))
+    if k != NORM:
+        coloured = _colour(result.cam[..., k], display)
+        if coloured is not None:
+            corner, pixels = coloured
+            out.paste(Image.fromarray(pixels, "RGB"), corner)
     return out
+
+
+def render_heatmap(result: ImageResult, model: ModelInfo,
+                   max_side: int = DISPLAY_MAX_SIDE) -> U8:
+    """The SC pixels: (H + legend, W, 3) uint8, the display with the shown class's
+    overlay (none for NORM) and the legend band below; see the module docstring."""
+    return np.asarray(_render(result, model, max_side), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- header
+
+
+def _code_item(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def _source_value(src: Dataset, keyword: str) -> object:
+    """The source's value, or None (empty) when it is missing or is a malformed date or
+    time: highdicom's writers and validators refuse "1901-12-31", seen in the wild."""
+    if keyword not in src:
+        return None
+    elem = src[keyword]
+    if elem.value in (None, ""):
+        return None
+    parse = _DATE_TIME_VRS.get(elem.VR)
+    if parse is not None:
+        values = elem.value if elem.VM > 1 else [elem.value]
+        try:
+            for v in values:
+                parse(v)
+        except (TypeError, ValueError):
+            return None
+    return elem.value
+
+
+def _long_string(text: str, what: str) -> str:
+    if len(text) > 64 or "\\" in text:
+        raise ValueError(f"{what} {text!r} does not fit a DICOM LO value "
+                         "(at most 64 characters, no backslash).")
+    return text
+
+
+def _equipment(src: Dataset, model: ModelInfo, now: datetime.datetime) -> list[Dataset]:
+    """Contributing Equipment: the source's acquisition equipment (when it names its
+    Manufacturer) and cxrd, the processing equipment that made this object."""
+    items = []
+    manufacturer = _source_value(src, "Manufacturer")
+    if manufacturer:
+        acquisition = Dataset()
+        acquisition.Manufacturer = manufacturer
+        for keyword in _SOURCE_EQUIPMENT:
+            value = _source_value(src, keyword)
+            if value:
+                setattr(acquisition, keyword, value)
+        when = _source_value(src, "AcquisitionDateTime")
+        if when:
+            acquisition.ContributionDateTime = when
+        acquisition.ContributionDescription = "Acquisition equipment of the source image(s)"
+        acquisition.PurposeOfReferenceCodeSequence = [_code_item(_ACQUISITION_EQUIPMENT)]
+        items.append(acquisition)
+    cxrd = Dataset()
+    cxrd.Manufacturer = model.manufacturer
+    cxrd.ManufacturerModelName = "cxrd"
+    cxrd.SoftwareVersions = __version__
+    cxrd.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
+    cxrd.ContributionDescription = "Software that created this instance"
+    cxrd.PurposeOfReferenceCodeSequence = [_code_item(_PROCESSING_EQUIPMENT)]
+    items.append(cxrd)
+    return items
+
+
+def _derivation(result: ImageResult, model: ModelInfo, k: int, cols: int,
+                compression: str) -> str:
+    shown = (f"{CLASS_NAMES[k]} ({CLASS_LABELS[k]}, P={float(result.probs[k]):.3f}) "
+             f"from {_ascii(model.display_name)}")
+    if k == NORM:
+        text = (f"Reported class {shown}: no colour overlay (shown for TB and NTB results "
+                "only); ")
+    else:
+        text = (f"Class activation map of class {shown}, bilinearly upsampled; coloured only "
+                "where it is at or above half-way between its minimum and maximum (the level "
+                "of the SR's region), jet colour, opacity rising linearly from 0 there to "
+                f"{_HEATMAP_MAX_ALPHA:g} at its maximum, the plain radiograph elsewhere; ")
+    text += f"source image downscaled to {cols} columns, legend burned in below."
+    if compression == "jpeg-baseline":
+        text += f" Lossy JPEG baseline, quality {JPEG_QUALITY}."
+    return text + " Not for diagnostic use."
 
 
 def build_heatmap_sc(
@@ -184,64 +389,95 @@ def build_heatmap_sc(
     series_number: int = 9002,
     instance_number: int = 1,
     sop_instance_uid: str | None = None,
+    max_side: int = DISPLAY_MAX_SIDE,
+    compression: str = "none",
 ) -> Dataset:
     """Build the heatmap Secondary Capture for one image, in the source study.
 
-    RGB 8-bit, Explicit VR Little Endian, ImageType DERIVED\\SECONDARY, Source Image
-    Sequence pointing at the radiograph, the legend "AI heatmap, not for diagnostic use",
-    the model name and the class shown burned in below the image.
+    RGB 8-bit (``compression="none"``, Explicit VR Little Endian) or JPEG Baseline
+    (``"jpeg-baseline"``, YBR_FULL_422), ImageType DERIVED\\SECONDARY, Source Image
+    Sequence pointing at the radiograph, the radiograph at most ``max_side`` on its long
+    side with the overlay of the module docstring, the legend burned in below. Raises
+    ValueError for an unknown ``compression``, a ``max_side``, series or instance number
+    below 1, or a model name too long for the header, and InvalidUID for a malformed UID.
     """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, "
+                         f"not {compression!r}.")
+    if max_side < 1 or series_number < 1 or instance_number < 1:
+        raise ValueError("max_side, series_number and instance_number must be at least 1, "
+                         f"not {max_side}, {series_number}, {instance_number}.")
     src = result.dataset
     series_uid = validate_uid(series_instance_uid)
     sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
-    pixels = render_heatmap(result, model)
     k = decide_class(result.probs, model.operating_point.tb_threshold)
+    image = _render(result, model, max_side)
+    cols, rows = image.size
+    now = datetime.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+
+    sc = Dataset()
+    sc.file_meta = FileMetaDataset()
+    sc.file_meta.MediaStorageSOPClassUID = SC_SOP_CLASS
+    sc.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    charset = src.get("SpecificCharacterSet")
+    if charset:
+        sc.SpecificCharacterSet = charset
+    # SOP Common
+    sc.SOPClassUID = SC_SOP_CLASS
+    sc.SOPInstanceUID = sop_uid
+    sc.InstanceCreationDate, sc.InstanceCreationTime = date, time
+    sc.SoftwareVersions = _software_versions(model)
+    sc.ContributingEquipmentSequence = _equipment(src, model, now)
+    # Patient and General Study: the source's
+    sc.StudyInstanceUID = src.StudyInstanceUID
+    for keyword in _PATIENT_STUDY:
+        setattr(sc, keyword, _source_value(src, keyword))
+    if sc.PatientSex not in _PATIENT_SEXES:
+        sc.PatientSex = None
+    # General Series: a series of its own. Without Body Part Examined, dciodvfy cannot
+    # rule out a paired organ and demands Laterality; cxrd reports on chest radiographs
+    # only, so CHEST is the fallback.
+    sc.Modality = "OT"
+    sc.SeriesInstanceUID = series_uid
+    sc.SeriesNumber = series_number
+    sc.SeriesDescription = _described(SC_SERIES_DESCRIPTION, model)
+    sc.BodyPartExamined = str(src.get("BodyPartExamined") or "CHEST")
     laterality = str(src.get("Laterality", "") or "")
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header_view(src),
-        pixel_array=pixels,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        manufacturer=model.manufacturer,
-        # highdicom insists on an orientation here; the source's own value replaces it below.
-        patient_orientation=("L", "F"),
-        laterality=laterality if laterality in ("R", "L") else None,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=_described(SC_SERIES_DESCRIPTION, model),
-        manufacturer_model_name=model.name,
-    )
-    sc.add_new("SoftwareVersions", "LO", _software_versions(model))
-    # The pixels are the source's, downscaled without flips, so its orientation holds;
-    # Type 2, so empty when the source has none.
-    sc.PatientOrientation = list(src.get("PatientOrientation") or [])
-    sc.ImageType = ["DERIVED", "SECONDARY"]
+    if laterality in ("R", "L"):
+        sc.Laterality = laterality
+    # General Equipment, SC Equipment
+    sc.Manufacturer = _long_string(model.manufacturer, "The model's manufacturer")
+    sc.ManufacturerModelName = _long_string(model.name, "The model's name")
     sc.ConversionType = "WSD"  # produced by software on a workstation
+    # General Image, SC Image. The pixels are the source's, downscaled without flips, so
+    # its Patient Orientation holds (Type 2: empty when the source has none).
+    sc.InstanceNumber = instance_number
+    sc.PatientOrientation = list(src.get("PatientOrientation") or [])
+    sc.ContentDate, sc.ContentTime = date, time
+    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = _derivation(result, model, k, cols, compression)
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = src.SOPClassUID
+    reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    reference.PurposeOfReferenceCodeSequence = [_code_item(_SOURCE_FOR_PROCESSING)]
+    sc.SourceImageSequence = [reference]
     for keyword in ("BurnedInAnnotation", "LossyImageCompression",
                     "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
         if src.get(keyword):
             setattr(sc, keyword, src[keyword].value)
-    # Without Body Part Examined, dciodvfy cannot rule out a paired organ and demands
-    # Laterality. cxrd reports on chest radiographs only, so CHEST is the fallback.
-    sc.BodyPartExamined = str(src.get("BodyPartExamined") or "CHEST")
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = src.SOPClassUID
-    reference.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    reference.PurposeOfReferenceCodeSequence = [
-        hd.sr.CodedConcept.from_code(_SOURCE_FOR_PROCESSING)
-    ]
-    sc.SourceImageSequence = [reference]
-    sc.DerivationDescription = (
-        f"Class activation map of class {CLASS_NAMES[k]} ({CLASS_LABELS[k]}, "
-        f"P={float(result.probs[k]):.3f}) from {_ascii(model.display_name)}, bilinearly "
-        f"upsampled and blended in colour onto a copy of the source image downscaled to "
-        f"{pixels.shape[1]} columns, legend burned in below. "
-        "Not for diagnostic use."
-    )
+    # Image Pixel
+    sc.SamplesPerPixel = 3
+    sc.PlanarConfiguration = 0
+    sc.Rows, sc.Columns = rows, cols
+    sc.BitsAllocated, sc.BitsStored, sc.HighBit, sc.PixelRepresentation = 8, 8, 7, 0
+    if compression == "jpeg-baseline":
+        _store_jpeg(sc, image)
+    else:
+        sc.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        sc.PhotometricInterpretation = "RGB"
+        sc.PixelData = image.tobytes()
     logger.debug(
         "built heatmap SC",
         extra={
@@ -251,3 +487,31 @@ def build_heatmap_sc(
         },
     )
     return sc
+
+
+def _store_jpeg(sc: Dataset, image: Image.Image) -> None:
+    """JPEG Baseline pixels: Pillow encodes RGB as YCbCr with 4:2:2 chroma subsampling
+    (``subsampling=1``), which DICOM calls YBR_FULL_422."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=1)
+    frame = buffer.getvalue()
+    sc.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    sc.PhotometricInterpretation = "YBR_FULL_422"
+    sc.PixelData = encapsulate([frame])
+    sc["PixelData"].VR = "OB"
+    sc["PixelData"].is_undefined_length = True
+    # Lossy Image Compression is "01" once lossy, and ratio and method list every lossy
+    # step, the source's first (PS3.3 C.7.6.1.1.5).
+    ratios = [str(r) for r in _as_list(sc.get("LossyImageCompressionRatio"))]
+    methods = [str(m) for m in _as_list(sc.get("LossyImageCompressionMethod"))]
+    sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionRatio = [*ratios, f"{image.width * image.height * 3 / len(frame):.2f}"]
+    sc.LossyImageCompressionMethod = [*methods, "ISO_10918_1"]
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        return [value]
+    return list(value)

@@ -17,6 +17,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+import cxrd
 from cxrd import heatmap, report
 from cxrd.modelinfo import ModelInfo, OperatingPoint
 from cxrd.preprocess import CAM_CELL_SHIFT, dataset_to_gray8
@@ -196,5 +197,241 @@ def test_heatmap_sc_downscales_an_oversized_display() -> None:
     result = fake_result(ds)
     big = heatmap.ImageResult(ds, dataset_to_gray8(ds), result.probs, result.cam)
     sc = heatmap.build_heatmap_sc(big, make_model(demo=True), series_instance_uid=generate_uid())
-    assert sc.Columns <= heatmap.DISPLAY_MAX_SIDE
-    assert sc.Rows - sc.Columns * 2500 / 2048 < 200  # display plus the legend band
+    assert sc.Columns == round(2048 * heatmap.DISPLAY_MAX_SIDE / 2500)
+    assert 0 < sc.Rows - heatmap.DISPLAY_MAX_SIDE < 300  # display plus the legend band
+
+
+def test_sparse_source(tmp_path: Path) -> None:
+    """A source with only its Type 1 attributes (CR Patient Orientation Type 2, empty here;
+    patient and study attributes Type 2, missing) and a malformed birth date: the SC still
+    validates, with those attributes empty; dciodvfy only notes what a DICOMDIR wants."""
+    ds = make_source()
+    for keyword in ("PatientName", "PatientSex", "ReferringPhysicianName", "AccessionNumber",
+                    "StudyTime", "StudyID", "Manufacturer", "BodyPartExamined",
+                    "SpecificCharacterSet", "ImagerPixelSpacing"):
+        delattr(ds, keyword)
+    with pytest.warns(UserWarning, match="Invalid value for VR DA"):
+        ds.PatientBirthDate = "1901-12-31"  # seen in the wild; not a DICOM DA
+    ds.PatientOrientation = ""
+    result = fake_result(ds)
+    del ds.PixelData  # the worker hands over headers without pixels
+    path = report.save_dataset(
+        heatmap.build_heatmap_sc(result, make_model(demo=False),
+                                 series_instance_uid=generate_uid()), tmp_path)
+    warnings_ = dciodvfy(path)
+    assert all("needed to build DICOMDIR" in w for w in warnings_), warnings_
+    back = pydicom.dcmread(path)
+    assert back.BodyPartExamined == "CHEST"
+    assert back.PatientOrientation in (None, "")
+    assert back.PatientBirthDate in (None, "") and back.PatientName in (None, "")
+    assert "PatientName" in back and "StudyTime" in back  # Type 2: present, empty
+    # no source Manufacturer: cxrd is the only contributing equipment
+    (equipment,) = back.ContributingEquipmentSequence
+    assert equipment.ManufacturerModelName == "cxrd"
+
+
+def test_contributing_equipment_names_the_source_and_cxrd() -> None:
+    ds = make_source()
+    sc = heatmap.build_heatmap_sc(fake_result(ds), make_model(demo=False),
+                                  series_instance_uid=generate_uid())
+    acquisition, processing = sc.ContributingEquipmentSequence
+    assert acquisition.Manufacturer == "ACME Radiography"
+    assert acquisition.InstitutionName == "General Hospital"
+    assert acquisition.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+    assert processing.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert list(sc.SoftwareVersions) == ["2024.05.1", f"cxrd {cxrd.__version__}"]
+    assert sc.Manufacturer == "cxrd" and sc.ManufacturerModelName == "cxrd-mnv2-035"
+    assert sc.Modality == "OT" and sc.ConversionType == "WSD"
+
+
+# --------------------------------------------------------------------------- the overlay
+
+
+def coloured(pixels: np.ndarray) -> np.ndarray:
+    """Where an RGB image is not grey."""
+    return (pixels[..., 0] != pixels[..., 1]) | (pixels[..., 1] != pixels[..., 2])
+
+
+@pytest.mark.parametrize("demo", [False, True])
+def test_normal_result_has_no_colour(tmp_path: Path, demo: bool) -> None:
+    """NORM: the radiograph and the legend, no overlay however hot the NORM map is."""
+    model = make_model(demo=demo)
+    ds = make_source(1300, 1100)
+    result = fake_result(ds, biases=(0.0, 0.0, 1.5))
+    assert result.probs.argmax() == 2 and result.probs[0] < TB_THRESHOLD
+    sc = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
+    path = report.save_dataset(sc, tmp_path)
+    assert dciodvfy(path) == []
+    back = pydicom.dcmread(path)
+    pixels = back.pixel_array
+    rows = heatmap.display_size(1300, 1100)[0]
+    assert not coloured(pixels[:rows]).any()
+    # the grey is the radiograph, not a blank
+    assert np.array_equal(pixels[:rows, :, 0], heatmap.downscale_for_display(result.display))
+    assert "no colour overlay" in back.DerivationDescription
+    assert "not for diagnostic use" in back.SeriesDescription
+    assert ("DEMO" in back.SeriesDescription) is demo
+
+
+@pytest.mark.parametrize(("biases", "peak"), [((1.0, 0.0, 0.0), (2, 5)),  # TB
+                                              ((-1.0, 1.0, 0.0), (5, 1))])  # NTB
+def test_tb_and_ntb_colour_only_the_hot_region(biases: tuple[float, float, float],
+                                               peak: tuple[int, int]) -> None:
+    """Colour only where the shown class's map is at or above half-way: a bounded blob,
+    inside the box the SR draws (findings.hottest_region) at the same level."""
+    from cxrd.findings import decide_class, hottest_region
+
+    model = make_model(demo=False)
+    ds = make_source(1300, 1100)
+    hot_cell = fake_result(ds, biases=biases, peak=peak)
+    # A gentle slope under the hot cell, as real maps have: well below half-way.
+    slope = np.linspace(0.0, 1.5, 7, dtype=np.float32)[None, :, None]
+    result = heatmap.ImageResult(ds, hot_cell.display, hot_cell.probs, hot_cell.cam + slope)
+    k = decide_class(result.probs, TB_THRESHOLD)
+    assert k == (0 if biases[0] > 0 else 1)
+    pixels = heatmap.render_heatmap(result, model)
+    rows, cols = heatmap.display_size(1300, 1100)
+    hot = coloured(pixels[:rows])
+    assert not coloured(pixels[rows:]).any()  # the legend is grey
+    assert 0 < hot.mean() < 0.1, hot.mean()  # some pixels coloured, most grey
+    # Inside the SR's region, scaled to the display (its grid is 1/16 of a cell).
+    x0, y0, x1, y1 = hottest_region(result.cam, k, 1300, 1100)
+    sx, sy = cols / 1100, rows / 1300
+    hit_r, hit_c = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+    tol_x, tol_y = cols / 7 / 16 + 1, rows / 7 / 16 + 1
+    assert hit_c[0] >= x0 * sx - tol_x and hit_c[-1] + 1 <= x1 * sx + tol_x
+    assert hit_r[0] >= y0 * sy - tol_y and hit_r[-1] + 1 <= y1 * sy + tol_y
+    # The peak is red and strongest; the edge of the blob is faint.
+    r, c = np.unravel_index(int(np.argmax(pixels[:rows, :, 0].astype(int)
+                                          - pixels[:rows, :, 1])), hot.shape)
+    assert hot[r, c] and pixels[r, c, 0] > pixels[r, c, 1] + 60
+
+
+def test_flat_map_shows_no_colour() -> None:
+    ds = make_source()
+    result = fake_result(ds)
+    flat = heatmap.ImageResult(ds, result.display, result.probs,
+                               np.ones_like(result.cam))
+    pixels = heatmap.render_heatmap(flat, make_model(demo=False))
+    assert not coloured(pixels).any()
+
+
+# --------------------------------------------------------------------------- size
+
+
+@pytest.mark.parametrize("max_side", [256, 700, 1024, 2048])
+def test_long_side_follows_max_side(max_side: int) -> None:
+    ds = make_source(2500, 2048)
+    result = fake_result(ds)
+    full = heatmap.ImageResult(ds, dataset_to_gray8(ds), result.probs, result.cam)
+    sc = heatmap.build_heatmap_sc(full, make_model(demo=True), max_side=max_side,
+                                  series_instance_uid=generate_uid())
+    assert sc.Columns == round(2048 * max_side / 2500)
+    assert max_side < sc.Rows < max_side + 300  # the image, then the legend band
+    pixels = sc.pixel_array
+    assert pixels[max_side - 1].any() and not coloured(pixels[max_side:]).any()
+
+
+def test_small_source_is_not_enlarged() -> None:
+    ds = make_source(600, 500)
+    sc = heatmap.build_heatmap_sc(fake_result(ds), make_model(demo=False), max_side=4096,
+                                  series_instance_uid=generate_uid())
+    assert sc.Columns == 500 and 600 < sc.Rows < 900
+
+
+def test_compressions_are_the_config_values() -> None:
+    from cxrd.config import HeatmapCompression
+
+    assert tuple(c.value for c in HeatmapCompression) == heatmap.COMPRESSIONS
+
+
+def test_build_heatmap_sc_rejects_bad_options() -> None:
+    result = fake_result(make_source())
+    model = make_model(demo=False)
+    with pytest.raises(ValueError, match="compression must be one of none, jpeg-baseline"):
+        heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid(),
+                                 compression="jpeg")
+    with pytest.raises(ValueError, match="max_side"):
+        heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid(),
+                                 max_side=0)
+
+
+# --------------------------------------------------------------------------- JPEG
+
+
+def values(ds: Dataset, keyword: str) -> list[object]:
+    """An attribute's values as a list (pydicom gives a single value bare)."""
+    elem = ds[keyword]
+    return list(elem.value) if elem.VM > 1 else [elem.value]
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_jpeg_baseline_sc_validates_and_reads_back(tmp_path: Path, photometric: str) -> None:
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = make_source(1300, 1101, photometric=photometric)  # odd columns, also after scaling
+    ds.LossyImageCompression = "00"
+    result = fake_result(ds, peak=(5, 1))
+    model = make_model(demo=True)
+    plain = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
+    sc = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid(),
+                                  compression="jpeg-baseline")
+    path = report.save_dataset(sc, tmp_path)
+    assert dciodvfy(path) == []
+
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert back.PhotometricInterpretation == "YBR_FULL_422"
+    assert back.SamplesPerPixel == 3 and back.BitsAllocated == 8 and back.BitsStored == 8
+    assert back.LossyImageCompression == "01"
+    assert values(back, "LossyImageCompressionMethod") == ["ISO_10918_1"]
+    (ratio,) = values(back, "LossyImageCompressionRatio")
+    size = path.stat().st_size
+    assert ratio > 5 and size < plain.Rows * plain.Columns * 3 / 5
+    assert (back.Rows, back.Columns) == (plain.Rows, plain.Columns)
+    assert "Lossy JPEG" in back.DerivationDescription
+    decoded = back.pixel_array  # pydicom converts YBR_FULL_422 to RGB
+    assert decoded.shape == (plain.Rows, plain.Columns, 3)
+    error = np.abs(decoded.astype(np.int32) - plain.pixel_array.astype(np.int32))
+    assert error.mean() < 3.0, error.mean()
+
+
+def test_jpeg_baseline_adds_to_an_earlier_lossy_step(tmp_path: Path) -> None:
+    ds = make_source()
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = [10]
+    ds.LossyImageCompressionMethod = ["ISO_15444_1"]
+    sc = heatmap.build_heatmap_sc(fake_result(ds), make_model(demo=False),
+                                  series_instance_uid=generate_uid(),
+                                  compression="jpeg-baseline")
+    path = report.save_dataset(sc, tmp_path)
+    # dciodvfy compares each method with the transfer syntax, so the source's earlier step
+    # draws a warning, though the Standard lists every step in order (C.7.6.1.1.5).
+    warnings_ = dciodvfy(path)
+    assert all("<ISO_15444_1>" in w for w in warnings_), warnings_
+    back = pydicom.dcmread(path)
+    assert values(back, "LossyImageCompressionMethod") == ["ISO_15444_1", "ISO_10918_1"]
+    assert len(values(back, "LossyImageCompressionRatio")) == 2
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def test_worker_passes_the_heatmap_options(tmp_path: Path) -> None:
+    """cxrd.worker.write_heatmap hands heatmap_max_side and heatmap_compression on."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from cxrd.worker import prepare, write_heatmap
+
+    ds = make_source(2500, 2048)
+    source = tmp_path / "source.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    prep = prepare(source, 224)
+    result = fake_result(ds)
+    _, path = write_heatmap(prep, result.probs, result.cam, make_model(demo=False),
+                            tmp_path / "results", 1, max_side=512,
+                            compression="jpeg-baseline")
+    back = pydicom.dcmread(path)
+    assert back.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert back.Columns == round(2048 * 512 / 2500)
+    assert set(prep.timings) >= {"decode", "preprocess", "sc", "write"}

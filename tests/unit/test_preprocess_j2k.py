@@ -167,7 +167,7 @@ def test_reduce_level_rule() -> None:
 
 
 def test_display_size_is_the_decode_floor() -> None:
-    """The heatmap SC's display image never needs more than the reduced decode keeps."""
+    """The heatmap SC's default size never needs more than the reduced decode keeps."""
     from cxrd.heatmap import DISPLAY_MAX_SIDE
 
     assert DISPLAY_MAX_SIDE <= DECODE_MIN_SIDE
@@ -340,8 +340,8 @@ def test_png_is_unaffected(tmp_path: Path) -> None:
 
 def test_training_equals_serving_for_j2k(tmp_path: Path) -> None:
     """training.data and cxrd.worker.prepare take the same reduced decode (a long side of
-    2100 at the production floor of 1024 gives reduce 1), and sizes stay the full ones."""
-    from cxrd.heatmap import downscale_for_display
+    2100 at the production floor of 1024 gives reduce 1), and sizes stay the full ones;
+    the SC gets the reduced decode's 8-bit image to downscale."""
     from cxrd.worker import prepare
     from training.data import load_images, to_inputs
     from training.sources import Record
@@ -360,6 +360,6 @@ def test_training_equals_serving_for_j2k(tmp_path: Path) -> None:
     assert tuple(loaded.sizes[0]) == (2100, 640)
     assert read_gray8_and_size(path, decode_min_side(size))[1] == (2100, 640)
     reduced_gray = dataset_to_gray8(pydicom.dcmread(path), min_side=decode_min_side(size))
-    assert np.array_equal(prep.display, downscale_for_display(reduced_gray))
+    assert np.array_equal(prep.display, reduced_gray)
     full_input = preprocess_dataset(pydicom.dcmread(path), size)
     assert np.abs(prep.model_input - full_input).mean() * 127.5 < 1.5
