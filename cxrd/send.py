@@ -1,14 +1,16 @@
-"""The sender: a durable outbox of (result object x destination) rows, sent with C-STORE.
+"""The sender: the network side of the outbox, C-STORE of due deliveries.
 
-Due deliveries for one destination share one association. A transient failure (peer
-down, timeout, out of resources) is retried with exponential backoff, seconds at first and
-capped at ``max_backoff_seconds``, until the delivery is ``max_age_hours`` old; then it is
-dead. A refusal of the object itself (data set does not match, cannot understand) is dead
-at once. An association rejected permanently (wrong AE title, for instance), or one on
-which the destination accepted no presentation context for the object's SOP class (it does
-not store that class, and will not on the next try either), is reported as such and retried
-only at the maximum backoff, never hammered. Everything is in the database, so a restart
-resumes every pending delivery.
+It owns associations, TLS, presentation contexts and DIMSE statuses, and decides what kind
+of failure an attempt met; ``cxrd.outbox`` owns the delivery rows: which are due, and each
+outcome recorded (done, retried after its backoff, or dead). Due deliveries for one
+destination share one association. A transient failure (peer down, timeout, no response,
+out of resources) is retried with exponential backoff until the delivery is
+``max_age_hours`` old. A refusal of the object itself (data set does not match, cannot
+understand) is permanent: dead at once. An association rejected permanently (wrong AE
+title, for instance), or one on which the destination accepted no presentation context for
+the object's SOP class (it does not store that class, and will not on the next try either),
+is reported with a ``PERMANENT:`` error and retried only at the maximum backoff, never
+hammered. Everything is in the database, so a restart resumes every pending delivery.
 """
 
 from __future__ import annotations
@@ -18,17 +20,14 @@ import logging
 import ssl
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
-from sqlalchemy import select
 
 from cxrd.config import Config, DestinationConfig, TlsConfig
-from cxrd.db import Database, Delivery, Result, utcnow
+from cxrd.db import Database
 from cxrd.dicom import (
     REJECT_PERMANENT,
     SECONDARY_CAPTURE,
@@ -37,32 +36,21 @@ from cxrd.dicom import (
     STATUS_OUT_OF_RESOURCES_RANGE,
     STATUS_STORED,
 )
-from cxrd.domain import DeliveryState
-from cxrd.metrics import metrics, observe_stages
+from cxrd.metrics import observe_stages
+from cxrd.outbox import DueDelivery, RetryPolicy, due_deliveries, mark_delivered, mark_failed
 
 log = logging.getLogger(__name__)
 
+#: Due deliveries read per pass (all destinations together).
 BATCH = 100
 POLL_SECONDS = 1.0
 #: A destination that does not answer the TCP handshake (host off, packets dropped) would
 #: otherwise hold the sender for the kernel's connect timeout, about two minutes.
 CONNECT_TIMEOUT_SECONDS = 10.0
-#: Doubling stops here: 2**60 initial backoffs exceed any cap, and a larger power would
-#: overflow the float (a long outage under a small cap reaches thousands of attempts).
-MAX_DOUBLINGS = 60
 #: The result objects' SOP classes: every SR IOD, and the heatmap Secondary Capture.
 RESULT_SOP_CLASSES: tuple[str, ...] = (*SR_SOP_CLASSES.values(), SECONDARY_CAPTURE)
 #: Stands for the status of a C-STORE that got no response (timeout, abort).
 NO_RESPONSE = -1
-
-
-@dataclass(frozen=True)
-class Item:
-    delivery_id: int
-    path: str
-    sop_instance_uid: str
-    created_at: dt.datetime
-    attempts: int
 
 
 def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -113,44 +101,36 @@ class Sender:
         """SIGHUP reload: takes effect at the next pass."""
         self.destinations = {d.name: d for d in destinations}
 
-    # -- backoff ---------------------------------------------------------------------
+    # -- outbox ----------------------------------------------------------------------
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.from_config(self.config.sender)
+
     def backoff(self, attempts: int) -> dt.timedelta:
         """The wait after the ``attempts``-th failure: initial, doubling, capped."""
-        s = self.config.sender
-        doublings = min(max(attempts - 1, 0), MAX_DOUBLINGS)
-        seconds = min(s.initial_backoff_seconds * 2.0 ** doublings, s.max_backoff_seconds)
-        return dt.timedelta(seconds=seconds)
+        return self.retry_policy.backoff(attempts)
 
-    def _due(self) -> dict[str, list[Item]]:
-        now = utcnow()
-        with self.db.session() as s:
-            rows = s.execute(
-                select(Delivery, Result).join(Result, Delivery.result_id == Result.id)
-                .where(Delivery.state == DeliveryState.PENDING.value,
-                       Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id).limit(BATCH)).all()
-        due: dict[str, list[Item]] = defaultdict(list)
-        for d, r in rows:
-            due[d.destination].append(Item(d.id, r.path, r.sop_instance_uid, d.created_at,
-                                           d.attempts))
-        return due
+    def _fail(self, items: Sequence[DueDelivery], error: str, *, permanent: bool = False,
+              at_max_backoff: bool = False) -> None:
+        mark_failed(self.db, items, error, self.retry_policy, permanent=permanent,
+                    at_max_backoff=at_max_backoff)
 
     def run_once(self) -> int:
         """Send what is due; returns the number of deliveries attempted."""
         attempted = 0
-        for name, items in self._due().items():
+        for name, items in due_deliveries(self.db, BATCH).items():
             if self._stop.is_set():
                 break
             dest = self.destinations.get(name)
             if dest is None:
                 self._fail(items, f"destination {name!r} is no longer configured",
-                           permanent=False, backoff_max=True)
+                           permanent=False, at_max_backoff=True)
                 continue
             attempted += len(items)
             self._send(dest, items)
         return attempted
 
-    def _send(self, dest: DestinationConfig, items: list[Item]) -> None:
+    def _send(self, dest: DestinationConfig, items: list[DueDelivery]) -> None:
         ae = AE(ae_title=self.config.sender.calling_ae)
         ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
         ae.acse_timeout = 30
@@ -178,7 +158,7 @@ class Sender:
                     f"{getattr(rj, 'diagnostic', None)})")
             if result == REJECT_PERMANENT:
                 self._fail(items, "PERMANENT: " + text + "; check the destination's AE "
-                           "configuration for this node", backoff_max=True)
+                           "configuration for this node", at_max_backoff=True)
             else:
                 self._fail(items, text)
             return
@@ -192,7 +172,7 @@ class Sender:
                                             for cx in assoc.rejected_contexts}))
                 self._fail(items, "PERMANENT: association accepted without any presentation "
                            f"context (refused: {refused}); check the destination's SOP "
-                           "classes for this node", backoff_max=True)
+                           "classes for this node", at_max_backoff=True)
             else:
                 self._fail(items, "association not established (peer unreachable or aborted)")
             return
@@ -212,7 +192,7 @@ class Sender:
                 if sop_class not in accepted:
                     self._fail([item], "PERMANENT: no presentation context accepted for SOP "
                                f"class {sop_class}; check the destination's SOP classes for "
-                               "this node", backoff_max=True)
+                               "this node", at_max_backoff=True)
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -223,7 +203,7 @@ class Sender:
                 observe_stages({"send": time.perf_counter() - t0})
                 code = int(getattr(status, "Status", NO_RESPONSE)) if status else NO_RESPONSE
                 if code in STATUS_STORED:  # success or warning
-                    self._done(item, dest.name)
+                    mark_delivered(self.db, item)
                 elif code == NO_RESPONSE:
                     self._fail([item], "no response to C-STORE (timeout or abort)")
                 elif code in STATUS_OUT_OF_RESOURCES_RANGE:
@@ -235,45 +215,6 @@ class Sender:
         finally:
             if assoc.is_established:
                 assoc.release()
-
-    def _done(self, item: Item, destination: str) -> None:
-        with self.db.session() as s:
-            row = s.get(Delivery, item.delivery_id)
-            if row is not None:
-                row.state = DeliveryState.DONE.value
-                row.attempts += 1
-                row.done_at = utcnow()
-                row.last_error = None
-        metrics().deliveries.labels("done").inc()
-        log.info("action=delivered sop_instance_uid=%s destination=%s attempts=%d",
-                 item.sop_instance_uid, destination, item.attempts + 1)
-
-    def _fail(self, items: Sequence[Item], error: str, *, permanent: bool = False,
-              backoff_max: bool = False) -> None:
-        now = utcnow()
-        max_age = dt.timedelta(hours=self.config.sender.max_age_hours)
-        with self.db.session() as s:
-            for item in items:
-                row = s.get(Delivery, item.delivery_id)
-                if row is None:
-                    continue
-                row.attempts += 1
-                row.last_error = error[:2000]
-                wait = (dt.timedelta(seconds=self.config.sender.max_backoff_seconds)
-                        if backoff_max else self.backoff(row.attempts))
-                if permanent or now + wait - row.created_at > max_age:
-                    row.state = DeliveryState.DEAD.value
-                    metrics().deliveries.labels("dead").inc()
-                    log.error("action=delivery-dead delivery_id=%d sop_instance_uid=%s "
-                              "destination=%s attempts=%d error=%s", row.id,
-                              item.sop_instance_uid, row.destination, row.attempts, error)
-                else:
-                    row.next_attempt_at = now + wait
-                    metrics().deliveries.labels("retry").inc()
-                    log.warning("action=delivery-retry delivery_id=%d sop_instance_uid=%s "
-                                "destination=%s attempts=%d retry_in_s=%.0f error=%s", row.id,
-                                item.sop_instance_uid, row.destination, row.attempts,
-                                wait.total_seconds(), error)
 
     # -- thread ------------------------------------------------------------------------
     def start(self) -> None:
