@@ -25,7 +25,7 @@ Size. ``compression="none"`` stores 8-bit RGB in Explicit VR Little Endian, 3 by
 YBR_FULL_422), about 20 to 30 times smaller, marked lossy (Lossy Image Compression "01",
 its ratio, method ISO_10918_1).
 
-The header follows ``/work/shared/dicom-output.md`` section 2: the patient and study of the
+The header follows ``docs/dicom-output.md`` §2: the patient and study of the
 source, its own series (Modality OT), ImageType DERIVED\\SECONDARY, a Source Image Sequence
 pointing at the radiograph, Body Part Examined (CHEST when the source has none). It is
 built with pydicom directly: highdicom's ``SCImage.from_ref_dataset`` made the same
