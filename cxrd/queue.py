@@ -303,10 +303,14 @@ class StudyFindings:
         return max((j[0] for j in self.jobs), default=None)
 
 
-def _latest_done_jobs(study_uid: str) -> Any:
+def _latest_done_jobs(study_uid: str, generation: int) -> Any:
+    """The newest done classify job of each instance, in the study's current generation:
+    an SR reports what its generation's model found (after a reprocess, an image whose
+    new job failed is not reported with the previous model's finding)."""
     return select(func.max(Job.id)).where(
         Job.study_instance_uid == study_uid, Job.kind == JobKind.CLASSIFY.value,
-        Job.state == JobState.DONE.value).group_by(Job.instance_id)
+        Job.generation == generation, Job.state == JobState.DONE.value
+    ).group_by(Job.instance_id)
 
 
 def study_findings(db: Database, study_uid: str) -> StudyFindings:
@@ -314,7 +318,7 @@ def study_findings(db: Database, study_uid: str) -> StudyFindings:
     with db.session() as s:
         study = s.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
         rows = s.execute(select(Job.id, Job.probs, Job.record)
-                         .where(Job.id.in_(_latest_done_jobs(study_uid)))
+                         .where(Job.id.in_(_latest_done_jobs(study_uid, study.generation)))
                          .order_by(Job.instance_id)).all()
         path = None
         if study.sr_sop_instance_uid:
@@ -349,11 +353,12 @@ def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFi
         study = _locked_study(s, job.study_instance_uid)
         assert study is not None
         latest = s.scalars(select(func.max(Job.id)).where(
-            Job.id.in_(_latest_done_jobs(job.study_instance_uid)))).first()
-        if latest != findings.latest_job:
+            Job.id.in_(_latest_done_jobs(job.study_instance_uid, study.generation)))).first()
+        if latest != findings.latest_job or study.generation != findings.generation:
             row.state = JobState.PENDING.value
             row.lease_owner = None
             row.not_before = now
+            row.attempts = max(0, row.attempts - 1)  # not a failure: the study moved on
             log.info("action=report-stale study_instance_uid=%s", job.study_instance_uid)
             return "stale"
         if sr is not None:
@@ -363,8 +368,10 @@ def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFi
             study.sr_sop_instance_uid = sr[0]
         if study.state == StudyState.ADMITTED.value:
             # A study reopened by a late instance meanwhile stays collecting; its next
-            # SR will supersede this one.
-            study.state = (StudyState.REPORTED.value if study.sr_sop_instance_uid
+            # SR will supersede this one. Without SRs ([results] structured_report off)
+            # a study with classified images is reported all the same.
+            study.state = (StudyState.REPORTED.value
+                           if study.sr_sop_instance_uid or findings.jobs
                            else StudyState.NOTHING_TO_DO.value)
         study.reported_at = now
         study.report_seconds = seconds

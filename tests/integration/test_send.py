@@ -70,7 +70,7 @@ def destination_tls(pki: Pki) -> dict[str, str]:
 def queue_results(db: Database, folder: Path, n: int, destinations: Sequence[str], *,
                   created_at: dt.datetime | None = None) -> list[str]:
     """``n`` heatmap-like Secondary Capture files, each queued for every destination, as
-    ``cxrd.results`` queues them; returns their SOP Instance UIDs."""
+    ``cxrd.outbox.add_result`` queues them; returns their SOP Instance UIDs."""
     study = uid()
     uids = []
     with db.session() as s:

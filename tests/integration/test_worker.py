@@ -158,3 +158,25 @@ def test_reprocess_supersedes_and_a_redone_report_rewrites_the_same_sr(node) -> 
     _drain(loop)
     assert [r.sop_instance_uid for r in _results(db, study) if r.kind == "sr"] == [
         first.sop_instance_uid, srs[1].sop_instance_uid]
+
+
+def test_after_a_reprocess_the_sr_reports_only_that_generation(node) -> None:
+    """An image whose new-generation job fails is not reported with the previous
+    generation's finding: the new SR names only what the new generation classified."""
+    loop, ingestor, db, _ = node
+    study = _store_study(ingestor, 2, bright=True)
+    admit_stable_studies(db, 0)
+    _drain(loop)
+    with db.session() as s:
+        from cxrd.db import Instance
+
+        a, b = s.scalars(select(Instance).order_by(Instance.id)).all()
+    Path(b.path).unlink()  # b cannot be decoded in generation 2
+    assert requeue_study(db, study) == 2
+    _drain(loop)
+    srs = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
+    assert len(srs) == 2
+    refs = {str(item.ReferencedSOPInstanceUID)
+            for series in pydicom.dcmread(srs[1].path).CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert refs == {a.sop_instance_uid}
