@@ -68,6 +68,9 @@ RECEIVE_TRANSFER_SYNTAXES: list[str] = [
 #: What the sender proposes for its results (SR, SC): explicit, then implicit VR little
 #: endian.
 SEND_TRANSFER_SYNTAXES: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: A heatmap SC stored as JPEG Baseline (``[results] heatmap_compression``) goes in a
+#: presentation context of its own: a destination may accept the SC class uncompressed only.
+SEND_COMPRESSED_SC_SYNTAX: str = JPEGBaseline8Bit
 #: Transfer syntaxes whose data set is deflated as a whole (JPIP Referenced Deflate, too;
 #: pydicom.uid names no constant for it).
 DEFLATED = {DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"}

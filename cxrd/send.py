@@ -31,6 +31,7 @@ from cxrd.db import Database
 from cxrd.dicom import (
     REJECT_PERMANENT,
     SECONDARY_CAPTURE,
+    SEND_COMPRESSED_SC_SYNTAX,
     SEND_TRANSFER_SYNTAXES,
     SR_SOP_CLASSES,
     STATUS_OUT_OF_RESOURCES_RANGE,
@@ -84,7 +85,14 @@ def record_connect_errors(context: ssl.SSLContext) -> list[OSError]:
 
 def sop_class_of(path: str) -> str:
     """The SOP Class UID in a result file's meta information (the header only is read)."""
-    return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
+    return syntaxes_of(path)[0]
+
+
+def syntaxes_of(path: str) -> tuple[str, str]:
+    """(SOP Class UID, Transfer Syntax UID) from a result file's meta information."""
+    meta = read_file_meta_info(path)
+    return (str(meta.get("MediaStorageSOPClassUID", "")),
+            str(meta.get("TransferSyntaxUID", "")))
 
 
 class Sender:
@@ -138,6 +146,7 @@ class Sender:
         ae.network_timeout = 60
         for sop_class in RESULT_SOP_CLASSES:
             ae.add_requested_context(sop_class, SEND_TRANSFER_SYNTAXES)
+        ae.add_requested_context(SECONDARY_CAPTURE, [SEND_COMPRESSED_SC_SYNTAX])
         kwargs: dict[str, Any] = {"ae_title": dest.ae_title,
                                   "max_pdu": self.config.node.max_pdu}
         connect_errors: list[OSError] = []
@@ -176,7 +185,8 @@ class Sender:
             else:
                 self._fail(items, "association not established (peer unreachable or aborted)")
             return
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts}
         try:
             for i, item in enumerate(items):
                 if self._stop.is_set() or not assoc.is_established:
@@ -184,15 +194,22 @@ class Sender:
                         self._fail(items[i:], "association lost")
                     return
                 try:
-                    sop_class = sop_class_of(item.path)
+                    sop_class, syntax = syntaxes_of(item.path)
                 except Exception as exc:
                     self._fail([item], f"cannot read the result file: {type(exc).__name__}: "
                                        f"{exc}")
                     continue
-                if sop_class not in accepted:
+                if not any(a == sop_class for a, _ in accepted):
                     self._fail([item], "PERMANENT: no presentation context accepted for SOP "
                                f"class {sop_class}; check the destination's SOP classes for "
                                "this node", at_max_backoff=True)
+                    continue
+                uncompressed = syntax in SEND_TRANSFER_SYNTAXES
+                if not uncompressed and (sop_class, syntax) not in accepted:
+                    self._fail([item], "PERMANENT: the destination does not accept SOP class "
+                               f"{sop_class} in transfer syntax {syntax}; accept JPEG "
+                               "Baseline there, or set [results] heatmap_compression = "
+                               '"none"', at_max_backoff=True)
                     continue
                 t0 = time.perf_counter()
                 try:

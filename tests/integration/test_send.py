@@ -361,3 +361,63 @@ def test_tls_destination_signed_by_another_ca_gets_nothing(
     assert scp.received() == []
     assert scp.associations() == 0, scp.log()  # the handshake failed before any DICOM
     assert scp.proc.poll() is None, scp.log()  # refused by us, not crashed
+
+
+def queue_jpeg_sc(db: Database, folder: Path, destination: str) -> str:
+    """One Secondary Capture stored as JPEG Baseline (``heatmap_compression``), queued."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = make_dataset("OT", rows=32, columns=32)
+    buf = io.BytesIO()
+    rgb = np.zeros((32, 32, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = (
+        3, "YBR_FULL_422", 0)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with db.session() as s:
+        row = Result(sop_instance_uid=ds.SOPInstanceUID, study_instance_uid=ds.StudyInstanceUID,
+                     kind=ResultKind.SC.value, generation=1, path=str(path))
+        s.add(row)
+        s.flush()
+        s.add(Delivery(result_id=row.id, destination=destination))
+    return str(ds.SOPInstanceUID)
+
+
+def test_a_jpeg_sc_goes_in_its_own_context_or_is_refused_permanently(
+        tmp_path: Path, db: Database, storescp: Callable[..., StoreSCP]) -> None:
+    """A JPEG Baseline heatmap SC is proposed in a context of its own: a destination that
+    accepts JPEG Baseline stores it as it is; one that accepts SC uncompressed only gets
+    nothing, and the delivery is reported as a permanent refusal that says what to change
+    (retried only at the maximum backoff, like every permanent refusal)."""
+    takes_all = storescp("all", options=["+xa"])  # dcmtk: accept all transfer syntaxes
+    plain = storescp("plain")
+    config = sender_config(tmp_path, [("all", takes_all.port), ("plain", plain.port)])
+    sent = queue_jpeg_sc(db, tmp_path / "results", "all")
+    queue_jpeg_sc(db, tmp_path / "results2", "plain")
+    Sender(config, db).run_once()
+    (received,) = takes_all.received()
+    back = pydicom.dcmread(received)
+    assert str(back.SOPInstanceUID) == sent
+    assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert plain.received() == []
+    by_dest = {r.destination: r for r in deliveries(db)}
+    assert by_dest["all"].state == DeliveryState.DONE.value
+    refused = by_dest["plain"]
+    assert refused.state == DeliveryState.PENDING.value and refused.attempts == 1
+    assert (refused.last_error or "").startswith("PERMANENT")
+    assert "heatmap_compression" in (refused.last_error or "")
+    assert refused.next_attempt_at - utcnow() > dt.timedelta(seconds=5)  # the 8 s cap
