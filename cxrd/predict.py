@@ -47,7 +47,10 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
             if _is_dicom(path):
                 prep = prepare(path, clf.input_size)
                 probs, cam = clf.run(prep.model_input[None])
-                sc_uid, sc_path = write_heatmap(prep, probs[0], cam[0], model, out, 1)
+                sc_uid, sc_path = write_heatmap(
+                    prep, probs[0], cam[0], model, out, 1,
+                    max_side=config.results.heatmap_max_side,
+                    compression=config.results.heatmap_compression)
                 by_study[str(prep.dataset.StudyInstanceUID)].append(ImageFindings.of(
                     prep.dataset, probs[0], cam[0], model.operating_point.tb_threshold))
                 dicom = True

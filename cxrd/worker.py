@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 IDLE_SLEEP_SECONDS = 0.25
 HEARTBEAT_SECONDS = 10.0
+WORKER_NICENESS = 5
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Prepared:
     """One decoded, preprocessed image, ready for the model."""
 
     dataset: Dataset  # header; PixelData removed
-    display: npt.NDArray[np.uint8]  # <= 1024 px on the long side, for the SC
+    display: npt.NDArray[np.uint8]  # the decoded image, 8-bit; the SC downscales it
     model_input: npt.NDArray[np.float32]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -64,10 +65,9 @@ def prepare(path: str | Path, input_size: int) -> Prepared:
     """Read, decode, run the shared preprocessing; DecodeError / UnsupportedImage.
 
     JPEG 2000 is decoded at the reduced resolution ``decode_min_side(input_size)`` allows
-    (training uses the same rule), which still covers the display image of the SC.
+    (training uses the same rule), which still covers the SC's default size. The 8-bit
+    image is kept as it is for the SC, which downscales it to ``heatmap_max_side``.
     """
-    from cxrd.report import downscale_for_display
-
     t0 = time.perf_counter()
     try:
         ds = pydicom.dcmread(path)
@@ -78,13 +78,11 @@ def prepare(path: str | Path, input_size: int) -> Prepared:
     gray = dataset_to_gray8(ds, pixels)
     del pixels
     model_input = to_model_input(resize_gray8(gray, input_size))
-    display = downscale_for_display(gray)
-    del gray
     t2 = time.perf_counter()
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)
-    return Prepared(ds, display, model_input, {"decode": t1 - t0, "preprocess": t2 - t1})
+    return Prepared(ds, gray, model_input, {"decode": t1 - t0, "preprocess": t2 - t1})
 
 
 def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
@@ -96,16 +94,21 @@ def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
 
 
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],
-                  model: ModelInfo, results_dir: Path, generation: int) -> tuple[str, Path]:
-    """Build and save the heatmap SC; returns its SOP Instance UID and path."""
-    from cxrd.report import ImageResult, build_heatmap_sc, save_dataset
+                  model: ModelInfo, results_dir: Path, generation: int, *,
+                  max_side: int = 1024, compression: str = "none") -> tuple[str, Path]:
+    """Build and save the heatmap SC; returns its SOP Instance UID and path.
+    ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
+    ``heatmap_compression`` (see ``cxrd.heatmap``)."""
+    from cxrd.heatmap import ImageResult, build_heatmap_sc
+    from cxrd.report import save_dataset
 
     series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
                                        str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
     sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam), model,
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
-                          instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
+                          instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
+                          max_side=max_side, compression=compression)
     t1 = time.perf_counter()
     path = save_dataset(sc, results_dir)
     prep.timings["sc"] = t1 - t0
@@ -196,7 +199,8 @@ class WorkerLoop:
             try:
                 prep.timings["infer"] = infer
                 sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.results_dir,
-                                    job.generation)
+                                    job.generation, max_side=self.config.results.heatmap_max_side,
+                                    compression=self.config.results.heatmap_compression)
                       if self.config.results.heatmap_secondary_capture else None)
                 t1 = time.perf_counter()
                 record = ImageFindings.of(prep.dataset, probs[i], cams[i], threshold).record()
@@ -293,6 +297,9 @@ def worker_main(config: Config, index: int, parent_pid: int,
                 setup_logging: Callable[[Config], None] | None = None) -> None:
     """Entry point of a worker process. Exits on SIGTERM or when the parent dies."""
     stop = stop_on_signals()
+    # Below the main process: under load the receiver, the watcher and the scheduler
+    # (which answer the PACS and feed the queue) go first; idle cores still go to workers.
+    os.nice(WORKER_NICENESS)
     if setup_logging is not None:
         setup_logging(config)
     worker_id = f"{worker_id_prefix()}{os.getpid()}:w{index}"
