@@ -123,6 +123,10 @@ def _blend_table() -> U8:
 
 
 _BLEND = _blend_table()
+#: _BLEND as one little-endian RGBX word per entry: a gather of 4-byte words is about three
+#: times faster than one of 3-byte rows, and Pillow reads RGBX as it is.
+_BLEND_RGBX = np.concatenate([_BLEND, np.zeros((256 * 256, 1), np.uint8)], axis=1).view(
+    np.dtype("<u4")).ravel()
 
 
 @dataclass(frozen=True)
@@ -230,11 +234,11 @@ def _legend_band(lines: Sequence[str], width: int) -> Image.Image:
     return big.crop((0, 0, width, big.height))
 
 
-def _colour(cam2d: F32, display: Image.Image) -> tuple[tuple[int, int], U8] | None:
+def _colour(cam2d: F32, display: Image.Image) -> tuple[tuple[int, int], Image.Image] | None:
     """The coloured part of the overlay (see the module docstring): the top-left corner
-    (column, row) and RGB pixels of the smallest rectangle holding every pixel at or above
-    half-way, or None when the CAM is flat. Pixels of the rectangle below half-way come out
-    grey (opacity 0), so only the rectangle needs blending."""
+    (column, row) and the RGB image of the smallest rectangle holding every pixel at or
+    above half-way, or None when the CAM is flat. Pixels of the rectangle below half-way
+    come out grey (opacity 0), so only the rectangle needs blending."""
     cols, rows = display.size
     up = upsample_cam(cam2d, rows, cols)
     lo, hi = float(up.min()), float(up.max())
@@ -255,7 +259,8 @@ def _colour(cam2d: F32, display: Image.Image) -> tuple[tuple[int, int], U8] | No
     # One gather from the (activation, grey) -> RGB table does the colour map and blend.
     table_idx <<= 8
     table_idx |= np.asarray(display.crop((c0, r0, c1, r1)), dtype=np.uint8)
-    return (c0, r0), np.take(_BLEND, table_idx, axis=0)
+    rgbx = np.take(_BLEND_RGBX, table_idx)
+    return (c0, r0), Image.frombuffer("RGB", (c1 - c0, r1 - r0), rgbx, "raw", "RGBX", 0, 1)
 
 
 def _legend_lines(result: ImageResult, model: ModelInfo, k: int) -> list[str]:
@@ -285,8 +290,8 @@ def _render(result: ImageResult, model: ModelInfo, max_side: int) -> Image.Image
     if k != NORM:
         coloured = _colour(result.cam[..., k], display)
         if coloured is not None:
-            corner, pixels = coloured
-            out.paste(Image.fromarray(pixels, "RGB"), corner)
+            corner, patch = coloured
+            out.paste(patch, corner)
     return out
 
 
