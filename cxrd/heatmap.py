@@ -49,10 +49,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
-from pydicom.valuerep import DA, DT, TM
 
 from cxrd import __version__
 from cxrd.findings import CLASS_LABELS, NORM, TB, decide_class, upsample_cam
+from cxrd.headers import _DATE_TIME_VRS, _TYPE2_PATIENT_STUDY, _parses
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
 from cxrd.report import _described, _new_uid, _software_versions
 from cxrd.uids import validate_uid
@@ -77,11 +77,6 @@ _PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 _HEATMAP_MAX_ALPHA = 0.6
 _LEGEND_LINE_HEIGHT = 13  # the default bitmap font is 11 px high
 _PATIENT_SEXES = ("M", "F", "O")
-_DATE_TIME_VRS: dict[str, type] = {"DA": DA, "DT": DT, "TM": TM}
-#: Copied from the source (Patient and General Study modules, Type 2: empty when missing).
-_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                  "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-                  "AccessionNumber")
 #: The source's equipment, named in the Contributing Equipment Sequence when present.
 _SOURCE_EQUIPMENT = ("ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber",
                      "InstitutionName", "InstitutionalDepartmentName", "InstitutionAddress",
@@ -315,20 +310,13 @@ def _code_item(code: Code) -> Dataset:
 
 def _source_value(src: Dataset, keyword: str) -> object:
     """The source's value, or None (empty) when it is missing or is a malformed date or
-    time: highdicom's writers and validators refuse "1901-12-31", seen in the wild."""
+    time ("1901-12-31", seen in the wild), as ``cxrd.headers.header_view`` treats them."""
     if keyword not in src:
         return None
     elem = src[keyword]
-    if elem.value in (None, ""):
-        return None
     parse = _DATE_TIME_VRS.get(elem.VR)
-    if parse is not None:
-        values = elem.value if elem.VM > 1 else [elem.value]
-        try:
-            for v in values:
-                parse(v)
-        except (TypeError, ValueError):
-            return None
+    if elem.value in (None, "") or (parse is not None and not _parses(parse, elem.value)):
+        return None
     return elem.value
 
 
@@ -436,7 +424,7 @@ def build_heatmap_sc(
     sc.ContributingEquipmentSequence = _equipment(src, model, now)
     # Patient and General Study: the source's
     sc.StudyInstanceUID = src.StudyInstanceUID
-    for keyword in _PATIENT_STUDY:
+    for keyword in _TYPE2_PATIENT_STUDY:
         setattr(sc, keyword, _source_value(src, keyword))
     if sc.PatientSex not in _PATIENT_SEXES:
         sc.PatientSex = None
