@@ -114,6 +114,11 @@ class Classifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # After a run, onnxruntime's pool threads spin waiting for more work; on a small
+        # machine they take the cores the worker's SC and write need next (measured on 2
+        # cores: the two SCs after each batch took 15-25 ms instead of 8). Without the
+        # spin a run costs about 0.1 ms more per image.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=wanted)

@@ -530,16 +530,13 @@ def decode_j2k_reduced(ds: Dataset, reduce: int) -> npt.NDArray[np.integer] | No
     return None if plan is None else _decode_j2k(plan)
 
 
-def read_gray8(path: str | Path, min_side: int | None = None) -> U8:
-    """Steps 0-4 for a file: DICOM, PNG or JPEG. 8-bit PNG/JPEG is taken as it is
-    (the public sets are already windowed); 16-bit PNG gets the percentile window.
-    ``min_side`` applies to JPEG 2000 DICOM only (see :func:`decode_pixels`)."""
-    return read_gray8_and_size(path, min_side)[0]
-
-
 def read_gray8_and_size(path: str | Path, min_side: int | None = None
                         ) -> tuple[U8, tuple[int, int]]:
-    """:func:`read_gray8` and the image's full size (rows, cols): for a DICOM file the
+    """Steps 0-4 for a file: DICOM, PNG or JPEG. 8-bit PNG/JPEG is taken as it is
+    (the public sets are already windowed); 16-bit PNG gets the percentile window.
+    ``min_side`` applies to JPEG 2000 DICOM only (see :func:`decode_pixels`).
+
+    Returns the gray image and the image's full size (rows, cols): for a DICOM file the
     header's, which a reduced JPEG 2000 decode does not have."""
     path = Path(path)
     with path.open("rb") as fh:
@@ -595,7 +592,7 @@ def preprocess_dataset(
 def preprocess_file(path: str | Path, size: int, *, min_side: int | None = None) -> F32:
     """Training path: a DICOM, PNG or JPEG file to one model input (size, size, 3);
     ``min_side`` as in :func:`preprocess_dataset`."""
-    return to_model_input(resize_gray8(read_gray8(path, min_side), size))
+    return to_model_input(resize_gray8(read_gray8_and_size(path, min_side)[0], size))
 
 
 #: Where the CAM's cells sit on the model input, in cells. The Keras MobileNetV2 pads its

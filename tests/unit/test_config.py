@@ -520,3 +520,37 @@ def test_require_cuda_needs_the_cuda_provider(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.require_cuda"):
         load_config(write(tmp_path / "b.toml", '[model]\nrequire_cuda = true\n'
                           'providers = ["CPUExecutionProvider"]\n'), env={})
+
+
+def test_heatmap_size_and_compression(tmp_path: Path) -> None:
+    from cxrd.config import HeatmapCompression
+
+    defaults = validate({}, base_dir=tmp_path)
+    assert defaults.results.heatmap_max_side == 1024
+    assert defaults.results.heatmap_compression is HeatmapCompression.NONE
+    config = validate(tomllib.loads('[results]\nheatmap_max_side = 512\n'
+                                    'heatmap_compression = "jpeg-baseline"\n'),
+                      base_dir=tmp_path)
+    assert config.results.heatmap_max_side == 512
+    assert config.results.heatmap_compression is HeatmapCompression.JPEG_BASELINE
+    assert config.results.heatmap_compression == "jpeg-baseline"
+    assert describe(config)["results"]["heatmap_compression"] == "jpeg-baseline"
+    for side in (256, 4096):
+        text = f"[results]\nheatmap_max_side = {side}\n"
+        assert validate(tomllib.loads(text), base_dir=tmp_path).results.heatmap_max_side == side
+
+
+@pytest.mark.parametrize(("toml_text", "fragment"), [
+    ("[results]\nheatmap_max_side = 255", "255 is not allowed; expected an integer from 256 "
+     "to 4096"),
+    ("[results]\nheatmap_max_side = 4097", "4097 is not allowed"),
+    ('[results]\nheatmap_max_side = "1024"', "expected an integer"),
+    ('[results]\nheatmap_compression = "jpg-baseline"',
+     'one of "none", "jpeg-baseline"; did you mean "jpeg-baseline"?'),
+    ("[results]\nheatmap_compression = true", "expected a string"),
+])
+def test_bad_heatmap_options_name_the_key(tmp_path: Path, toml_text: str, fragment: str) -> None:
+    problems = problems_of(toml_text, tmp_path)
+    key = "results." + toml_text.split("\n")[1].split(" =")[0]
+    matching = [p for p in problems if p.startswith(f"{key}:")]
+    assert matching and any(fragment in p for p in matching), problems
