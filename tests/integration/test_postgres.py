@@ -17,8 +17,17 @@ from sqlalchemy import func, select
 
 from cxrd import queue
 from cxrd.admit import admit_stable_studies, requeue_study
-from cxrd.db import SCHEMA_VERSION, Database, Instance, Job, SchemaVersion, Study, utcnow
-from cxrd.domain import InstanceState, JobState, RejectReason, StudyState
+from cxrd.db import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Database,
+    Instance,
+    Job,
+    SchemaVersion,
+    Study,
+    utcnow,
+)
+from cxrd.domain import InstanceState, JobKind, JobState, RejectReason, StudyState
 from cxrd.ingest import Ingestor, StoreOutcome
 
 
@@ -70,7 +79,8 @@ def test_concurrent_migrations(pg_url: str):
     assert in_threads(3, migrate) == [SCHEMA_VERSION] * 3
     db = Database(pg_url)
     with db.session() as s:
-        assert s.scalars(select(SchemaVersion.version)).all() == [SCHEMA_VERSION]
+        assert s.scalars(select(SchemaVersion.version).order_by(SchemaVersion.version)
+                         ).all() == [v for v, _ in MIGRATIONS]
     db.dispose()
 
 
@@ -186,3 +196,66 @@ def test_concurrent_first_instances_of_a_new_study_on_postgres(pgdb: Database, t
     with pgdb.session() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == 6
         assert s.scalar(select(func.count()).select_from(Study)) == 1
+
+
+def test_schema_1_jobs_migrate_on_postgres(pg_url: str):
+    """A schema-1 jobs table (instance_id NOT NULL, no kind) gains report jobs."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    db = Database(pg_url)
+    db.migrate()
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE jobs"))
+        conn.execute(text(
+            "CREATE TABLE jobs (id SERIAL PRIMARY KEY, instance_id INTEGER NOT NULL "
+            "REFERENCES instances (id), study_instance_uid VARCHAR(64) NOT NULL, "
+            "generation INTEGER NOT NULL, state VARCHAR(16) NOT NULL, attempts INTEGER NOT "
+            "NULL, not_before TIMESTAMP NOT NULL, lease_owner VARCHAR(128), lease_expires "
+            "TIMESTAMP, created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, error TEXT, "
+            "reason VARCHAR(32), probs TEXT, cam TEXT, model_device_uid VARCHAR(64), "
+            "timings TEXT)"))
+        conn.execute(text("CREATE INDEX ix_jobs_claim ON jobs (state, not_before)"))
+        conn.execute(text("DELETE FROM schema_version WHERE version > 1"))
+    db.dispose()
+    db = Database(pg_url)
+    try:
+        assert db.migrate() == SCHEMA_VERSION
+        make_jobs(db, studies=1, per_study=1)
+        with db.session() as s:
+            job = s.scalars(select(Job)).one()
+            assert job.kind == JobKind.CLASSIFY.value
+            study = job.study_instance_uid
+            s.add(Job(kind=JobKind.REPORT.value, instance_id=None, study_instance_uid=study,
+                      generation=1, state=JobState.PENDING.value))
+        with pytest.raises(IntegrityError), db.session() as s:
+            s.add(Job(kind=JobKind.REPORT.value, instance_id=None, study_instance_uid=study,
+                      generation=1, state=JobState.PENDING.value))
+    finally:
+        db.dispose()
+
+
+def test_nodes_ending_a_studys_last_jobs_together_enqueue_one_report_job(
+        pg_url: str, pgdb: Database):
+    """Two nodes complete the two jobs of each study at the same moment: the study row lock
+    makes the later transaction see the earlier one, so every study gets exactly one report
+    job (none lost to the race, none doubled)."""
+    make_jobs(pgdb, studies=60, per_study=2)
+    claimed = queue.claim(pgdb, "a", 100, 300, 3)
+    by_study: dict[str, list[queue.ClaimedJob]] = {}
+    for job in claimed:
+        by_study.setdefault(job.study_instance_uid, []).append(job)
+    dbs = [Database(pg_url) for _ in range(2)]
+    try:
+        def finish(i: int) -> None:
+            for jobs in by_study.values():
+                assert queue.complete(dbs[i], jobs[i], "a", [0.2, 0.3, 0.5], None, "1.2", {})
+
+        in_threads(2, finish)
+    finally:
+        for db in dbs:
+            db.dispose()
+    with pgdb.session() as s:
+        reports = s.execute(select(Job.study_instance_uid, func.count()).where(
+            Job.kind == JobKind.REPORT.value).group_by(Job.study_instance_uid)).all()
+    assert sorted(reports) == sorted((study, 1) for study in by_study)
