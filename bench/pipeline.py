@@ -626,10 +626,11 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     then one SR per study built from the records, as a worker's report job builds it."""
     import pydicom
 
+    from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings
     from cxrd.infer import Classifier
     from cxrd.preprocess import decode_min_side, decode_pixels
-    from cxrd.report import build_sr, save_dataset
+    from cxrd.sr import build_sr
     from cxrd.uids import derived_uid
     from cxrd.worker import prepare, write_heatmap
 
@@ -1237,7 +1238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Benchmark cxrd from the watched folder to SR + SC on disk, per "
                     "transfer syntax, against a naive Keras/matplotlib baseline.")
-    p.add_argument("--n", type=int, default=16, help="images per variant (default 16)")
+    p.add_argument("--n", type=int, default=48, help="images per variant (default 48)")
     p.add_argument("--per-study", type=int, default=4, help="images per study (default 4)")
     p.add_argument("--variants", default="uncompressed,j2k",
                    help="comma-separated: uncompressed, j2k (default both)")

@@ -21,7 +21,10 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +178,22 @@ def remove_stale_temp_files(folder: Path, *, recursive: bool = False) -> int:
     if removed:
         log.warning("action=removed-temp-files folder=%s count=%d", folder, removed)
     return removed
+
+
+def save_dataset(ds: Dataset, folder: Path) -> Path:
+    """Write ``ds`` to ``folder/<SOPInstanceUID>.dcm`` atomically and durably.
+
+    A temporary file in the same folder is written, flushed and fsynced, renamed over the
+    target and the folder fsynced, so a reader sees either nothing or the whole file.
+    Raises InvalidUID when the SOPInstanceUID is not a valid UID.
+    """
+    from pydicom.filewriter import dcmwrite
+
+    from cxrd.uids import validate_uid
+
+    uid = validate_uid(str(ds.get("SOPInstanceUID", "")))
+    target = Path(folder) / f"{uid}.dcm"
+    # A new folder is made durably too; a crash leaves the temp file behind, and the node
+    # removes those whose writer is gone (cxrd.durable.remove_stale_temp_files).
+    write_file(target, lambda fh: dcmwrite(fh, ds, enforce_file_format=True))
+    return target

@@ -17,7 +17,7 @@ from pydicom.valuerep import DA, DT, TM
 
 # Bulk data never needed by the report stage; left out of the header views.
 _BULK_GROUPS = (0x7FE0, 0x5400)
-_TYPE2_PATIENT_STUDY = (
+TYPE2_PATIENT_STUDY = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -30,10 +30,10 @@ _TYPE2_PATIENT_STUDY = (
 )
 
 
-_DATE_TIME_VRS: dict[str, type] = {"DA": DA, "DT": DT, "TM": TM}
+DATE_TIME_VRS: dict[str, type] = {"DA": DA, "DT": DT, "TM": TM}
 
 
-def _parses(parse: type, value: object) -> bool:
+def parses(parse: type, value: object) -> bool:
     """Whether every value of a date/time element converts as highdicom converts it."""
     values = value if isinstance(value, (list, MultiValue)) else [value]
     try:
@@ -56,15 +56,15 @@ def header_view(ds: Dataset) -> Dataset:
         if btag.group in _BULK_GROUPS or overlay_data:
             continue
         elem = ds[btag]
-        parse = _DATE_TIME_VRS.get(elem.VR)
-        if parse is not None and not _parses(parse, elem.value):
+        parse = DATE_TIME_VRS.get(elem.VR)
+        if parse is not None and not parses(parse, elem.value):
             # A malformed date or time ("1901-12-31", seen in the wild) makes highdicom
             # refuse the whole object, quoting the value (a birth date) in its error. The
             # copy gets it empty (Type 2 or 3 where it is copied to); the source keeps it.
             view.add_new(btag, elem.VR, None)
             continue
         view.add(elem)
-    for keyword in _TYPE2_PATIENT_STUDY:
+    for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in view:
             setattr(view, keyword, None)
     return view

@@ -52,10 +52,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from cxrd import __version__
 from cxrd.findings import CLASS_LABELS, NORM, TB, decide_class, upsample_cam
-from cxrd.headers import _DATE_TIME_VRS, _TYPE2_PATIENT_STUDY, _parses
-from cxrd.modelinfo import CLASS_NAMES, ModelInfo
-from cxrd.report import _described, _new_uid, _software_versions
-from cxrd.uids import validate_uid
+from cxrd.headers import DATE_TIME_VRS, TYPE2_PATIENT_STUDY, parses
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo, labelled, software_versions
+from cxrd.uids import new_uid, validate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -314,8 +313,8 @@ def _source_value(src: Dataset, keyword: str) -> object:
     if keyword not in src:
         return None
     elem = src[keyword]
-    parse = _DATE_TIME_VRS.get(elem.VR)
-    if elem.value in (None, "") or (parse is not None and not _parses(parse, elem.value)):
+    parse = DATE_TIME_VRS.get(elem.VR)
+    if elem.value in (None, "") or (parse is not None and not parses(parse, elem.value)):
         return None
     return elem.value
 
@@ -402,7 +401,7 @@ def build_heatmap_sc(
                          f"not {max_side}, {series_number}, {instance_number}.")
     src = result.dataset
     series_uid = validate_uid(series_instance_uid)
-    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
+    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else new_uid()
     k = decide_class(result.probs, model.operating_point.tb_threshold)
     image = _render(result, model, max_side)
     cols, rows = image.size
@@ -420,11 +419,11 @@ def build_heatmap_sc(
     sc.SOPClassUID = SC_SOP_CLASS
     sc.SOPInstanceUID = sop_uid
     sc.InstanceCreationDate, sc.InstanceCreationTime = date, time
-    sc.SoftwareVersions = _software_versions(model)
+    sc.SoftwareVersions = software_versions(model)
     sc.ContributingEquipmentSequence = _equipment(src, model, now)
     # Patient and General Study: the source's
     sc.StudyInstanceUID = src.StudyInstanceUID
-    for keyword in _TYPE2_PATIENT_STUDY:
+    for keyword in TYPE2_PATIENT_STUDY:
         setattr(sc, keyword, _source_value(src, keyword))
     if sc.PatientSex not in _PATIENT_SEXES:
         sc.PatientSex = None
@@ -434,7 +433,7 @@ def build_heatmap_sc(
     sc.Modality = "OT"
     sc.SeriesInstanceUID = series_uid
     sc.SeriesNumber = series_number
-    sc.SeriesDescription = _described(SC_SERIES_DESCRIPTION, model)
+    sc.SeriesDescription = labelled(SC_SERIES_DESCRIPTION, model)
     sc.BodyPartExamined = str(src.get("BodyPartExamined") or "CHEST")
     laterality = str(src.get("Laterality", "") or "")
     if laterality in ("R", "L"):

@@ -130,3 +130,15 @@ def read_model_info(path: str | Path) -> ModelInfo:
     except (OSError, Exception) as exc:  # onnx raises its own DecodeError types
         raise ModelError(f"Cannot read model file {path}: {exc}") from exc
     return ModelInfo.from_props({p.key: p.value for p in model.metadata_props})
+
+
+def software_versions(model: ModelInfo) -> list[str]:
+    """Software Versions of every object cxrd writes: the model's version, then cxrd's."""
+    from cxrd import __version__
+
+    return [model.version, f"cxrd {__version__}"]
+
+
+def labelled(text: str, model: ModelInfo) -> str:
+    """A description as written into a result: prefixed DEMO for a demo model."""
+    return f"DEMO {text}" if model.demo else text

@@ -29,8 +29,9 @@ def _is_dicom(path: Path) -> bool:
 
 def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool = False) -> int:
     """Classify ``files``; returns the exit code (1 if any file could not be classified)."""
+    from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings, decide_class
-    from cxrd.report import build_sr, save_dataset
+    from cxrd.sr import build_sr
     from cxrd.worker import prepare, write_heatmap
 
     clf = Classifier(config.model.path, config.model.providers, config.model.intra_op_threads)

@@ -31,3 +31,10 @@ def derived_uid(*parts: object) -> str:
     (same file name, same SOP Instance UID) instead of making a duplicate.
     """
     return str(generate_uid(entropy_srcs=["cxrd", *(str(p) for p in parts)]))
+
+
+def new_uid() -> str:
+    """A random UID (2.25 form) for what has no identity of its own (SR tracking items)."""
+    import highdicom as hd
+
+    return str(hd.UID())

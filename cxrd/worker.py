@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from cxrd import queue
 from cxrd.config import Config, worker_threads
 from cxrd.db import Database
+from cxrd.dicom import CR
 from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.findings import ImageFindings, decide_class
@@ -99,8 +100,8 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
     """Build and save the heatmap SC; returns its SOP Instance UID and path.
     ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
     ``heatmap_compression`` (see ``cxrd.heatmap``)."""
+    from cxrd.durable import save_dataset
     from cxrd.heatmap import ImageResult, build_heatmap_sc
-    from cxrd.report import save_dataset
 
     series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
                                        str(prep.dataset.StudyInstanceUID), generation, model)
@@ -114,6 +115,41 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
     prep.timings["sc"] = t1 - t0
     prep.timings["write"] = time.perf_counter() - t1
     return sop_uid, path
+
+
+def warm_up_results(model: ModelInfo) -> float:
+    """Build one SC and one SR in memory from a tiny synthetic image; returns the seconds.
+
+    highdicom loads its tables and pydicom its dictionaries on first use (about 0.4 s);
+    paying that at a worker's start keeps it off the first study's latency.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    from cxrd.heatmap import ImageResult, build_heatmap_sc
+    from cxrd.sr import build_sr
+
+    t0 = time.perf_counter()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(CR)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "WARM^UP", "0", "", ""
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20000101", "000000", "", "1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows, ds.Columns = 16, 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    cam = np.zeros((2, 2, 3), dtype=np.float32)
+    probs = np.full(3, 1 / 3, dtype=np.float32)
+    build_heatmap_sc(ImageResult(ds, np.zeros((16, 16), dtype=np.uint8), probs, cam), model,
+                     series_instance_uid=generate_uid())
+    build_sr([ImageFindings.of(ds, probs, cam, model.operating_point.tb_threshold)], model)
+    return time.perf_counter() - t0
 
 
 class WorkerLoop:
@@ -143,12 +179,10 @@ class WorkerLoop:
                 "CUDAExecutionProvider" not in self.classifier.providers):
             log.warning("action=provider-fallback worker=%s wanted=CUDAExecutionProvider "
                         "in_use=%s", worker_id, ",".join(self.classifier.providers))
-        from cxrd.report import warm_up
-
         # Every batch shape once (CUDA: cuDNN's algorithm search), and highdicom's first
         # use (~0.5 s): neither lands on the first study.
         self.classifier.warm_up()
-        warm_up(self.model)
+        warm_up_results(self.model)
         queue.heartbeat(self.db, worker_id, model=self.model.display_name,
                         device_uid=self.model.device_uid, demo=self.model.demo,
                         providers=self.classifier.providers)
@@ -252,7 +286,8 @@ class WorkerLoop:
                      findings.current_sr if sr else None, self.model.display_name)
 
     def _write_sr(self, findings: queue.StudyFindings, sr_uid: str) -> Path:
-        from cxrd.report import build_sr, save_dataset
+        from cxrd.durable import save_dataset
+        from cxrd.sr import build_sr
 
         images = [ImageFindings.from_record(json.loads(probs), json.loads(record or "{}"))
                   for _, probs, record in findings.jobs]

@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import cxrd
-from cxrd import heatmap, report
+from cxrd import heatmap
+from cxrd.durable import save_dataset
 from cxrd.modelinfo import ModelInfo, OperatingPoint
 from cxrd.preprocess import CAM_CELL_SHIFT, dataset_to_gray8
 
@@ -158,7 +159,7 @@ def test_heatmap_sc(tmp_path: Path, demo: bool, photometric: str) -> None:
     assert max(rows, cols) <= heatmap.DISPLAY_MAX_SIDE
 
     sc = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
-    path = report.save_dataset(sc, tmp_path)
+    path = save_dataset(sc, tmp_path)
     assert dciodvfy(path) == []
 
     back = pydicom.dcmread(path)
@@ -215,7 +216,7 @@ def test_sparse_source(tmp_path: Path) -> None:
     ds.PatientOrientation = ""
     result = fake_result(ds)
     del ds.PixelData  # the worker hands over headers without pixels
-    path = report.save_dataset(
+    path = save_dataset(
         heatmap.build_heatmap_sc(result, make_model(demo=False),
                                  series_instance_uid=generate_uid()), tmp_path)
     warnings_ = dciodvfy(path)
@@ -260,7 +261,7 @@ def test_normal_result_has_no_colour(tmp_path: Path, demo: bool) -> None:
     result = fake_result(ds, biases=(0.0, 0.0, 1.5))
     assert result.probs.argmax() == 2 and result.probs[0] < TB_THRESHOLD
     sc = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
-    path = report.save_dataset(sc, tmp_path)
+    path = save_dataset(sc, tmp_path)
     assert dciodvfy(path) == []
     back = pydicom.dcmread(path)
     pixels = back.pixel_array
@@ -376,7 +377,7 @@ def test_jpeg_baseline_sc_validates_and_reads_back(tmp_path: Path, photometric: 
     plain = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
     sc = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid(),
                                   compression="jpeg-baseline")
-    path = report.save_dataset(sc, tmp_path)
+    path = save_dataset(sc, tmp_path)
     assert dciodvfy(path) == []
 
     back = pydicom.dcmread(path)
@@ -404,7 +405,7 @@ def test_jpeg_baseline_adds_to_an_earlier_lossy_step(tmp_path: Path) -> None:
     sc = heatmap.build_heatmap_sc(fake_result(ds), make_model(demo=False),
                                   series_instance_uid=generate_uid(),
                                   compression="jpeg-baseline")
-    path = report.save_dataset(sc, tmp_path)
+    path = save_dataset(sc, tmp_path)
     # dciodvfy compares each method with the transfer syntax, so the source's earlier step
     # draws a warning, though the Standard lists every step in order (C.7.6.1.1.5).
     warnings_ = dciodvfy(path)

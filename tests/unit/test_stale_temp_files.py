@@ -10,8 +10,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrd.durable import remove_stale_temp_files
-from cxrd.report import save_dataset
+from cxrd.durable import remove_stale_temp_files, save_dataset
 
 
 def dead_pid() -> int:

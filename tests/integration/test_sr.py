@@ -23,7 +23,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrd import findings, heatmap, report
+from cxrd import findings, heatmap
+from cxrd import sr as report
+from cxrd.durable import save_dataset
 from cxrd.errors import InvalidUID
 from cxrd.findings import ImageFindings
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, OperatingPoint
@@ -230,7 +232,7 @@ def test_sr_validates_and_round_trips(tmp_path: Path, demo: bool) -> None:
         biases=(-2.0, 1.5, 0.0),
     )
     sr = build_sr([first, second], model)
-    path = report.save_dataset(sr, tmp_path)
+    path = save_dataset(sr, tmp_path)
     assert path == tmp_path / f"{sr.SOPInstanceUID}.dcm"
 
     assert dciodvfy(path) == []
@@ -319,7 +321,7 @@ def test_sr_normal_image_has_no_region_and_tb_absent(tmp_path: Path) -> None:
     result = fake_result(make_source(), biases=(-3.0, 0.0, 2.0))
     assert result.probs[0] < TB_THRESHOLD
     sr = build_sr([result], model, sop_instance_uid=generate_uid())
-    path = report.save_dataset(sr, tmp_path)
+    path = save_dataset(sr, tmp_path)
     assert dciodvfy(path) == []
     dsrdump(path)
     back = hd.sr.srread(path)
@@ -341,7 +343,7 @@ def test_tb_present_follows_the_threshold_not_the_argmax(tmp_path: Path) -> None
     result = heatmap.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
     assert findings.decide_class(result.probs, model.operating_point.tb_threshold) == 0
     sr = build_sr([result], model, include_region=False)
-    back = hd.sr.srread(report.save_dataset(sr, tmp_path))
+    back = hd.sr.srread(save_dataset(sr, tmp_path))
     group = finding_groups(back)[ds.SOPInstanceUID]
     assert group.finding_type == report.TUBERCULOSIS
     assert evaluation(group, report.TUBERCULOSIS) == report.PRESENT
@@ -362,7 +364,7 @@ def test_other_sr_sop_classes_validate(tmp_path: Path, sop_class: str) -> None:
     sr = build_sr([result], make_model(demo=True), sop_class=sop_class)
     expected = report.SR_SOP_CLASSES.get(sop_class, sop_class)
     assert sr.SOPClassUID == expected
-    path = report.save_dataset(sr, tmp_path)
+    path = save_dataset(sr, tmp_path)
     assert dciodvfy(path) == []
     dsrdump(path)
     assert np.float32(probabilities(hd.sr.srread(path))[result.dataset.SOPInstanceUID]["TB"]) == (
@@ -384,8 +386,8 @@ def test_sparse_source(tmp_path: Path) -> None:
     result = fake_result(ds)
     del ds.PixelData  # the worker hands over headers without pixels
     model = make_model(demo=False)
-    sr_path = report.save_dataset(build_sr([result], model), tmp_path)
-    sc_path = report.save_dataset(
+    sr_path = save_dataset(build_sr([result], model), tmp_path)
+    sc_path = save_dataset(
         heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid()), tmp_path
     )
     for path in (sr_path, sc_path):
@@ -400,13 +402,13 @@ def test_sparse_source(tmp_path: Path) -> None:
 def test_predecessor_is_referenced(tmp_path: Path) -> None:
     model = make_model(demo=False)
     result = fake_result(make_source())
-    first_path = report.save_dataset(build_sr([result], model), tmp_path)
+    first_path = save_dataset(build_sr([result], model), tmp_path)
     first = pydicom.dcmread(first_path)
     second = build_sr(
         [result], model, predecessor=first, series_instance_uid=first.SeriesInstanceUID,
         instance_number=2,
     )
-    path = report.save_dataset(second, tmp_path)
+    path = save_dataset(second, tmp_path)
     assert dciodvfy(path) == []
     dsrdump(path)
     back = pydicom.dcmread(path)
@@ -446,7 +448,7 @@ def test_build_sr_rejects_bad_input() -> None:
 def test_pixelmed_sr_validator(tmp_path: Path) -> None:
     # scripts/test installs libpixelmed-java; a missing validator is a failure, not a skip.
     assert PIXELMED.exists(), f"{PIXELMED} missing: apt-get install libpixelmed-java"
-    path = report.save_dataset(build_sr([fake_result(make_source())],
+    path = save_dataset(build_sr([fake_result(make_source())],
                                                make_model(demo=False)), tmp_path)
     proc = subprocess.run(
         [tool("java"), "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0",
@@ -540,7 +542,7 @@ def test_save_dataset_refuses_invalid_uids(tmp_path: Path, bad: str) -> None:
         warnings.simplefilter("ignore")  # pydicom warns about the invalid UI value too
         ds.SOPInstanceUID = bad
     with pytest.raises(InvalidUID):
-        report.save_dataset(ds, tmp_path)
+        save_dataset(ds, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -564,12 +566,12 @@ def test_save_dataset_writes_atomically(tmp_path: Path) -> None:
     ds.SOPInstanceUID = "1.2.840.10008.1"
     ds.PatientID = "X"
     folder = tmp_path / "results" / "new"
-    path = report.save_dataset(ds, folder)
+    path = save_dataset(ds, folder)
     assert path == folder / "1.2.840.10008.1.dcm"
     assert [p.name for p in folder.iterdir()] == ["1.2.840.10008.1.dcm"]
     assert pydicom.dcmread(path).PatientID == "X"
     ds.PatientID = "Y"  # overwriting replaces the file in one step
-    report.save_dataset(ds, folder)
+    save_dataset(ds, folder)
     assert [p.name for p in folder.iterdir()] == ["1.2.840.10008.1.dcm"]
     assert pydicom.dcmread(path).PatientID == "Y"
 
@@ -589,10 +591,10 @@ def test_large_source_is_fast(tmp_path: Path) -> None:
     heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
 
     start = time.perf_counter()
-    report.save_dataset(build_sr([result], model), tmp_path)
+    save_dataset(build_sr([result], model), tmp_path)
     sr_s = time.perf_counter() - start
     start = time.perf_counter()
-    report.save_dataset(
+    save_dataset(
         heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid()), tmp_path
     )
     sc_s = time.perf_counter() - start

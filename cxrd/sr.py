@@ -1,13 +1,8 @@
-"""The report stage: classification results to DICOM objects for the PACS.
-
-Two kinds of object go back into the source study (see ``docs/dicom-output.md``):
-
-* one Structured Report per study, a TID 1500 Measurement Report built with highdicom
-  (Comprehensive 3D SR by default, as IHE AIR asks; Comprehensive and Enhanced SR for older
-  archives);
-* one heatmap Secondary Capture per image: the radiograph, downscaled, with the class
-  activation map of the class shown blended in colour and a legend burned in, built by
-  ``cxrd.heatmap``.
+"""The study's Structured Report, which a report job writes (``cxrd.worker``): one TID 1500
+Measurement Report per study generation, built with highdicom from the findings each
+classify job recorded (``cxrd.findings.ImageFindings``), in the source study
+(docs/dicom-output.md §1). Comprehensive 3D SR by default, as IHE AIR asks; Comprehensive
+and Enhanced SR for older archives. The heatmap SC is ``cxrd.heatmap``'s.
 
 Coding choices, so that readers of the SR know what to look for:
 
@@ -20,29 +15,24 @@ Coding choices, so that readers of the SR know what to look for:
   TB = (56717001, SCT) "Tuberculosis"; NORM = (17621005, SCT) "Normal";
   NTB = Finding (263654008, SCT) "Abnormal" together with a qualitative evaluation
   Tuberculosis = (272519000, SCT) "Absent" in the same measurement group.
-* The decision at the operating point: TB when P(TB) >= the model's TB threshold,
-  otherwise the more probable of NTB and NORM. The finding, the Normality and
-  Tuberculosis evaluations and the heatmap all use this one decision, so they never
-  contradict each other (a plain argmax could say TB while Tuberculosis is Absent when the
-  threshold is above 0.5).
+* The decision at the operating point is ``cxrd.findings.decide_class``: the finding, the
+  Normality and Tuberculosis evaluations and the heatmap all use it, so they never
+  contradict each other.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from cxrd import __version__
-from cxrd.durable import write_file
 from cxrd.findings import (
     NORM,
     NTB,
@@ -51,8 +41,8 @@ from cxrd.findings import (
     decide_class,
 )
 from cxrd.headers import header_view, library_view
-from cxrd.modelinfo import CLASS_NAMES, ModelInfo
-from cxrd.uids import validate_uid  # noqa: F401  (re-exported)
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo, labelled, software_versions
+from cxrd.uids import new_uid, validate_uid
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +84,6 @@ CLASS_FINDINGS: tuple[Code, ...] = tuple(
 
 
 # --------------------------------------------------------------------------- UIDs and headers
-
-
-def _new_uid() -> str:
-    return str(hd.UID())
 
 
 # --------------------------------------------------------------------------- SR
@@ -155,7 +141,7 @@ def _build_algorithm(model: ModelInfo, *, with_parameters: bool
 
 
 def _tracking(text: str) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=_new_uid(), identifier=text)
+    return hd.sr.TrackingIdentifier(uid=new_uid(), identifier=text)
 
 
 def _image_groups(
@@ -238,14 +224,6 @@ def _sr_iod_for(sop_class: str) -> _SRIod:
         ) from None
 
 
-def _software_versions(model: ModelInfo) -> list[str]:
-    return [model.version, f"cxrd {__version__}"]
-
-
-def _described(text: str, model: ModelInfo) -> str:
-    return f"DEMO {text}" if model.demo else text
-
-
 def build_sr(
     results: Sequence[ImageFindings],
     model: ModelInfo,
@@ -287,8 +265,8 @@ def build_sr(
             raise ValueError(f"SOPInstanceUID {image_uid} appears twice in the results.")
         seen.add(image_uid)
     validate_uid(model.device_uid)
-    series_uid = validate_uid(series_instance_uid) if series_instance_uid else _new_uid()
-    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else _new_uid()
+    series_uid = validate_uid(series_instance_uid) if series_instance_uid else new_uid()
+    sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else new_uid()
     previous: list[Dataset] | None = None
     if predecessor is not None:
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -349,7 +327,7 @@ def build_sr(
         is_complete=True,
         is_verified=False,
         previous_versions=previous,
-        series_description=_described(SR_SERIES_DESCRIPTION, model),
+        series_description=labelled(SR_SERIES_DESCRIPTION, model),
         manufacturer_model_name=model.name,
     )
     sr = Dataset()
@@ -357,7 +335,7 @@ def build_sr(
     sr.file_meta = built.file_meta
     for tag, value in root.items():
         sr[tag] = value
-    sr.add_new("SoftwareVersions", "LO", _software_versions(model))
+    sr.add_new("SoftwareVersions", "LO", software_versions(model))
     logger.debug(
         "built SR",
         extra={
@@ -371,56 +349,3 @@ def build_sr(
 
 
 # --------------------------------------------------------------------------- files
-
-
-def save_dataset(ds: Dataset, folder: Path) -> Path:
-    """Write ``ds`` to ``folder/<SOPInstanceUID>.dcm`` atomically and durably.
-
-    A temporary file in the same folder is written, flushed and fsynced, renamed over the
-    target and the folder fsynced, so a reader sees either nothing or the whole file.
-    Raises InvalidUID when the SOPInstanceUID is not a valid UID.
-    """
-    uid = validate_uid(str(ds.get("SOPInstanceUID", "")))
-    target = Path(folder) / f"{uid}.dcm"
-    # A new folder is made durably too; a crash leaves the temp file behind, and the node
-    # removes those whose writer is gone (cxrd.durable.remove_stale_temp_files).
-    write_file(target, lambda fh: dcmwrite(fh, ds, enforce_file_format=True))
-    return target
-
-
-def warm_up(model: ModelInfo) -> float:
-    """Build one SR and one SC in memory from a tiny synthetic image, and return the
-    seconds it took.
-
-    highdicom loads its tables and pydicom its dictionaries on first use (about 0.4 s);
-    paying that at start-up keeps it off the first study's latency.
-    """
-    import time
-
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-
-    from cxrd.heatmap import ImageResult, build_heatmap_sc
-
-    t0 = time.perf_counter()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1")
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "WARM^UP", "0", "", ""
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20000101", "000000", "", "1"
-    ds.ReferringPhysicianName = ""
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.Rows, ds.Columns = 16, 16
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    cam = np.zeros((2, 2, 3), dtype=np.float32)
-    result = ImageResult(ds, np.zeros((16, 16), dtype=np.uint8),
-                         np.full(3, 1 / 3, dtype=np.float32), cam)
-    build_heatmap_sc(result, model, series_instance_uid=generate_uid())
-    build_sr([ImageFindings.of(ds, result.probs, cam, model.operating_point.tb_threshold)],
-             model)
-    return time.perf_counter() - t0
