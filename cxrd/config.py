@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from cxrd.errors import ConfigError
 
@@ -516,6 +516,9 @@ def _resolve(base: Path, text: str) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
+_E = TypeVar("_E", bound=StrEnum)
+
+
 class _Table:
     """One TOML table being read.
 
@@ -565,6 +568,20 @@ class _Table:
     def string(self, key: str, default: str, *, required: bool = False) -> str:
         present, value = self._typed(key, "a string", required, str)
         return value if present else default
+
+    def choice(self, key: str, default: _E) -> _E:
+        """One of a StrEnum's values; a wrong one is reported with the values allowed and
+        the nearest, and the default is kept."""
+        kind = type(default)
+        text = self.string(key, default.value)
+        try:
+            return kind(text)
+        except ValueError:
+            allowed = ", ".join(f'"{c.value}"' for c in kind)
+            hint = _suggest(text, [c.value for c in kind])
+            self.bad(key, text, f"one of {allowed}" + (f'; did you mean "{hint}"?'
+                                                        if hint else ""))
+            return default
 
     def boolean(self, key: str, default: bool) -> bool:
         present, value = self._typed(key, "a boolean (true or false)", False, bool)
@@ -954,18 +971,7 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
     structured_report = t.boolean("structured_report", d.structured_report)
     heatmap = t.boolean("heatmap_secondary_capture", d.heatmap_secondary_capture)
     heatmap_max_side = t.integer("heatmap_max_side", d.heatmap_max_side, low=256, high=4096)
-    compression_text = t.string("heatmap_compression", d.heatmap_compression.value)
-    try:
-        heatmap_compression = HeatmapCompression(compression_text)
-    except ValueError:
-        allowed = ", ".join(f'"{c.value}"' for c in HeatmapCompression)
-        hint = _suggest(compression_text, [c.value for c in HeatmapCompression])
-        t.bad(
-            "heatmap_compression",
-            compression_text,
-            f"one of {allowed}" + (f'; did you mean "{hint}"?' if hint else ""),
-        )
-        heatmap_compression = d.heatmap_compression
+    heatmap_compression = t.choice("heatmap_compression", d.heatmap_compression)
     parametric_map = t.boolean("parametric_map", d.parametric_map)
     if parametric_map:
         # The Parametric Map IOD requires a Frame of Reference (patient coordinates), which
@@ -973,18 +979,7 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
         t.bad("parametric_map", parametric_map,
               "false: a Parametric Map needs a frame of reference that CR/DX images lack; "
               "the heatmap Secondary Capture and the SR's region carry the CAM")
-    sr_text = t.string("sr_sop_class", d.sr_sop_class.value)
-    try:
-        sr_sop_class = SrSopClass(sr_text)
-    except ValueError:
-        allowed = ", ".join(f'"{c.value}"' for c in SrSopClass)
-        hint = _suggest(sr_text, [c.value for c in SrSopClass])
-        t.bad(
-            "sr_sop_class",
-            sr_text,
-            f"one of {allowed}" + (f'; did you mean "{hint}"?' if hint else ""),
-        )
-        sr_sop_class = d.sr_sop_class
+    sr_sop_class = t.choice("sr_sop_class", d.sr_sop_class)
     return ResultsConfig(
         data_dir=data_dir,
         folder=folder,

@@ -7,142 +7,27 @@ fails rather than skips.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from resultfactory import (
+    CR,
+    DX_PRESENTATION,
+    TB_THRESHOLD,
+    dciodvfy,
+    fake_result,
+    make_model,
+    make_source,
+)
 
 import cxrd
 from cxrd import heatmap
 from cxrd.durable import save_dataset
-from cxrd.modelinfo import ModelInfo, OperatingPoint
 from cxrd.preprocess import CAM_CELL_SHIFT, dataset_to_gray8
-
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-TB_THRESHOLD = 0.3
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def make_source(
-    rows: int = 600,
-    cols: int = 500,
-    *,
-    sop_class: str = CR,
-    photometric: str = "MONOCHROME2",
-    study_uid: str | None = None,
-    orientation: bool = True,
-) -> Dataset:
-    """A plausible single-frame chest radiograph with patient and study attributes."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientName = "Müller^Anna"
-    ds.PatientID = "MRN-004711"
-    ds.IssuerOfPatientID = "CXRD-TEST"
-    ds.PatientBirthDate = "19640229"
-    ds.PatientSex = "F"
-    ds.PatientAge = "059Y"
-    ds.AccessionNumber = "ACC20240517"
-    ds.StudyID = "4711"
-    ds.StudyDate = "20240517"
-    ds.StudyTime = "093012"
-    ds.StudyDescription = "XR CHEST PA"
-    ds.ReferringPhysicianName = "House^Gregory"
-    ds.Modality = "CR" if sop_class == CR else "DX"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Manufacturer = "ACME Radiography"
-    ds.ManufacturerModelName = "Detecto 3000"
-    ds.InstitutionName = "General Hospital"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    if orientation:
-        ds.PatientOrientation = ["L", "F"]
-        ds.ImagerPixelSpacing = [0.143, 0.143]
-    ds.Rows = rows
-    ds.Columns = cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.WindowCenter = 2048
-    ds.WindowWidth = 4096
-    yy, xx = np.mgrid[0:rows, 0:cols]
-    pixels = ((xx * 7 + yy * 3) % 4096).astype(np.uint16)
-    ds.PixelData = pixels.tobytes()
-    return ds
-
-
-def fake_result(
-    ds: Dataset,
-    *,
-    peak: tuple[int, int] = (2, 5),
-    biases: tuple[float, float, float] = (1.0, 0.0, 0.0),
-    size: int = 7,
-) -> heatmap.ImageResult:
-    """A result whose CAM has one hot cell at ``peak`` for every class, shifted per class
-    by ``biases``; probs are softmax(mean CAM), as the real model guarantees."""
-    cam = np.zeros((size, size, 3), dtype=np.float32)
-    for k, bias in enumerate(biases):
-        cam[..., k] = bias
-        cam[peak[0], peak[1], k] += 6.0
-    logits = cam.mean(axis=(0, 1)).astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs = (probs / probs.sum()).astype(np.float32)
-    display = heatmap.downscale_for_display(dataset_to_gray8(ds))
-    return heatmap.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
-
-
-def make_model(*, demo: bool) -> ModelInfo:
-    return ModelInfo(
-        name="cxrd-mnv2-035",
-        version="2024.05.1",
-        device_uid=generate_uid(),
-        demo=demo,
-        operating_point=OperatingPoint(
-            tb_threshold=TB_THRESHOLD,
-            method="sensitivity >= 0.90 on validation",
-            target_sensitivity=0.9,
-            sensitivity=0.91,
-            specificity=0.78,
-        ),
-    )
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed; the report tests need dicom3tools and dcmtk.")
-    return path
-
-
-def dciodvfy(path: Path) -> list[str]:
-    """dciodvfy's messages for a file, asserting that none is an error."""
-    proc = subprocess.run(
-        [tool("dciodvfy"), str(path)], capture_output=True, text=True, errors="replace", timeout=60
-    )
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line]
-    assert errors == [], "\n".join(lines)
-    return [line for line in lines if "Warning" in line]
-
 
 # --------------------------------------------------------------------------- SC
 
