@@ -61,10 +61,10 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
-#: Batch sizes a session runs: a batch is padded up to the next one. On CUDA each new input
-#: shape costs a cuDNN algorithm search (and memory), so the shapes are few and all warmed
-#: up at start (:meth:`Classifier.warm_up`); on the CPU the padding costs a few
-#: milliseconds at most.
+# Batch sizes a session runs: a batch is padded up to the next one. On CUDA each new input
+# shape costs a cuDNN algorithm search (and memory), so the shapes are few and all warmed
+# up at start (:meth:`Classifier.warm_up`); on the CPU the padding costs a few
+# milliseconds at most.
 def batch_buckets(batch_size: int) -> tuple[int, ...]:
     """1, 2, 4, ... up to ``batch_size`` (which is always the last bucket)."""
     sizes = []

@@ -3,7 +3,7 @@ claim with a lease, complete, retry with backoff, skip, fail, and the study's re
 
 Two kinds of job share the same lease, retry and crash rules (``cxrd.domain.JobKind``):
 classify (one instance) and report (the SR of one study generation). The transaction that
-ends a study's last open classify job enqueues its report job (``_study_progress``), so
+ends a study's last open classify job enqueues its report job (``study_progress``), so
 exactly one report job exists per study generation whichever worker or node ends it.
 
 A claim increments ``attempts``, so a job whose processing kills its worker (a decoder

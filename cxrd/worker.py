@@ -289,8 +289,12 @@ class WorkerLoop:
         from cxrd.durable import save_dataset
         from cxrd.sr import build_sr
 
-        images = [ImageFindings.from_record(json.loads(probs), json.loads(record or "{}"))
-                  for _, probs, record in findings.jobs]
+        images = []
+        for job_id, probs, record in findings.jobs:
+            if not record:  # done before schema 2 recorded findings: classify it again
+                raise ValueError(f"classify job {job_id} has no findings record (done before "
+                                 "schema 2); run `cxrd reprocess --study` for this study")
+            images.append(ImageFindings.from_record(json.loads(probs), json.loads(record)))
         previous = findings.current_sr_path
         predecessor = (pydicom.dcmread(previous, stop_before_pixels=True)
                        if previous and Path(previous).exists() else None)
