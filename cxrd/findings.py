@@ -106,6 +106,25 @@ def hottest_region(cam: npt.NDArray[np.floating], class_index: int, rows: int,
     )
 
 
+def check_probs(probs: F32, what: str) -> None:
+    """ValueError unless ``probs`` is one probability in [0, 1] per class."""
+    n = len(CLASS_NAMES)
+    if probs.shape != (n,):
+        raise ValueError(f"{what} must have shape ({n},), not {probs.shape}.")
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
+        raise ValueError(f"{what} must lie in [0, 1], got {probs}.")
+
+
+def check_source(ds: Dataset, what: str) -> None:
+    """ValueError unless ``ds`` (a source header or its record) names its image and gives
+    its full-size geometry, which every result needs."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not ds.get(keyword):
+            raise ValueError(f"{what} has no {keyword}.")
+    if int(ds.get("Rows") or 0) < 1 or int(ds.get("Columns") or 0) < 1:
+        raise ValueError(f"{what} needs Rows and Columns (the full-size geometry).")
+
+
 @dataclass(frozen=True)
 class ImageFindings:
     """One classified image as the study's SR reports it, recorded by the worker that
@@ -121,18 +140,8 @@ class ImageFindings:
     region: Box | None
 
     def __post_init__(self) -> None:
-        n = len(CLASS_NAMES)
-        if self.probs.shape != (n,):
-            raise ValueError(f"ImageFindings.probs must have shape ({n},), not "
-                             f"{self.probs.shape}.")
-        if not np.all(np.isfinite(self.probs)) or np.any(self.probs < 0) or np.any(self.probs > 1):
-            raise ValueError(f"ImageFindings.probs must lie in [0, 1], got {self.probs}.")
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not self.header.get(keyword):
-                raise ValueError(f"ImageFindings.header has no {keyword}.")
-        if int(self.header.get("Rows") or 0) < 1 or int(self.header.get("Columns") or 0) < 1:
-            raise ValueError("ImageFindings.header needs Rows and Columns (the full-size "
-                             "geometry).")
+        check_probs(self.probs, "ImageFindings.probs")
+        check_source(self.header, "ImageFindings.header")
 
     @classmethod
     def of(cls, dataset: Dataset, probs: npt.ArrayLike, cam: npt.NDArray[np.floating],

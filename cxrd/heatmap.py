@@ -51,7 +51,16 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from cxrd import __version__
-from cxrd.findings import CLASS_LABELS, NORM, TB, decide_class, upsample_cam
+from cxrd.dicom import SECONDARY_CAPTURE
+from cxrd.findings import (
+    CLASS_LABELS,
+    NORM,
+    TB,
+    check_probs,
+    check_source,
+    decide_class,
+    upsample_cam,
+)
 from cxrd.headers import DATE_TIME_VRS, TYPE2_PATIENT_STUDY, parses
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, labelled, software_versions
 from cxrd.uids import new_uid, validate_uid
@@ -69,7 +78,6 @@ DISPLAY_MAX_SIDE = 1024
 COMPRESSIONS = ("none", "jpeg-baseline")
 #: Pillow's JPEG quality for "jpeg-baseline".
 JPEG_QUALITY = 90
-SC_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture Image Storage
 _SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 _ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
 _PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
@@ -144,10 +152,7 @@ class ImageResult:
 
     def __post_init__(self) -> None:
         n = len(CLASS_NAMES)
-        if self.probs.shape != (n,):
-            raise ValueError(f"ImageResult.probs must have shape ({n},), not {self.probs.shape}.")
-        if not np.all(np.isfinite(self.probs)) or np.any(self.probs < 0) or np.any(self.probs > 1):
-            raise ValueError(f"ImageResult.probs must lie in [0, 1], got {self.probs}.")
+        check_probs(self.probs, "ImageResult.probs")
         if self.cam.ndim != 3 or self.cam.shape[-1] != n or min(self.cam.shape[:2]) < 1:
             raise ValueError(f"ImageResult.cam must have shape (h, w, {n}), not {self.cam.shape}.")
         if self.display.ndim != 2 or self.display.dtype != np.uint8:
@@ -155,11 +160,7 @@ class ImageResult:
                 "ImageResult.display must be a 2-D uint8 array, "
                 f"not {self.display.dtype} {self.display.shape}."
             )
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not self.dataset.get(keyword):
-                raise ValueError(f"ImageResult.dataset has no {keyword}.")
-        if int(self.dataset.get("Rows") or 0) < 1 or int(self.dataset.get("Columns") or 0) < 1:
-            raise ValueError("ImageResult.dataset needs Rows and Columns (the full-size geometry).")
+        check_source(self.dataset, "ImageResult.dataset")
 
 
 # --------------------------------------------------------------------------- pixels
@@ -410,13 +411,13 @@ def build_heatmap_sc(
 
     sc = Dataset()
     sc.file_meta = FileMetaDataset()
-    sc.file_meta.MediaStorageSOPClassUID = SC_SOP_CLASS
+    sc.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
     sc.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     charset = src.get("SpecificCharacterSet")
     if charset:
         sc.SpecificCharacterSet = charset
     # SOP Common
-    sc.SOPClassUID = SC_SOP_CLASS
+    sc.SOPClassUID = SECONDARY_CAPTURE
     sc.SOPInstanceUID = sop_uid
     sc.InstanceCreationDate, sc.InstanceCreationTime = date, time
     sc.SoftwareVersions = software_versions(model)

@@ -180,3 +180,16 @@ def test_after_a_reprocess_the_sr_reports_only_that_generation(node) -> None:
             for series in pydicom.dcmread(srs[1].path).CurrentRequestedProcedureEvidenceSequence[0]
             .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
     assert refs == {a.sop_instance_uid}
+
+
+def test_a_findings_record_is_checked_like_the_results_it_feeds() -> None:
+    """A record read back from the database is refused when it could not make an SR."""
+    from cxrd.findings import ImageFindings
+
+    header = make_dataset("CR", rows=40, columns=30)
+    del header.PixelData
+    with pytest.raises(ValueError, match=r"ImageFindings.probs must lie in \[0, 1\]"):
+        ImageFindings(header, np.array([1.2, 0.0, 0.0], np.float32), None)
+    del header.SOPInstanceUID
+    with pytest.raises(ValueError, match="ImageFindings.header has no SOPInstanceUID"):
+        ImageFindings(header, np.array([0.2, 0.3, 0.5], np.float32), None)
