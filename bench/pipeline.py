@@ -315,7 +315,8 @@ def compare_tree(ref: str, work: Path) -> Tree:
 
 
 class MemorySampler:
-    """Peak RSS (VmHWM) of a process and of every descendant, sampled while it runs.
+    """Peak RSS (VmHWM) of a process and of every descendant, sampled while it runs, and
+    their CPU time (utime + stime) between two marks.
 
     Children are found by scanning /proc/*/stat for parent ids (/proc/PID/task/*/children
     needs CONFIG_PROC_CHILDREN, which not every kernel has). VmHWM is the kernel's own
@@ -328,6 +329,27 @@ class MemorySampler:
         self.peak_kb: dict[int, int] = {}
         self.label: dict[int, str] = {}
         self._last = 0.0
+        self.cpu_marks: list[dict[int, float]] = []
+
+    @staticmethod
+    def _cpu_s(pid: int) -> float | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+            fields = text[text.rindex(")") + 2:].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def mark_cpu(self) -> None:
+        """Snapshot every live process's CPU seconds (call at the drop and when done)."""
+        marks = {}
+        for pid in (self.pid, *self._descendants()):
+            cpu = self._cpu_s(pid)
+            if cpu is not None:
+                marks[pid] = cpu
+                if pid not in self.label:
+                    self.label[pid] = "main" if pid == self.pid else self._describe(pid)
+        self.cpu_marks.append(marks)
 
     @staticmethod
     def _hwm_kb(pid: int) -> int | None:
@@ -390,8 +412,16 @@ class MemorySampler:
                     if pid != self.pid]
         main = self.peak_kb.get(self.pid)
         peaks = [kb / 1024 for pid, kb in self.peak_kb.items() if pid != self.pid]
+        cpu: dict[str, float] = {}
+        if len(self.cpu_marks) >= 2:
+            first, last = self.cpu_marks[0], self.cpu_marks[1]
+            for pid, end in last.items():
+                what = ("main" if pid == self.pid else "workers" if pid in workers
+                        else "other")
+                cpu[what] = cpu.get(what, 0.0) + end - first.get(pid, 0.0)
         return {"main_vmhwm_mb": main / 1024 if main is not None else None,
-                "children": children, "max_child_vmhwm_mb": max(peaks, default=None)}
+                "children": children, "max_child_vmhwm_mb": max(peaks, default=None),
+                "cpu_s": cpu}
 
 
 def _worker_pids(db: ReadOnlyDb) -> dict[int, str]:
@@ -534,6 +564,7 @@ def run_node(inputs: Inputs, run_dir: Path, args: argparse.Namespace, tree: Tree
             workers = wait_ready(proc, db, log_path, processes, mem)
             startup = time.monotonic() - t_start
             files = sorted(staging.iterdir())
+            mem.mark_cpu()
             t_drop = utcnow()
             m_drop = time.monotonic()
             for f in files:
@@ -543,6 +574,7 @@ def run_node(inputs: Inputs, run_dir: Path, args: argparse.Namespace, tree: Tree
                 f"dropped {len(files)} files")
             wait_reported(proc, db, log_path, inputs.studies, args.timeout, mem)
             wait_seconds = time.monotonic() - m_drop
+            mem.mark_cpu()
             metrics = collect_metrics(db, t_drop, len(inputs.files))
             if reprocess:
                 log(f"{inputs.variant}: cxrd reprocess --since 2000-01-01")
@@ -1073,6 +1105,12 @@ def print_daemon(variant: str, m: dict[str, Any]) -> None:
           f"{m['drain_s']:.1f} s (exit {m['exit_code']}); worker providers "
           f"{', '.join(m['worker_providers'])}")
     print_memory(m["memory"])
+    cpu = m["memory"].get("cpu_s") or {}
+    if cpu:
+        n = m["images"]
+        parts = ", ".join(f"{k} {v / n * 1000:.1f}" for k, v in sorted(cpu.items()))
+        print(f"  CPU per image {sum(cpu.values()) / n * 1000:.1f} ms ({parts}; drop -> all "
+              f"reported, utime + stime from /proc)")
     sched = m["scheduler"]
     if sched is None:
         print("  scheduler CPU per study: n/a   (no scheduler_cpu_s in the node's "

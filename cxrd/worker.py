@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from threadpoolctl import threadpool_limits
 
 from cxrd import queue
 from cxrd.config import Config, worker_threads
@@ -332,6 +333,16 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def limit_native_threads() -> None:
+    """One thread for numpy's BLAS in a worker process.
+
+    The CAM upsampling's small matrix products would otherwise start one BLAS thread per
+    core, which keep spinning after every call: a fifth of a worker's CPU, taken from the
+    other workers. A worker's parallelism is the worker processes (and onnxruntime's own
+    threads, ``worker_threads``)."""
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def worker_main(config: Config, index: int, parent_pid: int,
                 setup_logging: Callable[[Config], None] | None = None) -> None:
     """Entry point of a worker process. Exits on SIGTERM or when the parent dies."""
@@ -339,6 +350,7 @@ def worker_main(config: Config, index: int, parent_pid: int,
     # Below the main process: under load the receiver, the watcher and the scheduler
     # (which answer the PACS and feed the queue) go first; idle cores still go to workers.
     os.nice(WORKER_NICENESS)
+    limit_native_threads()
     if setup_logging is not None:
         setup_logging(config)
     worker_id = f"{worker_id_prefix()}{os.getpid()}:w{index}"

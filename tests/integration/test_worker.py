@@ -193,3 +193,27 @@ def test_a_findings_record_is_checked_like_the_results_it_feeds() -> None:
     del header.SOPInstanceUID
     with pytest.raises(ValueError, match="ImageFindings.header has no SOPInstanceUID"):
         ImageFindings(header, np.array([0.2, 0.3, 0.5], np.float32), None)
+
+
+def test_a_worker_process_runs_numpy_blas_on_one_thread() -> None:
+    """In a fresh interpreter (as a spawned worker is): BLAS threads per core before, one
+    after ``limit_native_threads``, and a matrix product still works."""
+    import subprocess
+    import sys
+    code = (
+        "import numpy as np\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from cxrd.worker import limit_native_threads\n"
+        "blas = lambda: [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "before = blas()\n"
+        "limit_native_threads()\n"
+        "a = np.ones((64, 64), dtype=np.float32)\n"
+        "assert float((a @ a)[0, 0]) == 64.0\n"
+        "print(before, blas())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("] [")
+    before, after = (list(map(int, filter(None, part.strip("[]\n ").split(","))))
+                     for part in out)
+    assert after and all(n == 1 for n in after), out
+    assert len(before) == len(after)
