@@ -217,3 +217,23 @@ def test_a_worker_process_runs_numpy_blas_on_one_thread() -> None:
                      for part in out)
     assert after and all(n == 1 for n in after), out
     assert len(before) == len(after)
+
+
+def test_a_worker_keeps_the_garbage_collector_off_what_it_loaded_at_start() -> None:
+    """After ``settle_garbage_collector`` what was alive is frozen (not walked again), young
+    collections are rarer, and new cyclic garbage is still collected."""
+    import subprocess
+    import sys
+    code = (
+        "import gc, weakref\n"
+        "from cxrd.worker import GC_YOUNG_THRESHOLD, settle_garbage_collector\n"
+        "settle_garbage_collector()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > 700\n"
+        "class Node: pass\n"
+        "a, b = Node(), Node(); a.other, b.other = b, a\n"
+        "ref = weakref.ref(a); del a, b\n"
+        "gc.collect()\n"
+        "assert ref() is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
