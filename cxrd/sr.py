@@ -22,13 +22,16 @@ Coding choices, so that readers of the SR know what to look for:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -140,6 +143,19 @@ def _build_algorithm(model: ModelInfo, *, with_parameters: bool
     )
 
 
+@functools.cache
+def _finding_site() -> hd.sr.FindingSite:
+    """Finding Site = Lung. Constant content items are built once per process and shared
+    by every group that holds them (a content item is written by value; nothing changes
+    it once built), as are an image's source image reference and the evaluations below."""
+    return hd.sr.FindingSite(LUNG)
+
+
+@functools.cache
+def _evaluation(name: Code, value: Code) -> hd.sr.QualitativeEvaluation:
+    return hd.sr.QualitativeEvaluation(name, value)
+
+
 def _tracking(text: str) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(uid=new_uid(), identifier=text)
 
@@ -155,6 +171,7 @@ def _image_groups(
     decided = decide_class(result.probs, threshold)
     tb_present = float(result.probs[TB]) >= threshold
     name = CLASS_NAMES[decided]
+    source = hd.sr.SourceImageForMeasurementGroup.from_source_image(view)
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -162,23 +179,23 @@ def _image_groups(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(f"cxrd finding {name}, image {number}"),
             finding_type=CLASS_FINDINGS[decided],
-            finding_sites=[hd.sr.FindingSite(LUNG)],
+            finding_sites=[_finding_site()],
             algorithm_id=_algorithm(model, with_parameters=True),
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(NORMALITY, NORMAL if decided == NORM else ABNORMAL),
-                hd.sr.QualitativeEvaluation(TUBERCULOSIS, PRESENT if tb_present else ABSENT),
+                _evaluation(NORMALITY, NORMAL if decided == NORM else ABNORMAL),
+                _evaluation(TUBERCULOSIS, PRESENT if tb_present else ABSENT),
             ],
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(view)],
+            source_images=[source],
         )
     ]
     for k, class_name in enumerate(CLASS_NAMES):
         # NTB has no code of its own: "Abnormal" with Tuberculosis Absent defines it.
-        evaluations = [hd.sr.QualitativeEvaluation(TUBERCULOSIS, ABSENT)] if k == NTB else None
+        evaluations = [_evaluation(TUBERCULOSIS, ABSENT)] if k == NTB else None
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=_tracking(f"cxrd probability {class_name}, image {number}"),
                 finding_type=CLASS_FINDINGS[k],
-                finding_sites=[hd.sr.FindingSite(LUNG)],
+                finding_sites=[_finding_site()],
                 algorithm_id=_algorithm(model, with_parameters=False),
                 measurements=[
                     hd.sr.Measurement(
@@ -189,7 +206,7 @@ def _image_groups(
                     )
                 ],
                 qualitative_evaluations=evaluations,
-                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(view)],
+                source_images=[source],
             )
         )
     # A box around "the most normal region" would mislead a reader, so NORM gets none.
@@ -206,11 +223,29 @@ def _image_groups(
                 tracking_identifier=_tracking(f"cxrd hottest region {name}, image {number}"),
                 referenced_region=region,
                 finding_type=CLASS_FINDINGS[decided],
-                finding_sites=[hd.sr.FindingSite(LUNG)],
+                finding_sites=[_finding_site()],
                 algorithm_id=_algorithm(model, with_parameters=False),
             )
         )
     return groups
+
+
+def _encode_as_built(sr: Dataset) -> None:
+    """Let pydicom write the SR's ~800 nested data sets as they are.
+
+    A data set that was not read from a file has no original encoding, so pydicom's
+    writer runs its ambiguous-VR pass over it, and that pass descends into every sequence:
+    for each nested item again, about a third of the SR's write time. The pass is run once
+    here, over the whole tree, and every data set is then marked as already in the
+    encoding it is written in (Explicit VR Little Endian, its character set)."""
+    correct_ambiguous_vr(sr, True)
+    todo = [sr]
+    while todo:
+        ds = todo.pop()
+        ds.set_original_encoding(False, True, ds._character_set)
+        for elem in ds.values():
+            if elem.VR == "SQ" and not isinstance(elem, RawDataElement):
+                todo.extend(elem.value)
 
 
 def _sr_iod_for(sop_class: str) -> _SRIod:
@@ -336,6 +371,7 @@ def build_sr(
     for tag, value in root.items():
         sr[tag] = value
     sr.add_new("SoftwareVersions", "LO", software_versions(model))
+    _encode_as_built(sr)
     logger.debug(
         "built SR",
         extra={
