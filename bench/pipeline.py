@@ -529,8 +529,15 @@ def scheduler_cpu(log_path: Path, studies: int) -> dict[str, Any] | None:
     if cpu is None:
         return None
     ticks = fields.get("scheduler_ticks", "")
+    admitting = _float(fields.get("admitting_cpu_s"))
+    admitted = fields.get("admitted_studies", "")
+    per_admitted = (admitting / int(admitted) if admitting is not None and admitted.isdigit()
+                    and int(admitted) else float("nan"))
     return {"scheduler_cpu_s": cpu, "scheduler_ticks": int(ticks) if ticks.isdigit() else None,
-            "per_study_s": cpu / studies if studies else float("nan")}
+            "per_study_s": cpu / studies if studies else float("nan"),
+            "admitting_cpu_s": admitting,
+            "admitted_studies": int(admitted) if admitted.isdigit() else None,
+            "per_admitted_study_s": per_admitted}
 
 
 def run_daemon(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -1117,9 +1124,15 @@ def print_daemon(variant: str, m: dict[str, Any]) -> None:
               "action=drain-done line)")
     else:
         again = "; node lifetime, so the reprocess pass too" if m["reprocess"] else ""
+        admitting = sched.get("per_admitted_study_s", float("nan"))
+        if admitting == admitting:  # not NaN: the node splits the admitting ticks out
+            print(f"  scheduler CPU per admitted study: {admitting * 1000:.1f} ms   (the "
+                  f"ticks that admitted studies: {sched['admitting_cpu_s']:.3f} s CPU / "
+                  f"{sched['admitted_studies']} studies{again})")
         print(f"  scheduler CPU per study: {sched['per_study_s'] * 1000:.1f} ms   (main process "
               f"{sched['scheduler_cpu_s']:.3f} s CPU over {sched['scheduler_ticks'] or '?'} "
-              f"ticks / {m['studies']} studies{again})")
+              f"ticks / {m['studies']} studies: node lifetime, start-up and idle rounds "
+              f"included{again})")
     if m["reprocess"]:
         print_reprocess(m)
     print("  per-image stage times (Job.timings; SR from Study.report_seconds):")
