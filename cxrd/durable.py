@@ -4,7 +4,9 @@ Every file cxrd writes for keeps (spooled instances, SR and SC results) goes the
 
 1. its folder, when new, is created and fsynced into its parent (``make_dirs_durably``);
 2. the bytes go to a hidden temp file beside the target, ``.<name>.<pid>.<random>.tmp``,
-   which is flushed and fsynced (``write_temp``);
+   which is flushed and fsynced (``write_temp``); a file that is already on the same file
+   system (a watched folder's) gets that temp name as a hard link instead, and is fsynced
+   (``link_temp``);
 3. the temp file is renamed over the target and the folder fsynced (``write_file``; the
    ingest does these two steps itself, inside its group commit, one folder fsync per
    group).
@@ -16,6 +18,7 @@ gone.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -112,6 +115,46 @@ def write_temp(path: Path, content: Content) -> Path:
         make_dirs_durably(folder)
         _write_synced(tmp, content)
     return tmp
+
+
+def link_temp(path: Path, source: Path) -> Path | None:
+    """Give ``source`` a second name: a new temp file beside ``path`` (its folder created
+    durably when missing), fsynced; returns the temp file, or None when the file system
+    cannot link the two (another device, no hard links, ...). No byte is copied, so a
+    file already on the same file system is taken in for the cost of an fsync.
+
+    The caller owns the check that ``source`` is what it read (``cxrd.ingest``)."""
+    folder = path.parent
+    make_dirs_durably(folder)
+    tmp = temp_path(path)
+    try:
+        os.link(source, tmp)
+    except FileNotFoundError:
+        if not folder.is_dir():  # removed after this process made it: make it again
+            _forget_dirs(folder)
+            make_dirs_durably(folder)
+            return link_temp(path, source)
+        raise
+    except OSError as exc:
+        if exc.errno in _CANNOT_LINK:
+            return None
+        raise
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the writer of ``source`` may not have synced it
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+#: link(2) errors that mean "copy instead": another file system, none allowed here, too
+#: many links, or not the caller's file (fs.protected_hardlinks).
+_CANNOT_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP,
+                          errno.ENOTSUP, errno.EACCES})
 
 
 def _write_synced(tmp: Path, content: Content) -> None:

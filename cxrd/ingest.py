@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import shutil
+import stat
 import struct
 import threading
 import weakref
@@ -241,6 +242,41 @@ def _upsert_study(conn: Connection) -> Any:
     return stmt
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """A watched file as it was read (its ``fstat`` before the read).
+
+    Such a file is already on disk, and the watched folder (``data_dir/incoming`` by
+    default) is usually on the spool's file system: the spool file can then be the same
+    file under a second name, fsynced, instead of a copy of its bytes (a 10 MB write, and
+    the disk written twice). Only when the file is cxrd's own (its owner could otherwise
+    change the spooled bytes later), has no other name, and is unchanged since it was read:
+    same inode, size and modification time, so the spooled bytes are the ones checked and
+    hashed. Anything else is copied as before.
+    """
+
+    path: Path
+    seen: os.stat_result
+
+    def link_temp(self, spool: Path) -> Path | None:
+        """The spool's temp file as a hard link of this file, or None: copy instead."""
+        st = self.seen
+        if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()):
+            return None
+        try:
+            tmp = durable.link_temp(spool, self.path)
+        except FileNotFoundError:
+            return None  # taken away meanwhile: the bytes read are still good to copy
+        if tmp is None:
+            return None
+        now = os.stat(tmp)
+        if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (
+                st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns):
+            tmp.unlink(missing_ok=True)  # changed since it was read: copy what was read
+            return None
+        return tmp
+
+
 @dataclass(eq=False)
 class _Pending:
     """An instance spooled to its temp file, waiting for the commit of its row."""
@@ -351,7 +387,9 @@ class Ingestor:
         moved to ``rejected/`` with a ``.reason.txt`` beside it. After a storage failure
         (disk full, database down) the file stays where it is, to be tried again."""
         try:
-            data = path.read_bytes()
+            with path.open("rb") as fh:
+                origin = _Origin(path, os.fstat(fh.fileno()))
+                data = fh.read()
         except FileNotFoundError:
             # Taken away between notice and read (another node, an operator): not ours.
             return StoreOutcome(False, detail="the file vanished before it was read")
@@ -360,7 +398,7 @@ class Ingestor:
             outcome = self.reject(source, path.name, RejectReason.UNREADABLE,
                                   f"cannot read the file: {exc.strerror or type(exc).__name__}")
         else:
-            outcome = self.store(data, source, name=path.name)
+            outcome = self.store(data, source, name=path.name, origin=origin)
         if outcome.accepted:
             path.unlink(missing_ok=True)
         elif outcome.reason is not None and outcome.reason is not RejectReason.STORAGE_FAILED:
@@ -397,16 +435,19 @@ class Ingestor:
 
     # -- shared by the folder and the receiver ---------------------------------------
     def store(self, data: bytes, source: str, *, name: str = "",
-              expected_sop_class: str | None = None) -> StoreOutcome:
-        """Validate, spool and commit one object given as bytes (Part 10 or bare)."""
-        outcome = self._store(data, source, name=name, expected_sop_class=expected_sop_class)
+              expected_sop_class: str | None = None,
+              origin: _Origin | None = None) -> StoreOutcome:
+        """Validate, spool and commit one object given as bytes (Part 10 or bare).
+        ``origin``: the watched file ``data`` was read from (see ``_Origin``)."""
+        outcome = self._store(data, source, name=name, expected_sop_class=expected_sop_class,
+                              origin=origin)
         label = ("duplicate" if outcome.duplicate else "stored") if outcome.accepted else (
             str(outcome.reason.value) if outcome.reason else "rejected")
         metrics().instances_received.labels(label).inc()
         return outcome
 
     def _store(self, data: bytes, source: str, *, name: str,
-               expected_sop_class: str | None) -> StoreOutcome:
+               expected_sop_class: str | None, origin: _Origin | None) -> StoreOutcome:
         if not data:
             return self.reject(source, name, RejectReason.NOT_DICOM, "empty file")
         try:
@@ -447,7 +488,9 @@ class Ingestor:
                 return known
             for attempt in range(2):
                 try:
-                    outcome = self._spool_and_commit(ds, uids, spool, part10, digest, source)
+                    outcome = self._spool_and_commit(
+                        ds, uids, spool, part10, digest, source,
+                        origin if part10 is data else None)
                     break
                 except IntegrityError:
                     # A concurrent store of the same UID (or the first instance of the
@@ -509,7 +552,8 @@ class Ingestor:
         return None if value is None else str(value)
 
     def _spool_and_commit(self, ds: Dataset, uids: dict[str, str], spool: Path, part10: bytes,
-                          digest: str, source: str) -> StoreOutcome | None:
+                          digest: str, source: str,
+                          origin: _Origin | None = None) -> StoreOutcome | None:
         """Write the spool file and commit its row; None when stored, else the outcome
         for an instance a concurrent call stored first.
 
@@ -522,7 +566,9 @@ class Ingestor:
         ORM session, since at hundreds of instances a second its bookkeeping was a third
         of the time.
         """
-        tmp = durable.write_temp(spool, part10)
+        tmp = origin.link_temp(spool) if origin is not None else None
+        if tmp is None:
+            tmp = durable.write_temp(spool, part10)
         item = _Pending(ds, uids, spool, tmp, digest, len(part10), source)
         try:
             self._group.commit(item)

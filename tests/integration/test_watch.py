@@ -151,11 +151,12 @@ def test_storage_failure_is_retried_later_not_in_a_tight_loop(ingestor, dirs, mo
 
     calls = []
 
-    def failing(path: Path, data: bytes) -> Path:
+    def failing(path: Path, data: bytes | Path) -> Path:
         calls.append(path)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(durable, "write_temp", failing)
+    monkeypatch.setattr(durable, "link_temp", failing)
     monkeypatch.setattr(watch_mod, "RETRY_SECONDS", 0.5)
     src = write(dirs.incoming / "x.dcm", part10_bytes(make_dataset("CR")))
     w = FolderWatcher(ingestor, [dirs.incoming], 0)

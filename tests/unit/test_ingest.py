@@ -363,7 +363,11 @@ def test_storage_failure_leaves_the_file_for_a_retry(ingestor, dirs, monkeypatch
     def disk_full(path: Path, data: bytes) -> Path:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def no_room_for_a_link(path: Path, source: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(durable, "write_temp", disk_full)
+    monkeypatch.setattr(durable, "link_temp", no_room_for_a_link)
     outcome = ingestor.ingest_file(src, "t")
     assert not outcome.accepted and outcome.reason is RejectReason.STORAGE_FAILED
     assert src.exists(), "the file must stay for a retry"
@@ -398,14 +402,14 @@ def test_vanished_file_is_not_a_rejection(ingestor, dirs):
 def test_unreadable_file_is_rejected_without_naming_it_in_the_log(ingestor, dirs, monkeypatch,
                                                                    caplog):
     src = write(dirs.incoming / PHI_NAME, b"whatever")
-    real = Path.read_bytes
+    real = Path.open
 
-    def denied(self: Path) -> bytes:
+    def denied(self: Path, *args, **kwargs):
         if self == src:
             raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(Path, "open", denied)
     outcome = ingestor.ingest_file(src, "t")
     row = assert_rejected(ingestor, dirs, outcome, src, RejectReason.UNREADABLE)
     assert PHI_NAME not in row.detail
@@ -483,3 +487,54 @@ def test_part10_framing_matches_pynetdicom_and_parses(syntax, sop_uid):
     assert meta.MediaStorageSOPInstanceUID == sop_uid
     assert meta.TransferSyntaxUID == syntax
     assert framed.endswith(body)
+
+
+def _spooled(ingestor: Ingestor, ds) -> Path:
+    (row,) = [r for r in rows(ingestor.db, Instance) if r.sop_instance_uid == ds.SOPInstanceUID]
+    return Path(row.path)
+
+
+def test_a_watched_file_is_spooled_as_a_link_not_a_copy(ingestor, dirs):
+    ds = make_dataset("CR")
+    data = part10_bytes(ds)
+    src = write(dirs.incoming / "x.dcm", data)
+    inode = src.stat().st_ino
+    assert ingestor.ingest_file(src, "t").accepted
+    assert not src.exists()
+    spool = _spooled(ingestor, ds)
+    assert spool.stat().st_ino == inode and spool.stat().st_nlink == 1
+    assert spool.read_bytes() == data
+    assert [p for p in all_files(dirs.spool) if p.name.endswith(".tmp")] == []
+
+
+def test_a_watched_file_with_another_name_is_copied(ingestor, dirs, tmp_path):
+    ds = make_dataset("CR")
+    src = write(dirs.incoming / "x.dcm", part10_bytes(ds))
+    other = tmp_path / "other-name.dcm"
+    other.hardlink_to(src)  # its owner keeps a name for it: it could change the bytes
+    assert ingestor.ingest_file(src, "t").accepted
+    spool = _spooled(ingestor, ds)
+    assert spool.stat().st_ino != other.stat().st_ino
+    assert spool.read_bytes() == other.read_bytes()
+
+
+def test_a_watched_file_changed_after_it_was_read_is_copied_as_read(ingestor, dirs,
+                                                                   monkeypatch):
+    ds = make_dataset("CR")
+    data = part10_bytes(ds)
+    src = write(dirs.incoming / "x.dcm", data)
+    real_link_temp = durable.link_temp
+
+    def written_meanwhile(path: Path, source: Path) -> Path | None:
+        with source.open("ab") as fh:  # a late writer appends after the read
+            fh.write(b"\0" * 16)
+        return real_link_temp(path, source)
+
+    monkeypatch.setattr(durable, "link_temp", written_meanwhile)
+    assert ingestor.ingest_file(src, "t").accepted
+    spool = _spooled(ingestor, ds)
+    # the bytes that were parsed and hashed are the ones spooled, as a copy
+    assert spool.read_bytes() == data
+    (row,) = rows(ingestor.db, Instance)
+    assert row.sha256 == hashlib.sha256(data).hexdigest()
+    assert [p for p in all_files(dirs.spool) if p.name.endswith(".tmp")] == []
