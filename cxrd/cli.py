@@ -1,4 +1,5 @@
-"""The ``cxrd`` command: serve, predict, reprocess, status, check-config.
+"""The ``cxrd`` command: serve, predict, reprocess, status, check-config, and the mending
+commands ``deliveries retry`` and ``jobs retry``.
 
 Every subcommand takes ``--config PATH``; its environment twin is ``CXRD_CONFIG``.
 """
@@ -12,10 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxrd import __version__
 from cxrd.config import Config, describe, load_config
 from cxrd.errors import ConfigError, CxrdError
+
+if TYPE_CHECKING:
+    from cxrd.db import Database
 
 log = logging.getLogger("cxrd")
 
@@ -53,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="queue, failures, deliveries, model")
     p.add_argument("--json", action="store_true")
     sub.add_parser("check-config", parents=[common], help="validate the config, list problems")
+    p = sub.add_parser("deliveries", help="mend the outbox")
+    mend = p.add_subparsers(dest="action", required=True)
+    p = mend.add_parser("retry", parents=[common], help="send dead deliveries again")
+    p.add_argument("--destination", metavar="NAME", help="only those to this destination")
+    p = sub.add_parser("jobs", help="mend the job queue")
+    mend = p.add_subparsers(dest="action", required=True)
+    mend.add_parser("retry", parents=[common], help="queue failed jobs again")
     return parser
 
 
@@ -114,6 +126,44 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mend_db(args: argparse.Namespace) -> tuple[Config, Database]:
+    """The config (logging set up from it: the action's log line goes where the node's
+    do) and the migrated database of a mending command."""
+    from cxrd.db import Database
+    from cxrd.logs import setup_logging
+
+    config = _config(args)
+    setup_logging(config)
+    db = Database(config.storage.database_url_resolved)
+    db.migrate()
+    return config, db
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from cxrd.actions import current_actor
+    from cxrd.outbox import retry_dead
+
+    config, db = _mend_db(args)
+    name = args.destination
+    if name is not None and name not in {d.name for d in config.destinations}:
+        print(f"note: {name!r} is not a configured destination; its deliveries would fail "
+              "again", file=sys.stderr)
+    count = retry_dead(db, actor=current_actor(), destination=name)
+    print(f"re-queued {count} dead deliveries" + (f" to {name}" if name else ""))
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from cxrd.actions import current_actor
+    from cxrd.queue import retry_failed
+
+    _, db = _mend_db(args)
+    retried = retry_failed(db, actor=current_actor())
+    print(f"re-queued {retried.jobs} failed jobs ({retried.classify} classify, "
+          f"{retried.report} report) in {retried.studies} studies")
+    return EXIT_OK
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cxrd.predict import predict_files
 
@@ -122,7 +172,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "reprocess": cmd_reprocess,
-            "status": cmd_status, "check-config": cmd_check_config}
+            "status": cmd_status, "check-config": cmd_check_config,
+            "deliveries": cmd_deliveries, "jobs": cmd_jobs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -185,6 +185,22 @@ class Worker(Base):
     processed: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class OperatorAction(Base):
+    """One row per mending command an operator ran (``cxrd deliveries retry``,
+    ``cxrd jobs retry``): who, when, on what and how many rows it changed. Written in the
+    transaction that made the change; ``cxrd status`` shows the recent ones."""
+
+    __tablename__ = "operator_actions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    action: Mapped[str] = mapped_column(String(32))  # e.g. "deliveries-retry"
+    actor: Mapped[str] = mapped_column(String(256))  # user@host that ran the command
+    scope: Mapped[str | None] = mapped_column(String(256))  # "destination=pacs"; None: all
+    count: Mapped[int] = mapped_column(Integer)  # rows re-queued
+    detail: Mapped[str | None] = mapped_column(Text)  # "key=value ..." (e.g. by job kind)
+
+
 class SchemaVersion(Base):
     __tablename__ = "schema_version"
 
@@ -223,8 +239,14 @@ def _v2(conn: Any) -> None:
             index.create(conn)
 
 
+def _v3(conn: Any) -> None:
+    """``operator_actions``: the record of mending commands. A database created at an
+    earlier version by this code's models already has it."""
+    OperatorAction.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
-MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

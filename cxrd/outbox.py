@@ -8,7 +8,9 @@ Then the delivery's state changes: which deliveries are due (``due_deliveries``)
 doubling, capped at ``max_backoff_seconds``; dead at once when the failure is permanent,
 or when the next attempt would come after the delivery is ``max_age_hours`` old. Each of
 these changes counts in ``cxrd_deliveries_total`` and logs one line with the delivery's
-UIDs, destination, attempts and the error, never patient data.
+UIDs, destination, attempts and the error, never patient data. An operator sends dead
+deliveries again with ``cxrd deliveries retry`` (``retry_dead``), which is recorded as an
+operator action.
 
 ``cxrd.send`` owns the network side: it sends the due deliveries and says how each one
 failed (transient, permanent, or to be retried only at the maximum backoff).
@@ -23,9 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from cxrd.actions import DELIVERIES_RETRY, log_action, record
 from cxrd.config import SenderConfig
 from cxrd.db import Database, Delivery, Result, utcnow
 from cxrd.domain import DeliveryState, ResultKind
@@ -165,3 +168,25 @@ def mark_failed(db: Database, deliveries: Sequence[DueDelivery], error: str,
                             "destination=%s attempts=%d retry_in_s=%.0f error=%s", row.id,
                             delivery.sop_instance_uid, row.destination, row.attempts,
                             wait.total_seconds(), error)
+
+
+def retry_dead(db: Database, *, actor: str, destination: str | None = None,
+               now: dt.datetime | None = None) -> int:
+    """``cxrd deliveries retry``: every dead delivery (or those to ``destination``) back
+    to pending, due now, with its attempts reset and its age counted from now, so the
+    sender of the running node sends it again at its next pass with the whole retry policy
+    ahead of it (if it fails again it backs off, and is dead again after
+    ``max_age_hours``). ``last_error`` is kept until the next attempt. The operator action
+    is recorded in the same transaction and logged; returns how many were re-queued."""
+    now = utcnow() if now is None else now
+    with db.session() as s:
+        query = update(Delivery).where(Delivery.state == DeliveryState.DEAD.value)
+        if destination is not None:
+            query = query.where(Delivery.destination == destination)
+        result = s.execute(query.values(state=DeliveryState.PENDING.value, attempts=0,
+                                        next_attempt_at=now, created_at=now, done_at=None))
+        count = int(getattr(result, "rowcount", 0) or 0)
+        action = record(s, DELIVERIES_RETRY, count, actor=actor,
+                        scope=None if destination is None else f"destination={destination}")
+    log_action(action)
+    return count

@@ -10,6 +10,10 @@ A claim increments ``attempts``, so a job whose processing kills its worker (a d
 crash, say) comes back after its lease expires and fails for good after ``max_attempts``
 instead of crash-looping. On PostgreSQL several nodes share the queue: rows are claimed
 with ``FOR UPDATE SKIP LOCKED``. On SQLite the claim runs under ``BEGIN IMMEDIATE``.
+
+A failed job stays failed, with its error, until an operator answers it: ``cxrd jobs
+retry`` (``retry_failed``) queues it again in its generation, ``cxrd reprocess`` queues its
+study as a new generation. ``unresolved_failures`` says which failures are unanswered.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
+from cxrd.actions import JOBS_RETRY, log_action, record
 from cxrd.db import Database, Instance, Job, Result, Study, Worker, utcnow
 from cxrd.domain import InstanceState, JobKind, JobState, ResultKind, SkipReason, StudyState
 from cxrd.durable import pid_alive
@@ -426,6 +431,89 @@ def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_att
     log.warning("action=job-retry job_id=%d sop_instance_uid=%s attempt=%d delay_s=%.0f "
                 "error_type=%s", job.job_id, job.sop_instance_uid, job.attempts, delay,
                 error_kind(error))
+
+
+def unresolved_failures() -> ColumnElement[bool]:
+    """Failed jobs nothing has answered yet (a condition on ``Job``): not in an older
+    generation than their study's (a reprocess answered them), and, for a classify job, no
+    later job of the same instance in the same generation (``retry_failed`` answered it;
+    if that one fails too, it is the unanswered failure). A failed report job is retried
+    in place (one report job per study generation), so it counts until it is re-armed."""
+    later = aliased(Job)
+    return and_(
+        Job.state == JobState.FAILED.value,
+        ~exists().where(Study.study_instance_uid == Job.study_instance_uid,
+                        Study.generation > Job.generation),
+        ~exists().where(later.instance_id == Job.instance_id,
+                        later.generation == Job.generation, later.id > Job.id),
+    )
+
+
+@dataclass(frozen=True)
+class Retried:
+    """What ``retry_failed`` queued again."""
+
+    classify: int
+    report: int
+    studies: int
+
+    @property
+    def jobs(self) -> int:
+        return self.classify + self.report
+
+
+def retry_failed(db: Database, *, actor: str, now: dt.datetime | None = None) -> Retried:
+    """``cxrd jobs retry``: every unanswered failed job (``unresolved_failures``) is run
+    again, in its study's current generation, so its study's report follows.
+
+    A failed classify job gets a new pending job for the same instance and generation,
+    with no attempts used (the failed row stays, with its error, as the record of the
+    failure; the new one answers it). A new row, not the old one set back to pending: the
+    SR's UID and the stale-report check follow the newest classify job of the study, so
+    a job that ends later must have a larger id. Its instance is queued again, and its
+    study, reported (or nothing-to-do) without it, is admitted again: when the study's
+    last open classify job ends, ``study_progress`` re-arms the report job, whose new SR
+    supersedes the current one. A failed report job is re-armed in place by the same rule,
+    at once when none of its study's classify jobs is open. A study collecting meanwhile
+    is left to admission. The operator action is recorded in the same transaction and
+    logged."""
+    now = utcnow() if now is None else now
+    classify = report = 0
+    queued: list[tuple[int, str, str]] = []
+    with db.session() as s:
+        uids = sorted(s.scalars(select(Job.study_instance_uid).where(
+            unresolved_failures()).distinct()).all())
+        for uid in uids:  # one order for the study locks
+            study = _locked_study(s, uid)
+            if study is None:
+                continue
+            # Read after the study lock: a concurrent retry of this study has committed.
+            failed = s.scalars(select(Job).where(Job.study_instance_uid == uid,
+                                                 unresolved_failures()).order_by(Job.id)).all()
+            for job in failed:
+                if job.kind == JobKind.REPORT.value:
+                    report += 1
+                    continue
+                inst = s.get(Instance, job.instance_id)
+                assert inst is not None
+                inst.state, inst.reason, inst.detail = InstanceState.QUEUED.value, None, None
+                s.add(Job(instance_id=job.instance_id, study_instance_uid=uid,
+                          generation=job.generation, state=JobState.PENDING.value,
+                          not_before=now, created_at=now))
+                queued.append((job.id, inst.sop_instance_uid, uid))
+                classify += 1
+            if study.state in (StudyState.REPORTED.value, StudyState.NOTHING_TO_DO.value):
+                study.state = StudyState.ADMITTED.value
+            s.flush()
+            study_progress(s, uid, now)
+        retried = Retried(classify, report, len(uids))
+        action = record(s, JOBS_RETRY, retried.jobs, actor=actor,
+                        detail=f"classify={classify} report={report} studies={len(uids)}")
+    for job_id, sop_uid, study_uid in queued:
+        log.info("action=job-requeued failed_job_id=%d sop_instance_uid=%s "
+                 "study_instance_uid=%s", job_id, sop_uid, study_uid)
+    log_action(action)
+    return retried
 
 
 def release_dead_leases(db: Database, owner_prefix: str) -> int:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import func, select
 
+from cxrd.actions import recent
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
 from cxrd.domain import DeliveryState, JobKind, JobState, ResultKind
 from cxrd.infer import resolve_model_path
 from cxrd.modelinfo import read_model_info
+from cxrd.queue import unresolved_failures
 
 RECENT = 10
 WORKER_STALE_SECONDS = 60
@@ -54,9 +56,11 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "error": job.error,
                 "attempts": job.attempts,
                 "at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+                # answered since by `cxrd jobs retry` or `cxrd reprocess`
+                "resolved": not unresolved,
             }
-            for job, inst in s.execute(
-                select(Job, Instance)
+            for job, inst, unresolved in s.execute(
+                select(Job, Instance, unresolved_failures())
                 .outerjoin(Instance, Job.instance_id == Instance.id)
                 .where(Job.state == JobState.FAILED.value)
                 .order_by(Job.id.desc())
@@ -131,18 +135,10 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
             "queue_depth": _count(
                 s, Job, Job.state.in_((JobState.PENDING.value, JobState.RUNNING.value))
             ),
-            # Failed in the study's current generation: a reprocess of the study (which
-            # queues a new generation) answers a failure, so it no longer makes the node
-            # unhealthy; if the retry fails too, that failure counts.
-            "jobs_failed_unresolved": _count(
-                s,
-                Job,
-                Job.state == JobState.FAILED.value,
-                ~exists().where(
-                    Study.study_instance_uid == Job.study_instance_uid,
-                    Study.generation > Job.generation,
-                ),
-            ),
+            # Failed and not answered since: a reprocess of the study (a new generation)
+            # or `cxrd jobs retry` (a new job for the image) answers a failure, so it no
+            # longer makes the node unhealthy; if the retry fails too, that failure counts.
+            "jobs_failed_unresolved": _count(s, Job, unresolved_failures()),
             "results": _counts(s, Result.kind),
             # One current SR per reported study; a reprocess supersedes (never deletes) it.
             "reports": {
@@ -164,6 +160,8 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "recent_dead": dead,
                 "pending_with_errors": pending_errors,
             },
+            # `cxrd deliveries retry` and `cxrd jobs retry`: who ran them, when, how many
+            "operator_actions": recent(s, RECENT),
         }
     # [model] require_cuda: a live worker off CUDA (or none at all) cannot do the job asked.
     live: list[Any] = [w["providers"] for w in workers if w["alive"]]
@@ -208,13 +206,19 @@ def render(doc: dict[str, Any]) -> str:
         f"deliveries: {fmt(doc['deliveries']['by_state'])}",
     ]
     for f in doc["recent_failures"]:
-        lines.append(f"  failed {f['sop_instance_uid']}: {f['error']}")
+        if not f["resolved"]:
+            lines.append(f"  failed {f['sop_instance_uid'] or 'report ' + f['study_instance_uid']}"
+                         f": {f['error']}")
     for d in doc["deliveries"]["recent_dead"]:
         lines.append(
             f"  dead delivery {d['sop_instance_uid']} -> {d['destination']}: {d['last_error']}"
         )
     for r in doc["recent_rejections"][:5]:
         lines.append(f"  rejected ({r['reason']}): {r['detail']}")
+    for a in doc["operator_actions"][:5]:
+        lines.append(f"  operator {a['at']} {a['actor']}: {a['action']} "
+                     f"{a['scope'] or 'all'} re-queued {a['count']}"
+                     + (f" ({a['detail']})" if a["detail"] else ""))
     lines.append("healthy" if doc["healthy"] else "UNHEALTHY: failed jobs, dead deliveries or "
                  "CUDA required but not in use")
     return "\n".join(lines)
