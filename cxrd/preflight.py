@@ -101,6 +101,10 @@ def check_database(config: Config) -> Problem | None:
     try:
         db = Database(url)
         db.migrate()
+    except ImportError as exc:  # a postgresql:// URL without the driver
+        return Problem("database", f"database {_mask_url(url)} needs a driver that is not "
+                       f"installed: {_first_line(exc)}",
+                       "install it with pip install '.[postgres]'")
     except Exception as exc:  # sqlalchemy, the driver, or the file system
         cause = getattr(exc, "orig", None) or exc
         return Problem("database", f"database {_mask_url(url)} cannot be reached or "
