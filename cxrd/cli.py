@@ -75,18 +75,41 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cxrd.logs import setup_logging
     from cxrd.node import Node
+    from cxrd.preflight import StartupError, require_startable
 
     config = _config(args)
     setup_logging(config)
-    return Node(config).run()
+    try:
+        require_startable(config)  # before the DICOM port opens and any worker starts
+        return Node(config).run()  # on any exception it has closed and ended everything
+    except StartupError as exc:
+        for problem in exc.problems:
+            print(f"cxrd: cannot start: {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    except CxrdError:
+        raise
+    except Exception as exc:  # one line; the traceback at DEBUG
+        log.debug("action=serve-failed", exc_info=True)
+        print(f"cxrd: the node stopped: {type(exc).__name__}: {exc}; fix the cause and "
+              'start it again ([logging] level = "DEBUG" logs the traceback)', file=sys.stderr)
+        return EXIT_ERROR
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from cxrd.preflight import find_problems
+
     config = _config(args)
     print(json.dumps(describe(config), indent=2))
     if config.node.port < 1024:
         print(f"note: node.port {config.node.port} is below 1024; under systemd install "
               "deploy/cxrd.service.d/low-port.conf (CAP_NET_BIND_SERVICE)", file=sys.stderr)
+    # What `cxrd serve` checks before it listens (the database is migrated if it can be).
+    problems = find_problems(config)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s): cxrd serve would refuse to start", file=sys.stderr)
+        return EXIT_ERROR
     print("configuration OK", file=sys.stderr)
     return EXIT_OK
 

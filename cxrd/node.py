@@ -8,6 +8,11 @@ jobs and the study's report job (``cxrd.worker``). The scheduler's CPU time is c
 
 SIGTERM drains: stop ingesting, let workers finish their batch (bounded),
 exit 0. A second SIGTERM exits at once; the queue recovers on the next start.
+
+A node that cannot do its job does not run half-alive: ``cxrd serve`` checks what would
+stop it before it listens (``cxrd.preflight``), and any exception that escapes ``run()``,
+at start-up or later, closes the listeners and ends every child process (``abort``) before
+it propagates, so the process exits non-zero with nothing left behind.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ STATUS_SECONDS = 5.0
 DRAIN_SECONDS = 60.0
 QUICK_DEATH_SECONDS = 30.0
 RESTART_DELAY_MAX = 60.0
+#: After a failure, child processes get this long to exit on SIGTERM before SIGKILL.
+ABORT_SECONDS = 5.0
 
 
 class Node:
@@ -105,6 +112,10 @@ class Node:
 
     def start(self) -> None:
         cfg = self.config
+        if cfg.metrics.enabled:
+            # Before the DICOM port: a metrics port taken since the preflight check stops
+            # the node before it accepts anything.
+            self._metrics_server = start_metrics(cfg.metrics.listen, self.db)
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir)
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
@@ -177,13 +188,20 @@ class Node:
         return admitted
 
     def run(self) -> int:
-        self.prepare()
-        self.start()
-        if self.config.metrics.enabled:
-            self._metrics_server = start_metrics(self.config.metrics.listen, self.db)
-        self._install_signals()
-        # READY only now: the database is migrated and the receiver is listening.
-        self.notifier.ready(self._status_line())
+        try:
+            self.prepare()
+            self.start()
+            self._install_signals()
+            # READY only now: the database is migrated and the receiver is listening.
+            self.notifier.ready(self._status_line())
+            self._loop()
+        except BaseException:
+            # Half a node must not stay up: nothing listening, no child left, then raise.
+            self.abort()
+            raise
+        return self.drain()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             if self._reload.is_set():
                 self._reload.clear()
@@ -198,7 +216,6 @@ class Node:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
             self._stop.wait(SCHEDULER_INTERVAL_SECONDS)
-        return self.drain()
 
     def _status_line(self) -> str:
         """systemd STATUS=: queue depth and counts, from the database."""
@@ -288,6 +305,36 @@ class Node:
                  "admitting_cpu_s=%.4f admitted_studies=%d", self.scheduler_cpu_s,
                  self.scheduler_ticks, self.admitting_cpu_s, self.admitted_studies)
         return 0
+
+    def abort(self) -> None:
+        """Start-up or the scheduler loop failed: close the listeners and end every child
+        process now, without a drain (leased jobs return to the queue at the next start;
+        what was acknowledged is in the spool and the database)."""
+        log.debug("action=abort workers=%d receivers=%d", len(self._workers),
+                  len(self._receivers))
+        self._stop.set()
+        procs = [*self._workers.values(), *self._receivers]
+        steps: list[Any] = [p.terminate for p in procs if p.is_alive()]
+        if self.receiver is not None:
+            steps.append(lambda: self.receiver.drain(timeout=0) if self.receiver else None)
+        if self.watcher is not None:
+            steps.append(self.watcher.stop)
+        steps.append(lambda: self.sender.stop(timeout=ABORT_SECONDS))
+        if self._metrics_server is not None:
+            steps += [self._metrics_server.shutdown, self._metrics_server.server_close]
+        for step in steps:
+            try:
+                step()
+            except Exception:  # the others still run
+                log.debug("action=abort-step-failed", exc_info=True)
+        deadline = time.monotonic() + ABORT_SECONDS
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        self.db.dispose()
 
     def _install_signals(self) -> None:
         def on_term(signum: int, _frame: FrameType | None) -> None:

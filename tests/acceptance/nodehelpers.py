@@ -97,6 +97,21 @@ def children(pid: int) -> list[int]:
     return sorted(p for p in found if pid_alive(p))
 
 
+def session_members(sid: int) -> list[int]:
+    """Live processes in session ``sid`` (a node started with ``start_new_session``): its
+    children stay in it after the node has exited and they were reparented."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the command name: state, ppid, pgrp, session
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
 def is_worker(pid: int) -> bool:
     """A multiprocessing spawn child (the resource tracker is not a worker)."""
     line = cmdline(pid)
@@ -173,12 +188,12 @@ def cli_env() -> dict[str, str]:
 class NodeProcess:
     """One ``cxrd serve`` subprocess; its stdout and stderr go to a log file."""
 
-    def __init__(self, dirs: NodeDirs, name: str) -> None:
+    def __init__(self, dirs: NodeDirs, name: str, env: dict[str, str] | None = None) -> None:
         self.dirs = dirs
         self.log_path = dirs.root / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*CLI, "serve", "--config", str(dirs.config)], cwd=dirs.root, env=cli_env(),
+            [*CLI, "serve", "--config", str(dirs.config)], cwd=dirs.root, env=env or cli_env(),
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.pid = self.proc.pid
@@ -241,10 +256,10 @@ class Nodes:
             node.kill_group()
 
 
-def run_cli(*args: str, timeout: float = 120.0, cwd: Path | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = 120.0, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a ``cxrd`` subcommand to completion; stdout and stderr are captured."""
-    return subprocess.run([*CLI, *args], cwd=cwd, env=cli_env(), stdin=subprocess.DEVNULL,
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env or cli_env(), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -1,0 +1,182 @@
+"""What would stop a node from doing its job, checked before it listens.
+
+``cxrd serve`` runs these checks before the DICOM port opens and before any worker is
+spawned, and refuses to start (one line per problem, naming the cause and the fix) when one
+fails; ``cxrd check-config`` runs the same checks and lists every problem at once.
+
+- the onnxruntime module is importable (the ``[cpu]`` or ``[gpu]`` extra is installed);
+- the model file exists and its metadata follow the model-file contract;
+- the database can be reached and migrated;
+- the DICOM port (``[node] host``/``port``) and the metrics port (``[metrics] listen``) can
+  be bound. The check binds a socket and closes it at once; the real listeners are opened
+  later, metrics first, and a port taken in between still stops the node before its DICOM
+  port listens (``Node.run`` closes whatever it opened).
+
+``[model] require_cuda`` is checked separately, in ``Node.prepare`` (``infer.check_cuda``):
+it starts a process and an inference session, too slow for ``check-config``.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import socket
+from dataclasses import dataclass
+
+from cxrd.config import Config, parse_listen
+from cxrd.errors import CxrdError
+
+RUNTIME_MODULE = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason the node cannot start: what is wrong and what to do about it."""
+
+    check: str  # runtime, model, database, dicom-port, metrics-port
+    cause: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.cause}; {self.fix}"
+
+
+class StartupError(CxrdError):
+    """cxrd cannot start."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_runtime() -> Problem | None:
+    """onnxruntime is installed (the main process does not import it: workers do)."""
+    try:
+        found = importlib.util.find_spec(RUNTIME_MODULE) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return Problem("runtime", "onnxruntime is not installed",
+                   "install cxrd with an onnxruntime: pip install '.[cpu]' "
+                   "(or '.[gpu]' on a machine with an NVIDIA GPU)")
+
+
+def check_model(config: Config) -> Problem | None:
+    """The model file exists and its metadata are valid (read without onnxruntime)."""
+    from cxrd.infer import resolve_model_path
+    from cxrd.modelinfo import read_model_info
+
+    path = resolve_model_path(config.model.path)
+    where = "[model] path" if config.model.path else "the embedded demo model"
+    if not path.is_file():
+        return Problem("model", f"model file {path} ({where}) does not exist",
+                       "set [model] path to an .onnx file exported by training/, "
+                       "or leave it empty for the demo model")
+    try:
+        read_model_info(path)
+    except Exception as exc:  # ModelError, or what onnx raises on a damaged file
+        detail = exc.__cause__ or exc  # onnx's own words when it could not parse the file
+        return Problem("model", f"model file {path} ({where}) cannot be used: "
+                       f"{_first_line(detail).rstrip('.')}",
+                       "set [model] path to an .onnx file that follows the model-file "
+                       "contract (exported by training/), or leave it empty for the demo "
+                       "model")
+    return None
+
+
+def check_database(config: Config) -> Problem | None:
+    """The database can be reached and migrated to this cxrd's schema (the same step
+    ``Node.prepare`` runs; migrating twice is a no-op)."""
+    from cxrd.config import _mask_url
+    from cxrd.db import Database
+
+    url = config.storage.database_url_resolved
+    db = None
+    try:
+        db = Database(url)
+        db.migrate()
+    except ImportError as exc:  # a postgresql:// URL without the driver
+        return Problem("database", f"database {_mask_url(url)} needs a driver that is not "
+                       f"installed: {_first_line(exc)}",
+                       "install it with pip install '.[postgres]'")
+    except Exception as exc:  # sqlalchemy, the driver, or the file system
+        cause = getattr(exc, "orig", None) or exc
+        return Problem("database", f"database {_mask_url(url)} cannot be reached or "
+                       f"migrated: {type(cause).__name__}: {_first_line(cause)}",
+                       "start the database server, or correct [storage] database_url "
+                       "(empty: SQLite in [storage] data_dir, which must be writable)")
+    finally:
+        if db is not None:
+            db.dispose()
+    return None
+
+
+def _bind_error(host: str, port: int, *, reuse_port: bool = False) -> OSError | None:
+    """Bind (and close at once) a TCP socket as a listener on ``host:port`` would."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return exc
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # as socketserver's allow_reuse_address: a port in TIME_WAIT is free, a listener not
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _port_problem(check: str, what: str, key: str, host: str, port: int,
+                  exc: OSError, other: str) -> Problem:
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return Problem(check, f"{what} {where} ({key}) is already in use (by another "
+                       "process, or by this node if it is running)",
+                       f"stop what listens there, or set {key} to a free port{other}")
+    if exc.errno == errno.EACCES:
+        return Problem(check, f"{what} {where} ({key}) may not be bound by this user",
+                       "use a port from 1024 up, or grant CAP_NET_BIND_SERVICE "
+                       "(deploy/cxrd.service.d/low-port.conf)")
+    return Problem(check, f"{what} {where} ({key}) cannot be bound: {_first_line(exc)}",
+                   f"set {key} to an address of this machine{other}")
+
+
+def check_ports(config: Config) -> list[Problem]:
+    """The DICOM port and the metrics port can be bound now."""
+    problems = []
+    node = config.node
+    exc = _bind_error(node.host, node.port, reuse_port=node.receivers > 1)
+    if exc is not None:
+        problems.append(_port_problem("dicom-port", "DICOM port", "[node] host/port",
+                                      node.host, node.port, exc, ""))
+    if config.metrics.enabled:
+        host, port = parse_listen(config.metrics.listen)
+        exc = _bind_error(host, port)
+        if exc is not None:
+            problems.append(_port_problem("metrics-port", "metrics port", "[metrics] listen",
+                                          host, port, exc, ' ("" turns the endpoint off)'))
+    return problems
+
+
+def find_problems(config: Config) -> list[Problem]:
+    """Every problem at once, in the order an operator would fix them."""
+    found = [check_runtime(), check_model(config), check_database(config)]
+    return [p for p in found if p is not None] + check_ports(config)
+
+
+def require_startable(config: Config) -> None:
+    """Raise StartupError naming every problem found; return when there is none."""
+    problems = find_problems(config)
+    if problems:
+        raise StartupError(problems)
