@@ -107,8 +107,8 @@ class Node:
                  self.model.display_name, self.model.device_uid, self.model.demo,
                  self.worker_count)
         if self.model.demo:
-            log.warning("action=demo-model model=%s note=trained on synthetic phantoms; "
-                        "not for clinical use", self.model.display_name)
+            log.warning("action=demo-model model=%s note=%s", self.model.display_name,
+                        "trained on synthetic phantoms; not for clinical use")
 
     def start(self) -> None:
         cfg = self.config

@@ -326,8 +326,8 @@ def decode_pixels(ds: Dataset, min_side: int | None = None) -> npt.NDArray[np.ge
                 return _decode_j2k(plan)
             except Exception as exc:  # Pillow / OpenJPEG raise many types: decode in full
                 log.warning("action=j2k-reduced-fallback sop_instance_uid=%s reduce=%d "
-                            "error=%s: %s", ds.get("SOPInstanceUID", ""), plan.reduce,
-                            type(exc).__name__, exc)
+                            "error=%s", ds.get("SOPInstanceUID", ""), plan.reduce,
+                            f"{type(exc).__name__}: {exc}")
     view = _native_view(ds)
     if view is not None:
         return view

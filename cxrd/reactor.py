@@ -20,8 +20,15 @@ message, a release or an abort is queued for it. Both still wake every
 checks would, give or take that interval.
 
 The loops are copies of pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
-``Association._run_reactor`` with only the sleeps replaced, and they use pynetdicom's
-private attributes: other versions keep pynetdicom's own loops (``SUPPORTED``).
+``Association._run_reactor`` with only the sleeps replaced (the same in 3.0.0 to 3.0.4),
+and they use pynetdicom's private attributes. So ``enabled()``, called once before the
+receiver listens, keeps pynetdicom's own loops, logging why, when:
+
+* ``CXRD_REACTOR=0`` is set (``SWITCH``): an operator's way out, and the CI's second run
+  of the receive tests;
+* pynetdicom is not one of ``TESTED_VERSIONS`` (pyproject.toml pins the same range);
+* any name in ``PYNETDICOM_NAMES`` is missing from pynetdicom's real classes, checked on
+  a throwaway acceptor association (a WARNING ``action=reactor-fallback`` names them).
 """
 
 from __future__ import annotations
@@ -41,8 +48,30 @@ from pynetdicom.pdu import A_ABORT_RQ
 
 log = logging.getLogger(__name__)
 
-#: The pynetdicom versions whose loops are copied here.
-SUPPORTED = pynetdicom.__version__.startswith("3.0.")
+#: The pynetdicom versions whose loops are copied here and that the receive tests ran
+#: with; pyproject.toml allows exactly these.
+TESTED_VERSIONS = ("3.0.0", "3.0.1", "3.0.2", "3.0.3", "3.0.4")
+#: ``CXRD_REACTOR=0`` (or off, false, no) keeps pynetdicom's own loops.
+SWITCH = "CXRD_REACTOR"
+_OFF = ("0", "off", "false", "no")
+#: Every attribute of pynetdicom's objects that ``make_event_driven`` and the loops below
+#: read, call or replace, by the class that has it (on the instance: some are set in
+#: ``__init__``).
+PYNETDICOM_NAMES: dict[str, tuple[str, ...]] = {
+    "Association": (
+        "_dul_ready", "_is_paused", "_kill", "_reactor_checkpoint", "_run_reactor",
+        "_serve_request", "abort", "acse", "dimse", "dul", "is_aborted", "is_established",
+        "is_released", "kill", "network_timeout_response", "release"),
+    "DULServiceProvider": (
+        "_idle_timer", "_is_transport_event", "_kill_thread", "_process_recv_primitive",
+        "artim_timer", "assoc", "event_queue", "idle_timer_expired", "is_alive",
+        "receive_pdu", "run", "socket", "state_machine", "stop_dul", "to_provider_queue",
+        "to_user_queue"),
+    "StateMachine": ("current_state", "do_action"),
+    "DIMSEServiceProvider": ("get_msg", "msg_queue"),
+    "ACSE": ("is_aborted", "is_release_requested", "send_release"),
+    "AssociationSocket": ("recv", "socket"),
+}
 #: Longest block: how late a timer (ARTIM, network timeout) or a kill may be noticed.
 WAKE_SECONDS = 0.05
 
@@ -95,10 +124,71 @@ class _Pipe:
                     os.close(fd)
 
 
+def missing_names() -> list[str]:
+    """``Class.name`` for each name of ``PYNETDICOM_NAMES`` that pynetdicom's objects lack,
+    looked up on a throwaway acceptor association (never started) and its parts."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.transport import AssociationSocket
+
+    assoc = Association(AE(), mode="acceptor")
+    left, right = socket.socketpair()
+    try:
+        objects: dict[str, Any] = {
+            "Association": assoc, "DULServiceProvider": assoc.dul,
+            "StateMachine": getattr(assoc.dul, "state_machine", None),
+            "DIMSEServiceProvider": assoc.dimse, "ACSE": assoc.acse,
+            "AssociationSocket": AssociationSocket(assoc, client_socket=left)}
+    finally:
+        left.close()
+        right.close()
+    return [f"{cls}.{name}" for cls, names in PYNETDICOM_NAMES.items()
+            for name in names if not hasattr(objects[cls], name)]
+
+
+_choice: bool | None = None
+_choice_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether ``make_event_driven`` switches associations to the blocking loops: decided
+    (and a fallback logged) once per process, by the receiver before it listens."""
+    global _choice
+    with _choice_lock:
+        if _choice is None:
+            _choice = _decide()
+        return _choice
+
+
+def _decide() -> bool:
+    switch = os.environ.get(SWITCH, "").strip()
+    if switch.lower() in _OFF:
+        log.info("action=reactor-off reason=%s", f"{SWITCH}={switch}: pynetdicom's own loops")
+        return False
+    version = pynetdicom.__version__
+    if version not in TESTED_VERSIONS:
+        log.warning("action=reactor-fallback reason=%s pynetdicom=%s tested=%s",
+                    "pynetdicom version not tested: its own loops are used", version,
+                    ",".join(TESTED_VERSIONS))
+        return False
+    try:
+        missing = missing_names()
+    except Exception as exc:  # pynetdicom's objects are not built as they were
+        missing = [f"{type(exc).__name__}: {exc}"]
+    if missing:
+        log.warning("action=reactor-fallback reason=%s pynetdicom=%s missing=%s",
+                    "pynetdicom lacks names the reactor uses: its own loops are used",
+                    version, ",".join(missing))
+        return False
+    return True
+
+
 def make_event_driven(assoc: Any) -> bool:
     """Switch an acceptor association, not yet started, to the blocking loops; False
-    (nothing changed) when pynetdicom is not a supported version."""
-    if not SUPPORTED or assoc.dul.is_alive():
+    (nothing changed) when they are not ``enabled()``."""
+    if not enabled() or assoc.dul.is_alive():
         return False
     dul = assoc.dul
     pipe = _Pipe()

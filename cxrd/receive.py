@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from cxrd import reactor
 from cxrd.config import Config, TlsConfig
 from cxrd.dicom import (
     ACCEPTED_SOP_CLASSES,
@@ -37,8 +38,6 @@ from cxrd.dicom import (
 )
 from cxrd.domain import RejectReason
 from cxrd.ingest import Ingestor, part10
-from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
-from cxrd.reactor import make_event_driven
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +210,7 @@ class Receiver:
         """Before the association's threads start: blocking loops instead of pynetdicom's
         1 ms polling (``cxrd.reactor``)."""
         try:
-            make_event_driven(event.assoc)
+            reactor.make_event_driven(event.assoc)
         except Exception:  # pynetdicom's own loops still work
             log.exception("action=reactor-patch-failed")
 
@@ -261,17 +260,20 @@ class Receiver:
         node = self.config.node
         context = server_ssl_context(node.tls) if node.tls else None
         server_class = _ReusePortServer if self.reuse_port else _AssociationServer
+        event_driven = reactor.enabled()  # checks pynetdicom (and logs a fallback) once
         self.server = self.ae.make_server((node.host, node.port), ssl_context=context,
                                           evt_handlers=self.handlers(),
                                           server_class=server_class)
         thread = threading.Thread(target=self.server.serve_forever, name="cxrd-receive",
                                   daemon=True)
         thread.start()
-        self.ae._servers.append(self.server)  # so ae.shutdown() finds it
+        servers = getattr(self.ae, "_servers", None)  # pynetdicom's own list, private
+        if isinstance(servers, list):
+            servers.append(self.server)  # so ae.shutdown() finds it
         log.info("action=receive-start ae_title=%s host=%s port=%d tls=%s max_pdu=%d "
                  "allowed_callers=%d event_driven=%s", node.ae_title, node.host, node.port,
                  node.tls is not None, node.max_pdu, len(self.allowed_callers),
-                 EVENT_DRIVEN_REACTORS)
+                 event_driven)
 
     @property
     def port(self) -> int:
@@ -287,8 +289,9 @@ class Receiver:
         # (AssociationServer.shutdown would also abort the ones in flight.)
         socketserver.BaseServer.shutdown(server)
         server.server_close()
-        if server in self.ae._servers:
-            self.ae._servers.remove(server)
+        servers = getattr(self.ae, "_servers", None)
+        if isinstance(servers, list) and server in servers:
+            servers.remove(server)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             active = [a for a in self.ae.active_associations if a.is_acceptor]

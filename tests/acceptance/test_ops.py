@@ -89,10 +89,20 @@ def test_notify_metrics_reload_json_logs(tmp_path: Path, nodes: Nodes, dozen: Ph
     assert record["action"] == "reloaded" and "study" in record["restart_needed_for"]
 
     assert node.stop(90) == 0
-    lines = [ln for ln in node.log().splitlines() if ln.startswith("{")]
+    # Every line of the node's output (main process and workers) is one JSON object, and
+    # no field is cut: the model's name holds spaces ("DEMO cxrd-demo-phantom 1.1.0").
+    lines = node.log().splitlines()
     assert len(lines) > 20
-    actions = {json.loads(ln).get("action") for ln in lines}
+    records = [json.loads(ln) for ln in lines]
+    actions = {r.get("action") for r in records}
     assert {"node-start", "stored", "classified", "study-reported", "drain-done"} <= actions
+    display_name = status["model"]["display_name"]
+    assert " " in display_name
+    by_action = {r.get("action"): r for r in records}
+    assert by_action["node-start"]["model"] == display_name
+    assert by_action["worker-start"]["model"] == display_name
+    assert isinstance(by_action["node-start"]["workers"], int)
+    assert isinstance(by_action["classified"]["p_tb"], float)
     rest: list[str] = []
     sock.settimeout(1)
     try:

@@ -11,8 +11,12 @@ recorded.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pynetdicom
 import pytest
 from dicompeers import (
     Pki,
@@ -46,6 +49,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode_file_meta
 from sqlalchemy import func, select
 
+from cxrd import reactor
 from cxrd.config import Config, validate
 from cxrd.db import Database, Instance, Rejection, Study
 from cxrd.dicom import (
@@ -58,10 +62,10 @@ from cxrd.dicom import (
 )
 from cxrd.domain import InstanceState, RejectReason
 from cxrd.ingest import Ingestor
-from cxrd.reactor import SUPPORTED as EVENT_DRIVEN_REACTORS
 from cxrd.receive import Receiver
 
 LOG = "cxrd.receive"
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -176,9 +180,8 @@ def test_idle_associations_do_not_poll(start_receiver: StartReceiver) -> None:
     """pynetdicom's own loops wake both threads of an association every millisecond
     (about 50 ms of CPU a second per idle association on the 2-core development VM); the
     receiver's (cxrd.reactor) block until the peer sends, waking 20 times a second
-    (about 5 ms)."""
-    if not EVENT_DRIVEN_REACTORS:
-        pytest.skip(f"pynetdicom {pynetdicom.__version__}: its own polling loops are used")
+    (about 5 ms). With the reactor switched off (CXRD_REACTOR=0, the second CI run) the
+    association keeps pynetdicom's own loops and answers as promptly."""
     node = start_receiver()
     ae = AE(ae_title="IDLE")
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -186,6 +189,13 @@ def test_idle_associations_do_not_poll(start_receiver: StartReceiver) -> None:
     assert assoc.is_established
     try:
         [server] = [a for a in node.receiver.ae.active_associations if a.is_acceptor]
+        replaced = "run" in vars(server.dul) and "_run_reactor" in vars(server)
+        assert replaced == reactor.enabled()
+        if not reactor.enabled():
+            t = time.monotonic()
+            assert assoc.send_c_echo().Status == STATUS_SUCCESS
+            assert time.monotonic() - t < 0.5
+            return
         clocks = [time.pthread_getcpuclockid(t.ident) for t in (server, server.dul)]
 
         def cpu() -> float:
@@ -201,6 +211,81 @@ def test_idle_associations_do_not_poll(start_receiver: StartReceiver) -> None:
     finally:
         assoc.release()
     assert not assoc.is_established
+
+
+#: A receiver in a process of its own (the reactor's choice is made once per process):
+#: ``missing`` deletes a private name the reactor uses from pynetdicom's real class before
+#: the receiver starts (and puts it back before the echo: pynetdicom's own loop needs it
+#: too); ``off`` runs with CXRD_REACTOR=0; ``on`` changes nothing. Prints what the
+#: receiver logged and whether each association was switched to the reactor's loops.
+REACTOR_PROBE = """
+import json, logging, sys
+from pathlib import Path
+from dataclasses import replace
+from pynetdicom.dul import DULServiceProvider
+from dicompeers import echoscu
+from cxrd import reactor
+from cxrd.config import validate
+from cxrd.db import Database
+from cxrd.ingest import Ingestor
+from cxrd.receive import Receiver
+
+mode, data_dir = sys.argv[1], Path(sys.argv[2])
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(f"{record.levelname} {record.getMessage()}")
+logging.getLogger("cxrd").addHandler(Keep())
+logging.getLogger("cxrd").setLevel(logging.INFO)
+saved = DULServiceProvider._process_recv_primitive
+if mode == "missing":
+    del DULServiceProvider._process_recv_primitive
+config = validate({"node": {"host": "127.0.0.1"}, "storage": {"data_dir": str(data_dir)}})
+config = replace(config, node=replace(config.node, port=0))
+data_dir.mkdir()
+db = Database(config.storage.database_url_resolved)
+db.migrate()
+receiver = Receiver(config, Ingestor(db, config.storage.spool_dir, config.storage.rejected_dir))
+receiver.start()
+DULServiceProvider._process_recv_primitive = saved
+switched = []
+make = reactor.make_event_driven
+reactor.make_event_driven = lambda assoc: switched.append(make(assoc)) or switched[-1]
+echoes = [echoscu(receiver.port).returncode for _ in range(2)]
+receiver.drain(timeout=5)
+print(json.dumps({"lines": lines, "switched": switched, "echoes": echoes}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["missing", "off", "on"])
+def test_reactor_falls_back_to_pynetdicom_loops(mode: str, tmp_path: Path) -> None:
+    """The reactor checks pynetdicom's private names before the receiver listens: one
+    missing, or the switch off, and every association keeps pynetdicom's own loops (and
+    is served); the reason is logged once."""
+    env = {k: v for k, v in os.environ.items() if k != reactor.SWITCH}
+    if mode == "off":
+        env[reactor.SWITCH] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    done = subprocess.run([sys.executable, "-c", REACTOR_PROBE, mode, str(tmp_path / "node")],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    probe = json.loads(done.stdout.splitlines()[-1])
+    assert probe["echoes"] == [0, 0]
+    fallbacks = [ln for ln in probe["lines"] if "action=reactor-" in ln]
+    [start] = [ln for ln in probe["lines"] if "action=receive-start" in ln]
+    if mode == "on":
+        assert probe["switched"] == [True, True]
+        assert not fallbacks and "event_driven=True" in start
+        return
+    assert probe["switched"] == [False, False]
+    assert "event_driven=False" in start
+    assert len(fallbacks) == 1, probe["lines"]
+    if mode == "missing":
+        assert fallbacks[0].startswith("WARNING action=reactor-fallback")
+        assert "missing=DULServiceProvider._process_recv_primitive" in fallbacks[0]
+    else:
+        assert fallbacks[0].startswith("INFO action=reactor-off")
+        assert "CXRD_REACTOR=0" in fallbacks[0]
 
 
 def test_twenty_files_on_one_association_are_recorded_byte_for_byte(
