@@ -97,5 +97,8 @@ STATUS_OUT_OF_RESOURCES_RANGE = range(0xA700, 0xA800)
 REJECT_PERMANENT = 0x01
 #: Source: DICOM UL service-user.
 REJECT_SOURCE_SERVICE_USER = 0x01
+#: Reason (service-user source): no reason given (an association proposing no SOP class
+#: that cxrd supports).
+REJECT_REASON_NO_REASON_GIVEN = 0x01
 #: Reason (service-user source): calling AE title not recognised.
 REJECT_REASON_CALLING_AE_NOT_RECOGNISED = 0x03

@@ -73,3 +73,4 @@ class RejectReason(StrEnum):
     SOP_CLASS_MISMATCH = "sop-class-mismatch"
     CONFLICTING_DUPLICATE = "conflicting-duplicate"  # same SOP Instance UID, other content
     STORAGE_FAILED = "storage-failed"
+    IMAGE_TOO_LARGE = "image-too-large"  # decoded, it would exceed imagesize.MAX_DECODED_BYTES

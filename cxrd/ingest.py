@@ -54,6 +54,7 @@ from cxrd import durable
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
 from cxrd.dicom import ACCEPTED_SOP_CLASSES, DEFLATED
 from cxrd.domain import InstanceState, RejectReason, StudyState
+from cxrd.imagesize import too_large
 from cxrd.metrics import metrics
 from cxrd.uids import is_valid_uid
 
@@ -435,19 +436,21 @@ class Ingestor:
 
     # -- shared by the folder and the receiver ---------------------------------------
     def store(self, data: bytes, source: str, *, name: str = "",
-              expected_sop_class: str | None = None,
+              expected_sop_class: str | None = None, command_sop_class: str | None = None,
               origin: _Origin | None = None) -> StoreOutcome:
         """Validate, spool and commit one object given as bytes (Part 10 or bare).
-        ``origin``: the watched file ``data`` was read from (see ``_Origin``)."""
+        ``expected_sop_class``: the SOP class of the presentation context it came in;
+        ``command_sop_class``: the one its C-STORE command names (the data set's must be
+        both). ``origin``: the watched file ``data`` was read from (see ``_Origin``)."""
         outcome = self._store(data, source, name=name, expected_sop_class=expected_sop_class,
-                              origin=origin)
+                              command_sop_class=command_sop_class, origin=origin)
         label = ("duplicate" if outcome.duplicate else "stored") if outcome.accepted else (
             str(outcome.reason.value) if outcome.reason else "rejected")
         metrics().instances_received.labels(label).inc()
         return outcome
 
-    def _store(self, data: bytes, source: str, *, name: str,
-               expected_sop_class: str | None, origin: _Origin | None) -> StoreOutcome:
+    def _store(self, data: bytes, source: str, *, name: str, expected_sop_class: str | None,
+               command_sop_class: str | None, origin: _Origin | None) -> StoreOutcome:
         if not data:
             return self.reject(source, name, RejectReason.NOT_DICOM, "empty file")
         try:
@@ -472,9 +475,16 @@ class Ingestor:
         if expected_sop_class and sop_class != expected_sop_class:
             return self.reject(source, sop_uid, RejectReason.SOP_CLASS_MISMATCH,
                                f"data set SOP class {sop_class} sent as {expected_sop_class}")
+        if command_sop_class is not None and sop_class != command_sop_class:
+            return self.reject(source, sop_uid, RejectReason.SOP_CLASS_MISMATCH,
+                               f"data set SOP class {sop_class}, the C-STORE command says "
+                               f"{command_sop_class or '(none)'}")
         if sop_class not in ACCEPTED_SOP_CLASSES:
             return self.reject(source, sop_uid, RejectReason.UNSUPPORTED_SOP_CLASS,
                                f"SOP class {sop_class} is not CR, DX or Secondary Capture")
+        problem = too_large(ds)
+        if problem is not None:  # refused before anything would decode it
+            return self.reject(source, sop_uid, RejectReason.IMAGE_TOO_LARGE, problem)
         try:
             part10 = _as_part10(ds, data)
         except Exception as exc:

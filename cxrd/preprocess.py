@@ -55,6 +55,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from cxrd.errors import DecodeError, UnsupportedImage
+from cxrd.imagesize import j2k_size, jpeg_size, too_large
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
@@ -77,6 +78,17 @@ DECODE_MIN_SIDE = 1024
 DECODE_REVISION = f"j2k-reduced-min{DECODE_MIN_SIDE}"
 #: Transfer syntaxes decoded at reduced resolution when asked (HTJ2K is not received).
 _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+#: Compressed syntaxes whose frames state their own size, and how to read it (RLE frames
+#: do not: they are decoded into the header's size).
+_FRAME_SIZE_READERS = {
+    **dict.fromkeys(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+                     "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
+                     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                     "1.2.840.10008.1.2.4.203"), j2k_size),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                     "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+                     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), jpeg_size),
+}
 
 
 def _window(
@@ -319,6 +331,7 @@ def decode_pixels(ds: Dataset, min_side: int | None = None) -> npt.NDArray[np.ge
     """
     if "PixelData" not in ds:
         raise DecodeError("The data set has no Pixel Data.")
+    check_decoded_size(ds)
     if min_side is not None:
         plan = _j2k_plan(ds, min_side)
         if plan is not None:
@@ -340,6 +353,33 @@ def decode_pixels(ds: Dataset, min_side: int | None = None) -> npt.NDArray[np.ge
             else "unknown"
         )
         raise DecodeError(f"Cannot decode pixel data (transfer syntax {tsuid}): {exc}") from exc
+
+
+def check_decoded_size(ds: Dataset) -> None:
+    """Raise DecodeError, before anything is decoded or allocated, when the header declares
+    more than ``cxrd.imagesize.MAX_DECODED_BYTES``, or when a compressed frame declares
+    another size than the header's, or none: decoders size their buffers from the
+    codestream, so a few hundred bytes could otherwise take gigabytes."""
+    problem = too_large(ds)
+    if problem is not None:
+        raise DecodeError(f"Image too large: {problem}.")
+    meta = getattr(ds, "file_meta", None)
+    reader = _FRAME_SIZE_READERS.get(str(meta.get("TransferSyntaxUID", ""))) if meta else None
+    if reader is None:
+        return
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    try:
+        frames = list(generate_frames(ds.PixelData,
+                                      number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception:  # malformed encapsulation: the decoder reports it, decoding nothing
+        return
+    for number, frame in enumerate(frames, 1):
+        size = reader(frame)
+        if size is None:
+            raise DecodeError(f"Frame {number}: the codestream states no image size.")
+        if size != (rows, cols):
+            raise DecodeError(f"Frame {number}: the codestream is {size[0]} x {size[1]}, "
+                              f"the header says {rows} x {cols}; not decoded.")
 
 
 def _native_view(ds: Dataset) -> npt.NDArray[np.integer] | None:

@@ -29,6 +29,7 @@ from cxrd.dicom import (
     RECEIVE_TRANSFER_SYNTAXES,
     REJECT_PERMANENT,
     REJECT_REASON_CALLING_AE_NOT_RECOGNISED,
+    REJECT_REASON_NO_REASON_GIVEN,
     REJECT_SOURCE_SERVICE_USER,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -178,25 +179,34 @@ class Receiver:
 
     # -- handlers (never raise) ------------------------------------------------------
     def on_requested(self, event: Any) -> None:
-        """The allow-list: refuse (A-ASSOCIATE-RJ, permanent, calling AE not recognised)
-        before any negotiation. Fails closed: a caller that cannot be checked is refused."""
+        """Refuse (A-ASSOCIATE-RJ, permanent) before any negotiation a caller not on the
+        allow-list (calling AE not recognised), and one proposing no SOP class cxrd
+        supports (no reason given; recorded as a rejection). Fails closed: a caller that
+        cannot be checked is refused."""
         assoc = event.assoc
         calling = address = ""
+        diagnostic = REJECT_REASON_CALLING_AE_NOT_RECOGNISED
         try:
             # At EVT_REQUESTED pynetdicom has not yet copied the calling AE title to
             # assoc.requestor (that happens during negotiation): read the request itself.
             calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
             address = _peer_address(assoc)
-            if self.is_allowed(calling, address):
-                return
-            reason = self._refusal_reason(calling)
+            if not self.is_allowed(calling, address):
+                reason = self._refusal_reason(calling)
+            else:
+                unsupported = self._unsupported_only(assoc)
+                if unsupported is None:
+                    return
+                reason = unsupported
+                diagnostic = REJECT_REASON_NO_REASON_GIVEN
+                self.ingestor.reject(f"dicom:{calling}@{address}", "",
+                                     RejectReason.UNSUPPORTED_SOP_CLASS, reason)
         except Exception as exc:
             reason = f"allow-list check failed: {type(exc).__name__}"
         log.warning("action=association-rejected calling_ae=%s address=%s reason=%s",
                     calling, address, reason)
         try:
-            assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER,
-                                   REJECT_REASON_CALLING_AE_NOT_RECOGNISED)
+            assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER, diagnostic)
             # Wait until the A-ASSOCIATE-RJ is on the wire and the peer has closed (as
             # pynetdicom does for its own refusals): returning at once would close the
             # socket first, and the caller would see an abort instead of the reason.
@@ -205,6 +215,17 @@ class Receiver:
             log.exception("action=association-reject-error calling_ae=%s address=%s",
                           calling, address)
             assoc.abort()
+
+    @staticmethod
+    def _unsupported_only(assoc: Any) -> str | None:
+        """Why an association proposes nothing cxrd can take (only SOP classes other than
+        Verification and the accepted image storage classes), or None."""
+        proposed = [str(cx.abstract_syntax) for cx in
+                    assoc.requestor.primitive.presentation_context_definition_list]
+        if any(uid == VERIFICATION or uid in ACCEPTED_SOP_CLASSES for uid in proposed):
+            return None
+        classes = ",".join(dict.fromkeys(proposed)) or "(none)"
+        return f"no supported SOP class proposed: {classes}"[:500]
 
     def on_conn_open(self, event: Any) -> None:
         """Before the association's threads start: blocking loops instead of pynetdicom's
@@ -228,7 +249,8 @@ class Receiver:
                           PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
             outcome = self.ingestor.store(
                 data, source, name=str(request.AffectedSOPInstanceUID or ""),
-                expected_sop_class=str(event.context.abstract_syntax))
+                expected_sop_class=str(event.context.abstract_syntax),
+                command_sop_class=str(request.AffectedSOPClassUID or ""))
         except Exception as exc:  # the handler must answer, whatever happened
             log.exception("action=store-error source=%s", source)
             return self._status(STATUS_OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}")
