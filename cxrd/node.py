@@ -17,11 +17,13 @@ it propagates, so the process exits non-zero with nothing left behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from multiprocessing.connection import Connection
 from types import FrameType
 from typing import Any
 
@@ -66,6 +68,7 @@ class Node:
         self._signals = 0
         self._ctx = spawn_context()
         self._workers: dict[int, Any] = {}
+        self._doorbells: dict[int, Connection] = {}  # write ends, one per worker (ring())
         self._worker_started: dict[int, float] = {}
         self._restart_delay: dict[int, float] = {}
         self._restart_at: dict[int, float] = {}
@@ -135,11 +138,18 @@ class Node:
         self.sender.start()
 
     def _start_worker(self, index: int) -> None:
+        bell_in, bell_out = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=worker_main, name=f"cxrd-worker-{index}",
-            args=(self.config, index, os.getpid(), setup_logging),
+            args=(self.config, index, os.getpid(), setup_logging, bell_in),
         )
         proc.start()
+        bell_in.close()  # the worker has its own copy
+        os.set_blocking(bell_out.fileno(), False)  # a ring never waits for a busy worker
+        old = self._doorbells.pop(index, None)
+        if old is not None:
+            old.close()
+        self._doorbells[index] = bell_out
         self._workers[index] = proc
         self._worker_started[index] = time.monotonic()
         log.info("action=worker-spawned index=%d pid=%s", index, proc.pid)
@@ -182,10 +192,21 @@ class Node:
     def _tick(self) -> int:
         cfg = self.config
         admitted = admit_stable_studies(self.db, cfg.study.stable_seconds)
+        swept = 0
         if time.monotonic() >= self._next_sweep:  # a safety net: rarely, not every round
             self._next_sweep = time.monotonic() + REPORT_SWEEP_SECONDS
-            queue.ensure_report_jobs(self.db)
+            swept = queue.ensure_report_jobs(self.db)
+        if admitted or swept:
+            self.ring()
         return admitted
+
+    def ring(self) -> None:
+        """Wake the idle workers: jobs were just queued. Without it an idle worker finds
+        them on its next poll, up to ``IDLE_SLEEP_SECONDS`` later. A worker whose pipe is
+        full (busy for long) or gone is skipped: it is not idle."""
+        for bell in self._doorbells.values():
+            with contextlib.suppress(OSError):  # BlockingIOError, BrokenPipeError included
+                bell.send_bytes(b"")
 
     def run(self) -> int:
         try:

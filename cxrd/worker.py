@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -364,8 +365,26 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, mid, old)
 
 
+def wait_for_work(stop: threading.Event, doorbell: Connection | None,
+                  timeout: float = IDLE_SLEEP_SECONDS) -> None:
+    """An idle worker's pause: ``timeout``, or until the node rings ``doorbell`` (it has
+    just queued jobs: ``Node.ring``), or until ``stop``. Rings that came meanwhile are
+    drained, so a busy spell leaves no backlog. Without a doorbell (tests, a worker whose
+    node is gone) it sleeps the whole timeout; other nodes' jobs are found by polling."""
+    if doorbell is None:
+        stop.wait(timeout)
+        return
+    try:
+        if doorbell.poll(timeout):
+            while doorbell.poll(0):
+                doorbell.recv_bytes()
+    except (EOFError, OSError):  # the node closed its end: the orphan check follows
+        stop.wait(timeout)
+
+
 def worker_main(config: Config, index: int, parent_pid: int,
-                setup_logging: Callable[[Config], None] | None = None) -> None:
+                setup_logging: Callable[[Config], None] | None = None,
+                doorbell: Connection | None = None) -> None:
     """Entry point of a worker process. Exits on SIGTERM or when the parent dies."""
     stop = stop_on_signals()
     # Below the main process: under load the receiver, the watcher and the scheduler
@@ -382,7 +401,7 @@ def worker_main(config: Config, index: int, parent_pid: int,
             log.warning("action=worker-orphaned worker=%s", worker_id)
             return
         if loop.run_once() == 0:
-            stop.wait(IDLE_SLEEP_SECONDS)
+            wait_for_work(stop, doorbell)
     log.info("action=worker-stop worker=%s processed=%d", worker_id, loop.processed)
 
 

@@ -237,3 +237,55 @@ def test_a_worker_keeps_the_garbage_collector_off_what_it_loaded_at_start() -> N
         "assert ref() is None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_idle_worker_wakes_when_the_node_rings_not_at_the_end_of_its_sleep() -> None:
+    import multiprocessing as mp
+    import threading
+    import time
+
+    from cxrd.worker import wait_for_work
+
+    bell_in, bell_out = mp.Pipe(duplex=False)
+    stop = threading.Event()
+    threading.Timer(0.2, lambda: bell_out.send_bytes(b"")).start()
+    t0 = time.monotonic()
+    wait_for_work(stop, bell_in, timeout=30.0)
+    assert time.monotonic() - t0 < 10.0  # woken by the ring, not after 30 s
+    # rings that piled up while the worker was busy are drained: the next wait sleeps
+    for _ in range(5):
+        bell_out.send_bytes(b"")
+    wait_for_work(stop, bell_in, timeout=0.01)
+    t0 = time.monotonic()
+    wait_for_work(stop, bell_in, timeout=0.5)
+    assert time.monotonic() - t0 >= 0.4
+    # the node gone (its end closed): a plain sleep, no busy loop
+    bell_out.close()
+    t0 = time.monotonic()
+    wait_for_work(stop, bell_in, timeout=0.3)
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_a_ring_never_blocks_the_scheduler_on_a_busy_worker(tmp_path) -> None:
+    """A worker busy for long does not read its doorbell; the node's write end is
+    non-blocking, so a full pipe is skipped instead of stopping the scheduler."""
+    import multiprocessing as mp
+    import os
+    import threading
+
+    from cxrd.node import Node
+
+    node = Node.__new__(Node)  # only the doorbells are needed
+    bell_in, bell_out = mp.Pipe(duplex=False)
+    os.set_blocking(bell_out.fileno(), False)
+    node._doorbells = {0: bell_out}
+    done = threading.Event()
+
+    def ring_a_lot() -> None:
+        for _ in range(100_000):  # far more than a pipe holds
+            node.ring()
+        done.set()
+
+    threading.Thread(target=ring_a_lot, daemon=True).start()
+    assert done.wait(30), "ring() blocked on a full pipe"
+    assert bell_in.poll(0)
