@@ -73,3 +73,5 @@ class RejectReason(StrEnum):
     SOP_CLASS_MISMATCH = "sop-class-mismatch"
     CONFLICTING_DUPLICATE = "conflicting-duplicate"  # same SOP Instance UID, other content
     STORAGE_FAILED = "storage-failed"
+    #: Free space below ``[storage] min_free_mb``: refused before anything was written.
+    DISK_LOW = "disk-low"

@@ -28,11 +28,12 @@ from cxrd.durable import remove_stale_temp_files
 from cxrd.infer import check_cuda, resolve_model_path
 from cxrd.ingest import Ingestor
 from cxrd.logs import setup_logging
-from cxrd.metrics import enable_multiprocess
+from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
+from cxrd.space import storage_space
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
 from cxrd.worker import spawn_context, worker_id_prefix, worker_main
@@ -79,6 +80,8 @@ class Node:
         self.admitting_cpu_s = 0.0
         self.admitted_studies = 0
         self._next_sweep = 0.0
+        self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
+                                   config.storage.min_free_mb)
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -88,6 +91,7 @@ class Node:
             d.mkdir(parents=True, exist_ok=True)
         if cfg.metrics.enabled:
             enable_multiprocess(cfg.storage.data_dir)  # before any child process starts
+            metrics()  # its files written now, while there is space (cxrd.space)
         version = self.db.migrate()
         queue.release_dead_leases(self.db, worker_id_prefix())
         # what this node's earlier processes were writing when they died
@@ -105,7 +109,8 @@ class Node:
 
     def start(self) -> None:
         cfg = self.config
-        ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir)
+        ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir,
+                            space=self.space)
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
         self.receiver.start()
@@ -180,7 +185,8 @@ class Node:
         self.prepare()
         self.start()
         if self.config.metrics.enabled:
-            self._metrics_server = start_metrics(self.config.metrics.listen, self.db)
+            self._metrics_server = start_metrics(self.config.metrics.listen, self.db,
+                                                 space=self.space)
         self._install_signals()
         # READY only now: the database is migrated and the receiver is listening.
         self.notifier.ready(self._status_line())
