@@ -33,7 +33,7 @@ from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
-from cxrd.space import storage_space
+from cxrd.space import is_resource_error, storage_space
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
 from cxrd.worker import spawn_context, worker_id_prefix, worker_main
@@ -197,8 +197,12 @@ class Node:
             try:
                 self.tick()
                 self.notifier.watchdog()  # only a loop that completes a round pings
-            except Exception:
-                log.exception("action=scheduler-error")
+            except Exception as exc:
+                if is_resource_error(exc):  # a full disk, the database away: it comes back
+                    log.warning("action=scheduler-wait error_type=%s error=%s",
+                                type(exc).__name__, str(exc).splitlines()[0][:200])
+                else:
+                    log.exception("action=scheduler-error")
             self.supervise()
             if time.monotonic() - self._last_status > STATUS_SECONDS:
                 self._last_status = time.monotonic()

@@ -83,14 +83,12 @@ def test_a_full_sqlite_database_is_a_resource_error_a_bad_query_is_not(tmp_path,
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE t (v BLOB)"))
     fill(disk, 0)
-    with pytest.raises(OperationalError) as full:
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO t VALUES (:v)"), {"v": b"x" * (2 * MB)})
+    with pytest.raises(OperationalError) as full, engine.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (:v)"), {"v": b"x" * (2 * MB)})
     assert isinstance(full.value.orig, sqlite3.OperationalError)
     assert is_resource_error(full.value)
-    with pytest.raises(OperationalError) as bad:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT * FROM no_such_table"))
+    with pytest.raises(OperationalError) as bad, engine.connect() as conn:
+        conn.execute(text("SELECT * FROM no_such_table"))
     assert not is_resource_error(bad.value)
     engine.dispose()
 
