@@ -131,12 +131,19 @@ class NodeConfig:
         return False
 
 
+#: ``[storage] min_free_mb`` when the file does not set it.
+DEFAULT_MIN_FREE_MB = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     """``[storage]``: where the spool, results and SQLite database live."""
 
     data_dir: Path
     database_url: str = ""
+    # Below this many MB free (spool's or results' file system), C-STORE answers 0xA700 and
+    # watched files wait where they are (cxrd.space); 0 turns the check off.
+    min_free_mb: int = 1024  # DEFAULT_MIN_FREE_MB
 
     @property
     def incoming_dir(self) -> Path:
@@ -871,7 +878,8 @@ def _read_storage(t: _Table, base: Path) -> StorageConfig:
         )
     elif url.startswith("sqlite:///"):
         url = _resolve_sqlite_url(url, base)
-    return StorageConfig(data_dir=data_dir, database_url=url)
+    min_free_mb = t.integer("min_free_mb", DEFAULT_MIN_FREE_MB, low=0, high=2**40)
+    return StorageConfig(data_dir=data_dir, database_url=url, min_free_mb=min_free_mb)
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:

@@ -74,3 +74,5 @@ class RejectReason(StrEnum):
     CONFLICTING_DUPLICATE = "conflicting-duplicate"  # same SOP Instance UID, other content
     STORAGE_FAILED = "storage-failed"
     IMAGE_TOO_LARGE = "image-too-large"  # decoded, it would exceed imagesize.MAX_DECODED_BYTES
+    #: Free space below ``[storage] min_free_mb``: refused before anything was written.
+    DISK_LOW = "disk-low"

@@ -56,6 +56,7 @@ from cxrd.dicom import ACCEPTED_SOP_CLASSES, DEFLATED
 from cxrd.domain import InstanceState, RejectReason, StudyState
 from cxrd.imagesize import too_large
 from cxrd.metrics import metrics
+from cxrd.space import FreeSpace
 from cxrd.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 UNDEFINED_LENGTH = 0xFFFFFFFF
 #: Beside each file moved to ``rejected/``: why it was refused.
 REASON_SUFFIX = ".reason.txt"
+#: Refusals that say nothing about the file: a watched file stays where it is.
+_LEAVE_IN_PLACE = (RejectReason.STORAGE_FAILED, RejectReason.DISK_LOW)
 
 
 @dataclass(frozen=True)
@@ -376,17 +379,41 @@ class Ingestor:
     """Validates, spools and records objects. Thread-safe: the receiver stores from one
     thread per association, and their rows are committed in groups (``_GroupCommit``)."""
 
-    def __init__(self, db: Database, spool_dir: Path, rejected_dir: Path) -> None:
+    def __init__(self, db: Database, spool_dir: Path, rejected_dir: Path, *,
+                 space: FreeSpace | None = None) -> None:
         self.db = db
         self.spool_dir = spool_dir
         self.rejected_dir = rejected_dir
+        #: ``[storage] min_free_mb``; None: no check.
+        self.space = space
         self._group = _GroupCommit(self)
+
+    # -- free space ([storage] min_free_mb) ------------------------------------------
+    def space_low(self) -> str | None:
+        """Why nothing may be stored now (free space below the threshold), or None."""
+        return self.space.low() if self.space is not None else None
+
+    def refuse_if_low(self, source: str, name: str) -> StoreOutcome | None:
+        """The receiver's first step: below the threshold, a ``disk-low`` refusal (logged,
+        recorded, counted) before the data set is read or written; else None."""
+        reason = self.space_low()
+        if reason is None:
+            return None
+        metrics().instances_refused.labels(RejectReason.DISK_LOW.value, "dicom").inc()
+        metrics().instances_received.labels(RejectReason.DISK_LOW.value).inc()
+        return self.reject(source, name, RejectReason.DISK_LOW, reason)
 
     # -- the watched folder ---------------------------------------------------------
     def ingest_file(self, path: Path, source: str) -> StoreOutcome:
         """Ingest one file; on success or duplicate the file is removed, on refusal it is
         moved to ``rejected/`` with a ``.reason.txt`` beside it. After a storage failure
-        (disk full, database down) the file stays where it is, to be tried again."""
+        (disk full, database down) the file stays where it is, to be tried again; below
+        ``[storage] min_free_mb`` it is not even opened (no rejection row either)."""
+        low = self.space_low()
+        if low is not None:
+            metrics().instances_refused.labels(RejectReason.DISK_LOW.value, "watch").inc()
+            log.debug("action=watch-wait reason=%s", low)
+            return StoreOutcome(False, reason=RejectReason.DISK_LOW, detail=low)
         try:
             with path.open("rb") as fh:
                 origin = _Origin(path, os.fstat(fh.fileno()))
@@ -402,7 +429,7 @@ class Ingestor:
             outcome = self.store(data, source, name=path.name, origin=origin)
         if outcome.accepted:
             path.unlink(missing_ok=True)
-        elif outcome.reason is not None and outcome.reason is not RejectReason.STORAGE_FAILED:
+        elif outcome.reason is not None and outcome.reason not in _LEAVE_IN_PLACE:
             self._move_rejected(path, outcome)
         return outcome
 

@@ -48,6 +48,15 @@ class _Metrics:
             "cxrd_instances_received_total",
             "Instances offered to cxrd, by outcome (stored, duplicate, rejected reason).",
             ["outcome"])
+        self.instances_refused = Counter(
+            "cxrd_instances_refused_total",
+            "Instances refused or left waiting for a resource, by reason (disk-low: free "
+            "space below storage.min_free_mb) and source (dicom: answered 0xA700; watch: "
+            "a watched file left in place).", ["reason", "source"])
+        for source in ("dicom", "watch"):
+            # Created now, not on the first refusal: in multiprocess mode a new series is
+            # written into a file under data_dir, which is then short of space.
+            self.instances_refused.labels("disk-low", source)
         self.images_classified = Counter(
             "cxrd_images_classified_total", "Images classified, by the class shown.",
             ["label"])
@@ -137,8 +146,40 @@ class DatabaseCollector:
         yield info
 
 
-def start_server(listen: str, db: Any) -> Any:
-    """Serve /metrics on ``host:port``; returns the server (``shutdown()`` to stop)."""
+class SpaceCollector:
+    """Free space of the spool's and the results' file systems, read at scrape time
+    (``[storage] min_free_mb``, ``cxrd.space``)."""
+
+    def __init__(self, space: Any) -> None:
+        self.space = space
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            filesystems = self.space.filesystems()
+        except OSError as exc:
+            log.warning("action=metrics-disk-error error=%s", exc.strerror or exc)
+            return
+        free = GaugeMetricFamily("cxrd_disk_free_bytes", "Free bytes on the file system of "
+                                 "each folder cxrd writes to (spool, results).",
+                                 labels=["path"])
+        for fs in filesystems:
+            free.add_metric([str(fs.path)], fs.free_bytes)
+        yield free
+        yield GaugeMetricFamily("cxrd_disk_min_free_bytes", "storage.min_free_mb in bytes "
+                                "(0: no check).", value=self.space.min_free_mb * 1024 * 1024)
+        yield GaugeMetricFamily("cxrd_disk_low", "1 while free space is below "
+                                "storage.min_free_mb (C-STORE answers 0xA700).",
+                                value=1 if self.space.low() else 0)
+
+
+def start_server(listen: str, db: Any, *, space: Any = None) -> Any:
+    """Serve /metrics on ``host:port``; returns the server (``shutdown()`` to stop).
+    ``space``: the node's ``cxrd.space.FreeSpace``, for the free-space gauges."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -149,6 +190,8 @@ def start_server(listen: str, db: Any) -> Any:
     if os.environ.get(MULTIPROC_ENV):
         MultiProcessCollector(registry)
     registry.register(DatabaseCollector(db))
+    if space is not None:
+        registry.register(SpaceCollector(space))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("action=metrics-start listen=%s", listen)
     return server

@@ -35,11 +35,12 @@ from cxrd.durable import remove_stale_temp_files
 from cxrd.infer import check_cuda, resolve_model_path
 from cxrd.ingest import Ingestor
 from cxrd.logs import setup_logging
-from cxrd.metrics import enable_multiprocess
+from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
+from cxrd.space import is_resource_error, storage_space
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
 from cxrd.worker import spawn_context, worker_id_prefix, worker_main
@@ -89,6 +90,8 @@ class Node:
         self.admitting_cpu_s = 0.0
         self.admitted_studies = 0
         self._next_sweep = 0.0
+        self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
+                                   config.storage.min_free_mb)
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -98,6 +101,7 @@ class Node:
             d.mkdir(parents=True, exist_ok=True)
         if cfg.metrics.enabled:
             enable_multiprocess(cfg.storage.data_dir)  # before any child process starts
+            metrics()  # its files written now, while there is space (cxrd.space)
         version = self.db.migrate()
         queue.release_dead_leases(self.db, worker_id_prefix())
         # what this node's earlier processes were writing when they died
@@ -118,8 +122,10 @@ class Node:
         if cfg.metrics.enabled:
             # Before the DICOM port: a metrics port taken since the preflight check stops
             # the node before it accepts anything.
-            self._metrics_server = start_metrics(cfg.metrics.listen, self.db)
-        ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir)
+            self._metrics_server = start_metrics(cfg.metrics.listen, self.db,
+                                                 space=self.space)
+        ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir,
+                            space=self.space)
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
         self.receiver.start()
@@ -230,8 +236,12 @@ class Node:
             try:
                 self.tick()
                 self.notifier.watchdog()  # only a loop that completes a round pings
-            except Exception:
-                log.exception("action=scheduler-error")
+            except Exception as exc:
+                if is_resource_error(exc):  # a full disk, the database away: it comes back
+                    log.warning("action=scheduler-wait error_type=%s error=%s",
+                                type(exc).__name__, str(exc).splitlines()[0][:200])
+                else:
+                    log.exception("action=scheduler-error")
             self.supervise()
             if time.monotonic() - self._last_status > STATUS_SECONDS:
                 self._last_status = time.monotonic()

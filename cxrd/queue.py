@@ -8,8 +8,11 @@ exactly one report job exists per study generation whichever worker or node ends
 
 A claim increments ``attempts``, so a job whose processing kills its worker (a decoder
 crash, say) comes back after its lease expires and fails for good after ``max_attempts``
-instead of crash-looping. On PostgreSQL several nodes share the queue: rows are claimed
-with ``FOR UPDATE SKIP LOCKED``. On SQLite the claim runs under ``BEGIN IMMEDIATE``.
+instead of crash-looping. A job that failed for want of a resource (a full disk, a
+database that is full or unreachable) is not the image's failure: it waits and gets its
+attempt back (``retry_or_fail(resource=True)``). On PostgreSQL several nodes share the
+queue: rows are claimed with ``FOR UPDATE SKIP LOCKED``. On SQLite the claim runs under
+``BEGIN IMMEDIATE``.
 
 A failed job stays failed, with its error, until an operator answers it: ``cxrd jobs
 retry`` (``retry_failed``) queues it again in its generation, ``cxrd reprocess`` queues its
@@ -410,23 +413,44 @@ def skip(db: Database, job: ClaimedJob, owner: str, reason: SkipReason, detail: 
              job.sop_instance_uid, job.study_instance_uid, reason.value)
 
 
+#: A job that waits for a resource (disk space, the database) is tried again after this.
+RESOURCE_WAIT_SECONDS = 10.0
+
+
 def retry_or_fail(db: Database, job: ClaimedJob, owner: str, error: str, max_attempts: int,
-                  backoff_seconds: float) -> None:
-    """Put a failed job back with exponential backoff, or fail it for good."""
+                  backoff_seconds: float, *, resource: bool = False) -> None:
+    """Put a failed job back with exponential backoff, or fail it for good.
+
+    ``resource``: it failed for want of a resource (a full disk, a database that is full
+    or unreachable; ``cxrd.space.is_resource_error``), which says nothing about the image.
+    It goes back to pending, due in ``RESOURCE_WAIT_SECONDS``, and its claim's attempt is
+    given back: it waits as long as the resource is missing and never fails for it."""
     now = utcnow()
     with db.session() as s:
         leased = _leased(s, job, owner)
         if leased is None:
             return
         row, inst = leased
-        if row.attempts >= max_attempts:
+        if resource:
+            delay = RESOURCE_WAIT_SECONDS
+            row.attempts = max(0, row.attempts - 1)
+            row.error = f"waiting for a resource: {error}"[:4000]
+        elif row.attempts >= max_attempts:
             _fail(s, row, inst, f"failed {row.attempts} times; last error: {error}", now)
             return
-        delay = backoff_seconds * 2 ** (row.attempts - 1)
+        else:
+            delay = backoff_seconds * 2 ** (row.attempts - 1)
+            row.error = error[:4000]
         row.state = JobState.PENDING.value
-        row.error = error[:4000]
         row.lease_owner = None
         row.not_before = now + dt.timedelta(seconds=delay)
+    if resource:
+        log.debug("action=job-wait job_id=%d detail=%s", job.job_id, error)
+        log.warning("action=job-wait job_id=%d kind=%s sop_instance_uid=%s "
+                    "study_instance_uid=%s delay_s=%.0f error_type=%s note=a resource is "
+                    "missing; the attempt does not count", job.job_id, job.kind.value,
+                    job.sop_instance_uid, job.study_instance_uid, delay, error_kind(error))
+        return
     log.debug("action=job-retry job_id=%d detail=%s", job.job_id, error)
     log.warning("action=job-retry job_id=%d sop_instance_uid=%s attempt=%d delay_s=%.0f "
                 "error_type=%s", job.job_id, job.sop_instance_uid, job.attempts, delay,

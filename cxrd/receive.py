@@ -48,6 +48,7 @@ TLS_HANDSHAKE_SECONDS = 30.0
 
 _STATUS_FOR_REASON = {
     RejectReason.STORAGE_FAILED: STATUS_OUT_OF_RESOURCES,
+    RejectReason.DISK_LOW: STATUS_OUT_OF_RESOURCES,
     RejectReason.SOP_CLASS_MISMATCH: STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
     RejectReason.UNSUPPORTED_SOP_CLASS: STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
 }
@@ -243,6 +244,11 @@ class Receiver:
         source = f"dicom:{str(assoc.requestor.ae_title).strip()}@{_peer_address(assoc)}"
         try:
             request = event.request
+            # Below [storage] min_free_mb: Out of Resources before anything is written.
+            refused = self.ingestor.refuse_if_low(
+                source, str(request.AffectedSOPInstanceUID or ""))
+            if refused is not None:
+                return self._status(status_for(refused.reason), refused.detail)
             data = part10(request.DataSet.getvalue(), str(request.AffectedSOPClassUID or ""),
                           str(request.AffectedSOPInstanceUID or ""),
                           str(event.context.transfer_syntax),
@@ -335,14 +341,18 @@ def receiver_main(config: Config, index: int, parent_pid: int,
     import os
 
     from cxrd.db import Database
+    from cxrd.space import storage_space
     from cxrd.worker import stop_on_signals
 
     stop = stop_on_signals()
     if setup_logging is not None:
         setup_logging(config)
     db = Database(config.storage.database_url_resolved)
+    space = storage_space(config.storage.spool_dir, config.results.results_dir,
+                          config.storage.min_free_mb)
     receiver = Receiver(config, Ingestor(db, config.storage.spool_dir,
-                                         config.storage.rejected_dir), reuse_port=True)
+                                         config.storage.rejected_dir, space=space),
+                        reuse_port=True)
     receiver.start()
     while not stop.wait(0.5):
         if os.getppid() != parent_pid:

@@ -11,10 +11,11 @@ from sqlalchemy import func, select
 from cxrd.actions import recent
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
-from cxrd.domain import DeliveryState, JobKind, JobState, ResultKind
+from cxrd.domain import DeliveryState, JobKind, JobState, RejectReason, ResultKind
 from cxrd.infer import resolve_model_path
 from cxrd.modelinfo import read_model_info
 from cxrd.queue import unresolved_failures
+from cxrd.space import storage_space
 
 RECENT = 10
 WORKER_STALE_SECONDS = 60
@@ -152,6 +153,8 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                     ),
                 ),
             },
+            "disk": disk_status(config, _count(
+                s, Rejection, Rejection.reason == RejectReason.DISK_LOW.value)),
             "rejected": _counts(s, Rejection.reason),
             "recent_rejections": rejections,
             "recent_failures": failures,
@@ -171,8 +174,25 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
         doc["jobs_failed_unresolved"] == 0
         and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0
         and not doc["cuda_required_unmet"]
+        and not doc["disk"]["low"]
     )
     return doc
+
+
+def disk_status(config: Config, refused: int) -> dict[str, Any]:
+    """Free space on the spool's (and the results') file system against ``[storage]
+    min_free_mb``; ``refused``: C-STOREs answered 0xA700 for it so far."""
+    space = storage_space(config.storage.spool_dir, config.results.results_dir,
+                          config.storage.min_free_mb)
+    try:
+        filesystems = [{"path": str(fs.path), "free_mb": fs.free_mb,
+                        "total_mb": fs.total_bytes // (1024 * 1024)}
+                       for fs in space.filesystems()]
+        low = space.low()
+    except OSError as exc:
+        filesystems, low = [], f"cannot look at the disk: {exc.strerror or exc}"
+    return {"min_free_mb": config.storage.min_free_mb, "filesystems": filesystems,
+            "low": low is not None, "low_reason": low, "refused": refused}
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -205,6 +225,13 @@ def render(doc: dict[str, Any]) -> str:
         f"{doc['reports']['superseded']} superseded",
         f"deliveries: {fmt(doc['deliveries']['by_state'])}",
     ]
+    disk = doc["disk"]
+    spaces = ", ".join(f"{fs['path']} {fs['free_mb']} MB free" for fs in disk["filesystems"])
+    lines.append(f"disk: {spaces or 'unknown'} (min_free_mb {disk['min_free_mb']}); "
+                 f"C-STOREs refused for low disk: {disk['refused']}")
+    if disk["low"]:
+        lines.append(f"  DISK LOW: C-STORE answers 0xA700 and watched files wait; "
+                     f"{disk['low_reason']}")
     for f in doc["recent_failures"]:
         if not f["resolved"]:
             lines.append(f"  failed {f['sop_instance_uid'] or 'report ' + f['study_instance_uid']}"
@@ -219,6 +246,6 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  operator {a['at']} {a['actor']}: {a['action']} "
                      f"{a['scope'] or 'all'} re-queued {a['count']}"
                      + (f" ({a['detail']})" if a["detail"] else ""))
-    lines.append("healthy" if doc["healthy"] else "UNHEALTHY: failed jobs, dead deliveries or "
-                 "CUDA required but not in use")
+    lines.append("healthy" if doc["healthy"] else "UNHEALTHY: failed jobs, dead deliveries, "
+                 "CUDA required but not in use, or disk low")
     return "\n".join(lines)

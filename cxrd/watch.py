@@ -221,8 +221,11 @@ class FolderWatcher:
         return ready
 
     def run_once(self) -> int:
-        """Ingest every settled file; returns how many were handled."""
+        """Ingest every settled file; returns how many were handled. Below ``[storage]
+        min_free_mb`` none is touched: they wait, and go once space is back."""
         handled = 0
+        if self.ingestor.space_low() is not None:
+            return 0
         for path in sorted(self._settled()):
             if self._stop.is_set():
                 break

@@ -46,11 +46,16 @@ from cxrd.preprocess import (
     resize_gray8,
     to_model_input,
 )
+from cxrd.space import is_resource_error
 from cxrd.uids import derived_uid
 
 log = logging.getLogger(__name__)
 
 IDLE_SLEEP_SECONDS = 0.25
+#: A worker that cannot reach or write the database (or the disk is full) waits this long
+#: before it tries again, doubling up to the maximum.
+RESOURCE_PAUSE_SECONDS = 1.0
+RESOURCE_PAUSE_MAX_SECONDS = 10.0
 HEARTBEAT_SECONDS = 10.0
 WORKER_NICENESS = 5
 
@@ -308,9 +313,27 @@ class WorkerLoop:
         return save_dataset(sr, self.results_dir)
 
     def _retry(self, job: queue.ClaimedJob, exc: BaseException) -> None:
+        """Back to the queue: with backoff, counting the attempt; or, when a resource is
+        missing (disk full, database full or unreachable), to wait without counting it.
+        That is written as soon as the database takes it (within the job's lease): a job
+        left running would come back only when its lease expires, its attempt spent."""
         w = self.config.workers
-        queue.retry_or_fail(self.db, job, self.worker_id, f"{type(exc).__name__}: {exc}",
-                            w.max_attempts, w.retry_backoff_seconds)
+        resource = is_resource_error(exc)
+        error = f"{type(exc).__name__}: {exc}"
+        deadline = time.monotonic() + w.lease_seconds
+        pause = RESOURCE_PAUSE_SECONDS
+        while True:
+            try:
+                queue.retry_or_fail(self.db, job, self.worker_id, error, w.max_attempts,
+                                    w.retry_backoff_seconds, resource=resource)
+                return
+            except Exception as db_exc:
+                if not is_resource_error(db_exc) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("action=job-wait-unrecorded job_id=%d error_type=%s retry_in_s=%.0f",
+                            job.job_id, type(db_exc).__name__, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, RESOURCE_PAUSE_MAX_SECONDS)
 
 
 def worker_id_prefix() -> str:
@@ -396,11 +419,24 @@ def worker_main(config: Config, index: int, parent_pid: int,
     worker_id = f"{worker_id_prefix()}{os.getpid()}:w{index}"
     loop = WorkerLoop(config, worker_id)
     settle_garbage_collector()
+    pause = RESOURCE_PAUSE_SECONDS
     while not stop.is_set():
         if os.getppid() != parent_pid:
             log.warning("action=worker-orphaned worker=%s", worker_id)
             return
-        if loop.run_once() == 0:
+        try:
+            claimed = loop.run_once()
+        except Exception as exc:
+            if not is_resource_error(exc):
+                raise
+            # The database is unreachable or full: wait for it here, not in a restart loop.
+            log.warning("action=worker-wait worker=%s error_type=%s retry_in_s=%.0f",
+                        worker_id, type(exc).__name__, pause)
+            stop.wait(pause)
+            pause = min(pause * 2, RESOURCE_PAUSE_MAX_SECONDS)
+            continue
+        pause = RESOURCE_PAUSE_SECONDS
+        if claimed == 0:
             wait_for_work(stop, doorbell)
     log.info("action=worker-stop worker=%s processed=%d", worker_id, loop.processed)
 

@@ -6,7 +6,8 @@ modules import the fixture builders as ``import dicomfactory``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,3 +53,25 @@ def memdb() -> Iterator[Database]:
 @pytest.fixture
 def ingestor(db: Database, dirs: DataDirs) -> Ingestor:
     return Ingestor(db, dirs.spool, dirs.rejected)
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, int], Path]]:
+    """``tmpfs(folder, size_mb)`` mounts a real tmpfs of that size on ``folder`` (made
+    when missing; the tests run as root) and returns it; every mount is undone at teardown.
+    A mount that fails fails the test: the disk-full tests would test nothing without it."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size_mb: int) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755",
+                               "tmpfs", str(folder)], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            pytest.fail(f"cannot mount a tmpfs on {folder} (root needed): {done.stderr}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)

@@ -193,3 +193,38 @@ def test_settle_rule_restarts_the_clock_on_each_change(ingestor, dirs):
     w.scan()
     assert w.run_once() == 1
     assert spool_files(dirs.spool)[0].read_bytes() == data
+
+
+def test_below_min_free_mb_watched_files_wait_untouched_and_go_once_space_is_back(
+        db, tmp_path, tmpfs):
+    """[storage] min_free_mb on a real tmpfs: while free space is below it, a watched
+    file is neither read nor moved nor recorded; once space is back it is ingested."""
+    from diskhelpers import fill
+
+    from cxrd.space import FreeSpace
+
+    data = tmpfs(tmp_path / "data", 16)
+    incoming = data / "incoming"
+    incoming.mkdir()
+    space = FreeSpace([data / "spool"], 4, cache_seconds=0)
+    ing = Ingestor(db, data / "spool", data / "rejected", space=space)
+    src = write(incoming / "x.dcm", part10_bytes(make_dataset("CR")))
+    before = os.stat(src)
+    filler = fill(data, 1024 * 1024)
+    w = FolderWatcher(ing, [incoming], 0)
+    for _ in range(3):
+        w.scan()
+        w.run_once()
+    after = os.stat(src)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns, after.st_nlink) == (
+        before.st_ino, before.st_size, before.st_mtime_ns, before.st_nlink)
+    assert count(db, Instance) == 0 and count(db, Rejection) == 0
+    assert not (data / "rejected").exists() and spool_files(data / "spool") == []
+    # A direct ingest_file (a file already settled when space ran out) leaves it too.
+    outcome = ing.ingest_file(src, "watch:test")
+    assert not outcome.accepted and outcome.reason == "disk-low" and src.exists()
+    assert count(db, Rejection) == 0
+    filler.unlink()
+    w.scan()
+    w.run_once()
+    assert count(db, Instance) == 1 and not src.exists() and len(spool_files(data / "spool")) == 1

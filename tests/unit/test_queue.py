@@ -338,3 +338,29 @@ def test_the_scheduler_safety_net_enqueues_missing_report_jobs(memdb):
     assert queue.ensure_report_jobs(memdb) == 2
     assert len(_report_jobs(memdb)) == 2
     assert queue.ensure_report_jobs(memdb) == 0
+
+
+def test_a_resource_error_does_not_use_up_attempts(memdb):
+    """A job that failed for want of disk space (or of the database) waits and comes back
+    as often as it takes; its attempts are given back, so it never fails for it."""
+    (job_id,) = make_jobs(memdb, studies=1, per_study=1)
+    for _ in range(5):  # more than max_attempts
+        make_due(memdb)
+        (job,) = claim(memdb, "w1", max_attempts=2)
+        before = utcnow()
+        queue.retry_or_fail(memdb, job, "w1", "OSError: [Errno 28] No space left on device",
+                            max_attempts=2, backoff_seconds=0, resource=True)
+        row = get_job(memdb, job_id)
+        assert row.state == JobState.PENDING.value and row.attempts == 0
+        assert row.not_before >= before + dt.timedelta(seconds=queue.RESOURCE_WAIT_SECONDS - 1)
+        assert row.error.startswith("waiting for a resource: OSError")
+        assert row.lease_owner is None
+        assert claim(memdb, "w2") == []  # waits: not due at once
+    # A failure of the image itself still counts its attempts as before.
+    for attempt in (1, 2):
+        make_due(memdb)
+        (job,) = claim(memdb, "w1", max_attempts=2)
+        assert job.attempts == attempt
+        queue.retry_or_fail(memdb, job, "w1", "ValueError: bad", max_attempts=2,
+                            backoff_seconds=0)
+    assert get_job(memdb, job_id).state == JobState.FAILED.value
