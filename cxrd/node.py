@@ -23,7 +23,7 @@ from typing import Any
 from cxrd import queue
 from cxrd.admit import admit_stable_studies
 from cxrd.config import Config, worker_processes
-from cxrd.db import Database
+from cxrd.db import Database, unavailable
 from cxrd.durable import remove_stale_temp_files
 from cxrd.infer import check_cuda, resolve_model_path
 from cxrd.ingest import Ingestor
@@ -79,6 +79,7 @@ class Node:
         self.admitting_cpu_s = 0.0
         self.admitted_studies = 0
         self._next_sweep = 0.0
+        self._database_down_since: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -191,14 +192,33 @@ class Node:
             try:
                 self.tick()
                 self.notifier.watchdog()  # only a loop that completes a round pings
-            except Exception:
-                log.exception("action=scheduler-error")
+                self._database_back()
+            except Exception as exc:
+                if unavailable(exc):
+                    self._database_gone(exc)
+                else:
+                    log.exception("action=scheduler-error")
             self.supervise()
             if time.monotonic() - self._last_status > STATUS_SECONDS:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
             self._stop.wait(SCHEDULER_INTERVAL_SECONDS)
         return self.drain()
+
+    def _database_gone(self, exc: BaseException) -> None:
+        """The scheduler found the database unreachable: say so once, and keep going (the
+        receiver answers Out of Resources meanwhile, workers wait with their jobs)."""
+        if self._database_down_since is None:
+            self._database_down_since = time.monotonic()
+            log.error("action=database-unavailable component=scheduler error_type=%s",
+                      type(exc).__name__)
+            log.debug("action=database-unavailable detail=%s", exc)
+
+    def _database_back(self) -> None:
+        if self._database_down_since is not None:
+            log.warning("action=database-back component=scheduler down_s=%.1f",
+                        time.monotonic() - self._database_down_since)
+            self._database_down_since = None
 
     def _status_line(self) -> str:
         """systemd STATUS=: queue depth and counts, from the database."""

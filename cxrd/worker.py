@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from cxrd import queue
 from cxrd.config import Config, worker_threads
-from cxrd.db import Database
+from cxrd.db import Database, unavailable
 from cxrd.dicom import CR
 from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
@@ -50,6 +50,8 @@ from cxrd.uids import derived_uid
 log = logging.getLogger(__name__)
 
 IDLE_SLEEP_SECONDS = 0.25
+#: While the database is unreachable, a worker looks again this often.
+DATABASE_RETRY_SECONDS = 1.0
 HEARTBEAT_SECONDS = 10.0
 WORKER_NICENESS = 5
 
@@ -185,9 +187,17 @@ class WorkerLoop:
         # use (~0.5 s): neither lands on the first study.
         self.classifier.warm_up()
         warm_up_results(self.model)
-        queue.heartbeat(self.db, worker_id, model=self.model.display_name,
-                        device_uid=self.model.device_uid, demo=self.model.demo,
-                        providers=self.classifier.providers)
+        #: The jobs of the batch in hand: given back if the database goes away meanwhile.
+        self.held: list[queue.ClaimedJob] = []
+        try:
+            queue.heartbeat(self.db, worker_id, model=self.model.display_name,
+                            device_uid=self.model.device_uid, demo=self.model.demo,
+                            providers=self.classifier.providers)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            log.warning("action=database-unavailable worker=%s held_jobs=0 error_type=%s",
+                        worker_id, type(exc).__name__)
         self._last_beat = time.monotonic()
 
     def run_once(self) -> int:
@@ -195,6 +205,7 @@ class WorkerLoop:
         w = self.config.workers
         jobs = queue.claim(self.db, self.worker_id, w.batch_size, w.lease_seconds,
                            w.max_attempts)
+        self.held = jobs
         if time.monotonic() - self._last_beat > HEARTBEAT_SECONDS:
             queue.heartbeat(self.db, self.worker_id, processed=self.processed)
             self._last_beat = time.monotonic()
@@ -204,7 +215,33 @@ class WorkerLoop:
         classify = [j for j in jobs if j.kind == JobKind.CLASSIFY]
         if classify:
             self.process(classify)
+        self.held = []
         return len(jobs)
+
+    def wait_for_database(self, exc: BaseException, keep_waiting: Callable[[], bool]) -> bool:
+        """The database went away (``exc``): wait until it answers again, then give back
+        the jobs in hand without spending their attempts, and go on. Nothing is failed and
+        the process does not exit: an outage is a reason to wait. Returns False when
+        ``keep_waiting`` said stop first (their leases then expire as after a crash)."""
+        log.warning("action=database-unavailable worker=%s held_jobs=%d error_type=%s",
+                    self.worker_id, len(self.held), type(exc).__name__)
+        log.debug("action=database-unavailable worker=%s detail=%s", self.worker_id, exc)
+        t0 = time.monotonic()
+        while keep_waiting():
+            try:
+                self.db.ping()
+                released = queue.release(self.db, self.held, self.worker_id,
+                                         "database-unavailable")
+            except Exception as again:
+                if not unavailable(again):
+                    raise
+                time.sleep(DATABASE_RETRY_SECONDS)
+                continue
+            log.info("action=database-back worker=%s waited_s=%.1f released=%d",
+                     self.worker_id, time.monotonic() - t0, released)
+            self.held = []
+            return True
+        return False
 
     def process(self, jobs: list[queue.ClaimedJob]) -> None:
         """Classify a batch: decode and preprocess each, one inference, then per image its
@@ -307,6 +344,8 @@ class WorkerLoop:
         return save_dataset(sr, self.results_dir)
 
     def _retry(self, job: queue.ClaimedJob, exc: BaseException) -> None:
+        if unavailable(exc):
+            raise exc  # not the job's fault: the batch waits for the database (worker_main)
         w = self.config.workers
         queue.retry_or_fail(self.db, job, self.worker_id, f"{type(exc).__name__}: {exc}",
                             w.max_attempts, w.retry_backoff_seconds)
@@ -377,11 +416,21 @@ def worker_main(config: Config, index: int, parent_pid: int,
     worker_id = f"{worker_id_prefix()}{os.getpid()}:w{index}"
     loop = WorkerLoop(config, worker_id)
     settle_garbage_collector()
+    def keep_waiting() -> bool:
+        return not stop.is_set() and os.getppid() == parent_pid
+
     while not stop.is_set():
         if os.getppid() != parent_pid:
             log.warning("action=worker-orphaned worker=%s", worker_id)
             return
-        if loop.run_once() == 0:
+        try:
+            claimed = loop.run_once()
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            loop.wait_for_database(exc, keep_waiting)
+            continue
+        if claimed == 0:
             stop.wait(IDLE_SLEEP_SECONDS)
     log.info("action=worker-stop worker=%s processed=%d", worker_id, loop.processed)
 
