@@ -32,6 +32,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -354,6 +355,32 @@ def migrate(engine: Engine) -> int:
     return SCHEMA_VERSION
 
 
+#: SQLite's OperationalError also reports mistakes in a statement; only these mean that the
+#: file cannot be used just now.
+_SQLITE_UNAVAILABLE = ("locked", "busy", "disk i/o error", "unable to open",
+                       "disk is full", "readonly database")
+
+
+def unavailable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) says the database cannot be reached or used
+    just now: the server is down or restarting, the connection was terminated or refused,
+    SQLite's file is locked or its disk fails. A reason to wait and try again, never to
+    fail an image or a job."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        if isinstance(exc, InterfaceError):
+            return True
+        if isinstance(exc, OperationalError):
+            if not isinstance(exc.orig, sqlite3.Error):
+                return True  # PostgreSQL: psycopg's OperationalError is about the connection
+            return any(m in str(exc.orig).lower() for m in _SQLITE_UNAVAILABLE)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 class Database:
     """Engine plus session factory; one per process."""
 
@@ -368,6 +395,11 @@ class Database:
 
     def migrate(self) -> int:
         return migrate(self.engine)
+
+    def ping(self) -> None:
+        """One round trip (``SELECT 1``); raises what the database raises."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

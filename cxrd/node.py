@@ -30,7 +30,7 @@ from typing import Any
 from cxrd import queue
 from cxrd.admit import admit_stable_studies
 from cxrd.config import Config, worker_processes
-from cxrd.db import Database
+from cxrd.db import Database, unavailable
 from cxrd.durable import remove_stale_temp_files
 from cxrd.infer import check_cuda, resolve_model_path
 from cxrd.ingest import Ingestor
@@ -92,6 +92,7 @@ class Node:
         self._next_sweep = 0.0
         self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
                                    config.storage.min_free_mb)
+        self._database_down_since: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -236,8 +237,11 @@ class Node:
             try:
                 self.tick()
                 self.notifier.watchdog()  # only a loop that completes a round pings
+                self._database_back()
             except Exception as exc:
-                if is_resource_error(exc):  # a full disk, the database away: it comes back
+                if unavailable(exc):
+                    self._database_gone(exc)
+                elif is_resource_error(exc):  # a full disk: it comes back
                     log.warning("action=scheduler-wait error_type=%s error=%s",
                                 type(exc).__name__, str(exc).splitlines()[0][:200])
                 else:
@@ -247,6 +251,21 @@ class Node:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
             self._stop.wait(SCHEDULER_INTERVAL_SECONDS)
+
+    def _database_gone(self, exc: BaseException) -> None:
+        """The scheduler found the database unreachable: say so once, and keep going (the
+        receiver answers Out of Resources meanwhile, workers wait with their jobs)."""
+        if self._database_down_since is None:
+            self._database_down_since = time.monotonic()
+            log.error("action=database-unavailable component=scheduler error_type=%s",
+                      type(exc).__name__)
+            log.debug("action=database-unavailable detail=%s", exc)
+
+    def _database_back(self) -> None:
+        if self._database_down_since is not None:
+            log.warning("action=database-back component=scheduler down_s=%.1f",
+                        time.monotonic() - self._database_down_since)
+            self._database_down_since = None
 
     def _status_line(self) -> str:
         """systemd STATUS=: queue depth and counts, from the database."""

@@ -540,6 +540,29 @@ def retry_failed(db: Database, *, actor: str, now: dt.datetime | None = None) ->
     return retried
 
 
+def release(db: Database, jobs: Sequence[ClaimedJob], owner: str, reason: str) -> int:
+    """Give back jobs ``owner`` still holds, due now and without spending an attempt:
+    nothing was wrong with them (the database went away while they were in hand, say).
+    A job whose lease was lost meanwhile is left to its new owner. Returns how many."""
+    if not jobs:
+        return 0
+    now = utcnow()
+    released = 0
+    with db.session() as s:
+        for job in jobs:
+            row = _locked_job(s, job.job_id)
+            if row is None or not _owned(row, owner):
+                continue
+            row.state = JobState.PENDING.value
+            row.lease_owner = None
+            row.not_before = now
+            row.attempts = max(0, row.attempts - 1)
+            released += 1
+    if released:
+        log.info("action=jobs-released worker=%s count=%d reason=%s", owner, released, reason)
+    return released
+
+
 def release_dead_leases(db: Database, owner_prefix: str) -> int:
     """At start-up: jobs leased by dead processes of this host return to the queue at once
     (their attempt still counts). Owners are ``host:pid:wN``; a lease whose process is

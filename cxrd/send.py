@@ -27,7 +27,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 
 from cxrd.config import Config, DestinationConfig, TlsConfig
-from cxrd.db import Database
+from cxrd.db import Database, unavailable
 from cxrd.dicom import (
     REJECT_PERMANENT,
     SECONDARY_CAPTURE,
@@ -245,8 +245,12 @@ class Sender:
         while not self._stop.is_set():
             try:
                 sent = self.run_once()
-            except Exception:
-                log.exception("action=send-error")
+            except Exception as exc:
+                if unavailable(exc):  # deliveries stay pending; the next pass tries again
+                    log.warning("action=send-error reason=database-unavailable error_type=%s",
+                                type(exc).__name__)
+                else:
+                    log.exception("action=send-error")
                 sent = 0
             if not sent:
                 self._stop.wait(POLL_SECONDS)

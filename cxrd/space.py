@@ -31,14 +31,6 @@ CACHE_SECONDS = 1.0
 #: OSError numbers that mean the disk (or the user's quota) is full.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: SQLite's messages for a full or unreachable database file (sqlite3.OperationalError).
-_SQLITE_RESOURCE_MESSAGES = ("database or disk is full", "disk i/o error",
-                             "unable to open database file", "database is locked")
-#: SQLSTATE classes of PostgreSQL resource trouble: 08 connection exception, 53
-#: insufficient resources (disk full, out of memory, too many connections), 57 operator
-#: intervention (admin shutdown, cannot connect now), 58 system error (I/O).
-_PG_RESOURCE_CLASSES = ("08", "53", "57", "58")
-
-
 @dataclass(frozen=True)
 class FileSystem:
     """One file system that cxrd writes to, as seen at one moment."""
@@ -155,27 +147,12 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def is_resource_error(exc: BaseException) -> bool:
-    """True when ``exc`` says a resource is missing (disk full, database full or
-    unreachable), not that the work itself is wrong: the work is to wait and resume."""
-    if is_disk_full(exc):
-        return True
-    from sqlalchemy.exc import DBAPIError, OperationalError
+    """True when ``exc`` says a resource is missing (a full disk, or a database that is
+    full or unreachable: ``cxrd.db.unavailable``), not that the work itself is wrong: the
+    work is to wait and resume."""
+    from cxrd.db import unavailable
 
-    for e in _chain(exc):
-        if isinstance(e, DBAPIError) and e.connection_invalidated:
-            return True
-        if isinstance(e, OperationalError):
-            orig = e.orig
-            sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-            if sqlstate:
-                if str(sqlstate)[:2] in _PG_RESOURCE_CLASSES:
-                    return True
-            elif type(orig).__module__.startswith("sqlite3"):
-                if str(orig).lower().startswith(_SQLITE_RESOURCE_MESSAGES):
-                    return True
-            else:  # a PostgreSQL driver's error without a SQLSTATE: it could not connect
-                return True
-    return False
+    return is_disk_full(exc) or unavailable(exc)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

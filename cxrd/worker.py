@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from cxrd import queue
 from cxrd.config import Config, worker_threads
-from cxrd.db import Database
+from cxrd.db import Database, unavailable
 from cxrd.dicom import CR
 from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
@@ -56,6 +56,8 @@ IDLE_SLEEP_SECONDS = 0.25
 #: before it tries again, doubling up to the maximum.
 RESOURCE_PAUSE_SECONDS = 1.0
 RESOURCE_PAUSE_MAX_SECONDS = 10.0
+#: While the database is unreachable, a worker looks again this often.
+DATABASE_RETRY_SECONDS = 1.0
 HEARTBEAT_SECONDS = 10.0
 WORKER_NICENESS = 5
 
@@ -191,9 +193,17 @@ class WorkerLoop:
         # use (~0.5 s): neither lands on the first study.
         self.classifier.warm_up()
         warm_up_results(self.model)
-        queue.heartbeat(self.db, worker_id, model=self.model.display_name,
-                        device_uid=self.model.device_uid, demo=self.model.demo,
-                        providers=self.classifier.providers)
+        #: The jobs of the batch in hand: given back if the database goes away meanwhile.
+        self.held: list[queue.ClaimedJob] = []
+        try:
+            queue.heartbeat(self.db, worker_id, model=self.model.display_name,
+                            device_uid=self.model.device_uid, demo=self.model.demo,
+                            providers=self.classifier.providers)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            log.warning("action=database-unavailable worker=%s held_jobs=0 error_type=%s",
+                        worker_id, type(exc).__name__)
         self._last_beat = time.monotonic()
 
     def run_once(self) -> int:
@@ -201,6 +211,7 @@ class WorkerLoop:
         w = self.config.workers
         jobs = queue.claim(self.db, self.worker_id, w.batch_size, w.lease_seconds,
                            w.max_attempts)
+        self.held = jobs
         if time.monotonic() - self._last_beat > HEARTBEAT_SECONDS:
             queue.heartbeat(self.db, self.worker_id, processed=self.processed)
             self._last_beat = time.monotonic()
@@ -210,7 +221,33 @@ class WorkerLoop:
         classify = [j for j in jobs if j.kind == JobKind.CLASSIFY]
         if classify:
             self.process(classify)
+        self.held = []
         return len(jobs)
+
+    def wait_for_database(self, exc: BaseException, keep_waiting: Callable[[], bool]) -> bool:
+        """The database went away (``exc``): wait until it answers again, then give back
+        the jobs in hand without spending their attempts, and go on. Nothing is failed and
+        the process does not exit: an outage is a reason to wait. Returns False when
+        ``keep_waiting`` said stop first (their leases then expire as after a crash)."""
+        log.warning("action=database-unavailable worker=%s held_jobs=%d error_type=%s",
+                    self.worker_id, len(self.held), type(exc).__name__)
+        log.debug("action=database-unavailable worker=%s detail=%s", self.worker_id, exc)
+        t0 = time.monotonic()
+        while keep_waiting():
+            try:
+                self.db.ping()
+                released = queue.release(self.db, self.held, self.worker_id,
+                                         "database-unavailable")
+            except Exception as again:
+                if not unavailable(again):
+                    raise
+                time.sleep(DATABASE_RETRY_SECONDS)
+                continue
+            log.info("action=database-back worker=%s waited_s=%.1f released=%d",
+                     self.worker_id, time.monotonic() - t0, released)
+            self.held = []
+            return True
+        return False
 
     def process(self, jobs: list[queue.ClaimedJob]) -> None:
         """Classify a batch: decode and preprocess each, one inference, then per image its
@@ -313,27 +350,17 @@ class WorkerLoop:
         return save_dataset(sr, self.results_dir)
 
     def _retry(self, job: queue.ClaimedJob, exc: BaseException) -> None:
-        """Back to the queue: with backoff, counting the attempt; or, when a resource is
-        missing (disk full, database full or unreachable), to wait without counting it.
-        That is written as soon as the database takes it (within the job's lease): a job
-        left running would come back only when its lease expires, its attempt spent."""
+        """Back to the queue: with backoff, counting the attempt; or, when the disk is
+        full, to wait without counting it (``retry_or_fail(resource=True)``). When the
+        database itself is unreachable (``exc``, or while this is recorded), the error
+        goes up to ``worker_main``, which waits for the database and then gives back every
+        job in hand without spending its attempt (``WorkerLoop.wait_for_database``)."""
+        if unavailable(exc):
+            raise exc  # not the job's fault: the batch waits for the database (worker_main)
         w = self.config.workers
-        resource = is_resource_error(exc)
-        error = f"{type(exc).__name__}: {exc}"
-        deadline = time.monotonic() + w.lease_seconds
-        pause = RESOURCE_PAUSE_SECONDS
-        while True:
-            try:
-                queue.retry_or_fail(self.db, job, self.worker_id, error, w.max_attempts,
-                                    w.retry_backoff_seconds, resource=resource)
-                return
-            except Exception as db_exc:
-                if not is_resource_error(db_exc) or time.monotonic() + pause > deadline:
-                    raise
-                log.warning("action=job-wait-unrecorded job_id=%d error_type=%s retry_in_s=%.0f",
-                            job.job_id, type(db_exc).__name__, pause)
-                time.sleep(pause)
-                pause = min(pause * 2, RESOURCE_PAUSE_MAX_SECONDS)
+        queue.retry_or_fail(self.db, job, self.worker_id, f"{type(exc).__name__}: {exc}",
+                            w.max_attempts, w.retry_backoff_seconds,
+                            resource=is_resource_error(exc))
 
 
 def worker_id_prefix() -> str:
@@ -420,6 +447,10 @@ def worker_main(config: Config, index: int, parent_pid: int,
     loop = WorkerLoop(config, worker_id)
     settle_garbage_collector()
     pause = RESOURCE_PAUSE_SECONDS
+
+    def keep_waiting() -> bool:
+        return not stop.is_set() and os.getppid() == parent_pid
+
     while not stop.is_set():
         if os.getppid() != parent_pid:
             log.warning("action=worker-orphaned worker=%s", worker_id)
@@ -427,9 +458,12 @@ def worker_main(config: Config, index: int, parent_pid: int,
         try:
             claimed = loop.run_once()
         except Exception as exc:
+            if unavailable(exc):
+                loop.wait_for_database(exc, keep_waiting)
+                continue
             if not is_resource_error(exc):
                 raise
-            # The database is unreachable or full: wait for it here, not in a restart loop.
+            # The disk is full: wait here, not in a restart loop.
             log.warning("action=worker-wait worker=%s error_type=%s retry_in_s=%.0f",
                         worker_id, type(exc).__name__, pause)
             stop.wait(pause)

@@ -131,3 +131,44 @@ def test_schema_1_jobs_are_migrated_to_report_jobs(tmp_path: Path):
         s.add(Job(kind="report", instance_id=None, study_instance_uid="1.2", generation=1,
                   state="pending"))
     db.dispose()
+
+
+def test_unavailable_tells_an_outage_from_a_mistake(tmp_path):
+    """What makes a worker wait (the database cannot be used just now) and what must not
+    (a statement that is wrong), from real errors."""
+    import socket
+    import sqlite3
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from cxrd.db import Database, unavailable
+
+    path = tmp_path / "x.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (a)")
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    with pytest.raises(OperationalError) as locked, engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    assert unavailable(locked.value)
+    with pytest.raises(OperationalError) as mistake, engine.connect() as conn:
+        conn.exec_driver_sql("SELECT * FROM no_such_table")
+    assert not unavailable(mistake.value)
+    assert not unavailable(ValueError("no"))
+    try:
+        raise RuntimeError("while completing a job") from locked.value
+    except RuntimeError as wrapped:
+        assert unavailable(wrapped)
+    holder.close()
+    engine.dispose()
+
+    # a PostgreSQL server that is not there (nothing listens on the port)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pg = Database(f"postgresql://postgres@127.0.0.1:{port}/cxrd?connect_timeout=2")
+    with pytest.raises(OperationalError) as refused:
+        pg.ping()
+    assert unavailable(refused.value)
+    pg.dispose()

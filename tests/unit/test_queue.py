@@ -364,3 +364,26 @@ def test_a_resource_error_does_not_use_up_attempts(memdb):
         queue.retry_or_fail(memdb, job, "w1", "ValueError: bad", max_attempts=2,
                             backoff_seconds=0)
     assert get_job(memdb, job_id).state == JobState.FAILED.value
+
+
+def test_release_gives_jobs_back_without_spending_an_attempt(memdb):
+    """A database outage in the middle of a batch: the worker gives its jobs back once the
+    database answers again; they are due at once and their attempt is not counted. A job
+    whose lease another worker holds by then is left alone."""
+    first, second = make_jobs(memdb, studies=1, per_study=2)
+    held = claim(memdb, "w1", max_attempts=3)
+    assert [c.job_id for c in held] == [first, second]
+    expire_leases(memdb)
+    (taken,) = claim(memdb, "w2", batch=1, max_attempts=3)  # the first one, re-leased
+    assert taken.job_id == first
+
+    assert queue.release(memdb, held, "w1", "database-unavailable") == 1
+    row = get_job(memdb, second)
+    assert row.state == JobState.PENDING.value and row.lease_owner is None
+    assert row.attempts == 0
+    assert row.not_before <= utcnow()
+    other = get_job(memdb, first)
+    assert other.state == JobState.RUNNING.value and other.lease_owner == "w2"
+    assert other.attempts == 2
+    (again,) = claim(memdb, "w1", max_attempts=3)
+    assert again.job_id == second and again.attempts == 1
