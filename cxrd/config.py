@@ -137,6 +137,8 @@ class StorageConfig:
 
     data_dir: Path
     database_url: str = ""
+    # Days spool files and delivered results are kept; 0 keeps them for ever.
+    retention_days: int = 0
 
     @property
     def incoming_dir(self) -> Path:
@@ -871,7 +873,9 @@ def _read_storage(t: _Table, base: Path) -> StorageConfig:
         )
     elif url.startswith("sqlite:///"):
         url = _resolve_sqlite_url(url, base)
-    return StorageConfig(data_dir=data_dir, database_url=url)
+    retention_days = t.integer("retention_days", 0, low=0, high=36500,
+                               allowed="a whole number of days from 0 (keep for ever) to 36500")
+    return StorageConfig(data_dir=data_dir, database_url=url, retention_days=retention_days)
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:
