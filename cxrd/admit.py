@@ -102,7 +102,8 @@ def requeue_study(db: Database, study_uid: str) -> int:
 
     The admission rules are applied afresh, so an image skipped under older rules (or
     whose decoding failed) is tried again. The new SR supersedes the current one. A study
-    still collecting, or with jobs pending or running, is left alone (try again later).
+    still collecting, or with jobs pending or running, is left alone (try again later),
+    and so is one whose received images retention purged (it cannot be reached again).
     """
     now = utcnow()
     with db.session() as s:
@@ -121,6 +122,10 @@ def requeue_study(db: Database, study_uid: str) -> int:
             return 0
         instances = s.scalars(select(Instance).where(
             Instance.study_instance_uid == study_uid).order_by(Instance.id)).all()
+        if any(inst.purged_at is not None for inst in instances):
+            log.info("action=reprocess-skipped study_instance_uid=%s reason=spool-purged",
+                     study_uid)
+            return 0
         classify = requeue(s, study, [(inst, skip_reason(inst)) for inst in instances], now)
         generation = study.generation
     log.info("action=reprocess study_instance_uid=%s generation=%d queued=%d",

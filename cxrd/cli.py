@@ -1,5 +1,5 @@
-"""The ``cxrd`` command: serve, predict, reprocess, status, check-config, and the mending
-commands ``deliveries retry`` and ``jobs retry``.
+"""The ``cxrd`` command: serve, predict, reprocess, status, check-config, the mending
+commands ``deliveries retry`` and ``jobs retry``, and ``purge``.
 
 Every subcommand takes ``--config PATH``; its environment twin is ``CXRD_CONFIG``.
 """
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="mend the job queue")
     mend = p.add_subparsers(dest="action", required=True)
     mend.add_parser("retry", parents=[common], help="queue failed jobs again")
+    p = sub.add_parser("purge", parents=[common],
+                       help="remove spool files and delivered results older than DATE")
+    p.add_argument("--before", type=_date, required=True,
+                   help="finished studies and results older than DATE (UTC)")
+    p.add_argument("--dry-run", action="store_true", help="count only, remove nothing")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -137,6 +143,17 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     if not studies:
         print("no stored studies match", file=sys.stderr)
         return EXIT_OK
+    from cxrd.retention import purged_studies
+
+    unreachable = purged_studies(db, studies)
+    for uid in unreachable:  # UIDs only: no patient data
+        print(f"cannot reprocess {uid}: its received images were purged")
+    if unreachable:
+        gone = set(unreachable)
+        studies = [uid for uid in studies if uid not in gone]
+        print(f"skipped {len(unreachable)} studies no longer reachable (purged by retention)")
+        if not studies:
+            return EXIT_OK
     from tqdm import tqdm
 
     queued = deferred = 0
@@ -187,6 +204,28 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from cxrd.actions import current_actor
+    from cxrd.retention import TRIGGER_COMMAND, purge, report_dict
+
+    config, db = _mend_db(args)
+    report = purge(db, config, args.before, trigger=TRIGGER_COMMAND, actor=current_actor(),
+                   dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report_dict(report), indent=2))
+    else:
+        verb = "would remove" if report.dry_run else "removed"
+        print(f"{verb} {report.instances} received instances in {report.studies} studies "
+              f"({report.spool_bytes} bytes) and {report.results} results "
+              f"({report.result_bytes} bytes); kept {report.results_kept} results older than "
+              f"{args.before.isoformat()} that are not yet delivered")
+    if report.errors:
+        print(f"{report.errors} files could not be removed (see the log); the next purge "
+              "tries again", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cxrd.predict import predict_files
 
@@ -196,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "reprocess": cmd_reprocess,
             "status": cmd_status, "check-config": cmd_check_config,
-            "deliveries": cmd_deliveries, "jobs": cmd_jobs}
+            "deliveries": cmd_deliveries, "jobs": cmd_jobs, "purge": cmd_purge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,6 +144,8 @@ class StorageConfig:
     # Below this many MB free (spool's or results' file system), C-STORE answers 0xA700 and
     # watched files wait where they are (cxrd.space); 0 turns the check off.
     min_free_mb: int = 1024  # DEFAULT_MIN_FREE_MB
+    # Days spool files and delivered results are kept; 0 keeps them for ever.
+    retention_days: int = 0
 
     @property
     def incoming_dir(self) -> Path:
@@ -879,7 +881,10 @@ def _read_storage(t: _Table, base: Path) -> StorageConfig:
     elif url.startswith("sqlite:///"):
         url = _resolve_sqlite_url(url, base)
     min_free_mb = t.integer("min_free_mb", DEFAULT_MIN_FREE_MB, low=0, high=2**40)
-    return StorageConfig(data_dir=data_dir, database_url=url, min_free_mb=min_free_mb)
+    retention_days = t.integer("retention_days", 0, low=0, high=36500,
+                               allowed="a whole number of days from 0 (keep for ever) to 36500")
+    return StorageConfig(data_dir=data_dir, database_url=url, min_free_mb=min_free_mb,
+                         retention_days=retention_days)
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -90,6 +91,8 @@ class Instance(Base):
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED.value, index=True)
     reason: Mapped[str | None] = mapped_column(String(32))  # SkipReason value
     detail: Mapped[str | None] = mapped_column(Text)
+    # When retention removed the spool file (``cxrd.retention``); the row stays.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class Job(Base):
@@ -142,6 +145,8 @@ class Result(Base):
     source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # SC: the radiograph
     supersedes: Mapped[str | None] = mapped_column(String(64))  # SR: the previous SR
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # When retention removed the file (``cxrd.retention``); the row stays.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class Rejection(Base):
@@ -202,6 +207,25 @@ class OperatorAction(Base):
     detail: Mapped[str | None] = mapped_column(Text)  # "key=value ..." (e.g. by job kind)
 
 
+class Purge(Base):
+    """One row per purge run (``cxrd.retention``): the node's periodic one (``trigger``
+    "retention") or ``cxrd purge`` ("command"), what it removed and what it kept."""
+
+    __tablename__ = "purges"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    before: Mapped[dt.datetime] = mapped_column(DateTime)  # the cutoff
+    trigger: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str | None] = mapped_column(String(256))  # user@host of a command
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    spool_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    results: Mapped[int] = mapped_column(Integer, default=0)
+    result_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    results_kept: Mapped[int] = mapped_column(Integer, default=0)  # old, not yet delivered
+
+
 class SchemaVersion(Base):
     __tablename__ = "schema_version"
 
@@ -246,8 +270,18 @@ def _v3(conn: Any) -> None:
     OperatorAction.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
+def _v4(conn: Any) -> None:
+    """Retention: ``instances.purged_at``, ``results.purged_at`` and ``purges``. A
+    database created at an earlier version by this code's models already has them."""
+    for table in (Instance.__tablename__, Result.__tablename__):
+        if "purged_at" not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            kind = "TIMESTAMP" if conn.dialect.name == "postgresql" else "DATETIME"
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN purged_at {kind}")
+    Purge.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
-MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -56,6 +56,11 @@ QUICK_DEATH_SECONDS = 30.0
 RESTART_DELAY_MAX = 60.0
 #: After a failure, child processes get this long to exit on SIGTERM before SIGKILL.
 ABORT_SECONDS = 5.0
+#: With ``[storage] retention_days``: the first purge this long after start, then hourly.
+PURGE_FIRST_SECONDS = 15.0
+PURGE_INTERVAL_SECONDS = 3600.0
+#: A drain waits this long for a purge in progress to finish its batch.
+PURGE_STOP_SECONDS = 10.0
 
 
 class Node:
@@ -93,6 +98,8 @@ class Node:
         self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
                                    config.storage.min_free_mb)
         self._database_down_since: float | None = None
+        self._next_purge = time.monotonic() + PURGE_FIRST_SECONDS
+        self._purger: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -203,6 +210,9 @@ class Node:
         if time.monotonic() >= self._next_sweep:  # a safety net: rarely, not every round
             self._next_sweep = time.monotonic() + REPORT_SWEEP_SECONDS
             swept = queue.ensure_report_jobs(self.db)
+        if cfg.storage.retention_days > 0 and time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
+            self._start_purge()
         if admitted or swept:
             self.ring()
         return admitted
@@ -214,6 +224,24 @@ class Node:
         for bell in self._doorbells.values():
             with contextlib.suppress(OSError):  # BlockingIOError, BrokenPipeError included
                 bell.send_bytes(b"")
+
+    def _start_purge(self) -> None:
+        """Retention's purge, on its own thread: its file removals neither hold up
+        admission nor count as scheduler CPU, and a long first purge cannot starve the
+        watchdog. One at a time."""
+        if self._stop.is_set() or (self._purger is not None and self._purger.is_alive()):
+            return
+        self._purger = threading.Thread(target=self._purge, name="cxrd-purge", daemon=True)
+        self._purger.start()
+
+    def _purge(self) -> None:
+        from cxrd.retention import TRIGGER_RETENTION, cutoff_for, purge
+
+        try:
+            purge(self.db, self.config, cutoff_for(self.config.storage.retention_days),
+                  trigger=TRIGGER_RETENTION, stop=self._stop)
+        except Exception:  # the next one tries again
+            log.exception("action=purge-failed")
 
     def run(self) -> int:
         try:
@@ -348,6 +376,8 @@ class Node:
         except Exception:
             log.exception("action=scheduler-error")
         self.sender.stop()
+        if self._purger is not None:
+            self._purger.join(PURGE_STOP_SECONDS)  # _stop is set: it ends after its batch
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.db.dispose()

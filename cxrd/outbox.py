@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, exists, select, update
 from sqlalchemy.orm import Session
 
 from cxrd.actions import DELIVERIES_RETRY, log_action, record
@@ -170,6 +170,17 @@ def mark_failed(db: Database, deliveries: Sequence[DueDelivery], error: str,
                             wait.total_seconds(), error)
 
 
+def result_may_go() -> ColumnElement[bool]:
+    """The one rule for removing a result's file (a condition on ``Result``; retention,
+    ``cxrd.retention``, adds its age): no delivery of it is pending, i.e. it is delivered
+    to every destination it was queued for, or its delivery there is dead (a dead one is
+    no longer tried; ``cxrd deliveries retry`` skips those whose file is gone). A result
+    queued for no destination may go as well. Not one already removed."""
+    return and_(Result.purged_at.is_(None),
+                ~exists().where(Delivery.result_id == Result.id,
+                                Delivery.state == DeliveryState.PENDING.value))
+
+
 def retry_dead(db: Database, *, actor: str, destination: str | None = None,
                now: dt.datetime | None = None) -> int:
     """``cxrd deliveries retry``: every dead delivery (or those to ``destination``) back
@@ -180,7 +191,10 @@ def retry_dead(db: Database, *, actor: str, destination: str | None = None,
     is recorded in the same transaction and logged; returns how many were re-queued."""
     now = utcnow() if now is None else now
     with db.session() as s:
-        query = update(Delivery).where(Delivery.state == DeliveryState.DEAD.value)
+        query = update(Delivery).where(
+            Delivery.state == DeliveryState.DEAD.value,
+            # A result purged by retention cannot be sent again.
+            Delivery.result_id.in_(select(Result.id).where(Result.purged_at.is_(None))))
         if destination is not None:
             query = query.where(Delivery.destination == destination)
         result = s.execute(query.values(state=DeliveryState.PENDING.value, attempts=0,

@@ -473,6 +473,21 @@ def unresolved_failures() -> ColumnElement[bool]:
     )
 
 
+def study_finished_before(cutoff: dt.datetime) -> ColumnElement[bool]:
+    """Studies whose received instances retention may remove (a condition on ``Study``):
+    finished (reported, or nothing to do), with no open job and no unanswered failure
+    (``cxrd jobs retry`` still needs the images), and no activity (received, admitted,
+    reprocessed, reported) since ``cutoff``."""
+    return and_(
+        Study.state.in_((StudyState.REPORTED.value, StudyState.NOTHING_TO_DO.value)),
+        Study.last_received_at < cutoff,
+        or_(Study.stable_at.is_(None), Study.stable_at < cutoff),
+        or_(Study.reported_at.is_(None), Study.reported_at < cutoff),
+        ~exists().where(Job.study_instance_uid == Study.study_instance_uid,
+                        or_(Job.state.in_(_OPEN), unresolved_failures())),
+    )
+
+
 @dataclass(frozen=True)
 class Retried:
     """What ``retry_failed`` queued again."""

@@ -15,6 +15,7 @@ from cxrd.domain import DeliveryState, JobKind, JobState, RejectReason, ResultKi
 from cxrd.infer import resolve_model_path
 from cxrd.modelinfo import read_model_info
 from cxrd.queue import unresolved_failures
+from cxrd.retention import storage_status
 from cxrd.space import storage_space
 
 RECENT = 10
@@ -165,14 +166,22 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
             },
             # `cxrd deliveries retry` and `cxrd jobs retry`: who ran them, when, how many
             "operator_actions": recent(s, RECENT),
+            # bytes in use, free space, retention and the last purge
+            "storage": storage_status(config, s),
         }
+        # A dead delivery whose result retention purged can no longer be sent again
+        # (`cxrd deliveries retry` skips it): it stays in by_state, not in the health.
+        doc["deliveries"]["dead_purged"] = _count(
+            s, Delivery, Delivery.state == DeliveryState.DEAD.value,
+            Delivery.result_id.in_(select(Result.id).where(Result.purged_at.is_not(None))))
     # [model] require_cuda: a live worker off CUDA (or none at all) cannot do the job asked.
     live: list[Any] = [w["providers"] for w in workers if w["alive"]]
     doc["cuda_required_unmet"] = bool(config.model.require_cuda) and (
         not live or any("CUDAExecutionProvider" not in providers for providers in live))
     doc["healthy"] = (
         doc["jobs_failed_unresolved"] == 0
-        and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0) == 0
+        and doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value, 0)
+        == doc["deliveries"]["dead_purged"]
         and not doc["cuda_required_unmet"]
         and not doc["disk"]["low"]
     )
@@ -193,6 +202,16 @@ def disk_status(config: Config, refused: int) -> dict[str, Any]:
         filesystems, low = [], f"cannot look at the disk: {exc.strerror or exc}"
     return {"min_free_mb": config.storage.min_free_mb, "filesystems": filesystems,
             "low": low is not None, "low_reason": low, "refused": refused}
+
+
+def _size(n: int) -> str:
+    """Bytes for people: ``12.3 MB`` (decimal units, as ``df -H``), exact below 1 kB."""
+    value = float(n)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} bytes"  # pragma: no cover
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -232,6 +251,20 @@ def render(doc: dict[str, Any]) -> str:
     if disk["low"]:
         lines.append(f"  DISK LOW: C-STORE answers 0xA700 and watched files wait; "
                      f"{disk['low_reason']}")
+    st = doc["storage"]
+    lines.append(f"storage: spool {_size(st['spool_bytes'])}, results "
+                 f"{_size(st['results_bytes'])}; retention "
+                 + (f"{st['retention_days']} days" if st["retention_days"] else "off (keep)"))
+    for fs in st["file_systems"]:
+        lines.append(f"  free {_size(fs['free_bytes'])} of {_size(fs['total_bytes'])} on "
+                     f"{fs['path']} ({', '.join(fs['holds'])})")
+    last = st["last_purge"]
+    lines.append("last purge: never" if last is None else
+                 f"last purge: {last['at']} ({last['trigger']}, before {last['before']}): "
+                 f"{last['instances']} instances in {last['studies']} studies "
+                 f"({_size(last['spool_bytes'])}), {last['results']} results "
+                 f"({_size(last['result_bytes'])}), {last['results_kept']} results kept "
+                 "undelivered")
     for f in doc["recent_failures"]:
         if not f["resolved"]:
             lines.append(f"  failed {f['sop_instance_uid'] or 'report ' + f['study_instance_uid']}"

@@ -62,6 +62,7 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.node.receivers == 1
     assert config.storage.data_dir == tmp_path / "cxrd-data"
     assert config.storage.database_url == ""
+    assert config.storage.retention_days == 0  # keep for ever
     assert config.watch.folders == ()
     assert config.watch.settle_seconds == 2.0
     assert config.study.stable_seconds == 10
@@ -206,6 +207,8 @@ BAD_VALUES = [
     ('[storage]\ndatabase_url = "mysql://db"', "storage.database_url", "postgresql"),
     ('[storage]\nmin_free_mb = -1', "storage.min_free_mb", "from 0"),
     ('[storage]\nmin_free_mb = "1G"', "storage.min_free_mb", "integer"),
+    ("[storage]\nretention_days = -1", "storage.retention_days", "keep for ever"),
+    ("[storage]\nretention_days = 1.5", "storage.retention_days", "expected an integer"),
     ('[watch]\nfolders = [""]', "watch.folders[0]", "folder"),
     ("[watch]\nsettle_seconds = -1", "watch.settle_seconds", "at least 0"),
     ("[study]\nstable_seconds = 0", "study.stable_seconds", "greater than 0"),
@@ -363,6 +366,7 @@ max_pdu = 0
 receivers = 4
 [storage]
 database_url = "postgresql+psycopg://cxrd:secret@db/cxrd"
+retention_days = 30
 [model]
 path = "{model.name}"
 providers = ["CPUExecutionProvider"]
@@ -385,6 +389,7 @@ port = 104
     assert config.node.receivers == 4
     assert config.sender.calling_ae == "AI NODE"  # defaults to node.ae_title
     assert config.storage.database_url_resolved == "postgresql+psycopg://cxrd:secret@db/cxrd"
+    assert config.storage.retention_days == 30
     assert config.model.path == model
     assert not config.model.uses_embedded_model
     assert config.results.sr_sop_class.uid == "1.2.840.10008.5.1.4.1.1.88.22"
