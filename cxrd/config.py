@@ -271,6 +271,9 @@ class SenderConfig:
     max_age_hours: float = 168.0
     initial_backoff_seconds: float = 5.0
     max_backoff_seconds: float = 1800.0
+    #: How long a destination may take to answer each C-STORE (and each association
+    #: step) before the attempt is given up and the association aborted.
+    dimse_timeout_seconds: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -1050,6 +1053,8 @@ def _read_sender(t: _Table, node_ae_title: str) -> SenderConfig:
         max_age_hours=t.number("max_age_hours", d.max_age_hours, low=0, strict=True),
         initial_backoff_seconds=initial,
         max_backoff_seconds=maximum,
+        dimse_timeout_seconds=t.number("dimse_timeout_seconds", d.dimse_timeout_seconds,
+                                       low=0, strict=True),
     )
 
 

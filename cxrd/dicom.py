@@ -88,6 +88,20 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 #: A C-STORE answered with one of these stored the object (success or a warning).
 STATUS_STORED = (STATUS_SUCCESS, STATUS_WARNING_COERCION, STATUS_WARNING_ELEMENTS_DISCARDED,
                  STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS)
+#: The Storage Service Class's warnings: the object is stored, changed or with less in it.
+STATUS_WARNING_MEANINGS = {
+    STATUS_WARNING_COERCION: "coercion of data elements",
+    STATUS_WARNING_ELEMENTS_DISCARDED: "elements discarded",
+    STATUS_WARNING_DOES_NOT_MATCH_SOP_CLASS: "data set does not match SOP class",
+}
+#: PS3.7 C.1: the Warning category (0x0001 and 0xBxxx); the operation was performed.
+STATUS_WARNING_RANGE = range(0xB000, 0xC000)
+STATUS_WARNING_OTHER = 0x0001
+
+
+def stored_with_warning(code: int) -> bool:
+    """A warning status: the destination stored the object, perhaps not as sent."""
+    return code == STATUS_WARNING_OTHER or code in STATUS_WARNING_RANGE
 #: 0xA7xx: out of resources; the object itself is fine, so a sender may retry it.
 STATUS_OUT_OF_RESOURCES_RANGE = range(0xA700, 0xA800)
 

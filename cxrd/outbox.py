@@ -3,10 +3,11 @@
 A result row for every object written, and one delivery row per result and destination,
 in the same transaction as the state change that produced the object (``add_result``).
 Then the delivery's state changes: which deliveries are due (``due_deliveries``), done
-(``mark_delivered``), and, after a failure, retried with exponential backoff or dead
-(``mark_failed`` under a ``RetryPolicy``): a backoff from ``initial_backoff_seconds``,
-doubling, capped at ``max_backoff_seconds``; dead at once when the failure is permanent,
-or when the next attempt would come after the delivery is ``max_age_hours`` old. Each of
+(``mark_delivered``; a warning status the destination answered stays in ``last_error``),
+and, after a failure, retried with exponential backoff or dead (``mark_failed`` under a
+``RetryPolicy``): a backoff from ``initial_backoff_seconds``, doubling, capped at
+``max_backoff_seconds``; dead at once when the failure is permanent, or when the next
+attempt would come after the delivery is ``max_age_hours`` old. Each of
 these changes counts in ``cxrd_deliveries_total`` and logs one line with the delivery's
 UIDs, destination, attempts and the error, never patient data. An operator sends dead
 deliveries again with ``cxrd deliveries retry`` (``retry_dead``), which is recorded as an
@@ -21,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,17 +106,21 @@ class RetryPolicy:
         return dt.timedelta(hours=self.max_age_hours)
 
 
-def due_deliveries(db: Database, limit: int, *,
-                   now: dt.datetime | None = None) -> dict[str, list[DueDelivery]]:
+def due_deliveries(db: Database, limit: int, *, now: dt.datetime | None = None,
+                   destination: str | None = None,
+                   exclude: Collection[str] = ()) -> dict[str, list[DueDelivery]]:
     """Up to ``limit`` pending deliveries due at ``now`` (default: the current time), the
-    oldest rows first, grouped by destination (in the order of each one's oldest row)."""
+    oldest rows first, grouped by destination (in the order of each one's oldest row);
+    only those to ``destination`` when it is given, none to a destination in ``exclude``."""
     now = utcnow() if now is None else now
+    query = select(Delivery, Result).join(Result, Delivery.result_id == Result.id).where(
+        Delivery.state == DeliveryState.PENDING.value, Delivery.next_attempt_at <= now)
+    if destination is not None:
+        query = query.where(Delivery.destination == destination)
+    if exclude:
+        query = query.where(Delivery.destination.not_in(list(exclude)))
     with db.session() as s:
-        rows = s.execute(
-            select(Delivery, Result).join(Result, Delivery.result_id == Result.id)
-            .where(Delivery.state == DeliveryState.PENDING.value,
-                   Delivery.next_attempt_at <= now)
-            .order_by(Delivery.id).limit(limit)).all()
+        rows = s.execute(query.order_by(Delivery.id).limit(limit)).all()
     due: dict[str, list[DueDelivery]] = defaultdict(list)
     for d, r in rows:
         due[d.destination].append(DueDelivery(d.id, d.destination, r.path,
@@ -123,19 +128,28 @@ def due_deliveries(db: Database, limit: int, *,
     return due
 
 
-def mark_delivered(db: Database, delivery: DueDelivery, *,
+def mark_delivered(db: Database, delivery: DueDelivery, *, warning: str | None = None,
                    now: dt.datetime | None = None) -> None:
-    """The destination stored the object: the delivery is done (this attempt counted)."""
+    """The destination stored the object: the delivery is done (this attempt counted).
+    A ``warning`` (the destination stored it with a warning status: coerced, elements
+    discarded) is kept as the row's ``last_error`` and logged as a warning; without one,
+    ``last_error`` is cleared."""
     with db.session() as s:
         row = s.get(Delivery, delivery.delivery_id)
         if row is not None:
             row.state = DeliveryState.DONE.value
             row.attempts += 1
             row.done_at = utcnow() if now is None else now
-            row.last_error = None
+            row.last_error = None if warning is None else warning[:MAX_ERROR_CHARS]
     metrics().deliveries.labels("done").inc()
-    log.info("action=delivered sop_instance_uid=%s destination=%s attempts=%d",
-             delivery.sop_instance_uid, delivery.destination, delivery.attempts + 1)
+    if warning is None:
+        log.info("action=delivered sop_instance_uid=%s destination=%s attempts=%d",
+                 delivery.sop_instance_uid, delivery.destination, delivery.attempts + 1)
+    else:
+        log.warning("action=delivered-with-warning delivery_id=%d sop_instance_uid=%s "
+                    "destination=%s attempts=%d warning=%s", delivery.delivery_id,
+                    delivery.sop_instance_uid, delivery.destination, delivery.attempts + 1,
+                    warning)
 
 
 def mark_failed(db: Database, deliveries: Sequence[DueDelivery], error: str,

@@ -2,9 +2,15 @@
 
 It owns associations, TLS, presentation contexts and DIMSE statuses, and decides what kind
 of failure an attempt met; ``cxrd.outbox`` owns the delivery rows: which are due, and each
-outcome recorded (done, retried after its backoff, or dead). Due deliveries for one
-destination share one association. A transient failure (peer down, timeout, no response,
-out of resources) is retried with exponential backoff until the delivery is
+outcome recorded (done, retried after its backoff, or dead). Each destination has a sender
+thread of its own, so a destination that is slow, hangs or aborts holds only its own
+deliveries back; a supervisor thread starts them (and one for a destination added by a
+reload). Due deliveries for one destination share one association. A warning status
+(0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does not match the SOP class,
+any 0xBxxx) means the destination stored the object: the delivery is done, with the
+warning kept in its ``last_error`` and logged. A transient failure (peer down, no answer
+within ``[sender] dimse_timeout_seconds``, an A-ABORT or a closed connection before the
+answer, out of resources) is retried with exponential backoff until the delivery is
 ``max_age_hours`` old. A refusal of the object itself (data set does not match, cannot
 understand) is permanent: dead at once. An association rejected permanently (wrong AE
 title, for instance), or one on which the destination accepted no presentation context for
@@ -24,7 +30,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 
 from cxrd.config import Config, DestinationConfig, TlsConfig
 from cxrd.db import Database, unavailable
@@ -36,6 +44,8 @@ from cxrd.dicom import (
     SR_SOP_CLASSES,
     STATUS_OUT_OF_RESOURCES_RANGE,
     STATUS_STORED,
+    STATUS_WARNING_MEANINGS,
+    stored_with_warning,
 )
 from cxrd.metrics import observe_stages
 from cxrd.outbox import DueDelivery, RetryPolicy, due_deliveries, mark_delivered, mark_failed
@@ -52,6 +62,14 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 RESULT_SOP_CLASSES: tuple[str, ...] = (*SR_SOP_CLASSES.values(), SECONDARY_CAPTURE)
 #: Stands for the status of a C-STORE that got no response (timeout, abort).
 NO_RESPONSE = -1
+#: A C-STORE that got no answer within this share of the DIMSE timeout ended because of it.
+TIMEOUT_SHARE = 0.95
+#: How long to wait for pynetdicom to take note of an abort that ended a C-STORE.
+ABORT_NOTICE_SECONDS = 1.0
+#: The ACSE timeout (association request and release) is this, or the DIMSE timeout if
+#: shorter; the idle network timeout never comes before the DIMSE timeout.
+ACSE_TIMEOUT_SECONDS = 30.0
+NETWORK_TIMEOUT_SECONDS = 60.0
 
 
 def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -95,8 +113,33 @@ def syntaxes_of(path: str) -> tuple[str, str]:
             str(meta.get("TransferSyntaxUID", "")))
 
 
+def no_response_error(elapsed: float, timeout: float, aborts: Sequence[Any]) -> str:
+    """Why a C-STORE got no response: ``aborts`` are the A-ABORT and A-P-ABORT primitives
+    received on the association; ``elapsed`` the seconds the C-STORE waited."""
+    peer = [p for p in aborts if isinstance(p, A_ABORT)]
+    if peer:
+        source = getattr(peer[-1], "abort_source", None)
+        return ("destination aborted the association (A-ABORT, source "
+                f"{source}) before answering the C-STORE")
+    if elapsed >= timeout * TIMEOUT_SHARE:
+        return (f"no response to C-STORE within {timeout:g} s ([sender] "
+                "dimse_timeout_seconds): destination too slow or hung; association aborted")
+    if aborts:
+        return "connection closed by the destination (A-P-ABORT) before it answered the C-STORE"
+    return "no response to C-STORE (association ended)"
+
+
+def warning_text(code: int, status: Any) -> str:
+    """A stored-with-warning status as ``last_error`` keeps it."""
+    meaning = STATUS_WARNING_MEANINGS.get(code, "warning")
+    comment = str(getattr(status, "ErrorComment", "") or "")
+    text = f"stored with warning status 0x{code:04X} ({meaning})"
+    return f"{text}: {comment}" if comment else text
+
+
 class Sender:
-    """Sends due deliveries; ``run_once`` is one pass, ``start`` runs passes in a thread."""
+    """Sends due deliveries; ``run_once`` is one pass over every destination in turn (tests,
+    one-shot), ``start`` runs a thread for each destination."""
 
     def __init__(self, config: Config, db: Database) -> None:
         self.config = config
@@ -104,9 +147,11 @@ class Sender:
         self.destinations = {d.name: d for d in config.destinations}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._threads: dict[str, threading.Thread] = {}
 
     def set_destinations(self, destinations: Sequence[DestinationConfig]) -> None:
-        """SIGHUP reload: takes effect at the next pass."""
+        """SIGHUP reload: takes effect at the next pass (a new destination gets its thread
+        within a second; the thread of one removed ends after its pass)."""
         self.destinations = {d.name: d for d in destinations}
 
     # -- outbox ----------------------------------------------------------------------
@@ -124,31 +169,52 @@ class Sender:
                     at_max_backoff=at_max_backoff)
 
     def run_once(self) -> int:
-        """Send what is due; returns the number of deliveries attempted."""
+        """Send what is due to every destination, one after the other; returns the number
+        of deliveries attempted."""
+        self._fail_unconfigured()
         attempted = 0
-        for name, items in due_deliveries(self.db, BATCH).items():
+        for dest in list(self.destinations.values()):
             if self._stop.is_set():
                 break
-            dest = self.destinations.get(name)
-            if dest is None:
-                self._fail(items, f"destination {name!r} is no longer configured",
-                           permanent=False, at_max_backoff=True)
-                continue
-            attempted += len(items)
-            self._send(dest, items)
+            attempted += self.run_destination_once(dest)
         return attempted
 
+    def run_destination_once(self, dest: DestinationConfig) -> int:
+        """Send what is due to ``dest`` (up to ``BATCH``, on one association); returns the
+        number of deliveries attempted."""
+        items = due_deliveries(self.db, BATCH, destination=dest.name).get(dest.name, [])
+        if items and not self._stop.is_set():
+            self._send(dest, items)
+            return len(items)
+        return 0
+
+    def _fail_unconfigured(self) -> None:
+        """Deliveries to a destination no longer configured wait at the maximum backoff
+        (a reload may bring it back)."""
+        for name, items in due_deliveries(self.db, BATCH,
+                                          exclude=list(self.destinations)).items():
+            self._fail(items, f"destination {name!r} is no longer configured",
+                       permanent=False, at_max_backoff=True)
+
     def _send(self, dest: DestinationConfig, items: list[DueDelivery]) -> None:
+        timeout = self.config.sender.dimse_timeout_seconds
         ae = AE(ae_title=self.config.sender.calling_ae)
         ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 120
-        ae.network_timeout = 60
+        ae.acse_timeout = min(ACSE_TIMEOUT_SECONDS, timeout)
+        ae.dimse_timeout = timeout
+        ae.network_timeout = max(NETWORK_TIMEOUT_SECONDS, timeout)
         for sop_class in RESULT_SOP_CLASSES:
             ae.add_requested_context(sop_class, SEND_TRANSFER_SYNTAXES)
         ae.add_requested_context(SECONDARY_CAPTURE, [SEND_COMPRESSED_SC_SYNTAX])
+        aborts: list[Any] = []  # A-ABORT / A-P-ABORT primitives received
+
+        def on_acse_recv(event: Any) -> None:
+            if isinstance(event.primitive, (A_ABORT, A_P_ABORT)):
+                aborts.append(event.primitive)
+
         kwargs: dict[str, Any] = {"ae_title": dest.ae_title,
-                                  "max_pdu": self.config.node.max_pdu}
+                                  "max_pdu": self.config.node.max_pdu,
+                                  "evt_handlers": [(evt.EVT_ACSE_RECV, on_acse_recv)]}
         connect_errors: list[OSError] = []
         if dest.tls is not None:
             context = client_ssl_context(dest.tls)
@@ -187,11 +253,12 @@ class Sender:
             return
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
+        lost = "association lost"
         try:
             for i, item in enumerate(items):
                 if self._stop.is_set() or not assoc.is_established:
                     if not assoc.is_established:
-                        self._fail(items[i:], "association lost")
+                        self._fail(items[i:], f"not sent: {lost}")
                     return
                 try:
                     sop_class, syntax = syntaxes_of(item.path)
@@ -217,12 +284,18 @@ class Sender:
                 except Exception as exc:
                     self._fail([item], f"send failed: {type(exc).__name__}: {exc}")
                     continue
-                observe_stages({"send": time.perf_counter() - t0})
+                elapsed = time.perf_counter() - t0
+                observe_stages({"send": elapsed})
                 code = int(getattr(status, "Status", NO_RESPONSE)) if status else NO_RESPONSE
-                if code in STATUS_STORED:  # success or warning
+                if code == STATUS_STORED[0]:
                     mark_delivered(self.db, item)
+                elif code in STATUS_STORED or stored_with_warning(code):
+                    mark_delivered(self.db, item, warning=warning_text(code, status))
                 elif code == NO_RESPONSE:
-                    self._fail([item], "no response to C-STORE (timeout or abort)")
+                    wait_for_end(assoc)
+                    reason = no_response_error(elapsed, timeout, aborts)
+                    lost = f"the association ended on an earlier object ({reason})"
+                    self._fail([item], reason)
                 elif code in STATUS_OUT_OF_RESOURCES_RANGE:
                     self._fail([item], f"destination out of resources (0x{code:04X})")
                 else:
@@ -233,30 +306,73 @@ class Sender:
             if assoc.is_established:
                 assoc.release()
 
-    # -- thread ------------------------------------------------------------------------
+    # -- threads -----------------------------------------------------------------------
     def start(self) -> None:
+        """The supervisor thread (``cxrd-send``), which starts a thread for each destination
+        (``cxrd-send-NAME``) and waits out deliveries to destinations no longer
+        configured."""
         if not self.destinations:
             return
-        self._thread = threading.Thread(target=self._run, name="cxrd-send", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name="cxrd-send",
+                                        daemon=True)
         self._thread.start()
         log.info("action=send-start destinations=%s", ",".join(self.destinations))
 
-    def _run(self) -> None:
+    def _supervise(self) -> None:
         while not self._stop.is_set():
             try:
-                sent = self.run_once()
+                for name in list(self.destinations):
+                    thread = self._threads.get(name)
+                    if thread is None or not thread.is_alive():
+                        thread = threading.Thread(target=self._run, args=(name,),
+                                                  name=f"cxrd-send-{name}", daemon=True)
+                        self._threads[name] = thread
+                        thread.start()
+                self._fail_unconfigured()
             except Exception as exc:
-                if unavailable(exc):  # deliveries stay pending; the next pass tries again
-                    log.warning("action=send-error reason=database-unavailable error_type=%s",
-                                type(exc).__name__)
+                if unavailable(exc):  # the destinations' threads say so; wait for it
+                    log.debug("action=send-error reason=database-unavailable")
                 else:
                     log.exception("action=send-error")
+            self._stop.wait(POLL_SECONDS)
+
+    def _run(self, name: str) -> None:
+        """One destination's loop: a pass whenever something is due; ends when the
+        destination is no longer configured."""
+        while not self._stop.is_set():
+            dest = self.destinations.get(name)
+            if dest is None:
+                return
+            try:
+                sent = self.run_destination_once(dest)
+            except Exception as exc:
+                if unavailable(exc):  # deliveries stay pending; the next pass tries again
+                    log.warning("action=send-error destination=%s reason=database-unavailable "
+                                "error_type=%s", name, type(exc).__name__)
+                else:
+                    log.exception("action=send-error destination=%s", name)
                 sent = 0
             if not sent:
                 self._stop.wait(POLL_SECONDS)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the object in flight, release the association; the rest stays queued."""
+        """Finish the objects in flight, release the associations; the rest stays queued.
+        A destination still busy after ``timeout`` (all threads together) is left to its
+        daemon thread: what it has not recorded stays pending and is sent again at the next
+        start."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in [t for t in (self._thread, *self._threads.values()) if t is not None]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("action=send-stop-timeout thread=%s timeout_s=%g", thread.name,
+                            timeout)
+
+
+def wait_for_end(assoc: Association) -> None:
+    """A C-STORE that got no response ended with an abort (the peer's, or ours at the DIMSE
+    timeout): give pynetdicom's reactor a moment to take note of it, so the abort primitive
+    is recorded and the association no longer counts as established."""
+    deadline = time.monotonic() + ABORT_NOTICE_SECONDS
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)

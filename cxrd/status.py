@@ -32,6 +32,29 @@ def _count(s: Any, model: Any, *conditions: Any) -> int:
     return int(s.scalar(select(func.count()).select_from(model).where(*conditions)) or 0)
 
 
+def _by_destination(s: Any) -> dict[str, dict[str, Any]]:
+    """Each destination's deliveries: counts by state, how many it stored with a warning
+    status, the error of its newest undelivered delivery and its newest warning."""
+    done = DeliveryState.DONE.value
+    found: dict[str, dict[str, Any]] = {}
+    for name, state, n in s.execute(select(Delivery.destination, Delivery.state, func.count())
+                                    .group_by(Delivery.destination, Delivery.state)):
+        entry = found.setdefault(str(name), {"by_state": {}, "with_warning": 0,
+                                             "last_error": None, "last_warning": None})
+        entry["by_state"][str(state)] = int(n)
+    for name, entry in found.items():
+        noted = Delivery.last_error.is_not(None)
+        entry["with_warning"] = _count(s, Delivery, Delivery.destination == name,
+                                       Delivery.state == done, noted)
+        entry["last_error"] = s.scalar(select(Delivery.last_error).where(
+            Delivery.destination == name, Delivery.state != done, noted)
+            .order_by(Delivery.id.desc()).limit(1))
+        entry["last_warning"] = s.scalar(select(Delivery.last_error).where(
+            Delivery.destination == name, Delivery.state == done, noted)
+            .order_by(Delivery.id.desc()).limit(1))
+    return found
+
+
 def collect(config: Config, db: Database) -> dict[str, Any]:
     """The status document (its shape is documented in the README)."""
     info = read_model_info(resolve_model_path(config.model.path))
@@ -163,6 +186,23 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "by_state": _counts(s, Delivery.state),
                 "recent_dead": dead,
                 "pending_with_errors": pending_errors,
+                # stored by the destination with a warning status (kept in last_error)
+                "recent_warnings": [
+                    {
+                        "destination": d.destination,
+                        "sop_instance_uid": r.sop_instance_uid,
+                        "warning": d.last_error,
+                    }
+                    for d, r in s.execute(
+                        select(Delivery, Result)
+                        .join(Result, Delivery.result_id == Result.id)
+                        .where(Delivery.state == DeliveryState.DONE.value,
+                               Delivery.last_error.is_not(None))
+                        .order_by(Delivery.id.desc())
+                        .limit(RECENT)
+                    )
+                ],
+                "by_destination": _by_destination(s),
             },
             # `cxrd deliveries retry` and `cxrd jobs retry`: who ran them, when, how many
             "operator_actions": recent(s, RECENT),
@@ -269,6 +309,13 @@ def render(doc: dict[str, Any]) -> str:
         if not f["resolved"]:
             lines.append(f"  failed {f['sop_instance_uid'] or 'report ' + f['study_instance_uid']}"
                          f": {f['error']}")
+    for name, entry in sorted(doc["deliveries"]["by_destination"].items()):
+        line = f"  to {name}: {fmt(entry['by_state'])}"
+        if entry["with_warning"]:
+            line += f"; {entry['with_warning']} stored with a warning ({entry['last_warning']})"
+        if entry["last_error"]:
+            line += f"; last error: {entry['last_error']}"
+        lines.append(line)
     for d in doc["deliveries"]["recent_dead"]:
         lines.append(
             f"  dead delivery {d['sop_instance_uid']} -> {d['destination']}: {d['last_error']}"

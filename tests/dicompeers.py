@@ -1,5 +1,6 @@
 """Real DICOM peers for the integration and acceptance tiers: dcmtk's ``echoscu``,
-``storescu`` and ``storescp``, Orthanc, and a throw-away PKI made with the ``openssl``
+``storescu`` and ``storescp``, Orthanc, a faulty Storage SCP (pynetdicom, on loopback: slow,
+aborting, or answering a warning status), and a throw-away PKI made with the ``openssl``
 command line; plus phantom studies to send through them.
 
 A missing peer fails the test, it never skips it: CI installs every one of them
@@ -17,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.dsutils import split_dataset
 
 from training.phantoms import DicomOptions, make_phantom, random_patient_study, to_dataset
@@ -204,6 +207,60 @@ class StoreSCP:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
+
+
+# ------------------------------------------------------------------- faulty destinations
+
+#: The SOP classes cxrd sends: Secondary Capture and the SR IODs.
+RESULT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.11",
+                      "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
+                      "1.2.840.10008.5.1.4.1.1.88.34")
+
+
+class FaultySCP:
+    """A Storage SCP on a free loopback port (pynetdicom, in this process: a real peer on
+    the wire) that misbehaves on every C-STORE once it has received the data set:
+    ``"slow"`` answers Success only after ``delay`` seconds, ``"abort"`` sends an A-ABORT
+    instead of an answer, ``"warning"`` answers ``status`` (a 0xBxxx warning). It records
+    the SOP Instance UIDs it received and the associations it saw."""
+
+    def __init__(self, fault: str, *, delay: float = 0.0, status: int = 0xB000,
+                 ae_title: str = "FAULTY") -> None:
+        assert fault in ("slow", "abort", "warning"), fault
+        self.fault = fault
+        self.delay = delay
+        self.status = status
+        self.ae_title = ae_title
+        self.received: list[str] = []
+        self.associations = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.ae = AE(ae_title=ae_title)
+        for sop_class in RESULT_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class)
+        self.server = self.ae.start_server(
+            ("127.0.0.1", 0), block=False,
+            evt_handlers=[(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_C_STORE, self._on_store)])
+        self.port = int(self.server.server_address[1])
+
+    def _on_open(self, event: Any) -> None:
+        with self._lock:
+            self.associations += 1
+
+    def _on_store(self, event: Any) -> int:
+        with self._lock:
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+        if self.fault == "slow":
+            self._stopping.wait(self.delay)
+            return 0x0000
+        if self.fault == "abort":
+            event.assoc.abort()
+            return 0x0000  # never sent: the association is gone
+        return self.status
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.shutdown()
 
 
 # ---------------------------------------------------------------------------------- TLS

@@ -8,6 +8,11 @@ every presentation context for the object's SOP class) reported as such and retr
 the maximum backoff, pending deliveries resumed by a new Sender on the same database (a
 restart), and TLS: delivery to a ``storescp +tls`` verified with the test CA (and showing
 our client certificate), and no delivery to one whose certificate another CA signed.
+
+Destination faults (``FaultySCP``, a real pynetdicom peer on loopback): a destination that
+answers after the DIMSE timeout, one that aborts after receiving the data set, and one that
+answers warning statuses each get their outcome recorded, and with the sender's threads
+running, neither a slow nor an aborting destination delays the deliveries to a good one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import pydicom
 import pytest
 from dicomfactory import make_dataset, uid, write
-from dicompeers import Pki, StoreSCP, free_port, wait_for
+from dicompeers import FaultySCP, Pki, StoreSCP, free_port, wait_for
 from pynetdicom import AE, evt
 from sqlalchemy import select, update
 
@@ -42,12 +47,14 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def sender_config(tmp_path: Path, destinations: Sequence[tuple[str, int]], *,
                   initial: float = 1.0, maximum: float = 8.0,
-                  max_age_hours: float = 168.0, tls: dict[str, str] | None = None) -> Config:
+                  max_age_hours: float = 168.0, tls: dict[str, str] | None = None,
+                  dimse_timeout: float | None = None) -> Config:
     """``tls``, when given, is every destination's ``tls`` table."""
+    timeouts = {} if dimse_timeout is None else {"dimse_timeout_seconds": dimse_timeout}
     return validate({
         "storage": {"data_dir": str(tmp_path / "data")},
         "sender": {"initial_backoff_seconds": initial, "max_backoff_seconds": maximum,
-                   "max_age_hours": max_age_hours},
+                   "max_age_hours": max_age_hours, **timeouts},
         "destinations": [{"name": name, "ae_title": "PACS", "host": "127.0.0.1", "port": port,
                           **({"tls": tls} if tls is not None else {})}
                          for name, port in destinations],
@@ -151,6 +158,19 @@ class PynetdicomSCP:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+@pytest.fixture
+def faulty_scp() -> Iterator[Callable[..., FaultySCP]]:
+    started: list[FaultySCP] = []
+
+    def start(fault: str, **kwargs: Any) -> FaultySCP:
+        started.append(FaultySCP(fault, **kwargs))
+        return started[-1]
+
+    yield start
+    for scp in started:
+        scp.stop()
 
 
 @pytest.fixture
@@ -421,3 +441,115 @@ def test_a_jpeg_sc_goes_in_its_own_context_or_is_refused_permanently(
     assert (refused.last_error or "").startswith("PERMANENT")
     assert "heatmap_compression" in (refused.last_error or "")
     assert refused.next_attempt_at - utcnow() > dt.timedelta(seconds=5)  # the 8 s cap
+
+
+# ------------------------------------------------------------------- destination faults
+
+
+def test_warning_statuses_are_delivered_with_the_warning_recorded(
+        tmp_path: Path, db: Database, pynetdicom_scp: Callable[..., PynetdicomSCP],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A warning means stored (PS3.4 B.2.3): done, not retried, with the warning kept.
+    warnings = [0xB000, 0xB006, 0xB007, 0xB00F]  # the last: a warning PS3.4 does not name
+    status: dict[str, int] = {}
+    scp = pynetdicom_scp(status_for=lambda sop_uid: status.get(sop_uid, 0x0000))
+    config = sender_config(tmp_path, [("pacs", scp.port)])
+    uids = queue_results(db, tmp_path / "results", 5, ["pacs"])
+    status.update(zip(uids, warnings, strict=False))
+    with caplog.at_level("INFO", logger="cxrd"):
+        assert Sender(config, db).run_once() == 5
+    rows = dict(zip(uids, deliveries(db), strict=True))
+    assert {r.state for r in rows.values()} == {DeliveryState.DONE.value}
+    assert all(r.attempts == 1 for r in rows.values())
+    for sop_uid, code in zip(uids, warnings, strict=False):
+        error = rows[sop_uid].last_error or ""
+        assert error.startswith(f"stored with warning status 0x{code:04X}"), error
+        [line] = [r.getMessage() for r in caplog.records
+                  if "action=delivered-with-warning" in r.getMessage()
+                  and sop_uid in r.getMessage()]
+        assert f"0x{code:04X}" in line and "destination=pacs" in line
+    assert "coercion" in (rows[uids[0]].last_error or "")
+    assert rows[uids[4]].last_error is None  # plain success
+    assert Sender(config, db).run_once() == 0  # nothing is sent twice
+    assert sorted(scp.stored) == sorted(uids)
+
+
+def test_destination_slower_than_the_dimse_timeout_is_retried(
+        tmp_path: Path, db: Database, faulty_scp: Callable[..., FaultySCP],
+        caplog: pytest.LogCaptureFixture) -> None:
+    slow = faulty_scp("slow", delay=6)
+    config = sender_config(tmp_path, [("slow", slow.port)], initial=30, maximum=60,
+                           dimse_timeout=1.5)
+    uids = queue_results(db, tmp_path / "results", 3, ["slow"])
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger="cxrd"):
+        assert Sender(config, db).run_once() == 3
+    took = time.monotonic() - started
+    assert 1.4 < took < 4, took  # one DIMSE timeout, not one per object nor the delay
+    assert slow.received == uids[:1]  # the association was aborted at the timeout
+    rows = deliveries(db)
+    assert {r.state for r in rows} == {DeliveryState.PENDING.value}
+    assert all(r.attempts == 1 for r in rows)
+    first = rows[0].last_error or ""
+    assert "no response to C-STORE within 1.5 s" in first, first
+    assert "dimse_timeout_seconds" in first
+    for row in rows[1:]:
+        assert (row.last_error or "").startswith("not sent: the association ended on an "
+                                                 "earlier object (no response"), row.last_error
+    lines = [r.getMessage() for r in caplog.records if "action=delivery-retry" in r.getMessage()]
+    assert all(any(u in ln and "destination=slow" in ln for ln in lines) for u in uids), lines
+
+
+def test_destination_aborting_mid_association_is_retried(
+        tmp_path: Path, db: Database, faulty_scp: Callable[..., FaultySCP]) -> None:
+    aborting = faulty_scp("abort")
+    config = sender_config(tmp_path, [("aborts", aborting.port)], initial=30, maximum=60,
+                           dimse_timeout=20)
+    uids = queue_results(db, tmp_path / "results", 2, ["aborts"])
+    started = time.monotonic()
+    assert Sender(config, db).run_once() == 2
+    assert time.monotonic() - started < 10  # the abort is seen at once, not at the timeout
+    assert aborting.received == uids[:1]
+    rows = deliveries(db)
+    assert {r.state for r in rows} == {DeliveryState.PENDING.value}
+    assert all(r.attempts == 1 for r in rows)
+    assert (rows[0].last_error or "").startswith(
+        "destination aborted the association (A-ABORT"), rows[0].last_error
+    assert "not sent: the association ended on an earlier object (destination aborted" in (
+        rows[1].last_error or "")
+
+
+def test_slow_and_aborting_destinations_do_not_hold_up_a_good_one(
+        tmp_path: Path, db: Database, faulty_scp: Callable[..., FaultySCP],
+        storescp: Callable[..., StoreSCP]) -> None:
+    # Each result is queued for the slow destination first: a single sender thread that
+    # went through the destinations in turn would reach the good one only after the slow
+    # one's DIMSE timeout.
+    slow, aborting, good = faulty_scp("slow", delay=30), faulty_scp("abort"), storescp("good")
+    config = sender_config(tmp_path, [("slow", slow.port), ("aborts", aborting.port),
+                                      ("good", good.port)],
+                           initial=0.5, maximum=1, dimse_timeout=10)
+    uids = queue_results(db, tmp_path / "results", 4, ["slow", "aborts", "good"])
+    sender = Sender(config, db)
+    started = time.monotonic()
+    sender.start()
+    try:
+        wait_for(lambda: len(good.received()) == 4, 20, "the good destination's deliveries")
+        took = time.monotonic() - started
+        assert took < 5, f"the good destination waited {took:.1f} s"
+        assert received_uids(good) == sorted(uids)
+        # later uids queued meanwhile flow as well, while the slow one still hangs
+        more = queue_results(db, tmp_path / "results", 2, ["slow", "aborts", "good"])
+        wait_for(lambda: len(good.received()) == 6, 5, "the later deliveries")
+        assert time.monotonic() - started < 10  # still inside the slow one's timeout
+        assert received_uids(good) == sorted(uids + more)
+        assert slow.received == uids[:1]  # its first object, still unanswered
+        wait_for(lambda: aborting.associations >= 2, 10, "the aborting destination's retry")
+    finally:
+        sender.stop(timeout=15)
+    by_dest: dict[str, set[str]] = {}
+    for row in deliveries(db):
+        by_dest.setdefault(row.destination, set()).add(row.state)
+    assert by_dest["good"] == {DeliveryState.DONE.value}
+    assert by_dest["aborts"] == {DeliveryState.PENDING.value}
+    assert by_dest["slow"] == {DeliveryState.PENDING.value}

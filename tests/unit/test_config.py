@@ -91,6 +91,7 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.sender.max_age_hours == 168
     assert config.sender.initial_backoff_seconds == 5
     assert config.sender.max_backoff_seconds == 1800
+    assert config.sender.dimse_timeout_seconds == 120
 
 
 def test_derived_paths_default(tmp_path: Path) -> None:
@@ -232,6 +233,7 @@ BAD_VALUES = [
     ('[logging]\nlevel = "TRACE"', "logging.level", "DEBUG, INFO, WARNING, ERROR"),
     ('[logging]\nformat = "xml"', "logging.format", '"json"'),
     ("[sender]\nmax_age_hours = 0", "sender.max_age_hours", "greater than 0"),
+    ("[sender]\ndimse_timeout_seconds = 0", "sender.dimse_timeout_seconds", "greater than 0"),
     ('[sender]\ncalling_ae = "WAY_TOO_LONG_AE_TITLE"', "sender.calling_ae", "1-16"),
     (
         "[sender]\ninitial_backoff_seconds = 60\nmax_backoff_seconds = 10",
