@@ -259,3 +259,35 @@ def test_nodes_ending_a_studys_last_jobs_together_enqueue_one_report_job(
         reports = s.execute(select(Job.study_instance_uid, func.count()).where(
             Job.kind == JobKind.REPORT.value).group_by(Job.study_instance_uid)).all()
     assert sorted(reports) == sorted((study, 1) for study in by_study)
+
+
+def test_schema_3_gains_retention_columns_on_postgres(pg_url: str):
+    """A schema-3 database (no purged_at, no purges table) migrates to the current one, and
+    the columns take timestamps."""
+    from sqlalchemy import inspect, text
+
+    db = Database(pg_url)
+    db.migrate()
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE purges"))
+        conn.execute(text("ALTER TABLE instances DROP COLUMN purged_at"))
+        conn.execute(text("ALTER TABLE results DROP COLUMN purged_at"))
+        conn.execute(text("DELETE FROM schema_version WHERE version > 3"))
+    db.dispose()
+    db = Database(pg_url)
+    try:
+        assert db.migrate() == SCHEMA_VERSION
+        with db.engine.connect() as conn:
+            inspector = inspect(conn)
+            for table in ("instances", "results"):
+                assert "purged_at" in {c["name"] for c in inspector.get_columns(table)}
+            assert inspector.has_table("purges")
+        make_jobs(db, studies=1, per_study=1)
+        with db.session() as s:
+            inst = s.scalars(select(Instance)).one()
+            inst.purged_at = dt.datetime(2026, 1, 2, 3, 4, 5)
+        with db.session() as s:
+            assert s.scalars(select(Instance)).one().purged_at == dt.datetime(2026, 1, 2, 3, 4, 5)
+        assert db.migrate() == SCHEMA_VERSION  # again: nothing to do
+    finally:
+        db.dispose()
