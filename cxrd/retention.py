@@ -273,8 +273,10 @@ def purged_studies(db: Database, study_uids: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------------------ status
 
 
-def _folder_bytes(folder: Path) -> int:
-    """The bytes of the regular files directly in ``folder`` (the results folder is flat)."""
+def _folder_bytes(folder: Path) -> tuple[int | None, str | None]:
+    """The bytes of the regular files directly in ``folder`` (the results folder is flat),
+    or None and why when the folder cannot be read (status reports it; it must not fail
+    for it: a broken results folder is one of the things status is asked about)."""
     total = 0
     try:
         with os.scandir(folder) as entries:
@@ -285,8 +287,10 @@ def _folder_bytes(folder: Path) -> int:
                 except FileNotFoundError:
                     continue
     except FileNotFoundError:
-        return 0
-    return total
+        return 0, None
+    except OSError as exc:
+        return None, f"cannot read {folder}: {exc.strerror or type(exc).__name__}"
+    return total, None
 
 
 def storage_status(config: Config, s: Session) -> dict[str, Any]:
@@ -315,10 +319,12 @@ def storage_status(config: Config, s: Session) -> dict[str, Any]:
         Instance.purged_at.is_not(None))) or 0)
     purged["results"] = int(s.scalar(select(func.count()).select_from(Result).where(
         Result.purged_at.is_not(None))) or 0)
+    results_bytes, results_error = _folder_bytes(results_dir)
     return {
         "retention_days": config.storage.retention_days,
         "spool_bytes": spool_bytes,
-        "results_bytes": _folder_bytes(results_dir),
+        "results_bytes": results_bytes,
+        "results_error": results_error,
         "file_systems": list(file_systems.values()),
         "purged": dict(purged),
         "last_purge": None if last is None else {

@@ -292,8 +292,10 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  DISK LOW: C-STORE answers 0xA700 and watched files wait; "
                      f"{disk['low_reason']}")
     st = doc["storage"]
+    results = (_size(st["results_bytes"]) if st["results_bytes"] is not None
+               else f"unknown ({st['results_error']})")
     lines.append(f"storage: spool {_size(st['spool_bytes'])}, results "
-                 f"{_size(st['results_bytes'])}; retention "
+                 f"{results}; retention "
                  + (f"{st['retention_days']} days" if st["retention_days"] else "off (keep)"))
     for fs in st["file_systems"]:
         lines.append(f"  free {_size(fs['free_bytes'])} of {_size(fs['total_bytes'])} on "

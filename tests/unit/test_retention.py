@@ -302,3 +302,19 @@ def test_a_schema_3_database_migrates_to_purged_at(tmp_path: Path) -> None:
         assert s.scalars(select(Instance.purged_at)).all() == []
         assert s.scalars(select(Purge)).all() == []
     db.dispose()
+
+
+def test_storage_status_reports_a_results_folder_it_cannot_read(
+        db: Database, config: Config) -> None:
+    """A results folder replaced by a file (a fault status is asked about): the storage
+    section says so instead of failing the whole status."""
+    import shutil
+
+    results = config.results.results_dir
+    shutil.rmtree(results, ignore_errors=True)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("not a folder")
+    with db.session() as s:
+        doc = storage_status(config, s)
+    assert doc["results_bytes"] is None
+    assert "cannot read" in doc["results_error"]
