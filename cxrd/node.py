@@ -184,6 +184,12 @@ class Node:
                 log.error("action=worker-died index=%d pid=%s exitcode=%s lived_s=%.0f "
                           "restart_in_s=%.0f", index, proc.pid, proc.exitcode, lived, delay)
                 remove_stale_temp_files(self.config.results.results_dir)  # its SC, if any
+                try:  # its jobs back now, the attempt counted (a job may kill its worker)
+                    queue.release_worker_leases(
+                        self.db, f"{worker_id_prefix()}{proc.pid}:w{index}")
+                except Exception as exc:  # the database away: the leases expire instead
+                    log.warning("action=release-leases-failed error_type=%s",
+                                type(exc).__name__)
             if now >= self._restart_at[index]:
                 del self._restart_at[index]
                 self._start_worker(index)

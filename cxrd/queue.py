@@ -579,9 +579,12 @@ def release(db: Database, jobs: Sequence[ClaimedJob], owner: str, reason: str) -
 
 
 def release_dead_leases(db: Database, owner_prefix: str) -> int:
-    """At start-up: jobs leased by dead processes of this host return to the queue at once
-    (their attempt still counts). Owners are ``host:pid:wN``; a lease whose process is
-    still alive (another node on the same host) is left to expire normally."""
+    """At start-up: jobs leased by dead processes of this host return to the queue at once,
+    their attempt given back. They were in hand when the node itself stopped (a kill, a
+    power loss, a restart): that says nothing about the image, so a node killed again and
+    again never fails a job for it. A worker that dies under a running node is another
+    matter (``release_worker_leases``: its attempt counts). Owners are ``host:pid:wN``; a
+    lease whose process is still alive (another node on the same host) is left alone."""
     with db.session() as s:
         owners = s.scalars(select(Job.lease_owner).where(
             Job.state == JobState.RUNNING.value,
@@ -596,10 +599,27 @@ def release_dead_leases(db: Database, owner_prefix: str) -> int:
         if dead:
             result = s.execute(update(Job).where(
                 Job.state == JobState.RUNNING.value, Job.lease_owner.in_(dead)
-            ).values(state=JobState.PENDING.value, lease_owner=None, not_before=utcnow()))
+            ).values(state=JobState.PENDING.value, lease_owner=None, not_before=utcnow(),
+                     attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0)))
             count = int(getattr(result, "rowcount", 0) or 0)
     if count:
-        log.warning("action=released-leases count=%d", count)
+        log.warning("action=released-leases reason=node-restart count=%d", count)
+    return count
+
+
+def release_worker_leases(db: Database, owner: str) -> int:
+    """A worker process died while its node runs (a crash, the OOM killer): its jobs
+    return to the queue at once instead of when their lease expires, and their attempt
+    counts, so a job that kills its worker fails for good after ``max_attempts`` instead of
+    looping (the claim records "the worker died while processing it")."""
+    with db.session() as s:
+        result = s.execute(update(Job).where(
+            Job.state == JobState.RUNNING.value, Job.lease_owner == owner
+        ).values(state=JobState.PENDING.value, lease_owner=None, not_before=utcnow()))
+        count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        log.warning("action=released-leases reason=worker-died worker=%s count=%d", owner,
+                    count)
     return count
 
 

@@ -171,7 +171,7 @@ def test_release_dead_leases_returns_only_this_hosts_jobs(memdb):
     assert [states[i].state for i in ids] == [JobState.PENDING.value] * 2 + [
         JobState.RUNNING.value] * 2
     assert states[ids[0]].lease_owner is None
-    assert states[ids[0]].attempts == 1  # the attempt still counts
+    assert states[ids[0]].attempts == 0  # the node stopped: not the image's fault
     # released jobs are due at once
     assert sorted(j.job_id for j in claim(memdb, "node_a:200:w0")) == ids[:2]
 
@@ -183,12 +183,31 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_released_job_at_max_attempts_fails_on_next_claim(memdb):
+def test_a_node_killed_again_and_again_never_fails_a_job_for_it(memdb):
+    """Each restart gives back the attempt of the jobs that were in hand (kill -9 storms,
+    power losses): more restarts than max_attempts and the job is still claimable."""
     (job_id,) = make_jobs(memdb, studies=1, per_study=1)
-    claim(memdb, f"h:{_dead_pid()}:w0", max_attempts=1)
-    queue.release_dead_leases(memdb, "h:")
-    assert claim(memdb, "h:2:w0", max_attempts=1) == []
-    assert get_job(memdb, job_id).state == JobState.FAILED.value
+    for _ in range(5):
+        (job,) = claim(memdb, f"h:{_dead_pid()}:w0", max_attempts=2)
+        assert job.attempts == 1
+        assert queue.release_dead_leases(memdb, "h:") == 1
+    assert get_job(memdb, job_id).state == JobState.PENDING.value
+
+
+def test_a_job_whose_worker_died_under_a_running_node_fails_after_max_attempts(memdb):
+    """A job that kills its worker (the node survives and restarts it) counts an attempt
+    each time, so it fails for good instead of looping."""
+    (job_id,) = make_jobs(memdb, studies=1, per_study=1)
+    for attempt in (1, 2):
+        (job,) = claim(memdb, f"h:10{attempt}:w0", max_attempts=2)
+        assert job.attempts == attempt
+        assert queue.release_worker_leases(memdb, f"h:10{attempt}:w0") == 1
+        assert get_job(memdb, job_id).state == JobState.PENDING.value
+    assert claim(memdb, "h:103:w0", max_attempts=2) == []
+    row = get_job(memdb, job_id)
+    assert row.state == JobState.FAILED.value
+    assert "the worker died while processing it" in row.error
+    assert queue.release_worker_leases(memdb, "h:104:w0") == 0  # nothing of another owner
 
 
 def test_leases_of_live_processes_are_not_released(memdb):
