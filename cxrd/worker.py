@@ -52,8 +52,8 @@ from cxrd.uids import derived_uid
 log = logging.getLogger(__name__)
 
 IDLE_SLEEP_SECONDS = 0.25
-#: A worker that cannot reach or write the database (or the disk is full) waits this long
-#: before it tries again, doubling up to the maximum.
+#: A worker whose round failed on a full disk outside any one job waits this long before
+#: it tries again, doubling up to the maximum (a database outage: ``wait_for_database``).
 RESOURCE_PAUSE_SECONDS = 1.0
 RESOURCE_PAUSE_MAX_SECONDS = 10.0
 #: While the database is unreachable, a worker looks again this often.
