@@ -187,14 +187,21 @@ def write_file(path: Path, content: Content) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (whoever owns it)."""
+    """Whether a process ``pid`` runs on this host (whoever owns it). A zombie does not: it
+    has exited and only waits to be reaped, which may take long when its parent died too
+    and the host's init is slow to reap (it then still answers ``kill(pid, 0)``), yet it
+    will never finish a file or a job."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, someone else's
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux), or it is gone meanwhile
         return True
-    return True
+    return state not in ("Z", "X")
 
 
 def remove_stale_temp_files(folder: Path, *, recursive: bool = False) -> int:

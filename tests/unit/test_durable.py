@@ -54,3 +54,23 @@ def test_a_folder_removed_after_use_is_made_again(tmp_path: Path) -> None:
 def test_pid_alive() -> None:
     assert durable.pid_alive(os.getpid())
     assert durable.pid_alive(1)  # someone else's (PermissionError) or ours: alive
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """An exited child not yet reaped still answers kill(pid, 0); it writes no more, so its
+    temp files and leases are stale (a killed node's workers can linger so)."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["true"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        os.kill(child.pid, 0)  # the kernel still has it
+        assert not durable.pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not durable.pid_alive(child.pid)
