@@ -95,3 +95,48 @@ def jpeg_size(frame: bytes) -> tuple[int, int] | None:
             return None
         pos += 2 + length
     return None
+
+
+#: What a deflated data set may inflate to: the largest image allowed plus room for the
+#: rest of the data set (``deflated_too_large``).
+MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 16 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
+
+
+def deflated_too_large(data: bytes, limit: int = MAX_INFLATED_BYTES) -> str | None:
+    """For a Part 10 file in a deflated transfer syntax (Deflated Explicit VR Little
+    Endian): why its data set would inflate beyond ``limit``, or None (also for any other
+    file). pydicom inflates such a data set whole, in memory, before it reads one element,
+    so a few megabytes on the wire can become gigabytes; here it is inflated a megabyte at
+    a time and counted, never held. Only the file meta is read to know the syntax."""
+    import io
+    import zlib
+
+    from pydicom.filereader import read_dataset
+
+    from cxrd.dicom import DEFLATED
+
+    if data[128:132] != b"DICM" or len(data) < 144:
+        return None
+    start = 144 + int.from_bytes(data[140:144], "little")  # after the meta group
+    try:  # the meta group after its length element: explicit VR little endian
+        meta = read_dataset(io.BytesIO(data[144:start]), is_implicit_VR=False,
+                            is_little_endian=True)
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+    except Exception:
+        return None  # not this check's business: the parse that follows says what is wrong
+    if syntax not in DEFLATED:
+        return None
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending = data[start:]
+    total = 0
+    try:
+        while pending:
+            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
+            if total > limit:
+                return (f"the deflated data set inflates to more than {limit} bytes "
+                        f"({len(data)} bytes on the wire)")
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        return None  # corrupt: the parse that follows refuses it
+    return None

@@ -54,7 +54,7 @@ from cxrd import durable
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
 from cxrd.dicom import ACCEPTED_SOP_CLASSES, DEFLATED
 from cxrd.domain import InstanceState, RejectReason, StudyState
-from cxrd.imagesize import too_large
+from cxrd.imagesize import deflated_too_large, too_large
 from cxrd.metrics import metrics
 from cxrd.space import FreeSpace
 from cxrd.uids import is_valid_uid
@@ -480,6 +480,9 @@ class Ingestor:
                command_sop_class: str | None, origin: _Origin | None) -> StoreOutcome:
         if not data:
             return self.reject(source, name, RejectReason.NOT_DICOM, "empty file")
+        bomb = deflated_too_large(data)
+        if bomb is not None:  # before pydicom would inflate it whole
+            return self.reject(source, name, RejectReason.IMAGE_TOO_LARGE, bomb)
         try:
             ds = parse_header(data)
         except IncompleteFile as exc:

@@ -61,3 +61,36 @@ def test_frame_larger_than_header_is_not_decoded(syntax: str, fmt: str,
         decode_pixels(ds)
     ds.Rows, ds.Columns = 64, 48
     assert decode_pixels(ds).shape == (64, 48)
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated() -> None:
+    """A deflated data set that inflates past the limit (pydicom would inflate it whole in
+    memory): refused at ingest with image-too-large; the peak memory stays far below what
+    the data set inflates to."""
+    import resource
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from cxrd.imagesize import MAX_INFLATED_BYTES, deflated_too_large
+
+    ds = make_dataset("CR")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    assert deflated_too_large(data) is None  # a normal deflated file passes
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(64 << 20)
+    body = b"".join(compressor.compress(zeros) for _ in range(6)) + compressor.flush()
+    bomb = data[:meta_end] + body  # 384 MB of zeros in well under a megabyte
+    assert len(bomb) < (1 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    problem = deflated_too_large(bomb)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert problem is not None and str(MAX_INFLATED_BYTES) in problem
+    assert grown_kb < 64 * 1024  # counted a megabyte at a time, never held
