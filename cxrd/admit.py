@@ -70,11 +70,16 @@ def admit_stable_studies(db: Database, stable_seconds: float,
                 Study.study_instance_uid.in_(waiting)),
             Study.last_received_at <= cutoff,
         ).order_by(Study.id).limit(200), db)).all()
+        received: dict[str, list[Instance]] = {study.study_instance_uid: []
+                                               for study in studies}
+        if received:  # one query for every due study's new instances, not one per study
+            for inst in s.scalars(select(Instance).where(
+                    Instance.study_instance_uid.in_(received),
+                    Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)):
+                received[inst.study_instance_uid].append(inst)
         for study in studies:
-            instances = s.scalars(select(Instance).where(
-                Instance.study_instance_uid == study.study_instance_uid,
-                Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)).all()
-            decisions = [(inst, skip_reason(inst)) for inst in instances]
+            decisions = [(inst, skip_reason(inst))
+                         for inst in received[study.study_instance_uid]]
             queued, skipped = admit_study(s, study, decisions, now)
             log.info("action=admitted study_instance_uid=%s queued=%d skipped=%d",
                      study.study_instance_uid, queued, skipped)

@@ -180,9 +180,8 @@ def admit_study(s: Session, study: Study,
             log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
                      inst.sop_instance_uid, study.study_instance_uid, reason.value)
     study.stable_at = now
-    has_jobs = s.scalars(select(Job.id).where(
-        Job.study_instance_uid == study.study_instance_uid).limit(1)).first()
-    if queued or has_jobs is not None:
+    if queued or s.scalars(select(Job.id).where(
+            Job.study_instance_uid == study.study_instance_uid).limit(1)).first() is not None:
         # Also when only skipped instances arrived late: earlier jobs may still be
         # running, or done without an SR yet. The report job decides (it keeps the
         # current SR when nothing new was classified).
