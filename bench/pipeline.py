@@ -1295,7 +1295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: uncompressed, j2k (default both)")
     p.add_argument("--processes", type=processes_arg, default="auto",
                    help="workers.processes: an integer or auto (default auto)")
-    p.add_argument("--batch-size", type=int, default=8, help="workers.batch_size (default 8)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="workers.batch_size (default 4, the node's default)")
     p.add_argument("--model", help="ONNX model file (default: the embedded demo model)")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS,
                    help=f"onnxruntime providers in order (default {DEFAULT_PROVIDERS})")

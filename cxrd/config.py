@@ -204,7 +204,7 @@ class WorkersConfig:
     """``[workers]``: inference processes and job leasing."""
 
     processes: int | None = None  # None: "auto", see worker_processes()
-    batch_size: int = 8
+    batch_size: int = 4
     lease_seconds: float = 300.0
     max_attempts: int = 3
     retry_backoff_seconds: float = 30.0

@@ -72,7 +72,7 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config.model.intra_op_threads == 0
     assert config.workers.processes is None  # "auto"
     assert worker_processes(config) == max(1, usable_cpus())
-    assert config.workers.batch_size == 8
+    assert config.workers.batch_size == 4
     assert config.workers.lease_seconds == 300
     assert config.workers.max_attempts == 3
     assert config.workers.retry_backoff_seconds == 30
