@@ -308,7 +308,7 @@ class _LibraryEntry(NamedTuple):
     library groups images by modality and Frame of Reference, as highdicom does) and the
     group's Frame of Reference item, if any."""
 
-    entry: ItemTemplate
+    template: ItemTemplate
     modality: tuple[str, str]
     group_head: bytes
 
@@ -353,6 +353,7 @@ class _Templates:
         self.charset = charset
         self._items: dict[str, ItemTemplate] = {}
         self._groups: dict[_Shape, list[tuple[ItemTemplate, Parts]]] = {}
+        # Any of the image's groups do for the root's prototype; they are kept for their shape.
         shape = _shape(result, model, False)
         prototypes = _image_groups(shape, result, view, model, 1)
         self._add_groups(shape, prototypes)
@@ -391,7 +392,7 @@ class _Templates:
                     self._items["region source"] = ItemTemplate(
                         ds.ContentSequence[0], ("ReferencedSOPSequence",), self.charset)
 
-    def _add_groups(self, shape: _Shape, prototypes: Sequence[Dataset]) -> None:
+    def _add_groups(self, shape: _Shape, prototypes: Sequence[Sequence[Dataset]]) -> None:
         groups = []
         for (container,) in prototypes:
             parts, found = _carve(container.ContentSequence, self.charset)
@@ -413,7 +414,7 @@ class _Templates:
             lib_view = library_view(result.header)
             entry = _library_entry(_entry_key(lib_view), self.charset)
             library.setdefault((entry.modality, lib_view.get("FrameOfReferenceUID")),
-                               [entry.group_head]).append(entry.entry.fill(references))
+                               [entry.group_head]).append(entry.template.fill(references))
             values = {"source": items["source"].fill(references)}
             for (kind, k), (container, parts) in zip(_plan(shape), self._groups[shape],
                                                       strict=True):
@@ -456,13 +457,14 @@ def _templates(model: ModelInfo, charset: Charset, first: ImageFindings,
 # --------------------------------------------------------------------------- SR
 
 def _encode_as_built(sr: Dataset) -> None:
-    """Let pydicom write the SR's ~800 nested data sets as they are.
+    """Let pydicom write the SR as it is.
 
     A data set that was not read from a file has no original encoding, so pydicom's
-    writer runs its ambiguous-VR pass over it, and that pass descends into every sequence:
-    for each nested item again, about a third of the SR's write time. The pass is run once
-    here, over the whole tree, and every data set is then marked as already in the
-    encoding it is written in (Explicit VR Little Endian, its character set)."""
+    writer runs its ambiguous-VR pass over it, and that pass descends into every sequence,
+    for each nested item again, and would decode the spliced content tree to do so. The
+    pass is run once here, over the header, before the content tree is added, and every
+    data set is then marked as already in the encoding it is written in (Explicit VR
+    Little Endian, its character set)."""
     correct_ambiguous_vr(sr, True)
     todo = [sr]
     while todo:

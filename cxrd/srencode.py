@@ -10,14 +10,17 @@ only the elements that differ (a tracking UID, a probability, an image reference
 them in their places. A finished sequence is a ``RawDataElement``, which pydicom's writer
 copies as it is.
 
-The one thing written here by hand is an item's header, (FFFE,E000) and the item's length
-(PS3.5 7.5), as pydicom writes it (``write_sequence_item``); everything else is pydicom's.
+Two headers are written here by hand, as pydicom writes them (``write_sequence_item``,
+``write_data_element``; PS3.5 7.1.2 and 7.5): an item's, (FFFE,E000) and its length, and a
+sequence's, its tag, "SQ", two zero bytes and its length (defined lengths, Explicit VR
+Little Endian). Everything else is pydicom's.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -30,6 +33,7 @@ from pydicom.tag import BaseTag
 Charset = str | tuple[str, ...] | None
 
 _ITEM_HEADER = struct.Struct("<HHL")
+_SQ_HEADER = struct.Struct("<HH2sHL")
 
 
 def _buffer() -> DicomBytesIO:
@@ -39,10 +43,10 @@ def _buffer() -> DicomBytesIO:
     return fp
 
 
-def _encodings(charset: Charset) -> str | list[str]:
+def _encodings(charset: Charset) -> list[str]:
     if charset is None:
-        return "iso8859"
-    return charset if isinstance(charset, str) else list(charset)
+        return ["iso8859"]
+    return [charset] if isinstance(charset, str) else list(charset)
 
 
 def encode_items(items: Iterable[Dataset], charset: Charset) -> bytes:
@@ -86,12 +90,12 @@ class ItemTemplate:
         slots = []
         for keyword in keywords:
             elem = prototype[keyword]  # KeyError: the prototype lacks a slot
-            slots.append((int(elem.tag), keyword, elem.VR))
-        #: Positions of the given values in tag order, and each slot's keyword and VR.
+            slots.append((int(elem.tag), elem.VR))
+        #: Positions of the given values in tag order, and each slot's tag and VR.
         self._order = sorted(range(len(slots)), key=lambda i: slots[i][0])
         self._slots = [slots[i] for i in self._order]
         runs: list[list[bytes]] = [[] for _ in range(len(slots) + 1)]
-        tags = [tag for tag, _, _ in self._slots]
+        tags = [tag for tag, _ in self._slots]
         for elem in prototype:
             tag = int(elem.tag)
             if tag in tags:
@@ -102,15 +106,13 @@ class ItemTemplate:
     def fill(self, *values: object) -> bytes:
         if len(values) != len(self._slots):
             raise TypeError(f"{len(self._slots)} values expected, got {len(values)}")
-        fp = _buffer()
-        encodings = _encodings(self.charset)
-        fp.write(self._runs[0])
-        for (tag, keyword, vr), i, run in zip(self._slots, self._order, self._runs[1:],
-                                               strict=True):
+        parts = [self._runs[0]]
+        for (tag, vr), i, run in zip(self._slots, self._order, self._runs[1:], strict=True):
             value = values[i]
-            elem: DataElement | RawDataElement = (
-                sequence(keyword, value) if vr == "SQ"  # type: ignore[arg-type]
-                else DataElement(tag, vr, value))
-            write_data_element(fp, elem, encodings)
-            fp.write(run)
-        return item(fp.getvalue())
+            if vr == "SQ":
+                items = cast(bytes, value)
+                parts += [_SQ_HEADER.pack(tag >> 16, tag & 0xFFFF, b"SQ", 0, len(items)), items]
+            else:
+                parts.append(encode_element(DataElement(tag, vr, value), self.charset))
+            parts.append(run)
+        return item(b"".join(parts))
