@@ -282,8 +282,8 @@ def _carve(items: Sequence[Dataset], charset: Charset) -> tuple[Parts, dict[str,
     found: dict[str, Dataset] = {}
     run: list[Dataset] = []
     for ds in items:
-        name = ds.ConceptNameCodeSequence[0]
-        slot = _SLOTS.get((name.CodingSchemeDesignator, name.CodeValue))
+        names = ds.get("ConceptNameCodeSequence") or [Dataset()]
+        slot = _SLOTS.get((names[0].get("CodingSchemeDesignator"), names[0].get("CodeValue")))
         if slot is None:
             run.append(ds)
             continue
