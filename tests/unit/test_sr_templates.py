@@ -29,16 +29,19 @@ def findings(ds: Dataset, model: ModelInfo, biases: tuple[float, float, float],
     return ImageFindings.of(ds, r.probs, r.cam, model.operating_point.tb_threshold)
 
 
-def study(model: ModelInfo, *, charset: str | None = "ISO_IR 100") -> list[ImageFindings]:
+def study(model: ModelInfo, *, charset: str | None = "ISO_IR 100",
+          other: bool = False) -> list[ImageFindings]:
     """Four images of one study: TB (CR), NTB (DX with a Frame of Reference), NORM (CR
-    without orientation), NTB (DX, another geometry)."""
+    without orientation), NTB (DX, another geometry); ``other``: other sizes, the other
+    way round."""
     uid = generate_uid()
+    grow = 40 if other else 0
     sources = [
-        make_source(study_uid=uid),
-        make_source(640, 520, sop_class=DX_PRESENTATION, photometric="MONOCHROME1",
+        make_source(600 + grow, 500, study_uid=uid),
+        make_source(640, 520 + grow, sop_class=DX_PRESENTATION, photometric="MONOCHROME1",
                     study_uid=uid),
-        make_source(study_uid=uid, orientation=False),
-        make_source(700, 560, sop_class=DX_PRESENTATION, study_uid=uid),
+        make_source(600, 500 + grow, study_uid=uid, orientation=False),
+        make_source(700 + grow, 560, sop_class=DX_PRESENTATION, study_uid=uid),
     ]
     sources[1].FrameOfReferenceUID = generate_uid()
     for ds in sources:
@@ -47,8 +50,9 @@ def study(model: ModelInfo, *, charset: str | None = "ISO_IR 100") -> list[Image
         else:
             ds.SpecificCharacterSet = charset
     biases = [(1.0, 0.0, 0.0), (-2.0, 1.5, 0.0), (-2.0, 0.0, 1.5), (-2.0, 1.5, 0.0)]
-    return [findings(ds, model, b, peak=(k + 1, 5 - k))
-            for k, (ds, b) in enumerate(zip(sources, biases, strict=True))]
+    results = [findings(ds, model, b, peak=(k + 1, 5 - k))
+               for k, (ds, b) in enumerate(zip(sources, biases, strict=True))]
+    return results[::-1] if other else results
 
 
 def highdicom_tree(results: list[ImageFindings], model: ModelInfo, include_region: bool,
@@ -108,17 +112,19 @@ def test_spliced_tree_is_highdicoms(include_region: bool, charset: str | None) -
 
 
 def test_nothing_cached_leaks_between_models_or_studies() -> None:
-    """Two models and two studies, interleaved in one process: each SR holds its own
-    model's and its own study's content, exactly."""
+    """Two models and three studies (two in one character set), interleaved in one
+    process: each SR holds its own model's and its own study's content, exactly."""
     a = make_model(demo=False)
     b = ModelInfo(name="cxrd-effnet-7", version="3.0", device_uid=generate_uid(), demo=True,
                   manufacturer="Ärzte-Software",
                   operating_point=OperatingPoint(tb_threshold=0.9, method="fixed"),
                   training_data="two hospitals")
-    one, two = study(a), study(b, charset="ISO_IR 192")
+    one, two = study(a), study(a, other=True)
+    three = study(b, charset="ISO_IR 192")
     trees = {}
-    for model, results, charset in [(a, one, "ISO_IR 100"), (b, two, "ISO_IR 192"),
-                                    (a, two, "ISO_IR 192"), (b, one, "ISO_IR 100"),
+    for model, results, charset in [(a, one, "ISO_IR 100"), (b, three, "ISO_IR 192"),
+                                    (a, two, "ISO_IR 100"), (b, one, "ISO_IR 100"),
+                                    (a, three, "ISO_IR 192"), (b, two, "ISO_IR 100"),
                                     (a, one, "ISO_IR 100")]:
         trees[model.name, id(results)] = assert_same_tree(
             results, model, charset=charset)
@@ -127,6 +133,8 @@ def test_nothing_cached_leaks_between_models_or_studies() -> None:
     assert b"cxrd-mnv2-035" not in trees[b.name, id(one)]
     for r in one:
         assert str(r.header.SOPInstanceUID).encode() not in trees[a.name, id(two)]
+        assert str(r.header.SOPInstanceUID).encode() not in trees[b.name, id(two)]
+    assert b"cxrd finding NTB, image 1" in trees[a.name, id(two)]  # the other way round
     # Model b's threshold (0.9) reports image 1 of study one as NTB, model a's (0.3) as TB.
     assert b"tb_threshold=0.9" in trees[b.name, id(one)]
     assert b"cxrd finding NTB, image 1" in trees[b.name, id(one)]
