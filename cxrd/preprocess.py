@@ -4,8 +4,9 @@ Serving (``cxrd.infer``) and training (``training.data``) both call this module,
 cannot drift. The steps, in order (the name ``cxrd-gray8-stretch-v1`` in the model's metadata
 refers to exactly these):
 
-0. decoding the stored values: pydicom's ``pixel_array``, or, when the caller passes
-   ``min_side``, a reduced-resolution decode of JPEG 2000 (below);
+0. decoding the stored values: pydicom's ``pixel_array`` (for an uncompressed file read
+   with :func:`read_dicom`, a read-only view of its Pixel Data mapped from the file), or,
+   when the caller passes ``min_side``, a reduced-resolution decode of JPEG 2000 (below);
 1. the Modality LUT (rescale slope/intercept or a Modality LUT Sequence);
 2. the VOI LUT Sequence, or else the first window (LINEAR or SIGMOID), or else a robust
    0.5-99.5 percentile window of the modality values;
@@ -85,7 +86,7 @@ DECODE_MIN_SIDE = 1024
 #: Names the decode rule; training's cache key includes it, so arrays cached under another
 #: rule (before reduced JPEG 2000 decoding, or with another DECODE_MIN_SIDE) are not reused.
 DECODE_REVISION = f"j2k-reduced-min{DECODE_MIN_SIDE}"
-#: Values at least this long stay in the file when :func:`read_dicom` reads a native file
+#: Values longer than this stay in the file when :func:`read_dicom` reads a native file
 #: (in practice Pixel Data alone), so that ``decode_pixels`` maps them instead of copying.
 _DEFER_BYTES = 1 << 20
 #: The syntaxes whose deferred Pixel Data is mapped: native, not deflated, so that a
