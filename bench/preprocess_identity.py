@@ -11,10 +11,11 @@ The inputs: the benchmark's cached 2048x2500 radiographs (``bench/pipeline.py``,
 variant found under ``--cache``), every file pydicom ships as test data, and synthetic
 images covering the preprocessing's branches (windows LINEAR, LINEAR_EXACT and SIGMOID,
 no window (percentile), VOI LUT and Modality LUT Sequences, rescale, MONOCHROME1, signed,
-8- and 16-bit, unused high bits set, narrow and wide windows). Per input it records a
-SHA-256 of ``dataset_to_gray8`` and of the model input ``to_model_input(resize_gray8(...))``
-at 224 px, for the full decode and for the worker's reduced decode
-(``decode_min_side(224)``), or the error raised.
+8- and 16-bit, unused high bits set, narrow and wide windows). Files are read as the worker
+reads them (``cxrd.preprocess.read_dicom``, which maps native Pixel Data). Per input it
+records a SHA-256 of ``dataset_to_gray8`` and of the model input
+``to_model_input(resize_gray8(...))`` at 224 px, for the full decode and for the worker's
+reduced decode (``decode_min_side(224)``), or the error raised.
 """
 
 from __future__ import annotations
@@ -132,10 +133,15 @@ def _inputs(cache: Path) -> Iterator[tuple[str, Callable[[], object]]]:
     import pydicom
     from pydicom.data import get_testdata_files
 
+    from cxrd import preprocess
+
+    # Files are read as the worker reads them (read_dicom maps native Pixel Data; a tree
+    # from before it has none and reads them whole).
+    read = getattr(preprocess, "read_dicom", pydicom.dcmread)
     for path in sorted(cache.glob("*/*.dcm")):
-        yield f"bench:{path.parent.name}/{path.name}", lambda p=path: pydicom.dcmread(p)
+        yield f"bench:{path.parent.name}/{path.name}", lambda p=path: read(p)
     for name in sorted(get_testdata_files("*.dcm")):
-        yield f"pydicom:{Path(name).name}", lambda p=name: pydicom.dcmread(p)
+        yield f"pydicom:{Path(name).name}", lambda p=name: read(p)
     yield from ((f"synthetic:{k}", v) for k, v in _synthetic())
 
 

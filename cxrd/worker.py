@@ -44,6 +44,7 @@ from cxrd.preprocess import (
     dataset_to_gray8,
     decode_min_side,
     decode_pixels,
+    read_dicom,
     resize_gray8,
     to_model_input,
 )
@@ -82,7 +83,7 @@ def prepare(path: str | Path, input_size: int) -> Prepared:
     """
     t0 = time.perf_counter()
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path)
     except Exception as exc:
         raise DecodeError(f"cannot read the spooled file: {exc}") from exc
     pixels = decode_pixels(ds, min_side=decode_min_side(input_size))

@@ -8,12 +8,22 @@ plain computation it replaces, on images made to exercise it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from cxrd import preprocess
+from cxrd.errors import DecodeError
 from cxrd.preprocess import _affine_form, _sample_step, _unit_interval, dataset_to_gray8
 
 
@@ -99,6 +109,61 @@ def test_other_layouts_take_pixel_array() -> None:
     rgb = make(image(rng, 0, 255, (20, 30)), bits=8, allocated=8)
     rgb.SamplesPerPixel = 3
     assert preprocess._native_view(rgb) is None
+
+
+def save(ds: Dataset, path: Path, syntax: str = ExplicitVRLittleEndian) -> Path:
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(("bits", "allocated", "signed"), [
+    (12, 16, False), (16, 16, True), (8, 8, False),
+])
+def test_a_native_files_pixels_are_mapped_from_it(tmp_path: Path, syntax: str, bits: int,
+                                                  allocated: int, signed: bool) -> None:
+    """read_dicom leaves Pixel Data in the file, decode_pixels maps it: pixel_array's
+    values, no copy; and ds.PixelData still reads the bytes."""
+    rng = np.random.default_rng(bits + allocated)
+    top = 1 << bits
+    lo, hi = (-(top // 2), top // 2 - 1) if signed else (0, top - 1)
+    shape = (1200, 1000) if allocated == 8 else (800, 700)  # over _DEFER_BYTES
+    path = save(make(image(rng, lo, hi, shape), bits=bits, allocated=allocated,
+                     signed=signed), tmp_path / "a.dcm", syntax)
+    want = pydicom.dcmread(path)
+    ds = preprocess.read_dicom(path)
+    assert ds.get_item("PixelData", keep_deferred=True).value is None  # left in the file
+    got = preprocess.decode_pixels(ds)
+    assert got.dtype == want.pixel_array.dtype and np.array_equal(got, want.pixel_array)
+    assert not got.flags.writeable and not got.flags.owndata
+    assert np.array_equal(dataset_to_gray8(ds, got), dataset_to_gray8(want))
+    assert ds.PixelData == want.PixelData
+
+
+def test_deflated_and_small_files_are_read_whole(tmp_path: Path) -> None:
+    """A deflated file keeps no file offsets, so nothing of it is deferred."""
+    rng = np.random.default_rng(8)
+    values = image(rng, 0, 4095, (800, 700))
+    deflated = save(make(values, bits=12), tmp_path / "d.dcm", DeflatedExplicitVRLittleEndian)
+    ds = preprocess.read_dicom(deflated)
+    assert ds.get_item("PixelData", keep_deferred=True).value is not None
+    assert np.array_equal(preprocess.decode_pixels(ds), values)
+    small = save(make(values[:40, :30], bits=12), tmp_path / "s.dcm")
+    ds = preprocess.read_dicom(small)
+    assert ds.get_item("PixelData", keep_deferred=True).value is not None
+    assert np.array_equal(preprocess.decode_pixels(ds), values[:40, :30])
+
+
+def test_a_truncated_native_file_is_a_decode_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    path = save(make(image(rng, 0, 4095, (800, 700)), bits=12), tmp_path / "t.dcm")
+    path.write_bytes(path.read_bytes()[:-1000])
+    ds = preprocess.read_dicom(path)
+    with pytest.raises(DecodeError):
+        preprocess.decode_pixels(ds)
 
 
 # --------------------------------------------------------------------------- the table
