@@ -1,7 +1,8 @@
 """The model-file contract: what an exported ONNX classifier carries in ``metadata_props``.
 
 Training writes it (``training.export``), serving reads it (``cxrd.infer``), so class
-names, input size, preprocessing and the operating point are defined once, here.
+names, input size, the preprocessing contract's name and the operating point are defined
+once, here (what each contract name means is ``cxrd.preprocess.CONTRACTS``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from cxrd.errors import ModelError
+from cxrd.preprocess import CURRENT_PREPROCESSING, contract
 
 INPUT_NAME = "input_image"
 OUTPUT_PROBS = "probs"
 OUTPUT_CAM = "cam"
 CLASS_NAMES: tuple[str, ...] = ("TB", "NTB", "NORM")
-PREPROCESSING = "cxrd-gray8-stretch-v1"
+#: The preprocessing contract new models are exported with; serving implements every
+#: contract of ``cxrd.preprocess.CONTRACTS`` and preprocesses as the model declares.
+PREPROCESSING = CURRENT_PREPROCESSING
 
 # metadata_props keys; all values are strings (ONNX requires it).
 _PREFIX = "cxrd."
@@ -108,11 +112,7 @@ class ModelInfo:
             raise ModelError(
                 f"The model's classes are {info.class_names}; cxrd reports {CLASS_NAMES}."
             )
-        if info.preprocessing != PREPROCESSING:
-            raise ModelError(
-                f"The model expects preprocessing {info.preprocessing!r}; "
-                f"this cxrd implements {PREPROCESSING!r}."
-            )
+        contract(info.preprocessing)  # ModelError for a contract cxrd does not implement
         return info
 
 

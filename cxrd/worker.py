@@ -41,11 +41,11 @@ from cxrd.infer import Classifier
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
 from cxrd.preprocess import (
+    contract,
     dataset_to_gray8,
     decode_min_side,
     decode_pixels,
     read_dicom,
-    resize_gray8,
     to_model_input,
 )
 from cxrd.space import is_resource_error
@@ -74,23 +74,25 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def prepare(path: str | Path, input_size: int) -> Prepared:
-    """Read, decode, run the shared preprocessing; DecodeError / UnsupportedImage.
+def prepare(path: str | Path, model: ModelInfo) -> Prepared:
+    """Read, decode, run the shared preprocessing under the model's contract;
+    DecodeError / UnsupportedImage.
 
     JPEG 2000 is decoded at the reduced resolution ``decode_min_side(input_size)`` allows
     (training uses the same rule), which still covers the SC's default size. The 8-bit
     image is kept as it is for the SC, which downscales it to ``heatmap_max_side``.
     """
+    size = model.input_size
     t0 = time.perf_counter()
     try:
         ds = read_dicom(path)
     except Exception as exc:
         raise DecodeError(f"cannot read the spooled file: {exc}") from exc
-    pixels = decode_pixels(ds, min_side=decode_min_side(input_size))
+    pixels = decode_pixels(ds, min_side=decode_min_side(size))
     t1 = time.perf_counter()
     gray = dataset_to_gray8(ds, pixels)
     del pixels
-    model_input = to_model_input(resize_gray8(gray, input_size))
+    model_input = to_model_input(contract(model.preprocessing).resize(gray, size))
     t2 = time.perf_counter()
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
@@ -272,7 +274,7 @@ class WorkerLoop:
         ready: list[tuple[queue.ClaimedJob, Prepared]] = []
         for job in jobs:
             try:
-                ready.append((job, prepare(job.path, self.classifier.input_size)))
+                ready.append((job, prepare(job.path, self.model)))
             except UnsupportedImage as exc:
                 queue.skip(self.db, job, self.worker_id, SkipReason.UNSUPPORTED_PHOTOMETRIC,
                            str(exc))

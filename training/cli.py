@@ -235,6 +235,7 @@ def _split(records: list[Any], split: str) -> list[Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from pydicom.uid import generate_uid
 
+    from cxrd.modelinfo import PREPROCESSING
     from training import sources
     from training.data import load_images
     from training.train import TrainConfig, train
@@ -244,12 +245,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     records = sources.read_manifest(args.manifest)
     cache = args.run / "cache"
     tty = sys.stderr.isatty()
-    train_set = load_images(
-        _split(records, "train"), args.input_size, cache_dir=cache, progress=tty, desc="train"
-    )
-    val_set = load_images(
-        _split(records, "val"), args.input_size, cache_dir=cache, progress=tty, desc="val"
-    )
+    train_set = load_images(_split(records, "train"), args.input_size,
+                            preprocessing=PREPROCESSING, cache_dir=cache, progress=tty,
+                            desc="train")
+    val_set = load_images(_split(records, "val"), args.input_size,
+                          preprocessing=PREPROCESSING, cache_dir=cache, progress=tty,
+                          desc="val")
     if not len(train_set) or not len(val_set):
         raise SystemExit(
             f"{args.manifest} has {len(train_set)} train and {len(val_set)} "
@@ -287,6 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "device_uid": generate_uid(),  # new for every training run (IHE AIR)
                 "manifest": str(args.manifest.resolve()),
                 "input_size": args.input_size,
+                "preprocessing": PREPROCESSING,
                 "weights": args.weights,
                 "training_data": _training_data_summary(records),
                 "summary": summary,
@@ -313,22 +315,27 @@ def _training_data_summary(records: list[Any]) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cxrd.modelinfo import ModelInfo
+    from cxrd.preprocess import STRETCH_V1
     from training import sources
     from training.data import load_images, to_inputs
     from training.export import export
     from training.model import build_classifier
 
     run = json.loads((args.run / "run.json").read_text())
+    # The contract the run trained on (runs from before cxrd-gray8-stretch-v2 name none).
+    preprocessing = run.get("preprocessing", STRETCH_V1)
     model = build_classifier(run["input_size"], str(args.run / "checkpoint.weights.h5"))
     records = _split(sources.read_manifest(args.manifest), "val")
     rng = np.random.default_rng(0)
     pick = sorted(rng.choice(len(records), size=min(32, len(records)), replace=False))
-    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"]).images)
+    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"],
+                                    preprocessing=preprocessing).images)
     info = ModelInfo(
         name=args.name,
         version=args.version,
         device_uid=run["device_uid"],
         input_size=run["input_size"],
+        preprocessing=preprocessing,
         training_data=run["training_data"],
         demo=args.demo,
     )

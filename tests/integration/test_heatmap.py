@@ -312,12 +312,14 @@ def test_worker_passes_the_heatmap_options(tmp_path: Path) -> None:
     ds = make_source(2500, 2048)
     source = tmp_path / "source.dcm"
     ds.save_as(source, enforce_file_format=True)
-    prep = prepare(source, 224)
+    model = make_model(demo=False)
+    prep = prepare(source, model)
     result = fake_result(ds)
-    _, path = write_heatmap(prep, result.probs, result.cam, make_model(demo=False),
+    _, path = write_heatmap(prep, result.probs, result.cam, model,
                             tmp_path / "results", 1, max_side=512,
                             compression="jpeg-baseline")
     back = pydicom.dcmread(path)
     assert back.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert back.Columns == round(2048 * 512 / 2500)
     assert set(prep.timings) >= {"decode", "preprocess", "sc", "write"}
+

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from cxrd.errors import ModelError
-from cxrd.modelinfo import ModelInfo, OperatingPoint
+from cxrd.modelinfo import PREPROCESSING, ModelInfo, OperatingPoint
+from cxrd.preprocess import CONTRACTS, CURRENT_PREPROCESSING
 
 
 def _info() -> ModelInfo:
@@ -41,4 +42,22 @@ def test_wrong_classes_or_preprocessing() -> None:
     props = _info().to_props()
     props["cxrd.input_size"] = "big"
     with pytest.raises(ModelError, match="malformed"):
+        ModelInfo.from_props(props)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+def test_every_implemented_contract_is_accepted(name: str) -> None:
+    props = _info().to_props()
+    props["cxrd.preprocessing"] = name
+    assert ModelInfo.from_props(props).preprocessing == name
+
+
+def test_new_models_declare_the_current_contract() -> None:
+    assert _info().preprocessing == PREPROCESSING == CURRENT_PREPROCESSING in CONTRACTS
+
+
+def test_unknown_contract_names_the_implemented_ones() -> None:
+    props = _info().to_props()
+    props["cxrd.preprocessing"] = "something-else"
+    with pytest.raises(ModelError, match="'something-else'.*cxrd-gray8-stretch-v1"):
         ModelInfo.from_props(props)
