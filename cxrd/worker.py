@@ -41,11 +41,13 @@ from cxrd.infer import Classifier
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
 from cxrd.preprocess import (
+    Reduced,
     contract,
     dataset_to_gray8,
     decode_min_side,
     decode_pixels,
     read_dicom,
+    resize_gray8,
     to_model_input,
 )
 from cxrd.space import is_resource_error
@@ -72,6 +74,9 @@ class Prepared:
     display: npt.NDArray[np.uint8]  # the decoded image, 8-bit; the SC downscales it
     model_input: npt.NDArray[np.float32]
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``display`` box-averaged by the model's contract (v2), for the SC to start from;
+    #: None when the contract did not reduce it.
+    reduced: Reduced | None = None
 
 
 def prepare(path: str | Path, model: ModelInfo) -> Prepared:
@@ -80,7 +85,9 @@ def prepare(path: str | Path, model: ModelInfo) -> Prepared:
 
     JPEG 2000 is decoded at the reduced resolution ``decode_min_side(input_size)`` allows
     (training uses the same rule), which still covers the SC's default size. The 8-bit
-    image is kept as it is for the SC, which downscales it to ``heatmap_max_side``.
+    image is kept as it is for the SC, which downscales it to ``heatmap_max_side``; when
+    the contract box-averages it first (``cxrd-gray8-stretch-v2``), that reduced image is
+    kept too, and the SC starts from it when its own downscale would make the same one.
     """
     size = model.input_size
     t0 = time.perf_counter()
@@ -92,12 +99,14 @@ def prepare(path: str | Path, model: ModelInfo) -> Prepared:
     t1 = time.perf_counter()
     gray = dataset_to_gray8(ds, pixels)
     del pixels
-    model_input = to_model_input(contract(model.preprocessing).resize(gray, size))
+    reduced = contract(model.preprocessing).reduce(gray, size)
+    model_input = to_model_input(resize_gray8(reduced.image, size))
     t2 = time.perf_counter()
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)
-    return Prepared(ds, gray, model_input, {"decode": t1 - t0, "preprocess": t2 - t1})
+    return Prepared(ds, gray, model_input, {"decode": t1 - t0, "preprocess": t2 - t1},
+                    reduced if reduced.factor > 1 else None)
 
 
 def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
@@ -120,7 +129,8 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
     series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
                                        str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
-    sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam), model,
+    sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam, prep.reduced),
+                          model,
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
                           max_side=max_side, compression=compression)

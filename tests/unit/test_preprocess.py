@@ -161,6 +161,7 @@ def test_training_path_equals_serving_path(tmp_path: Path, ramp: np.ndarray,
         serving = preprocess_dataset(pydicom.dcmread(path), 96, preprocessing=preprocessing)
         assert np.array_equal(serving, prep.model_input)
         assert np.array_equal(preprocess_file(path, 96, preprocessing=preprocessing), serving)
+    assert (prep.reduced is not None) == (preprocessing == STRETCH_V2)
     assert tuple(loaded.sizes[0]) == ramp.shape
     # the cache is keyed by the contract: the other one's arrays are not reused
     other = next(c for c in CONTRACTS if c != preprocessing)
