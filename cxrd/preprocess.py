@@ -12,19 +12,19 @@ which contract of :data:`CONTRACTS` it was trained with, and the two differ in s
    0.5-99.5 percentile window of the modality values;
 3. inversion for MONOCHROME1;
 4. scaling to 8 bits;
-5. ``cxrd-gray8-stretch-v2`` only: a box average by a whole factor ``r`` (Pillow's
-   ``Image.reduce``), the largest that keeps the reduced image's *shorter* side at least
-   ``decode_min_side(input_size)`` (1024 for a 224 px model): ``r = max(1, min(rows, cols)
-   // decode_min_side(input_size))`` over the 8-bit image's own rows and columns (see
-   :meth:`Contract.reduce_factor`). At ``r = 1`` nothing is done, so v2 is v1 bit for bit
-   wherever the shorter side is below twice that floor (the demo's 610 x 500 phantoms,
-   for instance); a 2500 x 2048 radiograph is reduced by 2 to 1250 x 1024. Reduced pixel
-   i covers source pixels r i .. r i + r - 1, so the stretch below still maps the model
-   grid onto the whole image by two scale factors (to within a fraction of a source pixel
-   where r does not divide a side and Pillow averages a last, partial box);
-   then, in both contracts, a bilinear, antialiased resize to a square (the aspect ratio is
+5. a bilinear, antialiased resize to the model's square input (the aspect ratio is
    stretched, in training and serving alike, so a CAM pixel maps back to the image by two
-   scale factors). ``cxrd-gray8-stretch-v1`` resizes the 8-bit image as it is;
+   scale factors). ``cxrd-gray8-stretch-v1`` resizes the 8-bit image as it is.
+   ``cxrd-gray8-stretch-v2`` first box-averages it by a whole factor ``r`` (Pillow's
+   ``Image.reduce``): the largest that leaves at least ``decode_min_side(input_size)``
+   (1024 for a 224 px model) whole boxes along the image's *shorter* side, ``r = max(1,
+   min(rows, cols) // decode_min_side(input_size))`` over the 8-bit image's own rows and
+   columns (:meth:`Contract.reduce_factor`). At ``r = 1`` nothing is done, so v2 is v1 bit
+   for bit wherever the shorter side is below twice that floor (the demo's 610 x 500
+   phantoms, for instance); a 2500 x 2048 radiograph is reduced by 2 to 1250 x 1024.
+   Reduced pixel i covers source pixels ``r i .. r i + r - 1``, so the stretch still maps
+   the model grid onto the whole image by two scale factors (to within a fraction of a
+   source pixel where r does not divide a side and Pillow averages a last, partial box);
 6. ``x / 127.5 - 1`` replicated to three channels, the MobileNetV2 input range.
 
 Steps 1-4 run through a lookup table built over the stored values actually present, so a
@@ -99,7 +99,8 @@ log = logging.getLogger(__name__)
 
 #: The smallest long side a reduced-resolution decode keeps: the heatmap SC's display size
 #: (``cxrd.heatmap.DISPLAY_MAX_SIDE``), so the SC loses nothing. It sets the reduce level
-#: and therefore the model input of JPEG 2000 files: training and serving must agree on it.
+#: and therefore the model input of JPEG 2000 files, and the floor of v2's box average
+#: (``Contract.reduce_factor``): training and serving must agree on it.
 DECODE_MIN_SIDE = 1024
 #: Names the decode rule; training's cache key includes it, so arrays cached under another
 #: rule (before reduced JPEG 2000 decoding, or with another DECODE_MIN_SIDE) are not reused.
@@ -349,7 +350,8 @@ def _float_to_gray8(arr: npt.NDArray[np.generic], top: float) -> U8:
 
 def decode_min_side(input_size: int) -> int:
     """The ``min_side`` the worker and training pass for a model of ``input_size``:
-    ``max(DECODE_MIN_SIDE, 2 * input_size)``, the display size or twice the model input."""
+    ``max(DECODE_MIN_SIDE, 2 * input_size)``, the display size or twice the model input;
+    also the floor of ``cxrd-gray8-stretch-v2``'s box average."""
     return max(DECODE_MIN_SIDE, 2 * input_size)
 
 
