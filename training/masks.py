@@ -116,14 +116,29 @@ def masks_to_target(left: Mask, right: Mask, size: int) -> npt.NDArray[np.uint8]
         np.uint8)
 
 
+#: :func:`probs_to_masks` interpolates probabilities up to at most this many pixels a
+#: side (the segmenter's input size), thresholds, and only then enlarges (nearest) to the
+#: image: for both lungs of a 2500 x 2048 image a bilinear float resize to full size costs
+#: about 85 ms of CPU, this about 5 ms, and moves an edge by at most half a grid cell
+#: (4 pixels there).
+SMOOTH_GRID = 256
+
+
 def probs_to_masks(probs: npt.NDArray[np.floating], rows: int, cols: int,
                    threshold: float = 0.5) -> tuple[Mask, Mask]:
     """The segmenter's (h, w, 2) probabilities to (left, right) masks at an image's own
-    size: each channel is stretched bilinearly, then thresholded."""
+    size: each channel is stretched bilinearly to the image size, or to
+    ``SMOOTH_GRID`` on a larger image, thresholded, then enlarged (nearest) to the image."""
+    mid = (min(rows, SMOOTH_GRID), min(cols, SMOOTH_GRID))
     out = []
     for c in range(probs.shape[-1]):
         img = Image.fromarray(np.ascontiguousarray(probs[..., c], dtype=np.float32))
-        out.append(np.asarray(img.resize((cols, rows), Image.Resampling.BILINEAR)) >= threshold)
+        mask = np.asarray(img.resize((mid[1], mid[0]), Image.Resampling.BILINEAR)) >= threshold
+        if mid != (rows, cols):  # nearest, by index: columns first (0.7 ms, not 20 ms)
+            r = ((np.arange(rows) + 0.5) * (mid[0] / rows)).astype(np.intp)
+            c = ((np.arange(cols) + 0.5) * (mid[1] / cols)).astype(np.intp)
+            mask = np.take(mask, c, axis=1)[r]
+        out.append(mask)
     return out[0], out[1]
 
 

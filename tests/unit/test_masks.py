@@ -85,3 +85,13 @@ def test_probs_to_masks_and_dice() -> None:
     assert M.dice(right, truth) < 0.05
     empty = np.zeros((4, 4), dtype=bool)
     assert M.dice(empty, empty) == 1.0 and M.dice(empty, ~empty) == 0.0
+
+
+def test_probs_to_masks_on_a_large_image_goes_through_the_smooth_grid() -> None:
+    probs = np.zeros((8, 8, 2), dtype=np.float32)
+    probs[:, 4:, 0] = 1.0
+    rows, cols = 2 * M.SMOOTH_GRID + 10, M.SMOOTH_GRID + 90
+    left, right = M.probs_to_masks(probs, rows, cols)
+    assert left.shape == right.shape == (rows, cols) and not right.any()
+    edge = np.flatnonzero(left[0])[0]  # the edge stays at the middle, within a few pixels
+    assert abs(edge - cols / 2) <= cols / M.SMOOTH_GRID + 1 and left[:, edge:].all()
