@@ -4,14 +4,15 @@ A record's ``lung_masks`` (manifest column) is JSON, one of:
 
 * ``{"left": PATH, "right": PATH}``: one file per lung, sides as named (the phantoms);
 * ``{"lungs": [PATH, ...]}``: files whose union holds both lungs (the Shenzhen release's
-  one mask per image; Montgomery's ``leftMask``/``rightMask``, whose documentation does
-  not say whose left it means), split into left and right by :func:`split_lungs`;
+  one mask per image; Montgomery's ``leftMask``/``rightMask``, whose side convention
+  could not be confirmed from its documentation), split by :func:`split_lungs`;
 * ``""``: no masks (the image is not used to train or test the segmenter).
 
 An empty mask is a real annotation: the image has no lung fields (a non-chest image).
 Left and right are the patient's: on a PA or AP frontal the left lung lies on the image's
 right. Files are 8-bit or 1-bit greyscale images, lung = any value above half scale.
-The channel order of targets and of the segmenter's output is :data:`LUNG_SIDES`.
+Targets have the channel order of the segmenter's output, ``cxrd.modelinfo.LUNG_SEGMENTS``
+(left lung, right lung), as every function here returns ``(left, right)``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from PIL import Image
 
 Mask = npt.NDArray[np.bool_]
 
-LUNG_SIDES: tuple[str, ...] = ("left", "right")
 #: A connected component with at least this fraction of its area on each side of the
 #: image's middle column (both lungs drawn as one region) is cut at that column.
 STRADDLE_FRACTION = 0.25
@@ -111,7 +111,7 @@ def resize_mask(mask: Mask, rows: int, cols: int) -> Mask:
 
 
 def masks_to_target(left: Mask, right: Mask, size: int) -> npt.NDArray[np.uint8]:
-    """(size, size, 2) uint8 0/1 target in :data:`LUNG_SIDES` order."""
+    """(size, size, 2) uint8 0/1 target, channels left then right."""
     return np.stack([resize_mask(m, size, size) for m in (left, right)], axis=-1).astype(
         np.uint8)
 

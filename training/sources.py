@@ -18,9 +18,9 @@ Layouts (``root`` may be the folder shown or any parent up to a few levels):
                ``training.masks.split_lungs``; images without one are noted.
 ``montgomery`` ``MontgomerySet/CXR_png/MCUCXR_0001_0.png``, ``ClinicalReadings/*.txt``;
                ``ManualMask/{leftMask,rightMask}/MCUCXR_0001_0.png`` (lung masks, same
-               names) go into ``lung_masks`` as a union too: the set's documentation does
-               not say whether "left" is the patient's, so the sides are taken from the
-               image (``split_lungs``), not from the folder names.
+               names) go into ``lung_masks`` as a union too: whether "left" is the
+               patient's could not be confirmed from the set's documentation, so the
+               sides are taken from the image (``split_lungs``), not from the folder names.
 ``tbx11k``     ``TBX11K/imgs/{health,sick,tb}/*.png``, ``TBX11K/lists/TBX11K_{train,val}.txt``
                (or ``all_{train,val}.txt``) with lines like ``tb/tb0003.png``. ``imgs/test``
                has no labels and ``imgs/extra`` holds other public sets (Montgomery and
