@@ -131,13 +131,13 @@ def probs_to_masks(probs: npt.NDArray[np.floating], rows: int, cols: int,
     ``SMOOTH_GRID`` on a larger image, thresholded, then enlarged (nearest) to the image."""
     mid = (min(rows, SMOOTH_GRID), min(cols, SMOOTH_GRID))
     out = []
-    for c in range(probs.shape[-1]):
-        img = Image.fromarray(np.ascontiguousarray(probs[..., c], dtype=np.float32))
+    row_index = ((np.arange(rows) + 0.5) * (mid[0] / rows)).astype(np.intp)
+    col_index = ((np.arange(cols) + 0.5) * (mid[1] / cols)).astype(np.intp)
+    for channel in range(probs.shape[-1]):
+        img = Image.fromarray(np.ascontiguousarray(probs[..., channel], dtype=np.float32))
         mask = np.asarray(img.resize((mid[1], mid[0]), Image.Resampling.BILINEAR)) >= threshold
         if mid != (rows, cols):  # nearest, by index: columns first (0.7 ms, not 20 ms)
-            r = ((np.arange(rows) + 0.5) * (mid[0] / rows)).astype(np.intp)
-            c = ((np.arange(cols) + 0.5) * (mid[1] / cols)).astype(np.intp)
-            mask = np.take(mask, c, axis=1)[r]
+            mask = np.take(mask, col_index, axis=1)[row_index]
         out.append(mask)
     return out[0], out[1]
 

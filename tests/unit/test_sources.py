@@ -563,3 +563,14 @@ def test_phantom_lung_masks(tmp_path: Path) -> None:
                         "right": str((tmp_path / "ph" / row.right_mask).resolve())}
         left, right = read_lung_masks(rec.lung_masks)
         assert left.any() == right.any() == (row.body_part == "CHEST")
+
+
+def test_index_command_test_sources(montgomery_tree: Path, tmp_path: Path) -> None:
+    from training.cli import main
+
+    out = tmp_path / "m.csv"
+    assert main(["index", "--source", f"montgomery={montgomery_tree}", "--out", str(out)]) == 0
+    assert {r.split for r in sources.read_manifest(out)} == {"test"}  # the default
+    assert main(["index", "--source", f"montgomery={montgomery_tree}", "--out", str(out),
+                 "--test-sources", "", "--val-fraction", "0.34"]) == 0
+    assert {r.split for r in sources.read_manifest(out)} == {"train", "val"}
