@@ -342,7 +342,7 @@ def receiver_main(config: Config, index: int, parent_pid: int,
 
     from cxrd.db import Database
     from cxrd.space import storage_space
-    from cxrd.worker import stop_on_signals
+    from cxrd.worker import settle_garbage_collector, stop_on_signals
 
     stop = stop_on_signals()
     if setup_logging is not None:
@@ -354,6 +354,7 @@ def receiver_main(config: Config, index: int, parent_pid: int,
                                          config.storage.rejected_dir, space=space),
                         reuse_port=True)
     receiver.start()
+    settle_garbage_collector()
     while not stop.wait(0.5):
         if os.getppid() != parent_pid:
             break
