@@ -203,8 +203,9 @@ def _write_direct(fd: int, view: memoryview) -> int:
     where the kernel had to take fresh memory for it (a VM whose free memory went back to
     the host), holding a core while other associations waited. From the device's side
     the write is the same, and the fsync that follows stays: ``O_DIRECT`` does not
-    flush a device's cache. Where the file system refuses ``O_DIRECT`` (EINVAL), the
-    bytes go through the page cache as before."""
+    flush a device's cache. The file is then not in the page cache: its one later reader
+    (the worker) reads it from the device. Where the file system refuses ``O_DIRECT``
+    (EINVAL), the bytes go through the page cache as before."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
