@@ -25,31 +25,33 @@ def _p_data(dataset: bytes, max_pdu: int) -> list:
     return list(message.encode_msg(1, max_pdu))
 
 
-def test_a_data_set_in_many_fragments_is_joined_once_when_complete(monkeypatch) -> None:
+def test_a_data_set_in_many_fragments_is_kept_as_it_came() -> None:
+    """The fragments are kept as they come (the BytesIO itself is not written, grown nor
+    copied); the receiver takes them as they are, and any other reader gets them joined."""
     dataset = os.urandom(100_000)
     primitives = _p_data(dataset, 4096)
     assert len(primitives) > 20
-    joins: list[int] = []
-    real_join = reactor._Fragments.join
-
-    def join(self: reactor._Fragments) -> None:
-        real_join(self)
-        joins.append(len(io.BytesIO.getvalue(self)))
-
-    monkeypatch.setattr(reactor._Fragments, "join", join)
     message = reactor._message()
     for primitive in primitives[:-1]:
         assert message.decode_msg(primitive) is False
-        # kept aside: the BytesIO itself is not written (nor grown, nor copied)
-        assert io.BytesIO.getvalue(message.data_set) == b""
-    assert joins == []
     assert message.decode_msg(primitives[-1]) is True
-    assert joins == [len(dataset)]
     assert isinstance(message, C_STORE_RQ)
-    assert isinstance(message.data_set, io.BytesIO)
-    received = message.message_to_primitive()
-    assert received.DataSet.getvalue() == dataset
-    assert received.DataSet.read(10) == dataset[:10]
+    received = message.message_to_primitive().DataSet
+    assert isinstance(received, io.BytesIO)
+    fragments = reactor.data_set_fragments(received)
+    assert len(fragments) == len(primitives) - 1  # one per data set fragment
+    assert b"".join(fragments) == dataset
+    assert io.BytesIO.getvalue(received) == b""  # not joined: nothing read it
+    assert reactor.data_set_fragments(received) == fragments  # taking them is no read
+    # any other reader: joined once, then an ordinary BytesIO
+    assert received.read(10) == dataset[:10]
+    assert received.getvalue() == dataset
+    assert reactor.data_set_fragments(received) == [dataset]
+    received.seek(0, io.SEEK_END)
+    received.write(b"more")
+    assert received.getvalue() == dataset + b"more"
+    # a plain BytesIO (the reactor off): its value, in one piece
+    assert reactor.data_set_fragments(io.BytesIO(b"abc")) == [b"abc"]
 
 
 def test_a_message_without_a_data_set() -> None:
