@@ -249,7 +249,8 @@ class Receiver:
                 source, str(request.AffectedSOPInstanceUID or ""))
             if refused is not None:
                 return self._status(status_for(refused.reason), refused.detail)
-            data = part10(request.DataSet.getvalue(), str(request.AffectedSOPClassUID or ""),
+            data = part10(reactor.data_set_fragments(request.DataSet),
+                          str(request.AffectedSOPClassUID or ""),
                           str(request.AffectedSOPInstanceUID or ""),
                           str(event.context.transfer_syntax),
                           PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
