@@ -4,7 +4,8 @@ Every file cxrd writes for keeps (spooled instances, SR and SC results) goes the
 
 1. its folder, when new, is created and fsynced into its parent (``make_dirs_durably``);
 2. the bytes go to a hidden temp file beside the target, ``.<name>.<pid>.<random>.tmp``,
-   which is flushed and fsynced (``write_temp``); a file that is already on the same file
+   which is flushed and fsynced (``write_temp``; a megabyte or more goes past the page
+   cache, ``O_DIRECT``, and is fsynced all the same); a file that is already on the same file
    system (a watched folder's) gets that temp name as a hard link instead, and is fsynced
    (``link_temp``);
 3. the temp file is renamed over the target and the folder fsynced (``write_file``; the
@@ -19,8 +20,11 @@ gone.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import mmap
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -157,18 +161,82 @@ _CANNOT_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSU
                           errno.ENOTSUP, errno.EACCES})
 
 
+#: Bytes of at least this size are written past the page cache (``O_DIRECT``), this
+#: much at a time from a page-aligned buffer of the writing thread.
+DIRECT_CHUNK = 1 << 20
+#: The alignment ``O_DIRECT`` asks of buffer, length and file offset (a multiple of the
+#: logical block size of any common device).
+_ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux and a few others
+_chunk_buffers = threading.local()
+
+
 def _write_synced(tmp: Path, content: Content) -> None:
     try:
-        with open(tmp, "wb") as fh:
-            if callable(content):
-                content(fh)
-            else:
-                fh.write(content)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if callable(content) or len(content) < DIRECT_CHUNK or not _O_DIRECT:
+            with open(tmp, "wb") as fh:
+                if callable(content):
+                    content(fh)
+                else:
+                    fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            with memoryview(content) as view:
+                done = _write_direct(fd, view)
+                _write_all(fd, view[done:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_direct(fd: int, view: memoryview) -> int:
+    """Write the aligned bulk of ``view`` to ``fd`` with ``O_DIRECT``; returns how many
+    bytes were written (the rest goes through the page cache).
+
+    A 10 MB image copied into the page cache cost the receiver 3 ms of CPU, and 20 ms
+    where the kernel had to take fresh memory for it (a VM whose free memory went back to
+    the host), holding a core while other associations waited. From the device's side
+    the write is the same, and the fsync that follows stays: ``O_DIRECT`` does not
+    flush a device's cache. The file is then not in the page cache: its one later reader
+    (the worker) reads it from the device. Where the file system refuses ``O_DIRECT``
+    (EINVAL), the bytes go through the page cache as before."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+    except OSError:
+        return 0
+    buffer = getattr(_chunk_buffers, "buffer", None)
+    if buffer is None:  # anonymous memory is page-aligned; kept for the thread's next file
+        buffer = _chunk_buffers.buffer = mmap.mmap(-1, DIRECT_CHUNK)
+    done = 0
+    try:
+        with memoryview(buffer) as chunk:
+            while len(view) - done >= _ALIGN:
+                size = min(DIRECT_CHUNK, (len(view) - done) // _ALIGN * _ALIGN)
+                chunk[:size] = view[done:done + size]
+                try:
+                    written = os.write(fd, chunk[:size])
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # alignment refused: the rest buffered
+                        break
+                    raise
+                done += written
+                if written < size:  # short (nearly full): the rest buffered, or its error
+                    break
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return done
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def write_file(path: Path, content: Content) -> None:

@@ -1,8 +1,10 @@
-"""The model-file contract: what an exported ONNX classifier carries in ``metadata_props``.
+"""The model-file contract: what an exported ONNX model carries in ``metadata_props``.
 
-Training writes it (``training.export``), serving reads it (``cxrd.infer``), so class
-names, input size, the preprocessing contract's name and the operating point are defined
-once, here (what each contract name means is ``cxrd.preprocess.CONTRACTS``).
+Training writes it (``training.export``, ``training.segment``), serving reads it
+(``cxrd.infer``), so class names, segments, input size, the preprocessing contract's name
+and the operating point are defined once, here (what each contract name means is
+``cxrd.preprocess.CONTRACTS``). Two kinds of model: the classifier (:class:`ModelInfo`) and
+the lung-field segmenter (:class:`SegmentationInfo`, ``cxrd.kind`` = ``segmentation``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from cxrd.preprocess import CURRENT_PREPROCESSING, contract
 INPUT_NAME = "input_image"
 OUTPUT_PROBS = "probs"
 OUTPUT_CAM = "cam"
+#: The segmenter's output: [N, S/2, S/2, len(segments)] probabilities (sigmoid) for an
+#: input of side S, channel c = segment c; a cell covers 2 x 2 input pixels.
+OUTPUT_SEGMENTS = "segments"
+SEGMENTATION_KIND = "segmentation"
 CLASS_NAMES: tuple[str, ...] = ("TB", "NTB", "NORM")
 #: The preprocessing contract new models are exported with; serving implements every
 #: contract of ``cxrd.preprocess.CONTRACTS`` and preprocesses as the model declares.
@@ -91,6 +97,8 @@ class ModelInfo:
                     "it was not exported by `python -m training export`."
                 ) from None
 
+        if props.get(_KIND) == SEGMENTATION_KIND:
+            raise ModelError("The model file is a segmentation model, not a classifier.")
         try:
             op: dict[str, Any] = json.loads(get("operating_point"))
             info = cls(
@@ -116,20 +124,139 @@ class ModelInfo:
         return info
 
 
+_KIND = _PREFIX + "kind"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One output channel of a segmentation model, coded for DICOM SEG (SNOMED CT)."""
+
+    label: str
+    code_value: str
+    code_meaning: str
+    coding_scheme: str = "SCT"
+    #: Segmented Property Category (CID 7150): Anatomical Structure
+    category_value: str = "91723000"
+    category_meaning: str = "Anatomical Structure"
+
+
+#: The lung-field segmenter's channels, in order (left and right in the patient's sense).
+LUNG_SEGMENTS: tuple[Segment, ...] = (
+    Segment("Left lung", "44029006", "Left lung structure"),
+    Segment("Right lung", "3341006", "Right lung structure"),
+)
+
+
+@dataclass(frozen=True)
+class SegmentationInfo:
+    """Everything serving needs to know about a segmentation model file.
+
+    ``threshold`` turns a channel's probability into the mask; ``metrics`` holds the
+    held-out figures (``test_dice_left``, ``test_dice_right``, ...).
+    """
+
+    name: str
+    version: str
+    device_uid: str
+    segments: tuple[Segment, ...] = LUNG_SEGMENTS
+    input_size: int = 256
+    preprocessing: str = PREPROCESSING
+    threshold: float = 0.5
+    training_data: str = ""
+    demo: bool = False
+    manufacturer: str = "cxrd"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        base = f"{self.name} {self.version}"
+        return f"DEMO {base}" if self.demo else base
+
+    def to_props(self) -> dict[str, str]:
+        return {
+            _KIND: SEGMENTATION_KIND,
+            _PREFIX + "name": self.name,
+            _PREFIX + "version": self.version,
+            _PREFIX + "device_uid": self.device_uid,
+            _PREFIX + "segments": json.dumps([asdict(s) for s in self.segments]),
+            _PREFIX + "input_size": str(self.input_size),
+            _PREFIX + "preprocessing": self.preprocessing,
+            _PREFIX + "threshold": repr(self.threshold),
+            _PREFIX + "training_data": self.training_data,
+            _PREFIX + "demo": "true" if self.demo else "false",
+            _PREFIX + "manufacturer": self.manufacturer,
+            _PREFIX + "metrics": json.dumps(dict(self.metrics), sort_keys=True),
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> SegmentationInfo:
+        """Parse ``metadata_props``; a missing or malformed key raises ModelError."""
+        if props.get(_KIND) != SEGMENTATION_KIND:
+            raise ModelError(
+                f"The model file is not a segmentation model ({_KIND} is "
+                f"{props.get(_KIND)!r}, not {SEGMENTATION_KIND!r}).")
+
+        def get(key: str) -> str:
+            try:
+                return props[_PREFIX + key]
+            except KeyError:
+                raise ModelError(
+                    f"The model file has no metadata_props key {_PREFIX + key!r}; "
+                    "it was not exported by `python -m training export-seg`."
+                ) from None
+
+        try:
+            info = cls(
+                name=get("name"),
+                version=get("version"),
+                device_uid=get("device_uid"),
+                segments=tuple(Segment(**s) for s in json.loads(get("segments"))),
+                input_size=int(get("input_size")),
+                preprocessing=get("preprocessing"),
+                threshold=float(get("threshold")),
+                training_data=props.get(_PREFIX + "training_data", ""),
+                demo=get("demo") == "true",
+                manufacturer=props.get(_PREFIX + "manufacturer", "cxrd"),
+                metrics=json.loads(props.get(_PREFIX + "metrics", "{}")),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"The model file's metadata_props are malformed: {exc}") from exc
+        if info.segments != LUNG_SEGMENTS:
+            raise ModelError(
+                f"The model's segments are {[s.label for s in info.segments]}; cxrd "
+                f"segments {[s.label for s in LUNG_SEGMENTS]}.")
+        contract(info.preprocessing)  # ModelError for a contract cxrd does not implement
+        return info
+
+
 def demo_model_path() -> Path:
     """The demo model shipped inside the package (trained on synthetic phantoms)."""
     return Path(str(resources.files("cxrd") / "models" / "cxrd-demo.onnx"))
 
 
-def read_model_info(path: str | Path) -> ModelInfo:
-    """Read the ModelInfo of an ONNX file without starting an inference session."""
+def demo_segmenter_path() -> Path:
+    """The demo lung-field segmenter shipped inside the package (trained on phantoms)."""
+    return Path(str(resources.files("cxrd") / "models" / "cxrd-demo-lungseg.onnx"))
+
+
+def _read_props(path: str | Path) -> dict[str, str]:
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (OSError, Exception) as exc:  # onnx raises its own DecodeError types
         raise ModelError(f"Cannot read model file {path}: {exc}") from exc
-    return ModelInfo.from_props({p.key: p.value for p in model.metadata_props})
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """Read the ModelInfo of an ONNX file without starting an inference session."""
+    return ModelInfo.from_props(_read_props(path))
+
+
+def read_segmentation_info(path: str | Path) -> SegmentationInfo:
+    """Read the SegmentationInfo of an ONNX segmentation model (no inference session)."""
+    return SegmentationInfo.from_props(_read_props(path))
 
 
 def software_versions(model: ModelInfo) -> list[str]:

@@ -43,7 +43,7 @@ from cxrd.send import Sender
 from cxrd.space import is_resource_error, storage_space
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
-from cxrd.worker import spawn_context, worker_id_prefix, worker_main
+from cxrd.worker import settle_garbage_collector, spawn_context, worker_id_prefix, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ class Node:
         for index in range(self.worker_count):
             self._start_worker(index)
         self.sender.start()
+        settle_garbage_collector()
 
     def _start_worker(self, index: int) -> None:
         bell_in, bell_out = self._ctx.Pipe(duplex=False)

@@ -249,7 +249,8 @@ class Receiver:
                 source, str(request.AffectedSOPInstanceUID or ""))
             if refused is not None:
                 return self._status(status_for(refused.reason), refused.detail)
-            data = part10(request.DataSet.getvalue(), str(request.AffectedSOPClassUID or ""),
+            data = part10(reactor.data_set_fragments(request.DataSet),
+                          str(request.AffectedSOPClassUID or ""),
                           str(request.AffectedSOPInstanceUID or ""),
                           str(event.context.transfer_syntax),
                           PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
@@ -342,7 +343,7 @@ def receiver_main(config: Config, index: int, parent_pid: int,
 
     from cxrd.db import Database
     from cxrd.space import storage_space
-    from cxrd.worker import stop_on_signals
+    from cxrd.worker import settle_garbage_collector, stop_on_signals
 
     stop = stop_on_signals()
     if setup_logging is not None:
@@ -354,6 +355,7 @@ def receiver_main(config: Config, index: int, parent_pid: int,
                                          config.storage.rejected_dir, space=space),
                         reuse_port=True)
     receiver.start()
+    settle_garbage_collector()
     while not stop.wait(0.5):
         if os.getppid() != parent_pid:
             break

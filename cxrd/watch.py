@@ -49,6 +49,17 @@ OPEN_STALE_SECONDS = 120.0
 MIN_SETTLE_WITH_EVENTS = 1.0
 
 
+def _observer() -> Any:
+    """The platform's observer; on Linux one that reports a file renamed in from outside
+    the watched folders as a move (complete, taken at once), not as a creation (taken only
+    after the settle time, at least ``MIN_SETTLE_WITH_EVENTS``)."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # not Linux
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
+
+
 def _database_files(ingestor: Ingestor) -> list[Path]:
     url = make_url(ingestor.db.url)
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
@@ -76,8 +87,13 @@ class _Events(FileSystemEventHandler):
         kind = event.event_type
         src = Path(os.fsdecode(event.src_path))
         if kind == EVENT_TYPE_MOVED:
-            self.watcher.forget(src)
-            self.watcher.notice(Path(os.fsdecode(event.dest_path)), closed=True)
+            # A rename is atomic: the file arrives whole (write, then rename, is how a
+            # writer hands a file over). With full events, a file renamed in from outside
+            # the watched folders has no source and one renamed out has no destination.
+            if event.src_path:
+                self.watcher.forget(src)
+            if event.dest_path:
+                self.watcher.notice(Path(os.fsdecode(event.dest_path)), closed=True)
         elif kind == EVENT_TYPE_DELETED:
             self.watcher.forget(src)
         elif kind == EVENT_TYPE_OPENED:
@@ -117,7 +133,7 @@ class FolderWatcher:
         self.ingested = 0
 
     def start(self) -> None:
-        self._observer = Observer()
+        self._observer = _observer()
         handler = _Events(self)
         for folder in self.folders:
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Command line: ``python -m training {index,phantoms,train,export,evaluate,demo}``.
+"""Command line: ``python -m training {index,phantoms,train,export,evaluate,demo}`` and,
+for the lung-field segmenter, ``{train-seg,export-seg,evaluate-seg,demo-seg}``.
 
 The usual sequence on the public data sets::
 
@@ -10,7 +11,8 @@ The usual sequence on the public data sets::
     python -m training evaluate --model runs/r1/model.onnx --manifest runs/manifest.csv \
         --out runs/r1/eval --write-metadata
 
-``python -m training demo`` regenerates the shipped demo model from synthetic phantoms.
+``python -m training demo`` regenerates the shipped demo model from synthetic phantoms,
+``python -m training demo-seg`` the demo lung-field segmenter.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.sources import DEFAULT_TEST_SOURCES
 
 log = logging.getLogger("training")
 
@@ -45,6 +49,11 @@ def _add_index(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--nih-csv", type=Path, help="the NIH TB metadata CSV (default: found in the folder)"
+    )
+    p.add_argument(
+        "--test-sources", default=",".join(DEFAULT_TEST_SOURCES), metavar="NAMES",
+        help="comma-separated sources kept whole as the external test split (default "
+        "%(default)s; '' for none, e.g. to train the segmenter on their lung masks)",
     )
 
 
@@ -68,6 +77,8 @@ def _add_phantoms(sub: Any) -> None:
         action="store_true",
         help="DICOM studies with several images, lateral views and non-chest images",
     )
+    p.add_argument("--masks", action="store_true",
+                   help="also write each image's left and right lung-field masks (PNG)")
 
 
 def _add_train(sub: Any) -> None:
@@ -174,6 +185,61 @@ def _add_demo(sub: Any) -> None:
                    help="ship even below the acceptance figures (they stay in the metadata)")
 
 
+def _add_train_seg(sub: Any) -> None:
+    from training.model import SEGMENTER_WEIGHTS_HELP
+
+    p = sub.add_parser("train-seg", help="train the lung-field segmenter on a manifest's "
+                       "train/val images that have lung masks")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--weights", default="none", help=SEGMENTER_WEIGHTS_HELP)
+    p.add_argument("--input-size", type=int, default=256, help="a multiple of 32 (default 256)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, help="cap steps per epoch (smoke tests)")
+
+
+def _add_export_seg(sub: Any) -> None:
+    p = sub.add_parser("export-seg", help="export a trained segmenter run to ONNX")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True,
+                   help="validation images for the parity check")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", default="cxrd-lungseg")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--demo", action="store_true", help="mark the model as a DEMO model")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="skip the check that outputs vary (for smoke tests only)")
+
+
+def _add_evaluate_seg(sub: Any) -> None:
+    p = sub.add_parser("evaluate-seg", help="Dice per lung of an ONNX segmenter on the "
+                       "val and test images with lung masks")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--write-metadata", action="store_true",
+                   help="record the headline figures in the model file")
+
+
+def _add_demo_seg(sub: Any) -> None:
+    from training.demo_seg import DEMO_SEG_EPOCHS
+
+    p = sub.add_parser("demo-seg", help="regenerate the DEMO lung-field segmenter from "
+                       "synthetic phantoms")
+    p.add_argument("--work", type=Path, default=Path("runs/demo-seg"))
+    p.add_argument("--out", type=Path, default=Path("cxrd/models/cxrd-demo-lungseg.onnx"))
+    p.add_argument("--n-train", type=int, default=600, help="training studies")
+    p.add_argument("--n-test", type=int, default=150, help="held-out studies")
+    p.add_argument("--epochs", type=int, default=DEMO_SEG_EPOCHS)
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--ship-below-target", action="store_true",
+                   help="ship even below the acceptance figures (they stay in the metadata)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -182,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_index, _add_phantoms, _add_train, _add_export, _add_evaluate, _add_demo):
+    for add in (_add_index, _add_phantoms, _add_train, _add_export, _add_evaluate, _add_demo,
+                _add_train_seg, _add_export_seg, _add_evaluate_seg, _add_demo_seg):
         add(sub)
     return parser
 
@@ -208,6 +275,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         seed=args.seed,
         nih_csv=args.nih_csv,
         progress=sys.stderr.isatty(),
+        test_sources=[s for s in args.test_sources.split(",") if s],
     )
     print(json.dumps(sources.summarize(records), indent=2))
     print(f"wrote {args.out} ({len(records)} images)")
@@ -219,10 +287,11 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
     size = tuple(args.size) if args.size else None
     if args.studies:
-        gt = phantoms.generate_studies(args.out, args.n, args.seed, size=size)
+        gt = phantoms.generate_studies(args.out, args.n, args.seed, size=size, masks=args.masks)
     else:
         gt = phantoms.generate_images(
-            args.out, args.n, args.seed, fmt=args.format, size=size, progress=sys.stderr.isatty()
+            args.out, args.n, args.seed, fmt=args.format, size=size,
+            progress=sys.stderr.isatty(), masks=args.masks,
         )
     print(f"wrote {len(gt)} images and {args.out / 'ground_truth.csv'}")
     return 0
@@ -298,6 +367,102 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     print(f"trained: {args.run / 'checkpoint.weights.h5'}")
+    return 0
+
+
+def cmd_train_seg(args: argparse.Namespace) -> int:
+    from pydicom.uid import generate_uid
+
+    from cxrd.modelinfo import PREPROCESSING
+    from training import sources
+    from training.segment import SegTrainConfig, load_mask_set, train_segmenter, with_masks
+
+    if not 64 <= args.input_size <= 512 or args.input_size % 32:
+        raise SystemExit("--input-size must be a multiple of 32 between 64 and 512")
+    records = sources.read_manifest(args.manifest)
+    cache = args.run / "cache"
+    tty = sys.stderr.isatty()
+    train_recs, val_recs = with_masks(records, "train"), with_masks(records, "val")
+    if not train_recs or not val_recs:
+        raise SystemExit(
+            f"{args.manifest} has {len(train_recs)} train and {len(val_recs)} validation "
+            "images with lung masks; both are needed.")
+    train_set = load_mask_set(train_recs, args.input_size, cache_dir=cache, progress=tty,
+                              desc="train")
+    val_set = load_mask_set(val_recs, args.input_size, cache_dir=cache, progress=tty,
+                            desc="val")
+    cfg = SegTrainConfig(
+        input_size=args.input_size, weights=args.weights, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate,
+        patience=args.patience, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
+    )
+    train_segmenter(train_set, val_set, cfg, args.run)
+    masked = [r for r in records if r.lung_masks]
+    (args.run / "run.json").write_text(json.dumps({
+        "device_uid": generate_uid(),  # new for every training run (IHE AIR)
+        "manifest": str(args.manifest.resolve()),
+        "input_size": args.input_size,
+        "preprocessing": PREPROCESSING,
+        "weights": args.weights,
+        "training_data": _training_data_summary(masked),
+        "config": asdict(cfg),
+    }, indent=2))
+    print(f"trained: {args.run / 'checkpoint.weights.h5'}")
+    return 0
+
+
+def cmd_export_seg(args: argparse.Namespace) -> int:
+    from cxrd.modelinfo import SegmentationInfo
+    from cxrd.preprocess import STRETCH_V1
+    from training import sources
+    from training.data import load_images, to_inputs
+    from training.model import build_segmenter
+    from training.segment import export_segmenter, with_masks
+
+    run = json.loads((args.run / "run.json").read_text())
+    # The contract the run trained on (runs from before cxrd-gray8-stretch-v2 name none).
+    preprocessing = run.get("preprocessing", STRETCH_V1)
+    model = build_segmenter(run["input_size"], str(args.run / "checkpoint.weights.h5"))
+    records = with_masks(sources.read_manifest(args.manifest), "val")
+    rng = np.random.default_rng(0)
+    pick = sorted(rng.choice(len(records), size=min(16, len(records)), replace=False))
+    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"],
+                                    preprocessing=preprocessing).images)
+    info = SegmentationInfo(name=args.name, version=args.version,
+                            device_uid=run["device_uid"], input_size=run["input_size"],
+                            preprocessing=preprocessing, training_data=run["training_data"],
+                            demo=args.demo)
+    checks = export_segmenter(model, args.out, info, samples,
+                              min_output_spread=0.0 if args.allow_untrained else 0.9)
+    print(json.dumps(checks, indent=2))
+    print(f"exported {args.out} ({info.display_name})")
+    return 0
+
+
+def cmd_evaluate_seg(args: argparse.Namespace) -> int:
+    from cxrd.modelinfo import SegmentationInfo
+    from training import sources
+    from training.export import update_metadata
+    from training.segment import evaluate_segmenter
+
+    report = evaluate_segmenter(args.model, sources.read_manifest(args.manifest),
+                                cache_dir=args.out / "cache")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.write_metadata:
+        update_metadata(args.model, {"metrics": report["headline"]}, SegmentationInfo)
+    print(json.dumps(report["headline"], indent=2))
+    return 0
+
+
+def cmd_demo_seg(args: argparse.Namespace) -> int:
+    """Phantoms with masks -> manifest -> train-seg -> export-seg -> evaluate-seg -> ship."""
+    from training.demo_seg import build_demo_segmenter
+
+    figures = build_demo_segmenter(args.work, args.out, n_train=args.n_train,
+                                   n_test=args.n_test, epochs=args.epochs, seed=args.seed,
+                                   ship_below_target=args.ship_below_target)
+    print(json.dumps(figures, indent=2))
     return 0
 
 
@@ -394,6 +559,10 @@ COMMANDS = {
     "export": cmd_export,
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
+    "train-seg": cmd_train_seg,
+    "export-seg": cmd_export_seg,
+    "evaluate-seg": cmd_evaluate_seg,
+    "demo-seg": cmd_demo_seg,
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cxrd.infer import Classifier
-from cxrd.modelinfo import CLASS_NAMES, OperatingPoint
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo, OperatingPoint
 from training import metrics
 from training.data import ImageSet, load_images, to_inputs
 from training.sources import Record
@@ -142,5 +142,5 @@ def record_in_model(model_path: Path, report: dict[str, Any]) -> None:
             sensitivity=float(op["sensitivity"]),
             specificity=float(op["specificity"]),
         )
-    info = update_metadata(model_path, updates)
+    info = update_metadata(model_path, updates, ModelInfo)
     log.info("recorded operating point %s in %s", replace(info.operating_point), model_path)

@@ -12,12 +12,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from cxrd.modelinfo import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROBS, ModelInfo
+from cxrd.modelinfo import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROBS, ModelInfo, SegmentationInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,13 @@ def to_onnx(model: Any) -> Any:
     export_model = build_export_model(model)
     spec = (tf.TensorSpec((None, None, None, 3), tf.float32, name=INPUT_NAME),)
     onnx_model, _ = tf2onnx.convert.from_keras(export_model, input_signature=spec, opset=OPSET)
-    _name_outputs(onnx_model)
+    _name_outputs(onnx_model, [OUTPUT_PROBS, OUTPUT_CAM])
     return onnx_model
 
 
-def _name_outputs(onnx_model: Any) -> None:
+def _name_outputs(onnx_model: Any, wanted: list[str]) -> None:
     """Give the graph outputs their contract names, whatever the converter called them."""
     graph = onnx_model.graph
-    wanted = [OUTPUT_PROBS, OUTPUT_CAM]
     for out, new in zip(list(graph.output), wanted, strict=True):
         old = out.name
         if old == new:
@@ -67,7 +66,8 @@ def _name_outputs(onnx_model: Any) -> None:
         raise ExportCheckFailed(f"Unexpected ONNX outputs {[o.name for o in graph.output]}.")
 
 
-def set_metadata(onnx_model: Any, info: ModelInfo) -> None:
+def set_metadata(onnx_model: Any, info: ModelInfo | SegmentationInfo,
+                 description: str = "MobileNetV2-0.35 GAP softmax TB/NTB/NORM") -> None:
     """Replace the model's cxrd metadata_props with ``info``."""
     props = info.to_props()
     keep = [(p.key, p.value) for p in onnx_model.metadata_props if p.key not in props]
@@ -76,7 +76,7 @@ def set_metadata(onnx_model: Any, info: ModelInfo) -> None:
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx_model.producer_name = "cxrd-training"
-    onnx_model.doc_string = f"{info.display_name}: MobileNetV2-0.35 GAP softmax TB/NTB/NORM"
+    onnx_model.doc_string = f"{info.display_name}: {description}"
 
 
 def check_export(
@@ -145,15 +145,18 @@ def export(
     return checks
 
 
-def update_metadata(path: Path, updates: Mapping[str, Any]) -> ModelInfo:
-    """Rewrite an exported file's ModelInfo fields (e.g. the operating point after evaluation)."""
+InfoT = TypeVar("InfoT", ModelInfo, SegmentationInfo)
+
+
+def update_metadata(path: Path, updates: Mapping[str, Any], kind: type[InfoT]) -> InfoT:
+    """Rewrite an exported file's ``kind`` (ModelInfo or SegmentationInfo) fields, e.g.
+    the operating point or the figures after evaluation."""
     import onnx
 
-    from cxrd.modelinfo import read_model_info
-
-    info = replace(read_model_info(path), **dict(updates))
     model = onnx.load(str(path))
-    set_metadata(model, info)
+    info = replace(kind.from_props({p.key: p.value for p in model.metadata_props}),
+                   **dict(updates))
+    set_metadata(model, info, model.doc_string.partition(": ")[2])
     tmp = path.with_suffix(path.suffix + ".tmp")
     onnx.save(model, str(tmp))
     tmp.replace(path)

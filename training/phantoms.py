@@ -30,6 +30,15 @@ Image convention: ``Phantom.image`` is float32 in [0, 1] with 1 = dense = white
 (MONOCHROME2). Boxes are ``(x0, y0, x1, y1)`` in pixel coordinates of the full image,
 x = column, *inclusive* on all sides (``image[y0:y1 + 1, x0:x1 + 1]``), as
 ``training.metrics`` reads them.
+
+Lung-field masks (asked for with ``masks=True``; they do not change the image or draw on
+the generator): ``Phantom.lungs`` is ``(left, right)``, boolean at full size, left and
+right in the *patient's* sense, so on a PA or AP frontal the left lung lies on the image's
+right. A lung field is what the renderer darkens as lung, at half strength or more: the
+region behind the heart and mediastinum is left out (as in the public lung-mask sets),
+the anatomical lung under a lesion or an effusion is kept. Non-chest images (hand, knee)
+have no lung fields: both masks are empty. Laterals have none: the two lungs overlap and
+cannot be told apart, so no masks are written for them.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ __all__ = [
     "read_ground_truth",
     "to_dataset",
     "write_dicom",
+    "write_lung_masks",
     "write_png",
 ]
 
@@ -108,7 +118,7 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 _COMPRESSED = (RLELossless, JPEG2000Lossless, JPEGLSLossless)
 
 GT_COLUMNS = ("path", "label", "boxes", "rows", "cols", "view", "body_part",
-              "study_instance_uid", "sop_instance_uid")
+              "study_instance_uid", "sop_instance_uid", "left_mask", "right_mask")
 
 _NOISE_LUT = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], dtype=np.float32)
 
@@ -125,6 +135,9 @@ class Phantom:
     boxes: tuple[tuple[int, int, int, int], ...]  # (x0, y0, x1, y1), inclusive; empty for NORM
     view: str = "PA"  # "PA", "AP", "LL" (lateral), or "" for non-chest
     body_part: str = "CHEST"  # "CHEST", or "HAND"/"KNEE" for non-chest images
+    # (left, right) lung-field masks, bool (rows, cols), patient's sense; None when not
+    # asked for (or a lateral); both empty for a non-chest image
+    lungs: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,8 @@ class GroundTruth:
     body_part: str
     study_instance_uid: str
     sop_instance_uid: str
+    left_mask: str = ""  # the lung-field mask PNGs, relative to the CSV ("" = none written)
+    right_mask: str = ""
 
 
 # ============================================================================ drawing helpers
@@ -296,15 +311,18 @@ class _Grid:
         by1 = min(self.rows - 1, math.ceil((y1 + 1) * fy) - 1)
         return bx0, by0, max(bx0, bx1), max(by0, by1)
 
+    def upsample(self, work: Arr) -> Arr:
+        """A working-grid array at full size (bilinear)."""
+        if (self.h, self.w) == (self.rows, self.cols):
+            return work
+        resized = Image.fromarray(np.ascontiguousarray(work)).resize(
+            (self.cols, self.rows), Image.Resampling.BILINEAR)
+        return np.array(resized, dtype=np.float32)
+
     def finish(self, work: Arr, rng: np.random.Generator, sigma: float) -> Arr:
         """Resize the working image to full size, add quantum noise, clip to [0, 1]."""
         np.clip(work, 0.0, 1.0, out=work)
-        if (self.h, self.w) == (self.rows, self.cols):
-            img = work
-        else:
-            resized = Image.fromarray(np.ascontiguousarray(work)).resize(
-                (self.cols, self.rows), Image.Resampling.BILINEAR)
-            img = np.array(resized, dtype=np.float32)
+        img = self.upsample(work)
         raw = np.frombuffer(rng.bytes(self.rows * self.cols), dtype=np.uint8)
         noise = _NOISE_LUT[raw.reshape(self.rows, self.cols)]
         # Quantum noise grows with density (fewer photons reach the detector).
@@ -698,8 +716,19 @@ def _lesions(rng: np.random.Generator, fr: _Frontal, label: str) -> tuple[Box, .
     return tuple(boxes)
 
 
-def _render_frontal(rng: np.random.Generator, label: str, rows: int, cols: int
-                    ) -> tuple[Phantom, Box]:
+def _lung_masks(fr: _Frontal) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """(left, right) lung fields at full size; the patient's left is at ``ax > 0``."""
+    left = fr.g.ax > 0
+    return (fr.g.upsample(np.where(left, fr.lung, np.float32(0.0))) >= 0.5,
+            fr.g.upsample(np.where(left, np.float32(0.0), fr.lung)) >= 0.5)
+
+
+def _no_lungs(rows: int, cols: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    return np.zeros((rows, cols), dtype=bool), np.zeros((rows, cols), dtype=bool)
+
+
+def _render_frontal(rng: np.random.Generator, label: str, rows: int, cols: int,
+                    masks: bool = False) -> tuple[Phantom, Box]:
     """A frontal phantom and the (inclusive) box of its lung fields."""
     if label not in CLASSES:
         raise ValueError(f"label must be one of {CLASSES}, got {label!r}")
@@ -715,17 +744,18 @@ def _render_frontal(rng: np.random.Generator, label: str, rows: int, cols: int
     full = fr.g.finish(img, r_noise, r_anat.uniform(0.008, 0.02))
     lung_box = fr.g.box(fr.lung > 0.5, (slice(0, fr.g.h), slice(0, fr.g.w)))
     assert lung_box is not None
-    return Phantom(full, label, boxes, fr.view, "CHEST"), lung_box
+    lungs = _lung_masks(fr) if masks else None
+    return Phantom(full, label, boxes, fr.view, "CHEST", lungs), lung_box
 
 
 def make_phantom(rng: np.random.Generator, label: str, rows: int = 2500,
-                 cols: int = 2048) -> Phantom:
+                 cols: int = 2048, *, masks: bool = False) -> Phantom:
     """A frontal (PA or AP) chest phantom of class ``label`` ("TB", "NTB" or "NORM").
 
     The same generator state gives the same anatomy, positioning and noise for every
-    label; only the lesions differ.
+    label; only the lesions differ. ``masks`` adds the lung-field masks (``lungs``).
     """
-    return _render_frontal(rng, label, rows, cols)[0]
+    return _render_frontal(rng, label, rows, cols, masks)[0]
 
 
 # ============================================================================ lateral chest
@@ -876,13 +906,16 @@ def _draw_knee(rng: np.random.Generator, g: _Grid) -> Arr:
     return D + bones + f32(0.08) * pat
 
 
-def make_non_chest(rng: np.random.Generator, rows: int = 1024, cols: int = 1024) -> Phantom:
-    """A hand- or knee-like radiograph (body part "HAND" or "KNEE", view "")."""
+def make_non_chest(rng: np.random.Generator, rows: int = 1024, cols: int = 1024, *,
+                   masks: bool = False) -> Phantom:
+    """A hand- or knee-like radiograph (body part "HAND" or "KNEE", view ""); ``masks``
+    adds its (empty) lung-field masks."""
     part = "HAND" if rng.random() < 0.5 else "KNEE"
-    return _non_chest(rng, part, rows, cols)
+    return _non_chest(rng, part, rows, cols, masks)
 
 
-def _non_chest(rng: np.random.Generator, part: str, rows: int, cols: int) -> Phantom:
+def _non_chest(rng: np.random.Generator, part: str, rows: int, cols: int,
+               masks: bool = False) -> Phantom:
     r_anat, r_noise = _child_rngs(rng, 2)
     u = r_anat.uniform
     g = _Grid(rows, cols, scale=u(0.85, 1.05), angle=math.radians(u(-12.0, 12.0)),
@@ -899,7 +932,7 @@ def _non_chest(rng: np.random.Generator, part: str, rows: int, cols: int) -> Pha
     img = _tone(r_anat, g, D)
     _collimate(r_anat, g, img, p=0.5)
     full = g.finish(img, r_noise, r_anat.uniform(0.008, 0.02))
-    return Phantom(full, "NORM", (), "", part)
+    return Phantom(full, "NORM", (), "", part, _no_lungs(rows, cols) if masks else None)
 
 
 # ============================================================================ PNG
@@ -923,6 +956,23 @@ def write_png(ph: Phantom, path: Path, bits: int = 8) -> None:
         raise ValueError(f"bits must be 8 or 16, got {bits}")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG", compress_level=1)  # 3x faster than the default, ~15% larger
+
+
+def write_lung_masks(ph: Phantom, out_dir: Path, rel: str) -> tuple[str, str]:
+    """Write ``ph.lungs`` as ``masks/<rel without suffix>_{left,right}.png`` under
+    ``out_dir`` (8-bit, 255 = lung, as the public sets write them); returns the two paths
+    relative to ``out_dir``, or ``("", "")`` when the phantom has no masks (a lateral)."""
+    if ph.lungs is None:
+        return "", ""
+    stem = Path("masks") / Path(rel).with_suffix("")
+    names: list[str] = []
+    for side, mask in zip(("left", "right"), ph.lungs, strict=True):
+        name = f"{stem.as_posix()}_{side}.png"
+        path = Path(out_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(path, format="PNG")
+        names.append(name)
+    return names[0], names[1]
 
 
 # ============================================================================ DICOM
@@ -1182,7 +1232,8 @@ def _write_ground_truth(out_dir: Path, rows: Sequence[GroundTruth]) -> None:
         w.writerow(GT_COLUMNS)
         for r in rows:
             w.writerow([r.path, r.label, _boxes_json(r.boxes), r.rows, r.cols, r.view,
-                        r.body_part, r.study_instance_uid, r.sop_instance_uid])
+                        r.body_part, r.study_instance_uid, r.sop_instance_uid, r.left_mask,
+                        r.right_mask])
 
 
 def read_ground_truth(path: Path) -> list[GroundTruth]:
@@ -1201,6 +1252,8 @@ def read_ground_truth(path: Path) -> list[GroundTruth]:
                 body_part=row.get("body_part", ""),
                 study_instance_uid=row.get("study_instance_uid", ""),
                 sop_instance_uid=row.get("sop_instance_uid", ""),
+                left_mask=row.get("left_mask") or "",
+                right_mask=row.get("right_mask") or "",
             ))
     return out
 
@@ -1213,8 +1266,8 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 
 def generate_images(out_dir: Path, n: int, seed: int, *, fmt: str = "png",
                     size: tuple[int, int] | None = None, classes: Sequence[str] = CLASSES,
-                    dicom: DicomOptions | None = None, progress: bool = False
-                    ) -> list[GroundTruth]:
+                    dicom: DicomOptions | None = None, progress: bool = False,
+                    masks: bool = False) -> list[GroundTruth]:
     """Write ``n`` frontal chest phantoms and ``ground_truth.csv`` under ``out_dir``.
 
     Classes are balanced (round robin over ``classes``, then shuffled). Files are
@@ -1222,7 +1275,8 @@ def generate_images(out_dir: Path, n: int, seed: int, *, fmt: str = "png",
     image gets a random detector-like size (cols 1600-2600, rows 0.9-1.3 x cols). With
     ``fmt="dcm"`` each image is its own study, and modality (CR/DX), photometric
     interpretation and bits stored vary unless ``dicom`` fixes them. The output is a
-    function of ``seed`` (UIDs included).
+    function of ``seed`` (UIDs included). ``masks`` writes each image's lung-field masks
+    (:func:`write_lung_masks`) and names them in the CSV; the images stay the same.
     """
     if fmt not in ("png", "dcm"):
         raise ValueError(f"fmt must be 'png' or 'dcm', got {fmt!r}")
@@ -1242,7 +1296,7 @@ def generate_images(out_dir: Path, n: int, seed: int, *, fmt: str = "png",
             r = np.random.default_rng(int(s))
             r_size, r_img, r_dcm = _child_rngs(r, 3)
             rows, cols = size if size is not None else _random_size(r_size)
-            ph = make_phantom(r_img, label, rows, cols)
+            ph = make_phantom(r_img, label, rows, cols, masks=masks)
             rel = f"{label}/{label}_{i:05d}.{fmt}"
             study_uid = sop_uid = ""
             if fmt == "png":
@@ -1255,7 +1309,8 @@ def generate_images(out_dir: Path, n: int, seed: int, *, fmt: str = "png",
                             sop_instance_uid=sop_uid)
                 study_uid = study.study_instance_uid
             rows_out.append(GroundTruth(rel, label, ph.boxes, rows, cols, ph.view,
-                                        ph.body_part, study_uid, sop_uid))
+                                        ph.body_part, study_uid, sop_uid,
+                                        *write_lung_masks(ph, out_dir, rel)))
             bar.update(1)
     _write_ground_truth(out_dir, rows_out)
     return rows_out
@@ -1267,8 +1322,8 @@ _NON_CHEST_DESCRIPTIONS = {"HAND": "XR HAND 2 VIEWS", "KNEE": "XR KNEE AP AND LA
 def generate_studies(out_dir: Path, n_studies: int, seed: int, *,
                      images_per_study: tuple[int, int] = (1, 3), include_lateral: bool = True,
                      include_non_chest: bool = True, size: tuple[int, int] | None = None,
-                     dicom: DicomOptions | None = None, progress: bool = False
-                     ) -> list[GroundTruth]:
+                     dicom: DicomOptions | None = None, progress: bool = False,
+                     masks: bool = False) -> list[GroundTruth]:
     """Write DICOM studies ``<study_uid>/<sop_uid>.dcm`` and ``ground_truth.csv``.
 
     A chest study has one frontal image (label drawn uniformly from CLASSES), often a
@@ -1277,6 +1332,8 @@ def generate_studies(out_dir: Path, n_studies: int, seed: int, *,
     ``images_per_study`` (inclusive range). About one study in seven is non-chest (HAND or
     KNEE, label "NORM") when ``include_non_chest``. One modality, photometric
     interpretation and bit depth per study, random unless ``dicom`` fixes them.
+    ``masks`` writes lung-field masks for the frontal and non-chest images (empty for the
+    latter) and none for the laterals, as :func:`generate_images`.
     """
     lo, hi = images_per_study
     if not 1 <= lo <= hi:
@@ -1307,18 +1364,19 @@ def generate_studies(out_dir: Path, n_studies: int, seed: int, *,
             for j in range(k):
                 r_img = _child_rngs(r, 1)[0]
                 if non_chest:
-                    ph = _non_chest(r_img, part, rows, cols)
+                    ph = _non_chest(r_img, part, rows, cols, masks)
                 elif j == 1 and lateral:
                     ph = make_lateral(r_img, rows, cols)
                 else:
-                    ph = make_phantom(r_img, label, rows, cols)
+                    ph = make_phantom(r_img, label, rows, cols, masks=masks)
                 series_uid, sop_uid = _uid(r), _uid(r)
                 rel = f"{study.study_instance_uid}/{sop_uid}.dcm"
                 write_dicom(ph, out_dir / rel, study, opts, series_number=j + 1,
                             instance_number=1, series_instance_uid=series_uid,
                             sop_instance_uid=sop_uid)
                 rows_out.append(GroundTruth(rel, ph.label, ph.boxes, rows, cols, ph.view,
-                                            ph.body_part, study.study_instance_uid, sop_uid))
+                                            ph.body_part, study.study_instance_uid, sop_uid,
+                                            *write_lung_masks(ph, out_dir, rel)))
             bar.update(1)
     _write_ground_truth(out_dir, rows_out)
     return rows_out

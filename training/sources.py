@@ -11,13 +11,24 @@ Layouts (``root`` may be the folder shown or any parent up to a few levels):
 
 ``shenzhen``   ``ChinaSet_AllFiles/CXR_png/CHNCXR_0001_0.png`` (``_0`` normal, ``_1`` TB),
                ``ChinaSet_AllFiles/ClinicalReadings/CHNCXR_0001_0.txt``. Patient = ``0001``.
+               Lung masks, when the separate Shenzhen lung-mask release lies under the
+               folder given (a folder whose name contains "mask" holding
+               ``CHNCXR_0001_0_mask.png``: one mask for both lungs), go into
+               ``lung_masks`` as one union, split into left and right by
+               ``training.masks.split_lungs``; images without one are noted.
 ``montgomery`` ``MontgomerySet/CXR_png/MCUCXR_0001_0.png``, ``ClinicalReadings/*.txt``;
-               ``ManualMask/{leftMask,rightMask}`` (lung masks, same names) are ignored.
+               ``ManualMask/{leftMask,rightMask}/MCUCXR_0001_0.png`` (lung masks, same
+               names) go into ``lung_masks`` as a union too: whether "left" is the
+               patient's could not be confirmed from the set's documentation, so the
+               sides are taken from the image (``split_lungs``), not from the folder names.
 ``tbx11k``     ``TBX11K/imgs/{health,sick,tb}/*.png``, ``TBX11K/lists/TBX11K_{train,val}.txt``
                (or ``all_{train,val}.txt``) with lines like ``tb/tb0003.png``. ``imgs/test``
                has no labels and ``imgs/extra`` holds other public sets (Montgomery and
                Shenzhen among them, our external test): both are skipped and counted.
-               TBX11K publishes no patient ids, so each image is its own group.
+               TBX11K publishes no patient ids, so each image is its own group. The TB
+               boxes of ``annotations/xml/tb0003.xml`` (Pascal VOC, every ``object``'s
+               ``bndbox``) go into ``boxes`` (see :func:`read_voc_boxes`); the COCO
+               ``annotations/json`` files hold the same boxes and are not read.
 ``kermany``    ``chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/*.jpeg``; the Kaggle zip's
                nested duplicate ``chest_xray/chest_xray`` is merged (same file twice is
                counted as ``duplicate_copy``) and ``__MACOSX`` is ignored. Patient =
@@ -43,6 +54,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from training.masks import sides_spec, union_spec
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +94,9 @@ class Record:
     label: str  # TB / NTB / NORM
     patient_id: str  # "" when the set does not say
     split: str = ""  # train / val / test, set by assign_splits
-    boxes: str = ""  # JSON list (phantoms)
+    boxes: str = ""  # JSON list of inclusive [x0, y0, x1, y1] lesion boxes (phantoms, TBX11K)
     official_split: str = ""  # the set's own train/val/test assignment, a hint only
+    lung_masks: str = ""  # JSON naming the lung-field mask files (training.masks), "" = none
 
 
 MANIFEST_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Record))
@@ -269,6 +283,36 @@ _NLM_SETS: dict[str, tuple[re.Pattern[str], str, str]] = {
 }
 
 
+_SHENZHEN_MASK = re.compile(r"^(CHNCXR_\d{4}_[01])_mask\.png$", re.IGNORECASE)
+
+
+def _montgomery_masks(root: Path, image_dirs: Sequence[Path]) -> dict[str, str]:
+    """Image name (upper case) -> ``lung_masks``, from ``ManualMask/{left,right}Mask``
+    beside each image folder; a mask missing on one side leaves the image without."""
+    out: dict[str, str] = {}
+    for d in image_dirs:
+        left_dir, right_dir = (d.parent / "ManualMask" / n for n in ("leftMask", "rightMask"))
+        for f in _files(left_dir):
+            other = right_dir / f.name
+            if not _is_junk(f.name) and other.is_file():
+                out.setdefault(f.name.upper(), union_spec([_abs(f), _abs(other)]))
+    return out
+
+
+def _shenzhen_masks(root: Path, image_dirs: Sequence[Path]) -> dict[str, str]:
+    """Image name (upper case) -> ``lung_masks``, from ``*mask*/CHNCXR_NNNN_N_mask.png``
+    anywhere under root (a few levels down)."""
+    out: dict[str, str] = {}
+    for d, _ in _walk_dirs(root, 4):
+        if "mask" not in d.name.lower():
+            continue
+        for f in _files(d):
+            m = _SHENZHEN_MASK.match(f.name)
+            if m is not None:
+                out.setdefault(f"{m.group(1)}.png".upper(), union_spec([_abs(f)]))
+    return out
+
+
 def _index_nlm(root: Path, label_map: Mapping[str, Any] | None, source: str) -> IndexResult:
     pattern, what, layout = _NLM_SETS[source]
     root = _check_root(root, what, layout)
@@ -284,6 +328,8 @@ def _index_nlm(root: Path, label_map: Mapping[str, Any] | None, source: str) -> 
         raise FileNotFoundError(f"No {what} images under {root}; expected {layout}.")
     candidates.sort(key=lambda c: (c[0], c[1], str(c[2])))
     result = IndexResult(root=candidates[0][2].parent)
+    find_masks = _montgomery_masks if source == "montgomery" else _shenzhen_masks
+    masks = find_masks(root, [c[2] for c in candidates])
     seen: set[str] = set()
     for _, _, d in candidates:
         readings = [d.parent / "ClinicalReadings", d / "ClinicalReadings"]
@@ -304,8 +350,12 @@ def _index_nlm(root: Path, label_map: Mapping[str, Any] | None, source: str) -> 
                     continue
                 if not any((r / (f.stem + ".txt")).is_file() for r in readings):
                     result.note("missing_clinical_reading")
+                lung_masks = masks.get(f.name.upper(), "")
+                if masks and not lung_masks:  # the mask set is there, this image's is not
+                    result.note("no_lung_mask")
                 result.records.append(
-                    Record(_abs(f), source, m.group(2), label, patient_id=m.group(1))
+                    Record(_abs(f), source, m.group(2), label, patient_id=m.group(1),
+                           lung_masks=lung_masks)
                 )
     if not result.records and not result.skipped:
         raise FileNotFoundError(f"No {what} images under {root}; expected {layout}.")
@@ -373,6 +423,59 @@ def _tbx_read_lists(dataset: Path, result: IndexResult) -> dict[str, str] | None
     return None
 
 
+def read_voc_boxes(path: Path) -> tuple[tuple[int, int, int, int], ...]:
+    """The ``bndbox`` of every ``object`` in a Pascal VOC XML file, as inclusive pixel boxes
+    ``(x0, y0, x1, y1)``: the coordinates (integers or decimals) are read as pixel edges,
+    so a box covers columns ``floor(xmin)`` to ``ceil(xmax) - 1``, clipped to the image
+    when its ``size`` is given. ValueError on a malformed file."""
+    import math
+    from xml.etree import ElementTree
+
+    try:
+        tree = ElementTree.parse(path)
+    except ElementTree.ParseError as exc:
+        raise ValueError(f"{path}: not XML ({exc})") from exc
+    root = tree.getroot()
+    width = root.findtext("size/width")
+    height = root.findtext("size/height")
+    boxes: list[tuple[int, int, int, int]] = []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise ValueError(f"{path}: an object without bndbox")
+        try:
+            xmin, ymin, xmax, ymax = (float(bb.findtext(k) or "") for k in
+                                      ("xmin", "ymin", "xmax", "ymax"))
+        except ValueError as exc:
+            raise ValueError(f"{path}: bndbox coordinates are not numbers ({exc})") from exc
+        x0, y0 = max(0, math.floor(xmin)), max(0, math.floor(ymin))
+        x1, y1 = math.ceil(xmax) - 1, math.ceil(ymax) - 1
+        if width and height:
+            x1, y1 = min(x1, int(float(width)) - 1), min(y1, int(float(height)) - 1)
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"{path}: an empty box {xmin, ymin, xmax, ymax}")
+        boxes.append((x0, y0, x1, y1))
+    return tuple(boxes)
+
+
+def _tbx_boxes(dataset: Path, result: IndexResult) -> dict[str, str]:
+    """Image stem -> ``boxes`` JSON from ``annotations/xml/*.xml``; unreadable files are
+    noted and left out."""
+    out: dict[str, str] = {}
+    for f in _files(dataset / "annotations" / "xml"):
+        if _is_junk(f.name) or f.suffix.lower() != ".xml":
+            continue
+        try:
+            boxes = read_voc_boxes(f)
+        except ValueError as exc:
+            log.warning("tbx11k: %s", exc)
+            result.note("unreadable_box_annotation")
+            continue
+        if boxes:
+            out[f.stem] = json.dumps([list(b) for b in boxes], separators=(",", ":"))
+    return out
+
+
 def _count_images(d: Path, result: IndexResult, reason: str) -> None:
     for f in _walk_files(d):
         if _is_junk(f.name):
@@ -386,7 +489,8 @@ def index_tbx11k(root: Path, label_map: Mapping[str, Any] | None = None) -> Inde
 
     ``official_split`` is the list's train/val assignment (empty in folder mode). The
     unlabeled ``imgs/test`` and ``imgs/extra`` (other public sets, including our external
-    test sets) are skipped and counted.
+    test sets) are skipped and counted. TB images get their ``boxes`` from
+    ``annotations/xml/<stem>.xml`` when the folder is there.
     """
     root = _check_root(root, "TBX11K", _TBX_LAYOUT)
     found = _tbx_find(root)
@@ -396,6 +500,7 @@ def index_tbx11k(root: Path, label_map: Mapping[str, Any] | None = None) -> Inde
     mapping = _source_map(label_map, "tbx11k")
     result = IndexResult(root=dataset)
     listed = _tbx_read_lists(dataset, result)
+    tb_boxes = _tbx_boxes(dataset, result)
     if listed is None:
         log.info("tbx11k: no list files under %s/lists, indexing the folders", dataset)
     on_disk: set[str] = set()
@@ -425,8 +530,12 @@ def index_tbx11k(root: Path, label_map: Mapping[str, Any] | None = None) -> Inde
                 if label is None:
                     continue
                 official = listed.get(rel, "") if listed is not None else ""
+                boxes = tb_boxes.get(f.stem, "") if category == "tb" else ""
+                if category == "tb" and tb_boxes and not boxes:
+                    result.note("tb_without_boxes")
                 result.records.append(
-                    Record(_abs(f), "tbx11k", category, label, "", official_split=official)
+                    Record(_abs(f), "tbx11k", category, label, "", boxes=boxes,
+                           official_split=official)
                 )
     if listed is not None:
         missing = len(set(listed) - on_disk)
@@ -762,8 +871,17 @@ def index_phantom(root: Path, label_map: Mapping[str, Any] | None = None) -> Ind
             patient = row.get("study_instance_uid", "").strip()
             if not patient:
                 result.note("no_patient_id")
+            sides = [(row.get(c) or "").strip() for c in ("left_mask", "right_mask")]
+            masks = ""
+            if all(sides):
+                left, right = (gt.parent / s for s in sides)
+                if left.is_file() and right.is_file():
+                    masks = sides_spec(_abs(left), _abs(right))
+                else:
+                    result.note("missing_lung_mask")
             result.records.append(
-                Record(path, "phantom", row["label"].strip(), label, patient, boxes=boxes)
+                Record(path, "phantom", row["label"].strip(), label, patient, boxes=boxes,
+                       lung_masks=masks)
             )
     return result
 

@@ -552,8 +552,8 @@ def _fit_head(model: Any, train_ds: Any, val_ds: Any, cfg: TrainConfig, out_dir:
         model.load_weights(str(checkpoint))
 
 
-def plot_curves(history_csv: Path, out: Path) -> None:
-    """Loss and accuracy per epoch, train and validation."""
+def plot_curves(history_csv: Path, out: Path, metric: str = "accuracy") -> None:
+    """Loss and ``metric`` per epoch, train and validation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,12 +565,12 @@ def plot_curves(history_csv: Path, out: Path) -> None:
         return
     epochs = [int(r["epoch"]) + 1 for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(epochs, [float(r[metric]) for r in rows], label="train")
-        ax.plot(epochs, [float(r["val_" + metric]) for r in rows], label="validation")
+    for ax, name in zip(axes, ("loss", metric), strict=True):
+        ax.plot(epochs, [float(r[name]) for r in rows], label="train")
+        ax.plot(epochs, [float(r["val_" + name]) for r in rows], label="validation")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
+        ax.set_ylabel(name)
+        ax.set_title(name)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

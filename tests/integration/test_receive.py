@@ -191,6 +191,7 @@ def test_idle_associations_do_not_poll(start_receiver: StartReceiver) -> None:
         [server] = [a for a in node.receiver.ae.active_associations if a.is_acceptor]
         replaced = "run" in vars(server.dul) and "_run_reactor" in vars(server)
         assert replaced == reactor.enabled()
+        assert ("receive_primitive" in vars(server.dimse)) == reactor.enabled()
         if not reactor.enabled():
             t = time.monotonic()
             assert assoc.send_c_echo().Status == STATUS_SUCCESS

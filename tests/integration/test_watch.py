@@ -77,6 +77,22 @@ def test_write_then_rename_is_picked_up_at_once(watcher, ingestor, dirs):
     assert spool_files(dirs.spool)[0].read_bytes() == data
 
 
+def test_file_renamed_in_from_outside_is_taken_without_the_settle_wait(ingestor, dirs):
+    """A file renamed into the folder from elsewhere on the file system is whole: taken at
+    once, not after the settle time (here far longer than the wait allowed)."""
+    w = FolderWatcher(ingestor, [dirs.incoming], 30.0)
+    data = part10_bytes(make_dataset("CR"))
+    staged = write(dirs.incoming.parent / "staged.dcm", data)  # outside the watched folder
+    w.start()
+    try:
+        os.rename(staged, dirs.incoming / "img.dcm")
+        assert wait_for(lambda: count(ingestor.db, Instance) == 1, timeout=5)
+        (spooled,) = spool_files(dirs.spool)
+        assert spooled.read_bytes() == data
+    finally:
+        w.stop()
+
+
 def test_files_present_before_start_are_ingested(ingestor, dirs):
     payloads = [part10_bytes(make_dataset("CR", seed=i)) for i in range(3)]
     for i, data in enumerate(payloads):

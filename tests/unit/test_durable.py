@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +41,88 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
 
     with pytest.raises(OSError):
         durable.write_file(tmp_path / "x.dcm", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _writes(monkeypatch) -> list[tuple[int, bool]]:
+    """Record each os.write of cxrd.durable: its length, and whether O_DIRECT was on."""
+    seen: list[tuple[int, bool]] = []
+    real = os.write
+
+    def write(fd: int, data) -> int:
+        seen.append((len(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        return real(fd, data)
+
+    monkeypatch.setattr(durable.os, "write", write)
+    return seen
+
+
+def test_a_large_file_goes_past_the_page_cache_and_stays_whole(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A megabyte or more: the aligned bulk with O_DIRECT a chunk at a time, the last
+    partial block through the page cache; every byte where it belongs, fsynced."""
+    data = os.urandom(2 * durable.DIRECT_CHUNK + 5000)
+    seen = _writes(monkeypatch)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    target = tmp_path / "big.dcm"
+    durable.write_file(target, data)
+    assert target.read_bytes() == data
+    assert seen == [(durable.DIRECT_CHUNK, True), (durable.DIRECT_CHUNK, True),
+                    (4096, True), (5000 - 4096, False)]
+    assert synced  # the file (O_DIRECT leaves the device's cache unflushed)
+    small = tmp_path / "small.dcm"
+    seen.clear()
+    durable.write_file(small, data[:durable.DIRECT_CHUNK - 1])
+    assert small.read_bytes() == data[:durable.DIRECT_CHUNK - 1]
+    assert not any(direct for _, direct in seen)
+
+
+def test_where_o_direct_is_refused_the_bytes_go_through_the_page_cache(
+        tmp_path: Path, monkeypatch) -> None:
+    data = os.urandom(durable.DIRECT_CHUNK * 3 + 1)
+    real_fcntl = fcntl.fcntl
+
+    def no_direct(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(durable.fcntl, "fcntl", no_direct)
+    durable.write_file(tmp_path / "a.dcm", data)
+    assert (tmp_path / "a.dcm").read_bytes() == data
+    monkeypatch.setattr(durable.fcntl, "fcntl", real_fcntl)
+
+    # a device that takes O_DIRECT but not this alignment: EINVAL at the first write
+    seen = _writes(monkeypatch)
+    real_write = durable.os.write
+
+    def refuse_direct(fd: int, view) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, view)
+
+    monkeypatch.setattr(durable.os, "write", refuse_direct)
+    durable.write_file(tmp_path / "b.dcm", data)
+    assert (tmp_path / "b.dcm").read_bytes() == data
+    assert [direct for _, direct in seen] == [False]  # the whole file, buffered
+
+
+def test_a_failed_direct_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    real_write = os.write
+    calls: list[int] = []
+
+    def full(fd: int, view) -> int:
+        calls.append(len(view))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, view)
+
+    monkeypatch.setattr(durable.os, "write", full)
+    with pytest.raises(OSError) as caught:
+        durable.write_file(tmp_path / "x.dcm", os.urandom(3 * durable.DIRECT_CHUNK))
+    assert caught.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
 
 

@@ -480,9 +480,12 @@ def test_part10_framing_matches_pynetdicom_and_parses(syntax, sop_uid):
     body = b"\x08\x00\x16\x00" + b"payload!"  # any bytes: the data set is not parsed
     expected = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(create_file_meta(
         sop_class_uid=CR, sop_instance_uid=sop_uid, transfer_syntax=syntax)), body))
-    framed = ingest_mod.part10(body, CR, sop_uid, syntax, PYNETDICOM_IMPLEMENTATION_UID,
+    framed = ingest_mod.part10([body], CR, sop_uid, syntax, PYNETDICOM_IMPLEMENTATION_UID,
                                PYNETDICOM_IMPLEMENTATION_VERSION)
     assert framed == expected
+    fragments = [body[:3], bytearray(body[3:7]), memoryview(body)[7:]]  # as received
+    assert ingest_mod.part10(fragments, CR, sop_uid, syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                             PYNETDICOM_IMPLEMENTATION_VERSION) == expected
     meta = pydicom.dcmread(io.BytesIO(framed[: -len(body)])).file_meta
     assert meta.MediaStorageSOPInstanceUID == sop_uid
     assert meta.TransferSyntaxUID == syntax

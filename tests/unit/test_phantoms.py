@@ -345,7 +345,9 @@ def test_generate_images_png(tmp_path: Path) -> None:
     assert P.read_ground_truth(tmp_path / "a" / "ground_truth.csv") == gt
     header = (tmp_path / "a" / "ground_truth.csv").read_text().splitlines()[0]
     assert header == ("path,label,boxes,rows,cols,view,body_part,study_instance_uid,"
-                      "sop_instance_uid")
+                      "sop_instance_uid,left_mask,right_mask")
+    assert all(r.left_mask == r.right_mask == "" for r in gt)  # masks only when asked for
+    assert not (tmp_path / "a" / "masks").exists()
     # determinism: same seed, same bytes; another seed differs
     P.generate_images(tmp_path / "b", 10, seed=3, size=SMALL)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
@@ -425,3 +427,88 @@ def test_generate_studies_options(tmp_path: Path) -> None:
     assert all(r.body_part == "CHEST" and r.view in ("PA", "AP") for r in gt)
     with pytest.raises(ValueError):
         P.generate_studies(tmp_path, 1, seed=1, images_per_study=(2, 1))
+
+
+# --------------------------------------------------------------------------- lung masks
+
+
+def _centroid_col(mask: np.ndarray) -> float:
+    return float(np.nonzero(mask)[1].mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_lung_masks_sides_and_shape(seed: int) -> None:
+    ph = P.make_phantom(rng(seed), "NTB", *SMALL, masks=True)
+    assert ph.lungs is not None
+    left, right = ph.lungs
+    assert left.shape == right.shape == SMALL and left.dtype == right.dtype == np.bool_
+    assert not (left & right).any()
+    cols = SMALL[1]
+    # the patient's left lung lies on the image's right on a PA/AP frontal
+    assert _centroid_col(left) > 0.6 * cols and _centroid_col(right) < 0.4 * cols
+    for m in (left, right):
+        assert 0.05 < m.mean() < 0.3  # a lung field, not a sliver nor the whole image
+    # lung fields are dark (the renderer darkens them); the masks sit on them
+    lungs = left | right
+    assert ph.image[lungs].mean() < ph.image[~lungs].mean()
+
+
+def test_lung_masks_leave_the_image_and_lesions_unchanged() -> None:
+    for label in P.CLASSES:
+        plain = P.make_phantom(rng(5), label, *SMALL)
+        masked = P.make_phantom(rng(5), label, *SMALL, masks=True)
+        assert plain.lungs is None
+        assert np.array_equal(plain.image, masked.image) and plain.boxes == masked.boxes
+    # the masks are the anatomy's: the same patient with or without lesions
+    a = P.make_phantom(rng(6), "NORM", *SMALL, masks=True).lungs
+    b = P.make_phantom(rng(6), "TB", *SMALL, masks=True).lungs
+    assert a is not None and b is not None
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_non_chest_masks_are_empty_and_laterals_have_none() -> None:
+    for s in range(4):
+        nc = P.make_non_chest(rng(s), 160, 128, masks=True)
+        assert nc.lungs is not None and nc.body_part in ("HAND", "KNEE")
+        assert all(m.shape == (160, 128) and not m.any() for m in nc.lungs)
+    assert P.make_lateral(rng(3), *SMALL).lungs is None
+
+
+def test_generate_images_writes_masks(tmp_path: Path) -> None:
+    gt = P.generate_images(tmp_path / "a", 6, seed=3, size=SMALL, masks=True)
+    plain = P.generate_images(tmp_path / "p", 6, seed=3, size=SMALL)
+    for r, q in zip(gt, plain, strict=True):  # the same images as without masks
+        assert (tmp_path / "a" / r.path).read_bytes() == (tmp_path / "p" / q.path).read_bytes()
+        stem = r.path.removesuffix(".png")
+        assert (r.left_mask, r.right_mask) == (f"masks/{stem}_left.png", f"masks/{stem}_right.png")
+        with Image.open(tmp_path / "a" / r.left_mask) as img:
+            assert img.mode == "L" and img.size == (SMALL[1], SMALL[0])
+            left = np.asarray(img)
+        assert set(np.unique(left)) == {0, 255}
+        assert _centroid_col(left > 127) > SMALL[1] / 2
+    assert P.read_ground_truth(tmp_path / "a" / "ground_truth.csv") == gt
+    P.generate_images(tmp_path / "b", 6, seed=3, size=SMALL, masks=True)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_generate_studies_masks(tmp_path: Path) -> None:
+    gt = P.generate_studies(tmp_path, 30, seed=2, size=(122, 100), masks=True)
+    kinds = Counter()
+    for r in gt:
+        if r.view == "LL":
+            assert r.left_mask == r.right_mask == ""
+            kinds["lateral"] += 1
+            continue
+        assert r.left_mask == f"masks/{r.study_instance_uid}/{r.sop_instance_uid}_left.png"
+        masks = [np.asarray(Image.open(tmp_path / m)) for m in (r.left_mask, r.right_mask)]
+        if r.body_part == "CHEST":
+            assert all(m.any() for m in masks)
+            kinds["frontal"] += 1
+        else:
+            assert not any(m.any() for m in masks)
+            kinds["non_chest"] += 1
+    assert kinds["lateral"] and kinds["frontal"] and kinds["non_chest"]
+    # the DICOM files are the ones written without masks
+    P.generate_studies(tmp_path / "plain", 30, seed=2, size=(122, 100))
+    assert all((tmp_path / r.path).read_bytes() == (tmp_path / "plain" / r.path).read_bytes()
+               for r in gt)

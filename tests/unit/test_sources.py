@@ -7,10 +7,12 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from training import sources
+from training.masks import read_lung_masks
 from training.sources import Record
 
 # --------------------------------------------------------------------------- helpers
@@ -178,7 +180,20 @@ def test_shenzhen(shenzhen_tree: Path, level: str) -> None:
     assert res.root == shenzhen_tree.resolve()
 
 
-def test_montgomery_ignores_masks(montgomery_tree: Path) -> None:
+def _lung_png(path: Path, cols: tuple[int, int], size: tuple[int, int] = (40, 50)) -> Path:
+    """A mask (rows, cols = size) with one lung-like block over the given columns."""
+    arr = np.zeros(size, dtype=np.uint8)
+    arr[8:32, cols[0]:cols[1]] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_montgomery_images_and_lung_masks(montgomery_tree: Path) -> None:
+    # MCUCXR_0001_0's masks hold lungs: leftMask on the image's right, as a frontal shows it
+    for side, cols in (("leftMask", (30, 45)), ("rightMask", (5, 20))):
+        _lung_png(montgomery_tree / "ManualMask" / side / "MCUCXR_0001_0.png", cols)
+    (montgomery_tree / "ManualMask" / "rightMask" / "MCUCXR_0104_1.png").unlink()
     res = sources.index_montgomery(montgomery_tree.parent)
     assert len(res.records) == 3
     assert all(Path(r.path).parent.name == "CXR_png" for r in res.records)
@@ -186,7 +201,63 @@ def test_montgomery_ignores_masks(montgomery_tree: Path) -> None:
     assert labels == {"MCUCXR_0001_0": ("NORM", "0001"), "MCUCXR_0002_0": ("NORM", "0002"),
                       "MCUCXR_0104_1": ("TB", "0104")}
     assert res.skipped == {"junk_file": 1}
-    assert res.notes == {}
+    assert res.notes == {"no_lung_mask": 1}  # MCUCXR_0104_1 lacks its right mask
+    recs = {Path(r.path).stem: r for r in res.records}
+    assert recs["MCUCXR_0104_1"].lung_masks == ""
+    spec = json.loads(recs["MCUCXR_0001_0"].lung_masks)
+    assert [Path(p).parent.name for p in spec["lungs"]] == ["leftMask", "rightMask"]
+    left, right = read_lung_masks(recs["MCUCXR_0001_0"].lung_masks)
+    assert left[:, 30:45].all(axis=1).sum() == 24 and not left[:, :25].any()
+    assert right[:, 5:20].all(axis=1).sum() == 24 and not right[:, 25:].any()
+
+
+def test_shenzhen_lung_mask_release(shenzhen_tree: Path) -> None:
+    masks = shenzhen_tree.parent / "shenzhen-lung-masks" / "mask"
+    for n in ("CHNCXR_0001_0", "CHNCXR_0327_1", "CHNCXR_0999_1"):  # 0999: no such image
+        img = np.zeros((40, 50), dtype=np.uint8)
+        img[8:32, 5:20] = img[8:32, 30:45] = 255  # both lungs in one file
+        masks.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(masks / f"{n}_mask.png")
+    res = sources.index_shenzhen(shenzhen_tree.parent, sources.LABEL_MAP_DEFAULT)
+    recs = _by_name(res.records)
+    assert len(recs) == 5  # the mask folder holds no images
+    assert res.notes == {"missing_clinical_reading": 1, "no_lung_mask": 3}
+    with_masks = sorted(n for n, r in recs.items() if r.lung_masks)
+    assert with_masks == ["CHNCXR_0001_0.png", "CHNCXR_0327_1.png"]
+    left, right = read_lung_masks(recs["CHNCXR_0327_1.png"].lung_masks)
+    assert left[8:32, 30:45].all() and not left[:, :25].any()
+    assert right[8:32, 5:20].all() and not right[:, 25:].any()
+    # given the image folder's own parent only, the release is not found: no masks, no note
+    res = sources.index_shenzhen(shenzhen_tree)
+    assert not any(r.lung_masks for r in res.records) and "no_lung_mask" not in res.notes
+
+
+_VOC = """<annotation>
+  <folder>tb</folder><filename>{name}.png</filename>
+  <size><width>512</width><height>512</height><depth>3</depth></size>
+  {objects}
+</annotation>"""
+_VOC_OBJECT = """<object><name>{cls}</name><pose>Unspecified</pose><truncated>0</truncated>
+  <difficult>0</difficult><bndbox><xmin>{0}</xmin><ymin>{1}</ymin><xmax>{2}</xmax>
+  <ymax>{3}</ymax></bndbox></object>"""
+
+
+def test_tbx11k_tb_boxes_from_voc_xml(tbx11k_tree: Path) -> None:
+    xml = tbx11k_tree / "annotations" / "xml"
+    objects = [_VOC_OBJECT.format(100.4, 50, 180.6, 120, cls="ActiveTuberculosis"),
+               _VOC_OBJECT.format(300, 60, 520, 140, cls="ObsoletePulmonaryTuberculosis")]
+    _text(xml / "tb0003.xml", _VOC.format(name="tb0003", objects="".join(objects)))
+    _text(xml / "tb0004.xml", "<annotation><object><name>x</name></object></annotation>")
+    res = sources.index_tbx11k(tbx11k_tree, sources.LABEL_MAP_DEFAULT)
+    recs = _by_name(res.records)
+    # pixel edges to inclusive pixels, clipped to the 512-pixel image
+    assert json.loads(recs["tb0003.png"].boxes) == [[100, 50, 180, 119], [300, 60, 511, 139]]
+    assert recs["tb0004.png"].boxes == recs["tb0005.png"].boxes == ""
+    assert all(r.boxes == "" for r in res.records if r.source_label != "tb")
+    assert res.notes == {"unreadable_box_annotation": 1, "tb_without_boxes": 2}
+    assert sources.read_voc_boxes(xml / "tb0003.xml")[0] == (100, 50, 180, 119)
+    with pytest.raises(ValueError, match="bndbox"):
+        sources.read_voc_boxes(xml / "tb0004.xml")
 
 
 def test_tbx11k_with_official_lists(tbx11k_tree: Path) -> None:
@@ -429,11 +500,11 @@ def test_splits_group_majority_label() -> None:
 def test_manifest_round_trip(tmp_path: Path) -> None:
     recs = sources.assign_splits(_synthetic(50))
     recs[0] = Record("/p, with \"comma\".png", "phantom", "TB", "TB", "1.2", "train",
-                     "[[1, 2, 3, 4]]", "")
+                     "[[1, 2, 3, 4]]", "", '{"left": "/m/l.png", "right": "/m/r.png"}')
     path = tmp_path / "out" / "manifest.csv"
     sources.write_manifest(recs, path)
     assert path.read_text().splitlines()[0] == (
-        "path,source,source_label,label,patient_id,split,boxes,official_split")
+        "path,source,source_label,label,patient_id,split,boxes,official_split,lung_masks")
     assert sources.read_manifest(path) == recs
 
 
@@ -470,3 +541,36 @@ def test_build_manifest(tmp_path: Path, shenzhen_tree: Path, kermany_tree: Path,
     assert summary["label_map"]["kermany"]["NORMAL"] == ""
     with pytest.raises(ValueError, match="Unknown source"):
         sources.build_manifest({"padchest": tmp_path}, out)
+
+
+def test_phantom_lung_masks(tmp_path: Path) -> None:
+    from training import phantoms
+
+    gt = phantoms.generate_studies(tmp_path / "ph", 12, seed=2, size=(122, 100), masks=True)
+    (tmp_path / "ph" / gt[0].right_mask).unlink()
+    res = sources.index_phantom(tmp_path / "ph")
+    by_path = {Path(r.path).relative_to((tmp_path / "ph").resolve()).as_posix(): r
+               for r in res.records}
+    assert res.notes == {"missing_lung_mask": 1}
+    assert by_path[gt[0].path].lung_masks == ""
+    for row in gt[1:]:
+        rec = by_path[row.path]
+        if row.view == "LL":
+            assert rec.lung_masks == ""
+            continue
+        spec = json.loads(rec.lung_masks)
+        assert spec == {"left": str((tmp_path / "ph" / row.left_mask).resolve()),
+                        "right": str((tmp_path / "ph" / row.right_mask).resolve())}
+        left, right = read_lung_masks(rec.lung_masks)
+        assert left.any() == right.any() == (row.body_part == "CHEST")
+
+
+def test_index_command_test_sources(montgomery_tree: Path, tmp_path: Path) -> None:
+    from training.cli import main
+
+    out = tmp_path / "m.csv"
+    assert main(["index", "--source", f"montgomery={montgomery_tree}", "--out", str(out)]) == 0
+    assert {r.split for r in sources.read_manifest(out)} == {"test"}  # the default
+    assert main(["index", "--source", f"montgomery={montgomery_tree}", "--out", str(out),
+                 "--test-sources", "", "--val-fraction", "0.34"]) == 0
+    assert {r.split for r in sources.read_manifest(out)} == {"train", "val"}
