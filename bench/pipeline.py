@@ -694,7 +694,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     t = time.perf_counter()
     clf.warm_up()
     scratch = run_dir / "warm-up"
-    p = prepare(inputs.files[0], size)
+    p = prepare(inputs.files[0], clf.info)
     probs, cams = clf.run(p.model_input[None])
     write_heatmap(p, probs[0], cams[0], clf.info, scratch, 1)
     build_sr([ImageFindings.of(p.dataset, probs[0], cams[0], threshold)], clf.info)
@@ -707,7 +707,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     records: dict[str, list[tuple[list[float], str]]] = {}
     t0 = time.perf_counter()
     for start in range(0, len(inputs.files), bs):
-        preps = [prepare(f, size) for f in inputs.files[start:start + bs]]
+        preps = [prepare(f, clf.info) for f in inputs.files[start:start + bs]]
         t = time.perf_counter()
         probs, cams = clf.run(np.stack([p.model_input for p in preps]))
         infer = (time.perf_counter() - t) / len(preps)

@@ -1,8 +1,8 @@
 """Check that the model input stays bit-identical across a change to ``cxrd.preprocess``.
 
-The shipped model was trained on ``cxrd.preprocess``'s output, so a speed-up there must not
-change a single value. Record the digests with the tree before the change, check them with
-the tree after it:
+Every model was trained on ``cxrd.preprocess``'s output under the contract it declares, so
+a speed-up there must not change a single value of any contract. Record the digests with
+the tree before the change, check them with the tree after it:
 
     .venv/bin/python bench/preprocess_identity.py record /tmp/ids.json   # before
     .venv/bin/python bench/preprocess_identity.py check /tmp/ids.json    # after
@@ -13,9 +13,13 @@ images covering the preprocessing's branches (windows LINEAR, LINEAR_EXACT and S
 no window (percentile), VOI LUT and Modality LUT Sequences, rescale, MONOCHROME1, signed,
 8- and 16-bit, unused high bits set, narrow and wide windows). Files are read as the worker
 reads them (``cxrd.preprocess.read_dicom``, which maps native Pixel Data). Per input it
-records a SHA-256 of ``dataset_to_gray8`` and of the model input
-``to_model_input(resize_gray8(...))`` at 224 px, for the full decode and for the worker's
-reduced decode (``decode_min_side(224)``), or the error raised.
+records a SHA-256 of ``dataset_to_gray8`` and of the model input at 224 px under each
+contract of ``cxrd.preprocess.CONTRACTS`` (``to_model_input(contract.resize(...))``), for
+the full decode and for the worker's reduced decode (``decode_min_side(224)``), or the
+error raised. ``cxrd-gray8-stretch-v1``'s keys are ``NAME [full]`` and ``NAME [worker]``
+(as in trees from before there were other contracts); another contract's add its name,
+``NAME [full, cxrd-gray8-stretch-v2]``. ``check`` fails when a recorded digest differs or is
+missing; digests the record lacks (a contract added since) are listed and not compared.
 """
 
 from __future__ import annotations
@@ -145,26 +149,32 @@ def _inputs(cache: Path) -> Iterator[tuple[str, Callable[[], object]]]:
     yield from ((f"synthetic:{k}", v) for k, v in _synthetic())
 
 
+V1 = "cxrd-gray8-stretch-v1"
+
+
 def digests(cache: Path) -> dict[str, str]:
     from cxrd.preprocess import (
+        CONTRACTS,
         dataset_to_gray8,
         decode_min_side,
         decode_pixels,
-        resize_gray8,
         to_model_input,
     )
 
     out: dict[str, str] = {}
     for name, load in _inputs(cache):
         for label, min_side in (("full", None), ("worker", decode_min_side(SIZE))):
-            key = f"{name} [{label}]"
+            keys = {c: f"{name} [{label}]" if c == V1 else f"{name} [{label}, {c}]"
+                    for c in CONTRACTS}
             try:
                 ds = load()
                 gray = dataset_to_gray8(ds, decode_pixels(ds, min_side=min_side))  # type: ignore[arg-type]
-                x = to_model_input(resize_gray8(gray, SIZE))
-                out[key] = f"gray8 {_digest(gray)} input {_digest(x)}"
             except Exception as exc:  # the same error, or lack of one, is part of the contract
-                out[key] = f"error {type(exc).__name__}"
+                out.update(dict.fromkeys(keys.values(), f"error {type(exc).__name__}"))
+                continue
+            for c, key in keys.items():
+                x = to_model_input(CONTRACTS[c].resize(gray, SIZE))
+                out[key] = f"gray8 {_digest(gray)} input {_digest(x)}"
     return out
 
 
@@ -187,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     before = json.loads(args.file.read_text())
     differ = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
-    missing = sorted(before.keys() ^ now.keys())
+    missing = sorted(before.keys() - now.keys())
+    new = sorted(now.keys() - before.keys())
     for key in differ:
         print(f"DIFFERS {key}: {before[key]} -> {now[key]}")
     for key in missing:
-        print(f"ONLY ONE SIDE {key}")
+        print(f"MISSING {key}")
     same = len(before.keys() & now.keys()) - len(differ)
-    print(f"{same} identical, {len(differ)} differ, {len(missing)} on one side only")
+    print(f"{same} identical, {len(differ)} differ, {len(missing)} missing, "
+          f"{len(new)} new (not in the record, not compared)")
     return 1 if differ or missing else 0
 
 

@@ -15,6 +15,7 @@ Install the profilers with ``.venv/bin/pip install py-spy pyinstrument``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import shutil
 import sys
@@ -45,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="[results].heatmap_compression for write_heatmap (default none)")
     p.add_argument("--max-side", type=int, default=1024,
                    help="[results].heatmap_max_side for write_heatmap (default 1024)")
+    p.add_argument("--preprocessing", default=None,
+                   help="run the model as if it declared this preprocessing contract "
+                        "(default: the one it declares), e.g. cxrd-gray8-stretch-v1 to "
+                        "compare the contracts in one tree")
     p.add_argument("--batch", type=int, default=1,
                    help="prepare this many images, run the model on them, then write their "
                         "SCs, as the worker does (default 1: prepare and write in turn, "
@@ -59,10 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no .dcm files under {args.inputs}; run bench/pipeline.py first", file=sys.stderr)
         return 2
     clf = Classifier(None, ["CPUExecutionProvider"])
-    size = clf.input_size
+    model = clf.info
+    if args.preprocessing:
+        model = dataclasses.replace(model, preprocessing=args.preprocessing)
     outputs = []
     for f in files:
-        prep = prepare(f, size)
+        prep = prepare(f, model)
         probs, cams = clf.run(prep.model_input[None])
         outputs.append((probs[0], cams[0]))
     out = Path(tempfile.mkdtemp(prefix="cxrd-profile-"))
@@ -76,11 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(args.repeat):
             for start in range(0, len(pairs), args.batch):
                 batch = pairs[start:start + args.batch]
-                preps = [prepare(f, size) for f, _ in batch]
+                preps = [prepare(f, model) for f, _ in batch]
                 if args.batch > 1:
                     clf.run(np.stack([p.model_input for p in preps]))
                 for prep, (_, (probs, cam)) in zip(preps, batch, strict=True):
-                    write_heatmap(prep, probs, cam, clf.info, out, 1, **kwargs)
+                    write_heatmap(prep, probs, cam, model, out, 1, **kwargs)
                     for k, v in prep.timings.items():
                         stages.setdefault(k, []).append(v)
         return stages

@@ -1,8 +1,9 @@
 """The model-file contract: what an exported ONNX model carries in ``metadata_props``.
 
 Training writes it (``training.export``, ``training.segment``), serving reads it
-(``cxrd.infer``), so class names, segments, input size, preprocessing and the operating
-point are defined once, here. Two kinds of model: the classifier (:class:`ModelInfo`) and
+(``cxrd.infer``), so class names, segments, input size, the preprocessing contract's name
+and the operating point are defined once, here (what each contract name means is
+``cxrd.preprocess.CONTRACTS``). Two kinds of model: the classifier (:class:`ModelInfo`) and
 the lung-field segmenter (:class:`SegmentationInfo`, ``cxrd.kind`` = ``segmentation``).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrd.errors import ModelError
+from cxrd.preprocess import CURRENT_PREPROCESSING, contract
 
 INPUT_NAME = "input_image"
 OUTPUT_PROBS = "probs"
@@ -25,7 +27,9 @@ OUTPUT_CAM = "cam"
 OUTPUT_SEGMENTS = "segments"
 SEGMENTATION_KIND = "segmentation"
 CLASS_NAMES: tuple[str, ...] = ("TB", "NTB", "NORM")
-PREPROCESSING = "cxrd-gray8-stretch-v1"
+#: The preprocessing contract new models are exported with; serving implements every
+#: contract of ``cxrd.preprocess.CONTRACTS`` and preprocesses as the model declares.
+PREPROCESSING = CURRENT_PREPROCESSING
 
 # metadata_props keys; all values are strings (ONNX requires it).
 _PREFIX = "cxrd."
@@ -116,11 +120,7 @@ class ModelInfo:
             raise ModelError(
                 f"The model's classes are {info.class_names}; cxrd reports {CLASS_NAMES}."
             )
-        if info.preprocessing != PREPROCESSING:
-            raise ModelError(
-                f"The model expects preprocessing {info.preprocessing!r}; "
-                f"this cxrd implements {PREPROCESSING!r}."
-            )
+        contract(info.preprocessing)  # ModelError for a contract cxrd does not implement
         return info
 
 
@@ -225,11 +225,7 @@ class SegmentationInfo:
             raise ModelError(
                 f"The model's segments are {[s.label for s in info.segments]}; cxrd "
                 f"segments {[s.label for s in LUNG_SEGMENTS]}.")
-        if info.preprocessing != PREPROCESSING:
-            raise ModelError(
-                f"The model expects preprocessing {info.preprocessing!r}; "
-                f"this cxrd implements {PREPROCESSING!r}."
-            )
+        contract(info.preprocessing)  # ModelError for a contract cxrd does not implement
         return info
 
 

@@ -46,7 +46,7 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
         row: dict[str, object] = {"file": str(path)}
         try:
             if _is_dicom(path):
-                prep = prepare(path, clf.input_size)
+                prep = prepare(path, model)
                 probs, cam = clf.run(prep.model_input[None])
                 sc_uid, sc_path = write_heatmap(
                     prep, probs[0], cam[0], model, out, 1,
@@ -57,7 +57,8 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
                 dicom = True
                 row["sc"] = str(sc_path)
             else:
-                probs, cam = clf.run(preprocess_file(path, clf.input_size)[None])
+                probs, cam = clf.run(preprocess_file(
+                    path, clf.input_size, preprocessing=model.preprocessing)[None])
                 dicom = False
         except (CxrdError, OSError) as exc:
             failed += 1

@@ -1,8 +1,8 @@
 """The one preprocessing function: pixel data to model input.
 
-Serving (``cxrd.infer``) and training (``training.data``) both call this module, so the two
-cannot drift. The steps, in order (the name ``cxrd-gray8-stretch-v1`` in the model's metadata
-refers to exactly these):
+Serving (``cxrd.worker``) and training (``training.data``) both call this module, so the two
+cannot drift. The steps, in order; the ``preprocessing`` name in a model's metadata says
+which contract of :data:`CONTRACTS` it was trained with, and the two differ in step 5 only:
 
 0. decoding the stored values: pydicom's ``pixel_array`` (for an uncompressed file read
    with :func:`read_dicom`, a read-only view of its Pixel Data mapped from the file), or,
@@ -12,8 +12,19 @@ refers to exactly these):
    0.5-99.5 percentile window of the modality values;
 3. inversion for MONOCHROME1;
 4. scaling to 8 bits;
-5. a bilinear, antialiased resize to a square (the aspect ratio is stretched, in training
-   and serving alike, so a CAM pixel maps back to the image by two scale factors);
+5. a bilinear, antialiased resize to the model's square input (the aspect ratio is
+   stretched, in training and serving alike, so a CAM pixel maps back to the image by two
+   scale factors). ``cxrd-gray8-stretch-v1`` resizes the 8-bit image as it is.
+   ``cxrd-gray8-stretch-v2`` first box-averages it by a whole factor ``r`` (Pillow's
+   ``Image.reduce``): the largest that leaves at least ``decode_min_side(input_size)``
+   (1024 for a 224 px model) whole boxes along the image's *shorter* side, ``r = max(1,
+   min(rows, cols) // decode_min_side(input_size))`` over the 8-bit image's own rows and
+   columns (:meth:`Contract.reduce_factor`). At ``r = 1`` nothing is done, so v2 is v1 bit
+   for bit wherever the shorter side is below twice that floor (the demo's 610 x 500
+   phantoms, for instance); a 2500 x 2048 radiograph is reduced by 2 to 1250 x 1024.
+   Reduced pixel i covers source pixels ``r i .. r i + r - 1``, so the stretch still maps
+   the model grid onto the whole image by two scale factors (to within a fraction of a
+   source pixel where r does not divide a side and Pillow averages a last, partial box);
 6. ``x / 127.5 - 1`` replicated to three channels, the MobileNetV2 input range.
 
 Steps 1-4 run through a lookup table built over the stored values actually present, so a
@@ -36,6 +47,13 @@ full decode's by 0.2-1 grey level on average and up to about 12 on sharp edges (
 tests/unit/test_preprocess_j2k.py). Other transfer syntaxes, odd JPEG 2000 files (see
 ``_j2k_plan``), any file Pillow fails on, and ``min_side=None`` (the default) take the full
 pydicom decode.
+
+The reduced decode and v2's reduce compose: both are bounded by the same
+``decode_min_side(input_size)``, and v2's factor is computed on the 8-bit image actually
+decoded. The wavelet level keeps the *long* side at least that floor, v2's factor the
+*short* side, so after a reduced JPEG 2000 decode v2 seldom reduces further (2500 x 2048 is
+decoded at 1250 x 1024, where ``r = 1``); a large image whose decode kept a short side of
+at least twice the floor is reduced again, by box averaging, to the same floor.
 """
 
 from __future__ import annotations
@@ -47,7 +65,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -64,7 +82,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-from cxrd.errors import DecodeError, UnsupportedImage
+from cxrd.errors import DecodeError, ModelError, UnsupportedImage
 from cxrd.imagesize import j2k_size, jpeg_size, too_large
 
 U8 = npt.NDArray[np.uint8]
@@ -81,7 +99,8 @@ log = logging.getLogger(__name__)
 
 #: The smallest long side a reduced-resolution decode keeps: the heatmap SC's display size
 #: (``cxrd.heatmap.DISPLAY_MAX_SIDE``), so the SC loses nothing. It sets the reduce level
-#: and therefore the model input of JPEG 2000 files: training and serving must agree on it.
+#: and therefore the model input of JPEG 2000 files, and the floor of v2's box average
+#: (``Contract.reduce_factor``): training and serving must agree on it.
 DECODE_MIN_SIDE = 1024
 #: Names the decode rule; training's cache key includes it, so arrays cached under another
 #: rule (before reduced JPEG 2000 decoding, or with another DECODE_MIN_SIDE) are not reused.
@@ -331,7 +350,8 @@ def _float_to_gray8(arr: npt.NDArray[np.generic], top: float) -> U8:
 
 def decode_min_side(input_size: int) -> int:
     """The ``min_side`` the worker and training pass for a model of ``input_size``:
-    ``max(DECODE_MIN_SIDE, 2 * input_size)``, the display size or twice the model input."""
+    ``max(DECODE_MIN_SIDE, 2 * input_size)``, the display size or twice the model input;
+    also the floor of ``cxrd-gray8-stretch-v2``'s box average."""
     return max(DECODE_MIN_SIDE, 2 * input_size)
 
 
@@ -669,13 +689,77 @@ def read_gray8_and_size(path: str | Path, min_side: int | None = None
 
 
 def resize_gray8(gray: U8, size: int) -> U8:
-    """Step 5: stretch to ``size`` x ``size``, bilinear with antialiasing (Pillow)."""
+    """Step 5's resize: stretch to ``size`` x ``size``, bilinear with antialiasing (Pillow)."""
     img = (
         Image.fromarray(gray, mode="L")
         if gray.dtype == np.uint8
         else Image.fromarray(gray.astype(np.uint8))
     )
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+class Reduced(NamedTuple):
+    """An 8-bit image box-averaged by ``factor`` (Pillow's ``Image.reduce``; 1: as it was)."""
+
+    factor: int
+    image: U8
+
+
+def reduce_gray8(gray: U8, factor: int) -> Reduced:
+    """``gray`` box-averaged by ``factor`` with Pillow's ``Image.reduce`` (the same call the
+    heatmap SC's display downscale makes); ``factor`` 1 returns ``gray`` itself."""
+    if factor == 1:
+        return Reduced(1, gray)
+    return Reduced(factor, np.asarray(Image.fromarray(gray).reduce(factor), dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class Contract:
+    """One preprocessing contract: what a model's ``preprocessing`` name means. Steps 0-4
+    and 6 are shared; ``reduces`` says whether step 5 box-averages before the resize."""
+
+    name: str
+    reduces: bool
+
+    def reduce_factor(self, rows: int, cols: int, size: int) -> int:
+        """Step 5's box-average factor for an 8-bit image of ``rows`` x ``cols`` and a model
+        of ``size``: 1 without ``reduces``; else ``max(1, min(rows, cols) //
+        decode_min_side(size))``, the largest whole factor that leaves at least
+        ``decode_min_side(size)`` full boxes along the shorter side."""
+        if not self.reduces:
+            return 1
+        return max(1, min(rows, cols) // decode_min_side(size))
+
+    def reduce(self, gray: U8, size: int) -> Reduced:
+        """The first part of step 5: ``gray`` box-averaged by :meth:`reduce_factor`."""
+        rows, cols = gray.shape
+        return reduce_gray8(gray, self.reduce_factor(rows, cols, size))
+
+    def resize(self, gray: U8, size: int) -> U8:
+        """Step 5: an 8-bit image to the model's ``size`` x ``size`` 8-bit input."""
+        return resize_gray8(self.reduce(gray, size).image, size)
+
+
+STRETCH_V1 = "cxrd-gray8-stretch-v1"
+STRETCH_V2 = "cxrd-gray8-stretch-v2"
+#: The preprocessing contracts this cxrd implements, by the name a model's metadata gives.
+CONTRACTS: dict[str, Contract] = {c.name: c for c in (
+    Contract(STRETCH_V1, reduces=False),
+    Contract(STRETCH_V2, reduces=True),
+)}
+#: The contract training trains and exports new models with.
+CURRENT_PREPROCESSING = STRETCH_V2
+
+
+def contract(name: str) -> Contract:
+    """The contract called ``name``; ModelError when this cxrd does not implement it."""
+    try:
+        return CONTRACTS[name]
+    except KeyError:
+        raise ModelError(
+            f"The model expects preprocessing {name!r}; this cxrd implements "
+            f"{', '.join(repr(n) for n in CONTRACTS)}."
+        ) from None
 
 
 def to_model_input(gray_resized: U8) -> F32:
@@ -686,17 +770,21 @@ def to_model_input(gray_resized: U8) -> F32:
 
 def preprocess_dataset(
     ds: Dataset, size: int, pixels: npt.NDArray[np.generic] | None = None, *,
-    min_side: int | None = None,
+    preprocessing: str, min_side: int | None = None,
 ) -> F32:
-    """Serving path: a DICOM data set to one model input (size, size, 3). The worker
-    passes ``min_side=decode_min_side(size)``; None decodes at full resolution."""
-    return to_model_input(resize_gray8(dataset_to_gray8(ds, pixels, min_side=min_side), size))
+    """A DICOM data set to one model input (size, size, 3) under the contract named
+    ``preprocessing``. The worker passes ``min_side=decode_min_side(size)``; None decodes
+    at full resolution."""
+    gray = dataset_to_gray8(ds, pixels, min_side=min_side)
+    return to_model_input(contract(preprocessing).resize(gray, size))
 
 
-def preprocess_file(path: str | Path, size: int, *, min_side: int | None = None) -> F32:
-    """Training path: a DICOM, PNG or JPEG file to one model input (size, size, 3);
+def preprocess_file(path: str | Path, size: int, *, preprocessing: str,
+                    min_side: int | None = None) -> F32:
+    """A DICOM, PNG or JPEG file to one model input (size, size, 3); ``preprocessing`` and
     ``min_side`` as in :func:`preprocess_dataset`."""
-    return to_model_input(resize_gray8(read_gray8_and_size(path, min_side)[0], size))
+    gray = read_gray8_and_size(path, min_side)[0]
+    return to_model_input(contract(preprocessing).resize(gray, size))
 
 
 #: Where the CAM's cells sit on the model input, in cells. The Keras MobileNetV2 pads its

@@ -41,6 +41,8 @@ from cxrd.infer import Classifier
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo
 from cxrd.preprocess import (
+    Reduced,
+    contract,
     dataset_to_gray8,
     decode_min_side,
     decode_pixels,
@@ -72,30 +74,39 @@ class Prepared:
     display: npt.NDArray[np.uint8]  # the decoded image, 8-bit; the SC downscales it
     model_input: npt.NDArray[np.float32]
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``display`` box-averaged by the model's contract (v2), for the SC to start from;
+    #: None when the contract did not reduce it.
+    reduced: Reduced | None = None
 
 
-def prepare(path: str | Path, input_size: int) -> Prepared:
-    """Read, decode, run the shared preprocessing; DecodeError / UnsupportedImage.
+def prepare(path: str | Path, model: ModelInfo) -> Prepared:
+    """Read, decode, run the shared preprocessing under the model's contract;
+    DecodeError / UnsupportedImage.
 
     JPEG 2000 is decoded at the reduced resolution ``decode_min_side(input_size)`` allows
     (training uses the same rule), which still covers the SC's default size. The 8-bit
-    image is kept as it is for the SC, which downscales it to ``heatmap_max_side``.
+    image is kept as it is for the SC, which downscales it to ``heatmap_max_side``; when
+    the contract box-averages it first (``cxrd-gray8-stretch-v2``), that reduced image is
+    kept too, and the SC starts from it when its own downscale would make the same one.
     """
+    size = model.input_size
     t0 = time.perf_counter()
     try:
         ds = read_dicom(path)
     except Exception as exc:
         raise DecodeError(f"cannot read the spooled file: {exc}") from exc
-    pixels = decode_pixels(ds, min_side=decode_min_side(input_size))
+    pixels = decode_pixels(ds, min_side=decode_min_side(size))
     t1 = time.perf_counter()
     gray = dataset_to_gray8(ds, pixels)
     del pixels
-    model_input = to_model_input(resize_gray8(gray, input_size))
+    reduced = contract(model.preprocessing).reduce(gray, size)
+    model_input = to_model_input(resize_gray8(reduced.image, size))
     t2 = time.perf_counter()
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)
-    return Prepared(ds, gray, model_input, {"decode": t1 - t0, "preprocess": t2 - t1})
+    return Prepared(ds, gray, model_input, {"decode": t1 - t0, "preprocess": t2 - t1},
+                    reduced if reduced.factor > 1 else None)
 
 
 def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
@@ -118,7 +129,8 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
     series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
                                        str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
-    sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam), model,
+    sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam, prep.reduced),
+                          model,
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
                           max_side=max_side, compression=compression)
@@ -272,7 +284,7 @@ class WorkerLoop:
         ready: list[tuple[queue.ClaimedJob, Prepared]] = []
         for job in jobs:
             try:
-                ready.append((job, prepare(job.path, self.classifier.input_size)))
+                ready.append((job, prepare(job.path, self.model)))
             except UnsupportedImage as exc:
                 queue.skip(self.db, job, self.worker_id, SkipReason.UNSUPPORTED_PHOTOMETRIC,
                            str(exc))

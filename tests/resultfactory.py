@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxrd import heatmap
-from cxrd.modelinfo import ModelInfo, OperatingPoint
+from cxrd.modelinfo import PREPROCESSING, ModelInfo, OperatingPoint
 from cxrd.preprocess import dataset_to_gray8
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -100,12 +100,15 @@ def fake_result(
     return heatmap.ImageResult(dataset=ds, display=display, probs=probs, cam=cam)
 
 
-def make_model(*, demo: bool) -> ModelInfo:
+def make_model(*, demo: bool, input_size: int = 224,
+               preprocessing: str = PREPROCESSING) -> ModelInfo:
     return ModelInfo(
         name="cxrd-mnv2-035",
         version="2024.05.1",
         device_uid=generate_uid(),
         demo=demo,
+        input_size=input_size,
+        preprocessing=preprocessing,
         operating_point=OperatingPoint(
             tb_threshold=TB_THRESHOLD,
             method="sensitivity >= 0.90 on validation",

@@ -304,6 +304,7 @@ def _split(records: list[Any], split: str) -> list[Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from pydicom.uid import generate_uid
 
+    from cxrd.modelinfo import PREPROCESSING
     from training import sources
     from training.data import load_images
     from training.train import TrainConfig, train
@@ -313,12 +314,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     records = sources.read_manifest(args.manifest)
     cache = args.run / "cache"
     tty = sys.stderr.isatty()
-    train_set = load_images(
-        _split(records, "train"), args.input_size, cache_dir=cache, progress=tty, desc="train"
-    )
-    val_set = load_images(
-        _split(records, "val"), args.input_size, cache_dir=cache, progress=tty, desc="val"
-    )
+    train_set = load_images(_split(records, "train"), args.input_size,
+                            preprocessing=PREPROCESSING, cache_dir=cache, progress=tty,
+                            desc="train")
+    val_set = load_images(_split(records, "val"), args.input_size,
+                          preprocessing=PREPROCESSING, cache_dir=cache, progress=tty,
+                          desc="val")
     if not len(train_set) or not len(val_set):
         raise SystemExit(
             f"{args.manifest} has {len(train_set)} train and {len(val_set)} "
@@ -356,6 +357,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "device_uid": generate_uid(),  # new for every training run (IHE AIR)
                 "manifest": str(args.manifest.resolve()),
                 "input_size": args.input_size,
+                "preprocessing": PREPROCESSING,
                 "weights": args.weights,
                 "training_data": _training_data_summary(records),
                 "summary": summary,
@@ -371,6 +373,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_seg(args: argparse.Namespace) -> int:
     from pydicom.uid import generate_uid
 
+    from cxrd.modelinfo import PREPROCESSING
     from training import sources
     from training.segment import SegTrainConfig, load_mask_set, train_segmenter, with_masks
 
@@ -399,6 +402,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
         "device_uid": generate_uid(),  # new for every training run (IHE AIR)
         "manifest": str(args.manifest.resolve()),
         "input_size": args.input_size,
+        "preprocessing": PREPROCESSING,
         "weights": args.weights,
         "training_data": _training_data_summary(masked),
         "config": asdict(cfg),
@@ -409,20 +413,25 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 
 def cmd_export_seg(args: argparse.Namespace) -> int:
     from cxrd.modelinfo import SegmentationInfo
+    from cxrd.preprocess import STRETCH_V1
     from training import sources
     from training.data import load_images, to_inputs
     from training.model import build_segmenter
     from training.segment import export_segmenter, with_masks
 
     run = json.loads((args.run / "run.json").read_text())
+    # The contract the run trained on (runs from before cxrd-gray8-stretch-v2 name none).
+    preprocessing = run.get("preprocessing", STRETCH_V1)
     model = build_segmenter(run["input_size"], str(args.run / "checkpoint.weights.h5"))
     records = with_masks(sources.read_manifest(args.manifest), "val")
     rng = np.random.default_rng(0)
     pick = sorted(rng.choice(len(records), size=min(16, len(records)), replace=False))
-    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"]).images)
+    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"],
+                                    preprocessing=preprocessing).images)
     info = SegmentationInfo(name=args.name, version=args.version,
                             device_uid=run["device_uid"], input_size=run["input_size"],
-                            training_data=run["training_data"], demo=args.demo)
+                            preprocessing=preprocessing, training_data=run["training_data"],
+                            demo=args.demo)
     checks = export_segmenter(model, args.out, info, samples,
                               min_output_spread=0.0 if args.allow_untrained else 0.9)
     print(json.dumps(checks, indent=2))
@@ -471,22 +480,27 @@ def _training_data_summary(records: list[Any]) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cxrd.modelinfo import ModelInfo
+    from cxrd.preprocess import STRETCH_V1
     from training import sources
     from training.data import load_images, to_inputs
     from training.export import export
     from training.model import build_classifier
 
     run = json.loads((args.run / "run.json").read_text())
+    # The contract the run trained on (runs from before cxrd-gray8-stretch-v2 name none).
+    preprocessing = run.get("preprocessing", STRETCH_V1)
     model = build_classifier(run["input_size"], str(args.run / "checkpoint.weights.h5"))
     records = _split(sources.read_manifest(args.manifest), "val")
     rng = np.random.default_rng(0)
     pick = sorted(rng.choice(len(records), size=min(32, len(records)), replace=False))
-    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"]).images)
+    samples = to_inputs(load_images([records[i] for i in pick], run["input_size"],
+                                    preprocessing=preprocessing).images)
     info = ModelInfo(
         name=args.name,
         version=args.version,
         device_uid=run["device_uid"],
         input_size=run["input_size"],
+        preprocessing=preprocessing,
         training_data=run["training_data"],
         demo=args.demo,
     )

@@ -1,10 +1,11 @@
 """Loading manifest images into arrays, through the serving preprocessing.
 
-Each image goes through ``cxrd.preprocess.read_gray8_and_size`` and ``resize_gray8``, the
-functions the daemon uses, with the daemon's
+Each image goes through ``cxrd.preprocess.read_gray8_and_size`` and the contract's step 5
+(``Contract.resize``), the functions the daemon uses, with the daemon's
 ``decode_min_side(size)``: JPEG 2000 DICOM is decoded at the same reduced resolution as in
-serving. Images are cached as uint8 at the training size, keyed by the preprocessing name
-and ``DECODE_REVISION``. The float model input is made from that cache with
+serving. Training uses the current contract (``cxrd.modelinfo.PREPROCESSING``); evaluating
+a model, the one it declares. Images are cached as uint8 at the training size, keyed by the
+contract's name and ``DECODE_REVISION``. The float model input is made from that cache with
 ``cxrd.preprocess``'s SCALE and OFFSET, in numpy (``to_inputs``) or in TensorFlow
 (``training.train``), identically.
 """
@@ -27,9 +28,9 @@ from cxrd.preprocess import (
     DECODE_REVISION,
     OFFSET,
     SCALE,
+    contract,
     decode_min_side,
     read_gray8_and_size,
-    resize_gray8,
 )
 from training.sources import Record
 
@@ -49,26 +50,29 @@ class ImageSet:
         return len(self.records)
 
 
-def _load_one(args: tuple[str, int]) -> tuple[npt.NDArray[np.uint8], tuple[int, int]]:
-    path, size = args
+def _load_one(args: tuple[str, int, str]) -> tuple[npt.NDArray[np.uint8], tuple[int, int]]:
+    path, size, preprocessing = args
     # The same reduced JPEG 2000 decode as cxrd.worker.prepare; sizes stay the full ones.
     gray, full_size = read_gray8_and_size(path, decode_min_side(size))
-    return resize_gray8(gray, size), full_size
+    return contract(preprocessing).resize(gray, size), full_size
 
 
 def load_images(
     records: Sequence[Record],
     size: int,
     *,
+    preprocessing: str = PREPROCESSING,
     cache_dir: Path | None = None,
     workers: int = 2,
     progress: bool = False,
     desc: str = "images",
 ) -> ImageSet:
-    """Preprocess ``records`` (cached by path list, size and preprocessing name)."""
+    """Preprocess ``records`` under the contract named ``preprocessing`` (cached by path
+    list, size and contract)."""
+    contract(preprocessing)  # ModelError for an unknown contract, before any work
     labels = np.array([CLASS_NAMES.index(r.label) for r in records], dtype=np.int64)
     key = hashlib.sha256(
-        json.dumps([PREPROCESSING, DECODE_REVISION, size, [r.path for r in records]]).encode()
+        json.dumps([preprocessing, DECODE_REVISION, size, [r.path for r in records]]).encode()
     ).hexdigest()[:16]
     cache = cache_dir / f"{desc}-{size}-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
@@ -76,7 +80,7 @@ def load_images(
             return ImageSet(z["images"], labels, z["sizes"], tuple(records))
     images = np.zeros((len(records), size, size), dtype=np.uint8)
     sizes = np.zeros((len(records), 2), dtype=np.int64)
-    jobs = [(r.path, size) for r in records]
+    jobs = [(r.path, size, preprocessing) for r in records]
     bar = None
     if progress:
         from tqdm import tqdm

@@ -76,7 +76,8 @@ def evaluate(
         if not subset:
             continue
         data = load_images(
-            subset, clf.input_size, cache_dir=cache_dir, progress=progress, desc=split
+            subset, clf.input_size, preprocessing=clf.info.preprocessing,
+            cache_dir=cache_dir, progress=progress, desc=split
         )
         probs, cams = predict_set(clf, data)
         outputs[split] = (data, probs, cams)

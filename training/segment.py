@@ -1,7 +1,8 @@
 """The lung-field segmenter: data, training, ONNX export and Dice evaluation.
 
 Images go through the serving preprocessing (``training.data.load_images``, at the
-segmenter's input size); targets are the records' lung masks (``training.masks``)
+segmenter's input size, under the current contract for training and the model's own for
+evaluation); targets are the records' lung masks (``training.masks``)
 stretched the same way to the output grid (half the input size), in
 ``LUNG_SEGMENTS`` order (left lung, right lung; the patient's sides). Only records with
 ``lung_masks`` take part. The loss is binary cross-entropy plus (1 - soft Dice) per
@@ -287,7 +288,8 @@ def evaluate_segmenter(model_path: Path, records: Sequence[Record], *,
         chosen = with_masks(records, split)
         if not chosen:
             continue
-        gray = load_images(chosen, info.input_size, cache_dir=cache_dir, desc=f"seg-{split}")
+        gray = load_images(chosen, info.input_size, preprocessing=info.preprocessing,
+                           cache_dir=cache_dir, desc=f"seg-{split}")
         scores: dict[str, list[float]] = {side: [] for side in SIDES}
         no_lung = false_pos = 0
         for start in range(0, len(chosen), batch_size):

@@ -36,6 +36,30 @@ def test_demo_model_metadata() -> None:
     assert 0.0 <= info.metrics["test_pointing_game"] <= 1.0  # recorded; target: see below
 
 
+def test_demo_recipe_inputs_are_the_same_under_v1_and_v2(tmp_path: Path) -> None:
+    """The shipped model was trained and evaluated under cxrd-gray8-stretch-v1 and then
+    declared cxrd-gray8-stretch-v2 without retraining. That is sound only while v2 does
+    not reduce the recipe's phantoms at the recipe's input sizes, so that every training
+    and evaluation input is the same bit for bit under both. A recipe change that breaks
+    this (larger phantoms, a larger input size) fails here: retrain the demo model."""
+    from cxrd.preprocess import CONTRACTS, STRETCH_V1, STRETCH_V2
+    from training.data import load_images
+    from training.demo import DEMO_STAGES
+    from training.sources import Record
+
+    assert read_model_info(demo_model_path()).preprocessing == STRETCH_V2
+    for stage in DEMO_STAGES:
+        assert CONTRACTS[STRETCH_V2].reduce_factor(*PHANTOM_SIZE, stage.input_size) == 1
+    gt = phantoms.generate_images(tmp_path, 6, FRESH_SEED, fmt="dcm", size=PHANTOM_SIZE)
+    records = [Record(path=str(tmp_path / g.path), source="phantom", source_label=g.label,
+                      label=g.label, patient_id=str(i)) for i, g in enumerate(gt)]
+    for size in {stage.input_size for stage in DEMO_STAGES}:
+        v1, v2 = (load_images(records, size, preprocessing=p, workers=1)
+                  for p in (STRETCH_V1, STRETCH_V2))
+        assert {tuple(s) for s in v1.sizes} == {PHANTOM_SIZE}
+        assert np.array_equal(v1.images, v2.images)
+
+
 def test_demo_model_reaches_the_pointing_game_target() -> None:
     info = read_model_info(demo_model_path())
     assert info.metrics["test_pointing_game"] >= MIN_POINTING_GAME
@@ -44,7 +68,8 @@ def test_demo_model_reaches_the_pointing_game_target() -> None:
 def test_demo_model_on_fresh_phantoms(tmp_path: Path) -> None:
     gt = phantoms.generate_images(tmp_path, 60, FRESH_SEED, fmt="dcm", size=PHANTOM_SIZE)
     clf = Classifier(None, ["CPUExecutionProvider"])
-    inputs = [preprocess_dataset(pydicom.dcmread(tmp_path / g.path), clf.input_size) for g in gt]
+    inputs = [preprocess_dataset(pydicom.dcmread(tmp_path / g.path), clf.input_size,
+                                 preprocessing=clf.info.preprocessing) for g in gt]
     probs, cams = clf.run(np.stack(inputs))
     labels = np.array([CLASS_NAMES.index(g.label) for g in gt])
     accuracy = float((probs.argmax(axis=1) == labels).mean())

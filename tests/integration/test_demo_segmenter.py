@@ -17,11 +17,10 @@ from cxrd.modelinfo import (
     INPUT_NAME,
     LUNG_SEGMENTS,
     OUTPUT_SEGMENTS,
-    PREPROCESSING,
     demo_segmenter_path,
     read_segmentation_info,
 )
-from cxrd.preprocess import decode_min_side, preprocess_dataset
+from cxrd.preprocess import STRETCH_V1, decode_min_side, preprocess_dataset
 from training import phantoms
 from training.demo import PHANTOM_SIZE
 from training.demo_seg import DEMO_SEG_NAME, DEMO_SEG_VERSION, INPUT_SIZE, MIN_DICE
@@ -39,7 +38,8 @@ def test_demo_segmenter_metadata() -> None:
     info = read_segmentation_info(path)
     assert info.demo is True and info.display_name.startswith("DEMO ")
     assert (info.name, info.version) == (DEMO_SEG_NAME, DEMO_SEG_VERSION)
-    assert info.segments == LUNG_SEGMENTS and info.preprocessing == PREPROCESSING
+    # trained before cxrd-gray8-stretch-v2, and served as it declares
+    assert info.segments == LUNG_SEGMENTS and info.preprocessing == STRETCH_V1
     assert info.input_size == INPUT_SIZE and "phantom" in info.training_data
     assert info.metrics["test_dice_left"] >= MIN_DICE
     assert info.metrics["test_dice_right"] >= MIN_DICE
@@ -63,7 +63,9 @@ def test_demo_segmenter_on_fresh_phantoms(tmp_path: Path) -> None:
                                    include_lateral=False, size=PHANTOM_SIZE, masks=True)
     session = ort.InferenceSession(str(demo_segmenter_path()),
                                    providers=["CPUExecutionProvider"])
+    preprocessing = read_segmentation_info(demo_segmenter_path()).preprocessing
     x = np.stack([preprocess_dataset(pydicom.dcmread(tmp_path / g.path), INPUT_SIZE,
+                                     preprocessing=preprocessing,
                                      min_side=decode_min_side(INPUT_SIZE)) for g in gt])
     (probs,) = session.run([OUTPUT_SEGMENTS], {INPUT_NAME: x})
     chest = 0

@@ -312,12 +312,66 @@ def test_worker_passes_the_heatmap_options(tmp_path: Path) -> None:
     ds = make_source(2500, 2048)
     source = tmp_path / "source.dcm"
     ds.save_as(source, enforce_file_format=True)
-    prep = prepare(source, 224)
+    model = make_model(demo=False)
+    prep = prepare(source, model)
     result = fake_result(ds)
-    _, path = write_heatmap(prep, result.probs, result.cam, make_model(demo=False),
+    _, path = write_heatmap(prep, result.probs, result.cam, model,
                             tmp_path / "results", 1, max_side=512,
                             compression="jpeg-baseline")
     back = pydicom.dcmread(path)
     assert back.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert back.Columns == round(2048 * 512 / 2500)
     assert set(prep.timings) >= {"decode", "preprocess", "sc", "write"}
+
+
+@pytest.mark.parametrize("max_side", [1024, 512])
+def test_worker_shares_the_contract_reduce_with_the_sc(tmp_path: Path, max_side: int) -> None:
+    """Under cxrd-gray8-stretch-v2, prepare reduces a 2500 x 2048 image by 2 once; the SC
+    starts from that image when its own downscale reduces by 2 too (max_side 1024), and
+    its pixels are those it makes from the full image, as under v1 (here and at 512,
+    where it reduces by 4 from the full image itself)."""
+    from PIL import Image
+
+    from cxrd.preprocess import STRETCH_V1, STRETCH_V2, resize_gray8, to_model_input
+    from cxrd.worker import prepare
+
+    ds = make_source(2500, 2048)
+    source = tmp_path / "source.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    result = fake_result(ds)
+    v1, v2 = (make_model(demo=False, preprocessing=p) for p in (STRETCH_V1, STRETCH_V2))
+
+    def sc_pixels(image: heatmap.ImageResult) -> np.ndarray:
+        return heatmap.render_heatmap(image, v2, max_side)
+
+    prep1, prep2 = prepare(source, v1), prepare(source, v2)
+    full = dataset_to_gray8(ds)
+    assert np.array_equal(prep1.display, full) and np.array_equal(prep2.display, full)
+    # v1: no reduce, the model input as before
+    assert prep1.reduced is None
+    assert np.array_equal(prep1.model_input, to_model_input(resize_gray8(full, 224)))
+    # v2: reduced once, by 2, and the model input is made from that image
+    assert prep2.reduced is not None and prep2.reduced.factor == 2
+    half = np.asarray(Image.fromarray(full).reduce(2))
+    assert np.array_equal(prep2.reduced.image, half)
+    assert np.array_equal(prep2.model_input, to_model_input(resize_gray8(half, 224)))
+    # the SC's pixels do not depend on whether it was handed the reduced image
+    today = sc_pixels(heatmap.ImageResult(ds, full, result.probs, result.cam))
+    shared = sc_pixels(heatmap.ImageResult(ds, prep2.display, result.probs, result.cam,
+                                           prep2.reduced))
+    assert np.array_equal(shared, today)
+    # ... and it starts from the reduced image exactly when the factors agree
+    marked = heatmap.ImageResult(ds, full, result.probs, result.cam,
+                                 prep2.reduced._replace(image=255 - prep2.reduced.image))
+    assert np.array_equal(sc_pixels(marked), today) == (max_side != 1024)
+
+
+def test_sc_refuses_a_reduced_image_of_the_wrong_size() -> None:
+    from cxrd.preprocess import Reduced
+
+    ds = make_source(500, 400)
+    result = fake_result(ds)
+    display = dataset_to_gray8(ds)
+    with pytest.raises(ValueError, match="reduced"):
+        heatmap.ImageResult(ds, display, result.probs, result.cam,
+                            Reduced(2, np.zeros((250, 199), np.uint8)))

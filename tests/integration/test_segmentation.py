@@ -66,6 +66,7 @@ def test_run_outputs(exported: dict[str, Path]) -> None:
     assert "val_dice_left" in history[0] and len(history) == 2
     meta = json.loads((run / "run.json").read_text())
     assert meta["input_size"] == SIZE and "phantom" in meta["training_data"]
+    assert meta["preprocessing"] == PREPROCESSING
 
 
 def test_onnx_contract_and_parity(exported: dict[str, Path]) -> None:

@@ -5,7 +5,14 @@ import json
 import pytest
 
 from cxrd.errors import ModelError
-from cxrd.modelinfo import LUNG_SEGMENTS, ModelInfo, OperatingPoint, SegmentationInfo
+from cxrd.modelinfo import (
+    LUNG_SEGMENTS,
+    PREPROCESSING,
+    ModelInfo,
+    OperatingPoint,
+    SegmentationInfo,
+)
+from cxrd.preprocess import CONTRACTS, CURRENT_PREPROCESSING
 
 
 def _info() -> ModelInfo:
@@ -43,6 +50,24 @@ def test_wrong_classes_or_preprocessing() -> None:
     props = _info().to_props()
     props["cxrd.input_size"] = "big"
     with pytest.raises(ModelError, match="malformed"):
+        ModelInfo.from_props(props)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+def test_every_implemented_contract_is_accepted(name: str) -> None:
+    props = _info().to_props()
+    props["cxrd.preprocessing"] = name
+    assert ModelInfo.from_props(props).preprocessing == name
+
+
+def test_new_models_declare_the_current_contract() -> None:
+    assert _info().preprocessing == PREPROCESSING == CURRENT_PREPROCESSING in CONTRACTS
+
+
+def test_unknown_contract_names_the_implemented_ones() -> None:
+    props = _info().to_props()
+    props["cxrd.preprocessing"] = "something-else"
+    with pytest.raises(ModelError, match="'something-else'.*cxrd-gray8-stretch-v1"):
         ModelInfo.from_props(props)
 
 
@@ -97,3 +122,10 @@ def test_segmentation_wrong_segments_or_preprocessing() -> None:
     props["cxrd.threshold"] = "half"
     with pytest.raises(ModelError, match="malformed"):
         SegmentationInfo.from_props(props)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+def test_segmentation_accepts_every_implemented_contract(name: str) -> None:
+    props = _seg().to_props()
+    props["cxrd.preprocessing"] = name
+    assert SegmentationInfo.from_props(props).preprocessing == name

@@ -11,8 +11,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrd.errors import DecodeError, UnsupportedImage
+from cxrd.errors import DecodeError, ModelError, UnsupportedImage
+from cxrd.modelinfo import PREPROCESSING
 from cxrd.preprocess import (
+    CONTRACTS,
+    STRETCH_V1,
+    STRETCH_V2,
+    contract,
     dataset_to_gray8,
     preprocess_dataset,
     preprocess_file,
@@ -119,29 +124,99 @@ def test_png_16bit_and_8bit(tmp_path: Path, ramp: np.ndarray) -> None:
         read_gray8_and_size(bad)
 
 
-def test_training_path_equals_serving_path(tmp_path: Path, ramp: np.ndarray) -> None:
-    """training.data (manifest -> cache -> tf-free inputs) == the daemon's path, bit for bit."""
+@pytest.mark.parametrize("preprocessing", sorted(CONTRACTS))
+def test_training_path_equals_serving_path(tmp_path: Path, ramp: np.ndarray,
+                                           preprocessing: str) -> None:
+    """training.data (manifest -> cache -> tf-free inputs) == the daemon's path
+    (``cxrd.worker.prepare``), bit for bit, under each contract; the last image is large
+    enough for cxrd-gray8-stretch-v2 to reduce it (by 2)."""
+    from resultfactory import make_model
+
+    from cxrd.worker import prepare
     from training.data import load_images, to_inputs
     from training.sources import Record
 
+    rng = np.random.default_rng(1)
+    large = np.clip(np.linspace(0, 4095, 2050)[None, :].repeat(2100, axis=0)
+                    + rng.normal(0, 40, (2100, 2050)), 0, 4095).astype(np.uint16)
     paths = []
-    for i, photometric in enumerate(("MONOCHROME1", "MONOCHROME2")):
-        ds = _ds(ramp if photometric == "MONOCHROME2" else 4095 - ramp, photometric)
+    for i, (pixels, photometric) in enumerate(((4095 - ramp, "MONOCHROME1"),
+                                               (ramp, "MONOCHROME2"), (large, "MONOCHROME2"))):
+        ds = _ds(pixels, photometric)
         ds.WindowCenter, ds.WindowWidth = 2000 + 100 * i, 3000
         path = tmp_path / f"{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     records = [Record(path=str(p), source="phantom", source_label="NORM", label="NORM",
                       patient_id=str(i)) for i, p in enumerate(paths)]
-    loaded = load_images(records, 96, cache_dir=tmp_path / "cache", workers=1)
+    cache = tmp_path / "cache"
+    loaded = load_images(records, 96, preprocessing=preprocessing, cache_dir=cache, workers=1)
     training_inputs = to_inputs(loaded.images)
-    cached = load_images(records, 96, cache_dir=tmp_path / "cache", workers=1)
+    cached = load_images(records, 96, preprocessing=preprocessing, cache_dir=cache, workers=1)
     assert np.array_equal(cached.images, loaded.images)
+    model = make_model(demo=False, input_size=96, preprocessing=preprocessing)
     for i, path in enumerate(paths):
-        serving = preprocess_dataset(pydicom.dcmread(path), 96)
-        assert np.array_equal(training_inputs[i], serving)
-        assert np.array_equal(preprocess_file(path, 96), serving)
+        prep = prepare(path, model)
+        assert np.array_equal(training_inputs[i], prep.model_input)
+        serving = preprocess_dataset(pydicom.dcmread(path), 96, preprocessing=preprocessing)
+        assert np.array_equal(serving, prep.model_input)
+        assert np.array_equal(preprocess_file(path, 96, preprocessing=preprocessing), serving)
+    assert (prep.reduced is not None) == (preprocessing == STRETCH_V2)
     assert tuple(loaded.sizes[0]) == ramp.shape
+    # the cache is keyed by the contract: the other one's arrays are not reused
+    other = next(c for c in CONTRACTS if c != preprocessing)
+    assert not np.array_equal(
+        load_images(records, 96, preprocessing=other, cache_dir=cache, workers=1).images,
+        loaded.images)
+
+
+def test_training_uses_the_current_contract() -> None:
+    import inspect
+
+    from training.data import load_images
+
+    assert PREPROCESSING == STRETCH_V2
+    assert inspect.signature(load_images).parameters["preprocessing"].default == PREPROCESSING
+
+
+@pytest.mark.parametrize(("rows", "cols", "size", "factor"), [
+    (2500, 2048, 224, 2),   # the bench's CR: 1250 x 1024
+    (2048, 2500, 224, 2),   # the shorter side counts, whichever it is
+    (2047, 4000, 224, 1),   # floor(2047 / 2) = 1023 < 1024
+    (4096, 4096, 224, 4),
+    (4280, 3520, 224, 3),   # 3520 // 1024
+    (3000, 3000, 600, 2),   # floor max(1024, 2 x 600) = 1200
+    (610, 500, 224, 1),     # the demo phantoms
+    (1250, 1024, 224, 1),   # a 2500 x 2048 JPEG 2000 decoded at reduce level 1
+])
+def test_v2_reduce_factor(rows: int, cols: int, size: int, factor: int) -> None:
+    assert contract(STRETCH_V2).reduce_factor(rows, cols, size) == factor
+    assert contract(STRETCH_V1).reduce_factor(rows, cols, size) == 1
+
+
+def test_v2_is_v1_when_it_does_not_reduce_and_reduce_then_resize_when_it_does() -> None:
+    rng = np.random.default_rng(2)
+    v1, v2 = contract(STRETCH_V1), contract(STRETCH_V2)
+    gray = rng.integers(0, 256, (2047, 2600), dtype=np.uint8)
+    assert v2.reduce(gray, 224).factor == 1
+    assert np.array_equal(v2.resize(gray, 224), v1.resize(gray, 224))
+    yy, xx = np.mgrid[0:2500, 0:2049]
+    gray = ((xx * 7 + yy * 3) % 256).astype(np.uint8) ^ rng.integers(0, 16, xx.shape, np.uint8)
+    reduced = v2.reduce(gray, 224)
+    assert reduced.factor == 2 and reduced.image.shape == (1250, 1025)  # Pillow: ceil
+    assert np.array_equal(reduced.image, np.asarray(Image.fromarray(gray).reduce(2)))
+    assert np.array_equal(v2.resize(gray, 224), resize_gray8(reduced.image, 224))
+    assert np.array_equal(v1.resize(gray, 224), resize_gray8(gray, 224))
+    assert not np.array_equal(v2.resize(gray, 224), v1.resize(gray, 224))
+
+
+def test_unknown_contract_is_refused(tmp_path: Path, ramp: np.ndarray) -> None:
+    with pytest.raises(ModelError, match="cxrd-gray8-stretch-v9.*implements.*v1.*v2"):
+        contract("cxrd-gray8-stretch-v9")
+    path = tmp_path / "a.dcm"
+    _ds(ramp).save_as(path, enforce_file_format=True)
+    with pytest.raises(ModelError, match="v9"):
+        preprocess_file(path, 96, preprocessing="cxrd-gray8-stretch-v9")
 
 
 def test_resize_is_a_stretch() -> None:

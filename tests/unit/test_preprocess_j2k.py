@@ -26,10 +26,13 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from resultfactory import make_model
 
 import cxrd.preprocess as pp
 from cxrd.errors import DecodeError
+from cxrd.modelinfo import PREPROCESSING
 from cxrd.preprocess import (
+    CONTRACTS,
     DECODE_MIN_SIDE,
     dataset_to_gray8,
     decode_j2k_reduced,
@@ -316,7 +319,9 @@ def test_other_syntaxes_are_unaffected(syntax: str) -> None:
     assert decode_j2k_reduced(ds, 1) is None
     assert np.array_equal(decode_pixels(ds, min_side=100), ds.pixel_array)
     assert np.array_equal(dataset_to_gray8(ds, min_side=100), dataset_to_gray8(ds))
-    assert np.array_equal(preprocess_dataset(ds, 64, min_side=100), preprocess_dataset(ds, 64))
+    for name in CONTRACTS:
+        assert np.array_equal(preprocess_dataset(ds, 64, preprocessing=name, min_side=100),
+                              preprocess_dataset(ds, 64, preprocessing=name))
 
 
 def test_min_side_none_is_the_full_decode(phantoms: dict[str, Dataset]) -> None:
@@ -355,11 +360,11 @@ def test_training_equals_serving_for_j2k(tmp_path: Path) -> None:
     records = [Record(path=str(path), source="phantom", source_label="TB", label="TB",
                       patient_id="1")]
     loaded = load_images(records, size, workers=1)
-    prep = prepare(path, size)
+    prep = prepare(path, make_model(demo=False, input_size=size))
     assert np.array_equal(to_inputs(loaded.images)[0], prep.model_input)
     assert tuple(loaded.sizes[0]) == (2100, 640)
     assert read_gray8_and_size(path, decode_min_side(size))[1] == (2100, 640)
     reduced_gray = dataset_to_gray8(pydicom.dcmread(path), min_side=decode_min_side(size))
     assert np.array_equal(prep.display, reduced_gray)
-    full_input = preprocess_dataset(pydicom.dcmread(path), size)
+    full_input = preprocess_dataset(pydicom.dcmread(path), size, preprocessing=PREPROCESSING)
     assert np.abs(prep.model_input - full_input).mean() * 127.5 < 1.5
