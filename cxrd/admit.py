@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 from typing import Any
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, bindparam, func, or_, select
 
 from cxrd.db import Database, Instance, Job, Study, utcnow
 from cxrd.dicom import CR, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
@@ -52,6 +52,22 @@ def _lock(query: Select[Any], db: Database) -> Select[Any]:
     return query if db.is_sqlite else query.with_for_update(skip_locked=True)
 
 
+# The scheduler's statements, built once (building one costs more than running it on a
+# quiet queue): the studies due for admission, their new instances, the next one due.
+_WAITING = select(Instance.study_instance_uid).where(
+    Instance.state == InstanceState.RECEIVED.value)
+_DUE = select(Study).where(
+    or_(Study.state == StudyState.COLLECTING.value, Study.study_instance_uid.in_(_WAITING)),
+    Study.last_received_at <= bindparam("cutoff"),
+).order_by(Study.id).limit(200)
+_DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
+_RECEIVED_OF = select(Instance).where(
+    Instance.study_instance_uid.in_(bindparam("studies", expanding=True)),
+    Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)
+_EARLIEST_COLLECTING = select(func.min(Study.last_received_at)).where(
+    Study.state == StudyState.COLLECTING.value)
+
+
 def admit_stable_studies(db: Database, stable_seconds: float,
                          now: dt.datetime | None = None) -> int:
     """Admit every study quiet for ``stable_seconds``; returns how many were admitted.
@@ -62,20 +78,14 @@ def admit_stable_studies(db: Database, stable_seconds: float,
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     admitted = 0
-    waiting = select(Instance.study_instance_uid).where(
-        Instance.state == InstanceState.RECEIVED.value)
     with db.session() as s:
-        studies = s.scalars(_lock(select(Study).where(
-            or_(Study.state == StudyState.COLLECTING.value,
-                Study.study_instance_uid.in_(waiting)),
-            Study.last_received_at <= cutoff,
-        ).order_by(Study.id).limit(200), db)).all()
+        # Several nodes may share a PostgreSQL queue: each study is admitted by one of
+        # them (see _lock).
+        studies = s.scalars(_DUE if db.is_sqlite else _DUE_LOCKED, {"cutoff": cutoff}).all()
         received: dict[str, list[Instance]] = {study.study_instance_uid: []
                                                for study in studies}
         if received:  # one query for every due study's new instances, not one per study
-            for inst in s.scalars(select(Instance).where(
-                    Instance.study_instance_uid.in_(received),
-                    Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)):
+            for inst in s.scalars(_RECEIVED_OF, {"studies": list(received)}):
                 received[inst.study_instance_uid].append(inst)
         for study in studies:
             decisions = [(inst, skip_reason(inst))
@@ -85,6 +95,19 @@ def admit_stable_studies(db: Database, stable_seconds: float,
                      study.study_instance_uid, queued, skipped)
             admitted += 1
     return admitted
+
+
+def seconds_to_next_admission(db: Database, stable_seconds: float,
+                               now: dt.datetime | None = None) -> float | None:
+    """Seconds until the next collecting study has been quiet for ``stable_seconds`` (0 when
+    one already has), None when no study is collecting: the scheduler wakes then rather
+    than on its next round, so a study is admitted when it becomes stable."""
+    now = now or utcnow()
+    with db.session() as s:
+        last = s.scalar(_EARLIEST_COLLECTING)
+    if last is None:
+        return None
+    return max(0.0, (last - now).total_seconds() + stable_seconds)
 
 
 def studies_to_reprocess(db: Database, since: dt.datetime | None, until: dt.datetime | None,

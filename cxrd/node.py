@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from cxrd import queue
-from cxrd.admit import admit_stable_studies
+from cxrd.admit import admit_stable_studies, seconds_to_next_admission
 from cxrd.config import Config, worker_processes
 from cxrd.db import Database, unavailable
 from cxrd.durable import remove_stale_temp_files
@@ -48,6 +48,8 @@ from cxrd.worker import settle_garbage_collector, spawn_context, worker_id_prefi
 log = logging.getLogger(__name__)
 
 SCHEDULER_INTERVAL_SECONDS = 0.5
+#: The shortest wait between two rounds (a study due now is admitted by this round already).
+MIN_INTERVAL_SECONDS = 0.02
 #: How often the scheduler looks for admitted studies that lack a report job.
 REPORT_SWEEP_SECONDS = 30.0
 STATUS_SECONDS = 5.0
@@ -95,6 +97,7 @@ class Node:
         self.admitting_cpu_s = 0.0
         self.admitted_studies = 0
         self._next_sweep = 0.0
+        self._next_admission: float | None = None  # seconds, from the last round
         self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
                                    config.storage.min_free_mb)
         self._database_down_since: float | None = None
@@ -213,6 +216,7 @@ class Node:
     def _tick(self) -> int:
         cfg = self.config
         admitted = admit_stable_studies(self.db, cfg.study.stable_seconds)
+        self._next_admission = seconds_to_next_admission(self.db, cfg.study.stable_seconds)
         swept = 0
         if time.monotonic() >= self._next_sweep:  # a safety net: rarely, not every round
             self._next_sweep = time.monotonic() + REPORT_SWEEP_SECONDS
@@ -223,6 +227,14 @@ class Node:
         if admitted or swept:
             self.ring()
         return admitted
+
+    def _interval(self) -> float:
+        """Until the next round: ``SCHEDULER_INTERVAL_SECONDS``, or less when a collecting
+        study becomes stable sooner (it is admitted then, not up to a round later)."""
+        due = self._next_admission
+        if due is None:
+            return SCHEDULER_INTERVAL_SECONDS
+        return min(SCHEDULER_INTERVAL_SECONDS, max(MIN_INTERVAL_SECONDS, due))
 
     def ring(self) -> None:
         """Wake the idle workers: jobs were just queued. Without it an idle worker finds
@@ -285,7 +297,7 @@ class Node:
             if time.monotonic() - self._last_status > STATUS_SECONDS:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
-            self._stop.wait(SCHEDULER_INTERVAL_SECONDS)
+            self._stop.wait(self._interval())
 
     def _database_gone(self, exc: BaseException) -> None:
         """The scheduler found the database unreachable: say so once, and keep going (the

@@ -9,7 +9,12 @@ import pytest
 from dicomfactory import DX_PROCESSING, SC, make_dataset, part10_bytes, uid
 from sqlalchemy import select
 
-from cxrd.admit import admit_stable_studies, requeue_study, studies_to_reprocess
+from cxrd.admit import (
+    admit_stable_studies,
+    requeue_study,
+    seconds_to_next_admission,
+    studies_to_reprocess,
+)
 from cxrd.db import Database, Instance, Job, Study, utcnow
 from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
 from cxrd.ingest import Ingestor
@@ -129,6 +134,24 @@ def test_study_is_admitted_only_after_stable_seconds(ingestor):
     # admitted once: a second round finds nothing to do
     assert admit_stable_studies(db, 10, now=received + dt.timedelta(seconds=60)) == 0
     assert len(jobs(db)) == 1
+
+
+def test_seconds_to_next_admission_follow_the_earliest_collecting_study(ingestor):
+    db = ingestor.db
+    assert seconds_to_next_admission(db, 10) is None  # nothing collecting: no wake-up
+    first = store(ingestor, modality="CR")
+    received = instance(db, first).received_at
+    assert seconds_to_next_admission(db, 10, now=received + dt.timedelta(seconds=4)) == \
+        pytest.approx(6, abs=0.01)
+    assert seconds_to_next_admission(db, 10, now=received + dt.timedelta(seconds=12)) == 0
+    store(ingestor, modality="CR")  # a second study, received later, is due later
+    assert seconds_to_next_admission(db, 10, now=received + dt.timedelta(seconds=4)) == \
+        pytest.approx(6, abs=0.01)
+    admit_stable_studies(db, 10, now=received + dt.timedelta(seconds=10))
+    later = seconds_to_next_admission(db, 10, now=received + dt.timedelta(seconds=10))
+    assert later is not None and later > 0  # the first admitted, the second still collecting
+    admit_all(db)
+    assert seconds_to_next_admission(db, 10) is None
 
 
 def test_new_instance_restarts_the_stable_clock(ingestor):
