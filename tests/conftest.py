@@ -11,10 +11,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom.config
 import pytest
 
 from cxrd.db import Database
 from cxrd.ingest import Ingestor
+
+
+@pytest.fixture(autouse=True)
+def _pydicom_settings() -> Iterator[None]:
+    """pydicom's validation modes are process-wide, and ``cxrd.logs.setup_logging`` sets
+    one (as the node does at start); a test that calls it must not change what later tests
+    see (a test expecting pydicom's warning on a malformed date passed or failed by order)."""
+    settings = pydicom.config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    yield
+    settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
 @dataclass(frozen=True)
