@@ -104,6 +104,9 @@ def test_lung_seg_validates_and_reads_back(tmp_path: Path, demo: bool, sop_class
     (series,) = back.ReferencedSeriesSequence
     assert series.SeriesInstanceUID == src.SeriesInstanceUID
     assert series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    for frame in back.PerFrameFunctionalGroupsSequence:
+        (derivation,) = frame.DerivationImageSequence
+        assert derivation.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     # the segments: left then right, SNOMED CT, category Anatomical Structure
     assert len(back.SegmentSequence) == 2
     for number, (item, want) in enumerate(zip(back.SegmentSequence, LUNG_SEGMENTS,
