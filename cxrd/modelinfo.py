@@ -259,13 +259,13 @@ def read_segmentation_info(path: str | Path) -> SegmentationInfo:
     return SegmentationInfo.from_props(_read_props(path))
 
 
-def software_versions(model: ModelInfo) -> list[str]:
+def software_versions(model: ModelInfo | SegmentationInfo) -> list[str]:
     """Software Versions of every object cxrd writes: the model's version, then cxrd's."""
     from cxrd import __version__
 
     return [model.version, f"cxrd {__version__}"]
 
 
-def labelled(text: str, model: ModelInfo) -> str:
+def labelled(text: str, model: ModelInfo | SegmentationInfo) -> str:
     """A description as written into a result: prefixed DEMO for a demo model."""
     return f"DEMO {text}" if model.demo else text

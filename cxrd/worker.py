@@ -39,7 +39,7 @@ from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.findings import ImageFindings, decide_class
 from cxrd.infer import Classifier
 from cxrd.metrics import metrics, observe_stages
-from cxrd.modelinfo import CLASS_NAMES, ModelInfo
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo, SegmentationInfo
 from cxrd.preprocess import (
     Reduced,
     contract,
@@ -115,6 +115,14 @@ def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
     crash rewrites the same object instead of adding one."""
     return (derived_uid("sc-series", study_uid, generation, model.device_uid),
             derived_uid("sc", source_sop_uid, generation, model.device_uid))
+
+
+def seg_uids(source_sop_uid: str, study_uid: str, generation: int,
+             model: SegmentationInfo) -> tuple[str, str]:
+    """(series, instance) UIDs of a lung SEG (``cxrd.seg``), made as :func:`heatmap_uids`
+    makes the SC's, from the segmenter's device UID."""
+    return (derived_uid("seg-series", study_uid, generation, model.device_uid),
+            derived_uid("seg", source_sop_uid, generation, model.device_uid))
 
 
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],

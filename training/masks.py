@@ -12,7 +12,8 @@ An empty mask is a real annotation: the image has no lung fields (a non-chest im
 Left and right are the patient's: on a PA or AP frontal the left lung lies on the image's
 right. Files are 8-bit or 1-bit greyscale images, lung = any value above half scale.
 Targets have the channel order of the segmenter's output, ``cxrd.modelinfo.LUNG_SEGMENTS``
-(left lung, right lung), as every function here returns ``(left, right)``.
+(left lung, right lung), as every function here returns ``(left, right)``. The model's
+output becomes masks in ``cxrd.lungs.probs_to_masks``, serving's and training's alike.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-Mask = npt.NDArray[np.bool_]
+from cxrd.lungs import Mask
 
 #: A connected component with at least this fraction of its area on each side of the
 #: image's middle column (both lungs drawn as one region) is cut at that column.
@@ -114,32 +115,6 @@ def masks_to_target(left: Mask, right: Mask, size: int) -> npt.NDArray[np.uint8]
     """(size, size, 2) uint8 0/1 target, channels left then right."""
     return np.stack([resize_mask(m, size, size) for m in (left, right)], axis=-1).astype(
         np.uint8)
-
-
-#: :func:`probs_to_masks` interpolates probabilities up to at most this many pixels a
-#: side (the segmenter's input size), thresholds, and only then enlarges (nearest) to the
-#: image: for both lungs of a 2500 x 2048 image a bilinear float resize to full size costs
-#: about 85 ms of CPU, this about 5 ms, and moves an edge by at most half a grid cell
-#: (4 pixels there).
-SMOOTH_GRID = 256
-
-
-def probs_to_masks(probs: npt.NDArray[np.floating], rows: int, cols: int,
-                   threshold: float = 0.5) -> tuple[Mask, Mask]:
-    """The segmenter's (h, w, 2) probabilities to (left, right) masks at an image's own
-    size: each channel is stretched bilinearly to the image size, or to
-    ``SMOOTH_GRID`` on a larger image, thresholded, then enlarged (nearest) to the image."""
-    mid = (min(rows, SMOOTH_GRID), min(cols, SMOOTH_GRID))
-    out = []
-    row_index = ((np.arange(rows) + 0.5) * (mid[0] / rows)).astype(np.intp)
-    col_index = ((np.arange(cols) + 0.5) * (mid[1] / cols)).astype(np.intp)
-    for channel in range(probs.shape[-1]):
-        img = Image.fromarray(np.ascontiguousarray(probs[..., channel], dtype=np.float32))
-        mask = np.asarray(img.resize((mid[1], mid[0]), Image.Resampling.BILINEAR)) >= threshold
-        if mid != (rows, cols):  # nearest, by index: columns first (0.7 ms, not 20 ms)
-            mask = np.take(mask, col_index, axis=1)[row_index]
-        out.append(mask)
-    return out[0], out[1]
 
 
 def dice(pred: Mask, truth: Mask) -> float:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cxrd.lungs import probs_to_masks
 from cxrd.modelinfo import (
     INPUT_NAME,
     LUNG_SEGMENTS,
@@ -38,7 +39,7 @@ from cxrd.modelinfo import (
 )
 from cxrd.preprocess import OFFSET, SCALE
 from training.data import load_images, to_inputs
-from training.masks import dice, masks_to_target, probs_to_masks, read_lung_masks
+from training.masks import dice, masks_to_target, read_lung_masks
 from training.sources import Record
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from cxrd.lungs import probs_to_masks
 from cxrd.modelinfo import (
     INPUT_NAME,
     LUNG_SEGMENTS,
@@ -24,7 +25,7 @@ from cxrd.preprocess import STRETCH_V1, decode_min_side, preprocess_dataset
 from training import phantoms
 from training.demo import PHANTOM_SIZE
 from training.demo_seg import DEMO_SEG_NAME, DEMO_SEG_VERSION, INPUT_SIZE, MIN_DICE
-from training.masks import dice, probs_to_masks
+from training.masks import dice
 from training.segment import FALSE_POSITIVE_AREA
 
 FRESH_SEED = 515151

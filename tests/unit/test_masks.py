@@ -72,26 +72,12 @@ def test_resize_and_target_follow_the_image_stretch() -> None:
     assert target[..., 0].sum() == 16 and target[..., 1].sum() == 48
 
 
-def test_probs_to_masks_and_dice() -> None:
-    probs = np.zeros((4, 4, 2), dtype=np.float32)
-    probs[:, 2:, 0] = 0.9
-    probs[:, :2, 1] = 0.8
-    left, right = M.probs_to_masks(probs, 40, 40)
-    assert left.shape == (40, 40) and left[:, 25:].all() and not left[:, :15].any()
-    assert right[:, :15].all() and not right[:, 25:].any()
-    truth = np.zeros((40, 40), dtype=bool)
-    truth[:, 20:] = True
-    assert M.dice(left, truth) > 0.95
-    assert M.dice(right, truth) < 0.05
+def test_dice() -> None:
+    left = np.zeros((40, 40), dtype=bool)
+    left[:, 20:] = True
+    truth = left.copy()
+    truth[:, 19] = True
+    assert 0.95 < M.dice(left, truth) < 1.0
+    assert M.dice(left, ~left) == 0.0
     empty = np.zeros((4, 4), dtype=bool)
     assert M.dice(empty, empty) == 1.0 and M.dice(empty, ~empty) == 0.0
-
-
-def test_probs_to_masks_on_a_large_image_goes_through_the_smooth_grid() -> None:
-    probs = np.zeros((8, 8, 2), dtype=np.float32)
-    probs[:, 4:, 0] = 1.0
-    rows, cols = 2 * M.SMOOTH_GRID + 10, M.SMOOTH_GRID + 90
-    left, right = M.probs_to_masks(probs, rows, cols)
-    assert left.shape == right.shape == (rows, cols) and not right.any()
-    edge = np.flatnonzero(left[0])[0]  # the edge stays at the middle, within a few pixels
-    assert abs(edge - cols / 2) <= cols / M.SMOOTH_GRID + 1 and left[:, edge:].all()
