@@ -215,6 +215,9 @@ class Node:
 
     def _tick(self) -> int:
         cfg = self.config
+        # Unknown until this round has read it: a round that fails (the database away)
+        # leaves the next one at the regular interval, not at a study's due time.
+        self._next_admission = None
         admitted = admit_stable_studies(self.db, cfg.study.stable_seconds)
         self._next_admission = seconds_to_next_admission(self.db, cfg.study.stable_seconds)
         swept = 0
