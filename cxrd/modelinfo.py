@@ -10,7 +10,7 @@ the lung-field segmenter (:class:`SegmentationInfo`, ``cxrd.kind`` = ``segmentat
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,6 +46,27 @@ class OperatingPoint:
     specificity: float | None = None
 
 
+def _display_name(name: str, version: str, demo: bool) -> str:
+    base = f"{name} {version}"
+    return f"DEMO {base}" if demo else base
+
+
+def _required(props: Mapping[str, str], command: str) -> Callable[[str], str]:
+    """A reader of ``metadata_props`` keys that every model file of ``python -m training
+    <command>`` has: a missing one raises ModelError."""
+
+    def get(key: str) -> str:
+        try:
+            return props[_PREFIX + key]
+        except KeyError:
+            raise ModelError(
+                f"The model file has no metadata_props key {_PREFIX + key!r}; "
+                f"it was not exported by `python -m training {command}`."
+            ) from None
+
+    return get
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Everything serving needs to know about a model file."""
@@ -65,8 +86,7 @@ class ModelInfo:
     @property
     def display_name(self) -> str:
         """Name and version, with DEMO in front when the model is the demo one."""
-        base = f"{self.name} {self.version}"
-        return f"DEMO {base}" if self.demo else base
+        return _display_name(self.name, self.version, self.demo)
 
     def to_props(self) -> dict[str, str]:
         """Serialise to ONNX ``metadata_props`` (string to string)."""
@@ -88,15 +108,7 @@ class ModelInfo:
     def from_props(cls, props: Mapping[str, str]) -> ModelInfo:
         """Parse ``metadata_props``; a missing or malformed key raises ModelError."""
 
-        def get(key: str) -> str:
-            try:
-                return props[_PREFIX + key]
-            except KeyError:
-                raise ModelError(
-                    f"The model file has no metadata_props key {_PREFIX + key!r}; "
-                    "it was not exported by `python -m training export`."
-                ) from None
-
+        get = _required(props, "export")
         if props.get(_KIND) == SEGMENTATION_KIND:
             raise ModelError("The model file is a segmentation model, not a classifier.")
         try:
@@ -169,8 +181,7 @@ class SegmentationInfo:
 
     @property
     def display_name(self) -> str:
-        base = f"{self.name} {self.version}"
-        return f"DEMO {base}" if self.demo else base
+        return _display_name(self.name, self.version, self.demo)
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -196,15 +207,7 @@ class SegmentationInfo:
                 f"The model file is not a segmentation model ({_KIND} is "
                 f"{props.get(_KIND)!r}, not {SEGMENTATION_KIND!r}).")
 
-        def get(key: str) -> str:
-            try:
-                return props[_PREFIX + key]
-            except KeyError:
-                raise ModelError(
-                    f"The model file has no metadata_props key {_PREFIX + key!r}; "
-                    "it was not exported by `python -m training export-seg`."
-                ) from None
-
+        get = _required(props, "export-seg")
         try:
             info = cls(
                 name=get("name"),
