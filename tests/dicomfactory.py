@@ -152,6 +152,28 @@ def bare_bytes(ds: Dataset, *, implicit: bool = True, little_endian: bool = True
     return fp.getvalue()
 
 
+def deflate_bomb() -> tuple[bytes, bytes]:
+    """A normal Deflated Explicit VR Little Endian CR file, and the same file meta followed
+    by 384 MB of zeros deflated into well under a megabyte (a deflate bomb)."""
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_dataset("CR")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(64 << 20)
+    body = b"".join(compressor.compress(zeros) for _ in range(6)) + compressor.flush()
+    return data, data[:meta_end] + body
+
+
 def write(path: Path, ds: Dataset | bytes, **kwargs: Any) -> Path:
     """Write a data set (as Part 10) or raw bytes to ``path``, creating folders."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from dicomfactory import make_dataset
+from dicomfactory import deflate_bomb, make_dataset
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -68,26 +68,11 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated() -> None:
     memory): refused at ingest with image-too-large; the peak memory stays far below what
     the data set inflates to."""
     import resource
-    import zlib
-
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     from cxrd.imagesize import MAX_INFLATED_BYTES, deflated_too_large
 
-    ds = make_dataset("CR")
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
+    data, bomb = deflate_bomb()  # 384 MB of zeros in well under a megabyte
     assert deflated_too_large(data) is None  # a normal deflated file passes
-    meta_end = 144 + int.from_bytes(data[140:144], "little")
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    zeros = bytes(64 << 20)
-    body = b"".join(compressor.compress(zeros) for _ in range(6)) + compressor.flush()
-    bomb = data[:meta_end] + body  # 384 MB of zeros in well under a megabyte
     assert len(bomb) < (1 << 20)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     problem = deflated_too_large(bomb)

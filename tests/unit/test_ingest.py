@@ -18,6 +18,7 @@ from dicomfactory import (
     SC,
     assert_no_phi,
     bare_bytes,
+    deflate_bomb,
     make_dataset,
     part10_bytes,
     uid,
@@ -544,22 +545,7 @@ def test_a_watched_file_changed_after_it_was_read_is_copied_as_read(ingestor, di
 
 
 def test_a_deflate_bomb_is_refused_as_too_large_before_it_is_inflated(ingestor):
-    import zlib
-
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    ds = make_dataset("CR")
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
-    meta_end = 144 + int.from_bytes(data[140:144], "little")
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    body = b"".join(compressor.compress(bytes(64 << 20)) for _ in range(6))
-    outcome = ingestor.store(data[:meta_end] + body + compressor.flush(), "t")
+    _, bomb = deflate_bomb()
+    outcome = ingestor.store(bomb, "t")
     assert not outcome.accepted and outcome.reason is RejectReason.IMAGE_TOO_LARGE
     assert count(ingestor.db, Instance) == 0
