@@ -168,10 +168,10 @@ def test_faulty_destinations_do_not_block_the_good_one(
         text = run_cli("status", "--config", str(dirs.config))
         assert text.returncode == 0, text.stderr
         assert "to good: done 10" in text.stdout
-        assert "to warns: done 6; 6 stored with a warning (stored with warning status " \
+        assert "to warns: done 10; 10 stored with a warning (stored with warning status " \
                "0xB000" in text.stdout
-        assert "to slow: pending 6; last error:" in text.stdout
-        assert "to aborts: pending 6; last error:" in text.stdout
+        assert "to slow: pending 10; last error:" in text.stdout
+        assert "to aborts: pending 10; last error:" in text.stdout
 
         assert node.stop() == 0
     finally:
