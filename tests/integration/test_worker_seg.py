@@ -23,9 +23,12 @@ from cxrd.config import load_config
 from cxrd.db import Database, Delivery, Instance, Job, Result, Study
 from cxrd.dicom import SEGMENTATION
 from cxrd.domain import InstanceState, ResultKind, SkipReason, StudyState
+from cxrd.errors import ModelError
 from cxrd.infer import Classifier, Segmenter
 from cxrd.ingest import Ingestor
 from cxrd.lungs import probs_to_masks
+from cxrd.modelinfo import demo_model_path, demo_segmenter_path
+from cxrd.preflight import check_segmenter
 from cxrd.status import collect, render
 from cxrd.worker import WorkerLoop, lung_fields, prepare
 from training.phantoms import (
@@ -227,3 +230,21 @@ def test_segmenter_off_runs_without_it(tmp_path: Path,
         assert len(_results(db, study, ResultKind.SC)) == 2
         doc = collect(loop.config, db)
         assert doc["segmenter"] is None and "segmenter: off" in render(doc)
+
+
+def test_the_segmenter_session_refuses_a_classifier_file_and_the_other_way_round(
+        tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"not a segmentation model.*\[model\] segmenter|"
+                                         r"\[model\] segmenter.*not a segmentation model"):
+        Segmenter(demo_model_path(), ["CPUExecutionProvider"], 1)
+    with pytest.raises(ModelError, match="segmentation model, not a classifier"):
+        Classifier(demo_segmenter_path(), ["CPUExecutionProvider"], 1)
+    # check-config and `cxrd serve` say so before any worker starts
+    config_file = tmp_path / "cxrd.toml"
+    config_file.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+                           f'[model]\nsegmenter = "{demo_model_path()}"\n')
+    problem = check_segmenter(load_config(config_file, env={}))
+    assert problem is not None and "not a segmentation model" in problem.cause
+    assert '"off"' in problem.fix
+    config_file.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    assert check_segmenter(load_config(config_file, env={})) is None
