@@ -10,7 +10,8 @@ every one with a CHEST PA header as a mislabelled image would have, through the 
 own ``prepare`` and segmenter step; prints the distribution of the share of the image the
 lung fields cover (the ``[model] min_lung_fraction`` gate compares it). ``costs``: CPU
 time (``time.thread_time``, one thread for onnxruntime) per image of the segmenter's
-preprocessing under v1 and v2, its inference (a batch's share), ``probs_to_masks``, the SEG
+preprocessing under v1 and v2, its inference (a batch's share; image by image as the
+worker runs it on the CPU, and the whole batch in one run), ``probs_to_masks``, the SEG
 build and the SEG write. ``dice``: Dice per lung against the phantoms' own masks with the
 segmenter's input made under cxrd-gray8-stretch-v1 and under v2 (at 2500 x 2048, v2
 box-averages by 2 first).
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cxrd.infer import Classifier, Segmenter  # noqa: E402
+from cxrd.infer import Classifier, Segmenter, batch_buckets  # noqa: E402
 from cxrd.lungs import probs_to_masks  # noqa: E402
 from cxrd.preprocess import STRETCH_V1, STRETCH_V2, gray8_to_model_input  # noqa: E402
 from cxrd.worker import Prepared, lung_fields, prepare, write_seg  # noqa: E402
@@ -99,14 +100,17 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
     clf = Classifier(None, ["CPUExecutionProvider"], 1)
     seg = Segmenter(None, ["CPUExecutionProvider"], 1, max_batch=args.batch)
     seg.warm_up()
+    whole = Segmenter(None, ["CPUExecutionProvider"], 1, max_batch=args.batch)
+    whole.image_by_image, whole.buckets = False, batch_buckets(args.batch)  # the A arm
+    whole.warm_up()
     rows, cols = args.size
     paths = _write(_phantoms(args.n, rows, cols, args.seed, True), folder, args.seed)
     preps: list[Prepared] = [prepare(p, clf.info) for p in paths]
     write_seg(preps[0], seg.run(gray8_to_model_input(
         preps[0].display, 256, STRETCH_V1)[None])[0], seg.info, folder / "warm", 1)
     ms: dict[str, list[float]] = {k: [] for k in (
-        "preprocess v1", "preprocess v2", "inference", "probs_to_masks", "SEG build",
-        "SEG write")}
+        "preprocess v1", "preprocess v2", "inference", "inference, whole batch",
+        "probs_to_masks", "SEG build", "SEG write")}
     from cxrd.durable import save_dataset
     from cxrd.seg import build_lung_seg
     from cxrd.worker import seg_uids
@@ -120,6 +124,9 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
                 x = gray8_to_model_input(p.display, seg.input_size, name, p.reduced)
                 ms[f"preprocess {name[-2:]}"].append(time.thread_time() - t)
             inputs.append(x)
+        t = time.thread_time()
+        whole.run(np.stack(inputs))
+        ms["inference, whole batch"] += [(time.thread_time() - t) / len(batch)] * len(batch)
         t = time.thread_time()
         out = seg.run(np.stack(inputs))
         ms["inference"] += [(time.thread_time() - t) / len(batch)] * len(batch)
@@ -140,7 +147,7 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
     print(f"CPU ms per image ({rows}x{cols}, decoded {preps[0].display.shape}, batch "
           f"{args.batch}, 1 onnxruntime thread, n {len(preps)}):")
     for k, v in ms.items():
-        print(f"  {k:<16} mean {1000 * np.mean(v):7.2f}  median {1000 * np.median(v):7.2f}")
+        print(f"  {k:<24} mean {1000 * np.mean(v):7.2f}  median {1000 * np.median(v):7.2f}")
 
 
 def dice_by_contract(args: argparse.Namespace, folder: Path) -> None:
