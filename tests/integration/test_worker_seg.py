@@ -248,3 +248,14 @@ def test_the_segmenter_session_refuses_a_classifier_file_and_the_other_way_round
     assert '"off"' in problem.fix
     config_file.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
     assert check_segmenter(load_config(config_file, env={})) is None
+
+
+def test_on_the_cpu_the_segmenter_runs_a_batch_image_by_image(
+        models: tuple[Classifier, Segmenter]) -> None:
+    _, seg = models
+    assert seg.image_by_image and seg.buckets == (1,)
+    x = np.random.default_rng(5).uniform(-1, 1, (3, 256, 256, 3)).astype(np.float32)
+    out = seg.run(x)
+    assert out.shape == (3, 128, 128, 2)
+    (whole,) = seg.session.run(None, {"input_image": x})  # the whole batch in one run
+    assert np.allclose(out, whole, atol=1e-5)
