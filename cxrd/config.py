@@ -181,6 +181,9 @@ class StudyConfig:
     """``[study]``: when a study counts as complete."""
 
     stable_seconds: float = 10.0
+    #: Classify instances as they arrive, during the stable wait; the SR still waits for
+    #: the study to be stable (``cxrd.admit``). False: nothing is queued before then.
+    classify_on_arrival: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -921,7 +924,8 @@ def _read_watch(t: _Table, base: Path) -> WatchConfig:
 def _read_study(t: _Table) -> StudyConfig:
     d = StudyConfig()
     return StudyConfig(
-        stable_seconds=t.number("stable_seconds", d.stable_seconds, low=0, strict=True)
+        stable_seconds=t.number("stable_seconds", d.stable_seconds, low=0, strict=True),
+        classify_on_arrival=t.boolean("classify_on_arrival", d.classify_on_arrival),
     )
 
 

@@ -159,12 +159,16 @@ def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
         report.finished_at = None
 
 
-def admit_study(s: Session, study: Study,
-                decisions: Sequence[tuple[Instance, SkipReason | None]],
-                now: dt.datetime) -> tuple[int, int]:
-    """Admission's outcome for a stable study (``cxrd.admit`` decides): a classify job for
-    each instance without a skip reason, the reason recorded for the others, and the
-    study's state. Returns (queued, skipped)."""
+def queue_instances(s: Session, study: Study,
+                    decisions: Sequence[tuple[Instance, SkipReason | None]],
+                    now: dt.datetime) -> tuple[int, int]:
+    """A classify job of the study's current generation for each instance without a skip
+    reason, the reason recorded for the others; the study's state is left as it is.
+    Returns (queued, skipped). Admission of a stable study (``admit_study``), and the
+    classification of instances as they arrive (``[study] classify_on_arrival``,
+    ``cxrd.admit.queue_arrivals``) while their study is still collecting: their jobs run
+    then, and the study's report job waits until it is stable and admitted
+    (``study_progress``)."""
     queued = skipped = 0
     for inst, reason in decisions:
         if reason is None:
@@ -179,6 +183,15 @@ def admit_study(s: Session, study: Study,
             skipped += 1
             log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
                      inst.sop_instance_uid, study.study_instance_uid, reason.value)
+    return queued, skipped
+
+
+def admit_study(s: Session, study: Study,
+                decisions: Sequence[tuple[Instance, SkipReason | None]],
+                now: dt.datetime) -> tuple[int, int]:
+    """Admission's outcome for a stable study (``cxrd.admit`` decides): its instances not
+    queued yet (``queue_instances``), and the study's state. Returns (queued, skipped)."""
+    queued, skipped = queue_instances(s, study, decisions, now)
     study.stable_at = now
     if queued or s.scalars(select(Job.id).where(
             Job.study_instance_uid == study.study_instance_uid).limit(1)).first() is not None:

@@ -346,7 +346,8 @@ port = 104
 
 def test_unknown_key_without_close_match_lists_allowed(tmp_path: Path) -> None:
     problems = problems_of("[study]\nzzz = 1", tmp_path)
-    assert problems == ["study.zzz: unknown key; allowed keys: stable_seconds"]
+    assert problems == ["study.zzz: unknown key; allowed keys: stable_seconds, "
+                        "classify_on_arrival"]
 
 
 def test_top_level_key_outside_its_section(tmp_path: Path) -> None:
