@@ -694,8 +694,9 @@ def region_overlap(
     """How well reported regions cover the lesions, per true class: ``{"TB": {...},
     "NTB": {...}}``, each with ``n`` (images with a label in ``scored_classes`` and at
     least one box), ``mean_iou`` (the mean over them of :func:`best_box_iou`; None when
-    ``n`` is 0), ``iou_ge_<level>`` (the share reaching each level) and ``no_region``
-    (images reported without a region, NORM, which count as IoU 0).
+    ``n`` is 0), ``iou_ge_<level>`` (the share reaching each level), ``no_region``
+    (images reported without a region, NORM, which count as IoU 0) and
+    ``mean_iou_reported`` (the mean over the images with a region).
     """
     if not (len(regions) == len(boxes) == len(labels)):
         raise ValueError("regions, boxes and labels must have the same length")
@@ -715,6 +716,8 @@ def region_overlap(
         for level in levels:
             entry[f"iou_ge_{level:g}"] = float((a >= level).mean()) if len(a) else None
         entry["no_region"] = missing[name]
+        reported = len(values) - missing[name]
+        entry["mean_iou_reported"] = float(a.sum() / reported) if reported else None
         out[name] = entry
     return out
 
