@@ -16,8 +16,9 @@ The colour rule, one rule for every SC (each SC states it in its Derivation Desc
   radiograph. From half-way up the pixel is blended with the jet colour of
   ``(c - lo) / (hi - lo)`` (green-yellow at half-way, pure red at the maximum) at an opacity
   rising linearly from 0 at half-way to 0.6 at the maximum. Half-way is the level at which
-  ``cxrd.findings.hottest_region`` thresholds the same map, so the SR's region is the box
-  of the coloured blob that holds the maximum. A flat CAM (``hi == lo``) shows no colour.
+  ``cxrd.findings.hottest_region`` thresholds the same map, so without the lung
+  restriction the SR's region is the box of the coloured blob that holds the maximum. A
+  flat CAM (``hi == lo``) shows no colour.
 * TB and NTB: the region the SR reports for the image (``cxrd.findings.ImageFindings``:
   the hottest region of the shown class's CAM, inside the lung fields widened by
   ``[results] lung_margin`` when they are known) is outlined on the display: a 1-pixel white

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from resultfactory import make_source
 
-from cxrd import findings
 from cxrd.findings import LUNG_MARGIN, ImageFindings, allowed_area, hottest_region
 
 #: Regions of seeded random CAMs as hottest_region computed them before the lung
@@ -100,16 +99,6 @@ def test_the_mask_resolution_does_not_matter() -> None:
     a = hottest_region(cam, 0, 2500, 2048, small)
     assert a == hottest_region(cam, 0, 2500, 2048, large)
     assert a != hottest_region(cam, 0, 2500, 2048)
-
-
-def test_hottest_point_is_inside_the_region() -> None:
-    cam = one_hot({(0, 0): 5.0, (3, 2): 3.0})
-    lungs = lung_fields()
-    for mask in (None, lungs):
-        x, y = findings.hottest_point(cam, 0, 600, 500, mask)
-        x0, y0, x1, y1 = hottest_region(cam, 0, 600, 500, mask)
-        assert x0 <= x <= x1 and y0 <= y <= y1
-    assert findings.hottest_point(cam, 0, 600, 500) < (100, 100)
 
 
 def test_bad_lungs_and_margins_are_refused() -> None:
