@@ -564,3 +564,24 @@ def test_bad_heatmap_options_name_the_key(tmp_path: Path, toml_text: str, fragme
     key = "results." + toml_text.split("\n")[1].split(" =")[0]
     matching = [p for p in problems if p.startswith(f"{key}:")]
     assert matching and any(fragment in p for p in matching), problems
+
+
+def test_lung_margin(tmp_path: Path) -> None:
+    from cxrd.findings import LUNG_MARGIN
+
+    assert validate({}, base_dir=tmp_path).results.lung_margin == LUNG_MARGIN == 0.04
+    for value in ("0", "0.02", "0.25", "1"):
+        text = f"[results]\nlung_margin = {value}\n"
+        if value == "1":
+            problems = problems_of(text, tmp_path)
+            assert any(p.startswith("results.lung_margin: 1 is not allowed; expected a number "
+                                    "from 0 to 0.25 (a fraction of the image side")
+                       for p in problems), problems
+        else:
+            config = validate(tomllib.loads(text), base_dir=tmp_path)
+            assert config.results.lung_margin == float(value)
+    for text, fragment in (("-0.01", "-0.01 is not allowed; expected a number at least 0"),
+                           ('"0.04"', "expected a number"), ("nan", "NaN is not allowed")):
+        problems = problems_of(f"[results]\nlung_margin = {text}\n", tmp_path)
+        assert any(p.startswith("results.lung_margin:") and fragment in p
+                   for p in problems), problems
