@@ -125,7 +125,8 @@ def _locked_study(s: Session, study_uid: str) -> Study | None:
                      .with_for_update()).first()
 
 
-def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
+def study_progress(s: Session, study_uid: str, now: dt.datetime,
+                   study: Study | None = None) -> None:
     """Enqueue the study's report job once its last open classify job has ended.
 
     Called in the transaction that ends a classify job (done, skipped, failed) and by
@@ -135,8 +136,10 @@ def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
     (a late instance was classified); the rebuilt SR supersedes the one it wrote, or, when
     nothing it reports changed, the job writes nothing. A pending or running one is left
     alone: a running one checks, when it completes, that it saw the latest results.
+    ``study``: the study's row when the caller holds it locked already (admission).
     """
-    study = _locked_study(s, study_uid)
+    if study is None:
+        study = _locked_study(s, study_uid)
     if study is None or study.state != StudyState.ADMITTED.value:
         return
     still_open = s.scalars(select(Job.id).where(
@@ -201,7 +204,7 @@ def admit_study(s: Session, study: Study,
         study.state = StudyState.ADMITTED.value
         if not queued:
             s.flush()
-            study_progress(s, study.study_instance_uid, now)
+            study_progress(s, study.study_instance_uid, now, study)
     else:
         study.state = StudyState.NOTHING_TO_DO.value
     return queued, skipped
