@@ -621,7 +621,8 @@ def collect_metrics(db: ReadOnlyDb, t_drop: dt.datetime, n_files: int) -> dict[s
                       "(SELECT count(*) FROM jobs j WHERE j.study_instance_uid = "
                       f"s.study_instance_uid AND j.state = 'done' AND {db.image_jobs('j')}) "
                       "AS images FROM studies s")
-    jobs = db.rows(f"SELECT state, timings, finished_at FROM jobs WHERE {db.image_jobs()}")
+    jobs = db.rows(f"SELECT state, timings, finished_at, created_at FROM jobs "
+                   f"WHERE {db.image_jobs()}")
     results = db.rows("SELECT kind, created_at FROM results")
     providers = sorted({r[0] for r in db.rows("SELECT providers FROM workers")})
 
@@ -644,7 +645,14 @@ def collect_metrics(db: ReadOnlyDb, t_drop: dt.datetime, n_files: int) -> dict[s
     sr_per_image = [float(r["report_seconds"]) / r["images"] for r in studies
                     if r["report_seconds"] is not None and r["images"]]
     total = (last_written - t_drop).total_seconds()
-    processing = (last_written - first_stable).total_seconds()
+    # Processing: from the first classify job queued to the last result. Queued at
+    # admission (the first stable study), that leaves the stable wait out; queued as the
+    # instances arrive (``[study] classify_on_arrival``), the workers run during the wait
+    # and the window is most of the run: then it is a lower bound of what the workers can
+    # do (the reprocess figure, all jobs queued at once, is the other measure).
+    queued = [parse_ts(r["created_at"]) for r in jobs]
+    first_queued = min((q for q in queued if q is not None), default=first_stable)
+    processing = (last_written - first_queued).total_seconds()
     received_ok = [r for r in received if r is not None]
     return {
         "images": n_files,
@@ -657,6 +665,7 @@ def collect_metrics(db: ReadOnlyDb, t_drop: dt.datetime, n_files: int) -> dict[s
         "images_per_s": n_files / total if total > 0 else float("nan"),
         "ingest_s": (max(received_ok) - t_drop).total_seconds() if received_ok else None,
         "first_stable_after_drop_s": (first_stable - t_drop).total_seconds(),
+        "first_queued_after_drop_s": (first_queued - t_drop).total_seconds(),
         "processing_s": processing,
         "processing_images_per_s": n_files / processing if processing > 0 else float("nan"),
         "latency_s": {"p50": pct(latency, 50), "p95": pct(latency, 95),
@@ -1132,9 +1141,12 @@ def print_daemon(variant: str, m: dict[str, Any]) -> None:
     print(f"\n== {variant}: cxrd serve, watched folder -> SR + SC ==")
     print(f"  images/s      {m['images_per_s']:.2f}   ({m['images']} images, first file "
           f"dropped -> last result written {m['wall_s']:.2f} s)")
-    print(f"  processing    {m['processing_images_per_s']:.2f} images/s   (first study stable"
-          f" -> last result {m['processing_s']:.2f} s; excludes the stable_seconds wait)")
-    print(f"  timeline      all ingested +{m['ingest_s']:.2f} s, first study stable "
+    print(f"  processing    {m['processing_images_per_s']:.2f} images/s   (first classify job "
+          f"queued -> last result {m['processing_s']:.2f} s: excludes the stable_seconds wait "
+          "when jobs are queued at admission; with classify_on_arrival the workers run "
+          "during it, and this is a lower bound)")
+    print(f"  timeline      first job queued +{m['first_queued_after_drop_s']:.2f} s, all "
+          f"ingested +{m['ingest_s']:.2f} s, first study stable "
           f"+{m['first_stable_after_drop_s']:.2f} s, last result +{m['wall_s']:.2f} s")
     lat = m["latency_s"]
     print(f"  latency       stable -> results written, per study: p50 {lat['p50']:.2f} s, "

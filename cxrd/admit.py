@@ -1,12 +1,20 @@
-"""Admission: when a study has been quiet for ``stable_seconds``, decide per instance whether
-it is a frontal chest radiograph (``skip_reason``). ``cxrd.queue`` then queues a job for
-each one that is and records the reason for each one that is not: the decisions live here,
-the state changes there."""
+"""Admission: decide per instance whether it is a frontal chest radiograph
+(``skip_reason``); ``cxrd.queue`` then queues a job for each one that is and records the
+reason for each one that is not: the decisions live here, the state changes there.
+
+Two moments. With ``[study] classify_on_arrival`` (the default) instances are queued as they
+arrive (``queue_arrivals``, each scheduler round), while their study is still collecting:
+the workers classify them during the stable wait instead of after it. A study is admitted
+when it has been quiet for ``stable_seconds`` (``admit_stable_studies``, which queues what
+is still unqueued): only then may its report job run, so the SR still covers the whole
+study. Every decision is per instance, so classifying early changes no outcome, only
+when the work is done."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Select, bindparam, func, or_, select
@@ -14,7 +22,7 @@ from sqlalchemy import Select, bindparam, func, or_, select
 from cxrd.db import Database, Instance, Job, Study, utcnow
 from cxrd.dicom import CR, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
 from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
-from cxrd.queue import admit_study, requeue
+from cxrd.queue import admit_study, queue_instances, requeue
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,39 @@ _RECEIVED_OF = select(Instance).where(
     Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)
 _EARLIEST_COLLECTING = select(func.min(Study.last_received_at)).where(
     Study.state == StudyState.COLLECTING.value)
+_ARRIVING = select(Study).where(
+    Study.state == StudyState.COLLECTING.value, Study.study_instance_uid.in_(_WAITING),
+).order_by(Study.id).limit(200)
+_ARRIVING_LOCKED = _ARRIVING.with_for_update(skip_locked=True)
+
+
+def _received(s: Any, studies: Sequence[Study]) -> dict[str, list[Instance]]:
+    """The received (not yet queued or skipped) instances of each study: one query."""
+    received: dict[str, list[Instance]] = {study.study_instance_uid: [] for study in studies}
+    if received:
+        for inst in s.scalars(_RECEIVED_OF, {"studies": list(received)}):
+            received[inst.study_instance_uid].append(inst)
+    return received
+
+
+def queue_arrivals(db: Database, now: dt.datetime | None = None) -> int:
+    """Queue the received instances of collecting studies (``[study] classify_on_arrival``);
+    returns how many jobs were queued. The studies stay collecting: admission, once they
+    are stable, lets their report jobs run. On PostgreSQL the study rows are locked (SKIP
+    LOCKED), as admission locks them, so an instance is queued by one node once."""
+    now = now or utcnow()
+    queued = 0
+    with db.session() as s:
+        studies = s.scalars(_ARRIVING if db.is_sqlite else _ARRIVING_LOCKED).all()
+        received = _received(s, studies)
+        for study in studies:
+            decisions = [(inst, skip_reason(inst))
+                         for inst in received[study.study_instance_uid]]
+            n, skipped = queue_instances(s, study, decisions, now)
+            queued += n
+            log.debug("action=queued-on-arrival study_instance_uid=%s queued=%d skipped=%d",
+                      study.study_instance_uid, n, skipped)
+    return queued
 
 
 def admit_stable_studies(db: Database, stable_seconds: float,
@@ -82,11 +123,7 @@ def admit_stable_studies(db: Database, stable_seconds: float,
         # Several nodes may share a PostgreSQL queue: each study is admitted by one of
         # them (see _lock).
         studies = s.scalars(_DUE if db.is_sqlite else _DUE_LOCKED, {"cutoff": cutoff}).all()
-        received: dict[str, list[Instance]] = {study.study_instance_uid: []
-                                               for study in studies}
-        if received:  # one query for every due study's new instances, not one per study
-            for inst in s.scalars(_RECEIVED_OF, {"studies": list(received)}):
-                received[inst.study_instance_uid].append(inst)
+        received = _received(s, studies)
         for study in studies:
             decisions = [(inst, skip_reason(inst))
                          for inst in received[study.study_instance_uid]]

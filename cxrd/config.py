@@ -181,6 +181,9 @@ class StudyConfig:
     """``[study]``: when a study counts as complete."""
 
     stable_seconds: float = 10.0
+    #: Classify instances as they arrive, during the stable wait; the SR still waits for
+    #: the study to be stable (``cxrd.admit``). False: nothing is queued before then.
+    classify_on_arrival: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,11 @@ class WorkersConfig:
     retry_backoff_seconds: float = 30.0
 
 
+#: The widest ``[results] lung_margin``: a quarter of the image side around the lungs
+#: reaches the image border from nearly every lung, which is no restriction.
+MAX_LUNG_MARGIN = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class ResultsConfig:
     """``[results]``: which result objects are made and where they are written.
@@ -241,6 +249,9 @@ class ResultsConfig:
     segmentation: bool = True
     parametric_map: bool = False
     sr_sop_class: SrSopClass = SrSopClass.COMPREHENSIVE_3D
+    #: How far outside the lung fields the reported region may lie, a fraction of the
+    #: image side (``cxrd.findings.LUNG_MARGIN``, which says why 0.04).
+    lung_margin: float = 0.04
 
     @property
     def results_dir(self) -> Path:
@@ -937,7 +948,8 @@ def _read_watch(t: _Table, base: Path) -> WatchConfig:
 def _read_study(t: _Table) -> StudyConfig:
     d = StudyConfig()
     return StudyConfig(
-        stable_seconds=t.number("stable_seconds", d.stable_seconds, low=0, strict=True)
+        stable_seconds=t.number("stable_seconds", d.stable_seconds, low=0, strict=True),
+        classify_on_arrival=t.boolean("classify_on_arrival", d.classify_on_arrival),
     )
 
 
@@ -1032,6 +1044,12 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
               "false: a Parametric Map needs a frame of reference that CR/DX images lack; "
               "the heatmap Secondary Capture and the SR's region carry the CAM")
     sr_sop_class = t.choice("sr_sop_class", d.sr_sop_class)
+    lung_margin = t.number("lung_margin", d.lung_margin, low=0)
+    if lung_margin > MAX_LUNG_MARGIN:
+        t.bad("lung_margin", t.data["lung_margin"],
+              f"a number from 0 to {MAX_LUNG_MARGIN:g} (a fraction of the image side; "
+              f"wider lets evidence from the shoulders or the abdomen in)")
+        lung_margin = d.lung_margin
     return ResultsConfig(
         data_dir=data_dir,
         folder=folder,
@@ -1042,6 +1060,7 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
         segmentation=segmentation,
         parametric_map=parametric_map,
         sr_sop_class=sr_sop_class,
+        lung_margin=lung_margin,
     )
 
 

@@ -84,6 +84,8 @@ class Instance(Base):
     has_pixels: Mapped[bool] = mapped_column(default=True)
     frames: Mapped[int] = mapped_column(Integer, default=1)
     path: Mapped[str] = mapped_column(Text)  # spool file
+    # Empty until needed: when the UID comes again, or before retention removes the file
+    # (``cxrd.ingest`` ``_same_content``).
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(256))  # "watch:<folder>" or "dicom:<AE>@<host>"

@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from cxrd import queue
-from cxrd.admit import admit_stable_studies, seconds_to_next_admission
+from cxrd.admit import admit_stable_studies, queue_arrivals, seconds_to_next_admission
 from cxrd.config import Config, worker_processes
 from cxrd.db import Database, unavailable
 from cxrd.durable import remove_stale_temp_files
@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 SCHEDULER_INTERVAL_SECONDS = 0.5
 #: The shortest wait between two rounds (a study due now is admitted by this round already).
 MIN_INTERVAL_SECONDS = 0.02
+#: With ``[study] classify_on_arrival``, a stored instance wakes the scheduler, but no
+#: sooner than this after its previous round: a burst of arrivals is queued a few at a
+#: time, not one round (a transaction, a commit) per file.
+ARRIVAL_ROUND_SECONDS = 0.2
 #: How often the scheduler looks for admitted studies that lack a report job.
 REPORT_SWEEP_SECONDS = 30.0
 STATUS_SECONDS = 5.0
@@ -73,6 +77,10 @@ class Node:
         self.db = Database(config.storage.database_url_resolved)
         self.model: ModelInfo = read_model_info(resolve_model_path(config.model.path))
         self._stop = threading.Event()
+        #: What the scheduler loop waits on between rounds: a stop, a reload, or a stored
+        #: instance (``_arrived``, with ``[study] classify_on_arrival``).
+        self._wake = threading.Event()
+        self._last_round = 0.0
         self._signals = 0
         self._ctx = spawn_context()
         self._workers: dict[int, Any] = {}
@@ -97,7 +105,10 @@ class Node:
         self.admitting_cpu_s = 0.0
         self.admitted_studies = 0
         self._next_sweep = 0.0
-        self._next_admission: float | None = None  # seconds, from the last round
+        #: When the earliest collecting study becomes stable (``time.monotonic()``), as the
+        #: last full round read it; None: nothing collecting, or not known.
+        self._admission_due: float | None = None
+        self._arrival_round = False  # the loop woke for a stored instance
         self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
                                    config.storage.min_free_mb)
         self._database_down_since: float | None = None
@@ -136,7 +147,8 @@ class Node:
             self._metrics_server = start_metrics(cfg.metrics.listen, self.db,
                                                  space=self.space)
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir,
-                            space=self.space)
+                            space=self.space,
+                            on_stored=self._wake.set if cfg.study.classify_on_arrival else None)
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
         self.receiver.start()
@@ -199,27 +211,38 @@ class Node:
                 self._start_worker(index)
 
     def tick(self) -> None:
-        """One scheduler round: admit stable studies (which queues their jobs); a safety
-        net for admitted studies without a report job. Its CPU time is accounted."""
+        """One scheduler round: queue the instances that arrived (``[study]
+        classify_on_arrival``), admit stable studies (which queues the rest and lets their
+        report jobs run); a safety net for admitted studies without a report job. Its CPU
+        time is accounted; the rounds that queued or admitted anything apart."""
         t0 = time.thread_time()
-        admitted = 0
+        admitted = queued = 0
         try:
-            admitted = self._tick()
+            admitted, queued = self._tick()
         finally:
             cpu = time.thread_time() - t0
             self.scheduler_cpu_s += cpu
             self.scheduler_ticks += 1
-            if admitted:
+            if admitted or queued:
                 self.admitting_cpu_s += cpu
                 self.admitted_studies += admitted
 
-    def _tick(self) -> int:
+    def _tick(self) -> tuple[int, int]:
         cfg = self.config
-        # Unknown until this round has read it: a round that fails (the database away)
-        # leaves the next one at the regular interval, not at a study's due time.
-        self._next_admission = None
-        admitted = admit_stable_studies(self.db, cfg.study.stable_seconds)
-        self._next_admission = seconds_to_next_admission(self.db, cfg.study.stable_seconds)
+        self._last_round = time.monotonic()
+        queued = queue_arrivals(self.db) if cfg.study.classify_on_arrival else 0
+        due = self._admission_due
+        admitted = 0
+        if not (self._arrival_round and due is not None and self._last_round < due):
+            # (A round woken by an arrival before the earliest study is due skips this:
+            # an arrival only makes a study due later.) Unknown until this round has read
+            # it: a round that fails (the database away) leaves the next one at the
+            # regular interval, not at a study's due time.
+            self._admission_due = None
+            admitted = admit_stable_studies(self.db, cfg.study.stable_seconds)
+            wait = seconds_to_next_admission(self.db, cfg.study.stable_seconds)
+            if wait is not None:
+                self._admission_due = time.monotonic() + wait
         swept = 0
         if time.monotonic() >= self._next_sweep:  # a safety net: rarely, not every round
             self._next_sweep = time.monotonic() + REPORT_SWEEP_SECONDS
@@ -227,17 +250,18 @@ class Node:
         if cfg.storage.retention_days > 0 and time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + PURGE_INTERVAL_SECONDS
             self._start_purge()
-        if admitted or swept:
+        if admitted or swept or queued:
             self.ring()
-        return admitted
+        return admitted, queued
 
     def _interval(self) -> float:
         """Until the next round: ``SCHEDULER_INTERVAL_SECONDS``, or less when a collecting
         study becomes stable sooner (it is admitted then, not up to a round later)."""
-        due = self._next_admission
+        due = self._admission_due
         if due is None:
             return SCHEDULER_INTERVAL_SECONDS
-        return min(SCHEDULER_INTERVAL_SECONDS, max(MIN_INTERVAL_SECONDS, due))
+        return min(SCHEDULER_INTERVAL_SECONDS,
+                   max(MIN_INTERVAL_SECONDS, due - time.monotonic()))
 
     def ring(self) -> None:
         """Wake the idle workers: jobs were just queued. Without it an idle worker finds
@@ -300,7 +324,17 @@ class Node:
             if time.monotonic() - self._last_status > STATUS_SECONDS:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
-            self._stop.wait(self._interval())
+            self._pause()
+
+    def _pause(self) -> None:
+        """Between two rounds: until the next is due (``_interval``), or a stop or a reload,
+        or an instance stored, though not sooner than ``ARRIVAL_ROUND_SECONDS`` after the
+        last round (the arrivals meanwhile are queued together)."""
+        self._arrival_round = self._wake.wait(self._interval()) and not (
+            self._stop.is_set() or self._reload.is_set())
+        if self._arrival_round:
+            self._stop.wait(self._last_round + ARRIVAL_ROUND_SECONDS - time.monotonic())
+        self._wake.clear()
 
     def _database_gone(self, exc: BaseException) -> None:
         """The scheduler found the database unreachable: say so once, and keep going (the
@@ -366,6 +400,7 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def drain(self) -> int:
         """Stop ingesting, let workers finish their current batch, write what is due."""
@@ -449,9 +484,11 @@ class Node:
                 os._exit(1)
             log.info("action=stop-requested signal=%d", signum)
             self._stop.set()
+            self._wake.set()
 
         def on_hup(_signum: int, _frame: FrameType | None) -> None:
             self._reload.set()  # handled by the scheduler loop, not in the handler
+            self._wake.set()
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)

@@ -125,7 +125,8 @@ def _locked_study(s: Session, study_uid: str) -> Study | None:
                      .with_for_update()).first()
 
 
-def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
+def study_progress(s: Session, study_uid: str, now: dt.datetime,
+                   study: Study | None = None) -> None:
     """Enqueue the study's report job once its last open classify job has ended.
 
     Called in the transaction that ends a classify job (done, skipped, failed) and by
@@ -135,8 +136,10 @@ def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
     (a late instance was classified); the rebuilt SR supersedes the one it wrote, or, when
     nothing it reports changed, the job writes nothing. A pending or running one is left
     alone: a running one checks, when it completes, that it saw the latest results.
+    ``study``: the study's row when the caller holds it locked already (admission).
     """
-    study = _locked_study(s, study_uid)
+    if study is None:
+        study = _locked_study(s, study_uid)
     if study is None or study.state != StudyState.ADMITTED.value:
         return
     still_open = s.scalars(select(Job.id).where(
@@ -159,12 +162,16 @@ def study_progress(s: Session, study_uid: str, now: dt.datetime) -> None:
         report.finished_at = None
 
 
-def admit_study(s: Session, study: Study,
-                decisions: Sequence[tuple[Instance, SkipReason | None]],
-                now: dt.datetime) -> tuple[int, int]:
-    """Admission's outcome for a stable study (``cxrd.admit`` decides): a classify job for
-    each instance without a skip reason, the reason recorded for the others, and the
-    study's state. Returns (queued, skipped)."""
+def queue_instances(s: Session, study: Study,
+                    decisions: Sequence[tuple[Instance, SkipReason | None]],
+                    now: dt.datetime) -> tuple[int, int]:
+    """A classify job of the study's current generation for each instance without a skip
+    reason, the reason recorded for the others; the study's state is left as it is.
+    Returns (queued, skipped). Admission of a stable study (``admit_study``), and the
+    classification of instances as they arrive (``[study] classify_on_arrival``,
+    ``cxrd.admit.queue_arrivals``) while their study is still collecting: their jobs run
+    then, and the study's report job waits until it is stable and admitted
+    (``study_progress``)."""
     queued = skipped = 0
     for inst, reason in decisions:
         if reason is None:
@@ -179,6 +186,15 @@ def admit_study(s: Session, study: Study,
             skipped += 1
             log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
                      inst.sop_instance_uid, study.study_instance_uid, reason.value)
+    return queued, skipped
+
+
+def admit_study(s: Session, study: Study,
+                decisions: Sequence[tuple[Instance, SkipReason | None]],
+                now: dt.datetime) -> tuple[int, int]:
+    """Admission's outcome for a stable study (``cxrd.admit`` decides): its instances not
+    queued yet (``queue_instances``), and the study's state. Returns (queued, skipped)."""
+    queued, skipped = queue_instances(s, study, decisions, now)
     study.stable_at = now
     if queued or s.scalars(select(Job.id).where(
             Job.study_instance_uid == study.study_instance_uid).limit(1)).first() is not None:
@@ -188,7 +204,7 @@ def admit_study(s: Session, study: Study,
         study.state = StudyState.ADMITTED.value
         if not queued:
             s.flush()
-            study_progress(s, study.study_instance_uid, now)
+            study_progress(s, study.study_instance_uid, now, study)
     else:
         study.state = StudyState.NOTHING_TO_DO.value
     return queued, skipped

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,12 @@ OPEN_STALE_SECONDS = 120.0
 #: While events flow, a file is not taken on the settle timer sooner than this: a scan can
 #: find a file before the observer thread has delivered its "opened" event.
 MIN_SETTLE_WITH_EVENTS = 1.0
+#: Settled files are ingested this many at a time. Ingesting a file freshly copied in is
+#: mostly waiting for its fsync (its pages are still dirty) and the commit's; several
+#: at once share the group commit (``cxrd.ingest``) and overlap those waits, as several
+#: associations do. Measured with 48 files of 10 MB: one at a time about 100 files/s,
+#: four about 127.
+INGEST_THREADS = 4
 
 
 def _observer() -> Any:
@@ -130,6 +137,7 @@ class FolderWatcher:
         self._wake = threading.Event()
         self._observer: Any = None
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.ingested = 0
 
     def start(self) -> None:
@@ -145,7 +153,7 @@ class FolderWatcher:
                  ",".join(str(f) for f in self.folders), self.settle_seconds)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop watching; a file being ingested is finished first."""
+        """Stop watching; the files being ingested are finished first."""
         self._stop.set()
         self._wake.set()
         if self._observer is not None:
@@ -153,6 +161,8 @@ class FolderWatcher:
             self._observer.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _folder_of(self, path: Path) -> Path | None:
         """The watched folder holding ``path``; None when the path is to be left alone."""
@@ -239,26 +249,34 @@ class FolderWatcher:
     def run_once(self) -> int:
         """Ingest every settled file; returns how many were handled. Below ``[storage]
         min_free_mb`` none is touched: they wait, and go once space is back."""
-        handled = 0
         if self.ingestor.space_low() is not None:
             return 0
-        for path in sorted(self._settled()):
-            if self._stop.is_set():
-                break
-            folder = self._folder_of(path) or path.parent
-            try:
-                self.ingestor.ingest_file(path, f"watch:{folder}")
-            except Exception:  # never let one file stop the watcher
-                log.exception("action=ingest-error folder=%s", folder)
-            if path.exists():
-                # Storage failed or the file could not be moved: try again later, not on
-                # every event and rescan.
-                with self._lock:
-                    self._retry_after[path] = time.monotonic() + RETRY_SECONDS
-                    self._pending.pop(path, None)
-            handled += 1
+        ready = sorted(self._settled())
+        if len(ready) > 1:  # several at once (INGEST_THREADS), in name order per thread
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="cxrd-ingest")
+            handled = sum(self._pool.map(self._ingest, ready))
+        else:
+            handled = sum(map(self._ingest, ready))
         self.ingested += handled
         return handled
+
+    def _ingest(self, path: Path) -> int:
+        """Ingest one settled file; 1 when handled, 0 when the watcher is stopping."""
+        if self._stop.is_set():
+            return 0
+        folder = self._folder_of(path) or path.parent
+        try:
+            self.ingestor.ingest_file(path, f"watch:{folder}")
+        except Exception:  # never let one file stop the watcher
+            log.exception("action=ingest-error folder=%s", folder)
+        if path.exists():
+            # Storage failed or the file could not be moved: try again later, not on every
+            # event and rescan.
+            with self._lock:
+                self._retry_after[path] = time.monotonic() + RETRY_SECONDS
+                self._pending.pop(path, None)
+        return 1
 
     def _run(self) -> None:
         last_scan = 0.0

@@ -1,4 +1,5 @@
-"""Command line: ``python -m training {index,phantoms,train,export,evaluate,demo}`` and,
+"""Command line: ``python -m training {index,phantoms,train,export,evaluate,demo,
+demo-localisation}`` and,
 for the lung-field segmenter, ``{train-seg,export-seg,evaluate-seg,demo-seg}``.
 
 The usual sequence on the public data sets::
@@ -12,7 +13,9 @@ The usual sequence on the public data sets::
         --out runs/r1/eval --write-metadata
 
 ``python -m training demo`` regenerates the shipped demo model from synthetic phantoms,
-``python -m training demo-seg`` the demo lung-field segmenter.
+``python -m training demo-seg`` the demo lung-field segmenter, and
+``python -m training demo-localisation`` scores the two together on the demo's held-out
+phantoms.
 """
 
 from __future__ import annotations
@@ -162,6 +165,8 @@ def _add_export(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
+    from cxrd.findings import LUNG_MARGIN
+
     p = sub.add_parser("evaluate", help="evaluate an ONNX model on val and external test splits")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--manifest", type=Path, required=True)
@@ -172,6 +177,29 @@ def _add_evaluate(sub: Any) -> None:
         action="store_true",
         help="record the operating point and headline figures in the model file",
     )
+    p.add_argument("--segmenter", type=Path,
+                   help="an ONNX lung-field segmenter: adds the pointing game and the region "
+                   "IoU with the evidence restricted to the lungs, as the node restricts it")
+    p.add_argument("--lung-margin", type=float, default=LUNG_MARGIN,
+                   help="the margin around the lungs, a fraction of the image side "
+                   "([results] lung_margin; default %(default)s)")
+
+
+def _add_demo_localisation(sub: Any) -> None:
+    from cxrd.findings import LUNG_MARGIN
+    from training.demo import PHANTOM_SIZE
+
+    p = sub.add_parser("demo-localisation", help="localisation of the shipped DEMO model with "
+                       "and without the shipped DEMO segmenter's lungs, on the demo recipe's "
+                       f"held-out phantoms ({PHANTOM_SIZE[0]} x {PHANTOM_SIZE[1]})")
+    p.add_argument("--work", type=Path, default=Path("runs/demo-localisation"))
+    p.add_argument("--n-test", type=int, default=600,
+                   help="held-out images (default %(default)s, the demo recipe's)")
+    p.add_argument("--seed", type=int, default=7, help="the demo recipe's seed")
+    p.add_argument("--lung-margin", type=float, default=LUNG_MARGIN,
+                   help="the margin around the lungs (default %(default)s)")
+    p.add_argument("--write-metadata", action="store_true",
+                   help="add the figures to both shipped models' metadata")
 
 
 def _add_demo(sub: Any) -> None:
@@ -249,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_index, _add_phantoms, _add_train, _add_export, _add_evaluate, _add_demo,
-                _add_train_seg, _add_export_seg, _add_evaluate_seg, _add_demo_seg):
+                _add_demo_localisation, _add_train_seg, _add_export_seg, _add_evaluate_seg,
+                _add_demo_seg):
         add(sub)
     return parser
 
@@ -525,6 +554,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_metadata=args.write_metadata,
         progress=sys.stderr.isatty(),
         cache_dir=args.out / "cache",
+        segmenter=args.segmenter,
+        lung_margin=args.lung_margin,
     )
     print(json.dumps(report["headline"], indent=2))
     for split, rep in report["splits"].items():
@@ -533,6 +564,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"CAM peak offset from the lesion ({split}, cells):", json.dumps(offsets))
     if "operating_point" in report:
         print("TB operating point (validation):", json.dumps(report["operating_point"]))
+    return 0
+
+
+def cmd_demo_localisation(args: argparse.Namespace) -> int:
+    from training.demo import demo_localisation
+
+    figures = demo_localisation(args.work, n_test=args.n_test, seed=args.seed,
+                                lung_margin=args.lung_margin,
+                                write_metadata=args.write_metadata)
+    print(json.dumps(figures, indent=2))
     return 0
 
 
@@ -559,6 +600,7 @@ COMMANDS = {
     "export": cmd_export,
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
+    "demo-localisation": cmd_demo_localisation,
     "train-seg": cmd_train_seg,
     "export-seg": cmd_export_seg,
     "evaluate-seg": cmd_evaluate_seg,

@@ -79,6 +79,61 @@ def phantom_manifest(
     return records
 
 
+def held_out_phantoms(work: Path, n_test: int, seed: int) -> list[sources.Record]:
+    """The demo recipe's held-out phantoms (``build_demo``'s ``phantoms-test`` for the same
+    ``n_test`` and ``seed``: the same images), generated under ``work`` unless there, as
+    manifest records of split ``test``."""
+    root = work / "phantoms-test"
+    if not (root / "ground_truth.csv").exists():
+        phantoms.generate_images(root, n_test, seed + 1000, fmt="dcm", size=PHANTOM_SIZE)
+    return [dataclasses.replace(r, split="test")
+            for r in sources.index_phantom(root, sources.LABEL_MAP_DEFAULT).records]
+
+
+def demo_localisation(work: Path, *, n_test: int = 600, seed: int = 7,
+                      lung_margin: float | None = None, model: Path | None = None,
+                      segmenter: Path | None = None, n_boot: int = 200,
+                      write_metadata: bool = False) -> dict[str, float]:
+    """Localisation of the demo model (default: the shipped one) with and without the demo
+    segmenter's lungs on the recipe's held-out phantoms; returns the test split's figures
+    (``training.evaluate.headline``, ``report.json`` under ``work/eval``).
+
+    ``write_metadata`` adds the localisation figures to the classifier's metrics and the
+    lung-restricted ones to the segmenter's (prefixed ``localisation_``), keeping every
+    other figure: a metadata change, which leaves the weights, the name, the version and
+    the device UID as they are."""
+    from cxrd.findings import LUNG_MARGIN
+    from cxrd.modelinfo import (
+        ModelInfo,
+        SegmentationInfo,
+        demo_model_path,
+        demo_segmenter_path,
+        read_model_info,
+        read_segmentation_info,
+    )
+    from training.evaluate import evaluate
+    from training.export import update_metadata
+
+    model = model or demo_model_path()
+    segmenter = segmenter or demo_segmenter_path()
+    margin = LUNG_MARGIN if lung_margin is None else lung_margin
+    records = held_out_phantoms(work, n_test, seed)
+    report = evaluate(model, records, work / "eval", cache_dir=work / "cache", n_boot=n_boot,
+                      segmenter=segmenter, lung_margin=margin)
+    figures = {k: v for k, v in report["headline"].items() if k.startswith("test_")}
+    if write_metadata:
+        local = {k: v for k, v in figures.items()
+                 if "region_iou" in k or k.endswith("_lungs")}
+        local["test_lung_margin"] = margin
+        clf_metrics = {**read_model_info(model).metrics, **local}
+        update_metadata(model, {"metrics": clf_metrics}, ModelInfo)
+        seg_local = {"localisation_" + k.removeprefix("test_"): v for k, v in local.items()
+                     if k.endswith("_lungs") or k == "test_lung_margin"}
+        seg_metrics = {**read_segmentation_info(segmenter).metrics, **seg_local}
+        update_metadata(segmenter, {"metrics": seg_metrics}, SegmentationInfo)
+    return figures
+
+
 def build_demo(
     work: Path,
     out: Path,

@@ -40,6 +40,7 @@ __all__ = [
     "CLASSES",
     "WHO_TB_TRIAGE_SENSITIVITY",
     "apply_operating_point",
+    "best_box_iou",
     "cam_argmax_location",
     "cam_hit",
     "choose_tb_operating_point",
@@ -49,6 +50,7 @@ __all__ = [
     "plot_reliability",
     "plot_roc",
     "pointing_game",
+    "region_overlap",
     "roc_auc",
     "roc_curve",
     "to_jsonable",
@@ -651,6 +653,72 @@ def pointing_game(
     out: dict[str, Any] = {name: entry(h, t) for name, (h, t) in tally.items()}
     out["overall"] = entry(sum(h for h, _ in tally.values()), sum(t for _, t in tally.values()))
     out["peak_offset"] = {name: spread(v) for name, v in offsets.items()}
+    return out
+
+
+# ------------------------------------------------------------------ region overlap
+
+#: The IoU levels at which :func:`region_overlap` counts the share of images reaching them.
+IOU_LEVELS = (0.1, 0.3)
+
+
+def best_box_iou(region: Sequence[float] | None, boxes: npt.ArrayLike) -> float:
+    """Intersection over union of a reported region with the best-matching lesion box.
+
+    ``region`` is ``(x0, y0, x1, y1)`` with pixel edges as coordinates (the SR's SCOORD:
+    the image spans 0 to Columns), or None (no region reported: 0). ``boxes`` are the
+    ground truth's inclusive pixel boxes (the manifest's ``boxes``: a box covers columns x0
+    to x1), so a box's right and bottom edges are x1 + 1 and y1 + 1. No boxes: 0.
+    """
+    b = _boxes(boxes)
+    if region is None or len(b) == 0:
+        return 0.0
+    x0, y0, x1, y1 = (float(v) for v in region)
+    bx0, by0, bx1, by1 = b[:, 0], b[:, 1], b[:, 2] + 1.0, b[:, 3] + 1.0
+    iw = np.clip(np.minimum(x1, bx1) - np.maximum(x0, bx0), 0.0, None)
+    ih = np.clip(np.minimum(y1, by1) - np.maximum(y0, by0), 0.0, None)
+    inter = iw * ih
+    union = (x1 - x0) * (y1 - y0) + (bx1 - bx0) * (by1 - by0) - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return float(iou.max())
+
+
+def region_overlap(
+    regions: Sequence[Sequence[float] | None],
+    boxes: Sequence[Sequence[Sequence[float]]],
+    labels: Sequence[str | int],
+    *,
+    scored_classes: Sequence[str] = ("TB", "NTB"),
+    levels: Sequence[float] = IOU_LEVELS,
+) -> dict[str, Any]:
+    """How well reported regions cover the lesions, per true class: ``{"TB": {...},
+    "NTB": {...}}``, each with ``n`` (images with a label in ``scored_classes`` and at
+    least one box), ``mean_iou`` (the mean over them of :func:`best_box_iou`; None when
+    ``n`` is 0), ``iou_ge_<level>`` (the share reaching each level), ``no_region``
+    (images reported without a region, NORM, which count as IoU 0) and
+    ``mean_iou_reported`` (the mean over the images with a region).
+    """
+    if not (len(regions) == len(boxes) == len(labels)):
+        raise ValueError("regions, boxes and labels must have the same length")
+    ious: dict[str, list[float]] = {name: [] for name in scored_classes}
+    missing = dict.fromkeys(scored_classes, 0)
+    for region, b, label in zip(regions, boxes, labels, strict=True):
+        name = CLASSES[label] if isinstance(label, (int, np.integer)) else str(label)
+        if name not in ious or len(_boxes(b)) == 0:
+            continue
+        ious[name].append(best_box_iou(region, b))
+        missing[name] += region is None
+    out: dict[str, Any] = {}
+    for name, values in ious.items():
+        a = np.asarray(values, dtype=np.float64)
+        entry: dict[str, Any] = {"n": len(values),
+                                 "mean_iou": float(a.mean()) if len(a) else None}
+        for level in levels:
+            entry[f"iou_ge_{level:g}"] = float((a >= level).mean()) if len(a) else None
+        entry["no_region"] = missing[name]
+        reported = len(values) - missing[name]
+        entry["mean_iou_reported"] = float(a.sum() / reported) if reported else None
+        out[name] = entry
     return out
 
 

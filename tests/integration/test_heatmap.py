@@ -193,6 +193,90 @@ def test_tb_and_ntb_colour_only_the_hot_region(biases: tuple[float, float, float
     assert hot[r, c] and pixels[r, c, 0] > pixels[r, c, 1] + 60
 
 
+
+def outline_at(pixels: np.ndarray, box: tuple[float, float, float, float],
+               source: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The SC's pixels on the edge of ``box`` (source coordinates) scaled to its display,
+    and those one pixel outside it (where the image has them)."""
+    rows, cols = heatmap.display_size(*source)
+    sy, sx = rows / source[0], cols / source[1]
+    x0, y0, x1, y1 = box
+    left, top = int(np.floor(x0 * sx)), int(np.floor(y0 * sy))
+    right, bottom = min(int(np.ceil(x1 * sx)) - 1, cols - 1), min(int(np.ceil(y1 * sy)) - 1,
+                                                                   rows - 1)
+    edge = np.concatenate([pixels[top, left:right + 1], pixels[bottom, left:right + 1],
+                           pixels[top:bottom + 1, left], pixels[top:bottom + 1, right]])
+    outside = []
+    if top > 0:
+        outside.append(pixels[top - 1, max(left - 1, 0):right + 2])
+    if bottom < rows - 1:
+        outside.append(pixels[bottom + 1, max(left - 1, 0):right + 2])
+    if left > 0:
+        outside.append(pixels[max(top - 1, 0):bottom + 2, left - 1])
+    if right < cols - 1:
+        outside.append(pixels[max(top - 1, 0):bottom + 2, right + 1])
+    return edge, np.concatenate(outside)
+
+
+def test_the_sc_outlines_the_region_the_sr_reports(tmp_path: Path) -> None:
+    """TB and NTB: the SR's region (here lung-restricted, away from the hottest blob) is
+    outlined white inside black, grey so that the colour is still only the map, on the
+    radiograph and on the colour alike; without a region given the SC outlines what the
+    SR reports without lungs; NORM has none."""
+    import highdicom as hd
+
+    from cxrd.findings import ImageFindings, hottest_region
+    from cxrd.sr import build_sr
+
+    model = make_model(demo=False)
+    ds = make_source(1300, 1100)
+    base = fake_result(ds)
+    cam = np.zeros((7, 7, 3), np.float32)
+    cam[0, 0] = 5.0  # on a shoulder
+    cam[3, 2] = 3.0  # over a lung field
+    yy, xx = (np.mgrid[0:128, 0:128] + 0.5) / 128
+    lungs = ((((xx - 0.31) / 0.17) ** 2 + ((yy - 0.52) / 0.33) ** 2 < 1)
+             | (((xx - 0.69) / 0.17) ** 2 + ((yy - 0.52) / 0.33) ** 2 < 1))
+    probs = np.array([0.9, 0.05, 0.05], np.float32)
+    found = ImageFindings.of(ds, probs, cam, TB_THRESHOLD, lungs)
+    assert found.region is not None and found.region != hottest_region(cam, 0, 1300, 1100)
+    sr_path = save_dataset(build_sr([found], model), tmp_path)
+    (roi,) = hd.sr.srread(sr_path).content.get_planar_roi_measurement_groups()
+    points = np.asarray(roi.roi.value, dtype=np.float64)
+    sr_box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
+
+    result = heatmap.ImageResult(ds, base.display, probs, cam, region=found.region)
+    sc = heatmap.build_heatmap_sc(result, model, series_instance_uid=generate_uid())
+    assert dciodvfy(save_dataset(sc, tmp_path)) == []
+    assert "region outlined" in sc.DerivationDescription
+    pixels = sc.pixel_array
+    edge, outside = outline_at(pixels, sr_box, (1300, 1100))
+    assert np.all(edge == 255), edge
+    assert np.all(outside == 0), outside
+    # the outline holds the lung blob's colour; the hottest blob, outside, stays coloured
+    rows, cols = heatmap.display_size(1300, 1100)
+    hot = coloured(pixels[:rows])
+    assert hot[:rows // 5, :cols // 5].any()
+    sy, sx = rows / 1300, cols / 1100
+    inside = hot[int(sr_box[1] * sy) + 2:int(sr_box[3] * sy) - 2,
+                 int(sr_box[0] * sx) + 2:int(sr_box[2] * sx) - 2]
+    assert inside.any() and not hot[:int(sr_box[1] * sy) - 2, :cols // 2].all()
+
+    # No region given: the unrestricted region, as the SR reports it without lungs.
+    plain = heatmap.render_heatmap(heatmap.ImageResult(ds, base.display, probs, cam), model)
+    edge, outside = outline_at(plain, hottest_region(cam, 0, 1300, 1100), (1300, 1100))
+    assert np.all(edge == 255) and np.all(outside == 0)
+    assert not np.array_equal(plain, pixels)
+
+    # NORM: no outline, even with a region at hand.
+    normal = np.array([0.05, 0.05, 0.9], np.float32)
+    norm = heatmap.render_heatmap(
+        heatmap.ImageResult(ds, base.display, normal, cam, region=found.region), model)
+    assert np.array_equal(norm[:rows, :, 0], heatmap.downscale_for_display(base.display))
+
+    with pytest.raises(ValueError, match="ImageResult.region must be"):
+        heatmap.ImageResult(ds, base.display, probs, cam, region=(10.0, 5.0, 2.0, 8.0))
+
 def test_flat_map_shows_no_colour() -> None:
     ds = make_source()
     result = fake_result(ds)
@@ -213,7 +297,7 @@ def test_long_side_follows_max_side(max_side: int) -> None:
     sc = heatmap.build_heatmap_sc(full, make_model(demo=True), max_side=max_side,
                                   series_instance_uid=generate_uid())
     assert sc.Columns == round(2048 * max_side / 2500)
-    assert max_side < sc.Rows < max_side + 300  # the image, then the legend band
+    assert max_side < sc.Rows < max_side + 350  # the image, then the legend band (6 lines)
     pixels = sc.pixel_array
     assert pixels[max_side - 1].any() and not coloured(pixels[max_side:]).any()
 

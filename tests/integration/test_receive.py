@@ -61,7 +61,7 @@ from cxrd.dicom import (
     STATUS_SUCCESS,
 )
 from cxrd.domain import InstanceState, RejectReason
-from cxrd.ingest import Ingestor
+from cxrd.ingest import NO_DIGEST, Ingestor
 from cxrd.receive import Receiver
 
 LOG = "cxrd.receive"
@@ -308,7 +308,7 @@ def test_twenty_files_on_one_association_are_recorded_byte_for_byte(
         assert spooled.parent.parent == node.spool
         # the data set is spooled exactly as sent (the file meta is the receiver's own)
         assert dataset_bytes(spooled) == dataset_bytes(f.path), f.path.name
-        assert hashlib.sha256(spooled.read_bytes()).hexdigest() == inst.sha256
+        assert inst.sha256 == NO_DIGEST  # computed only if the UID comes again
     assert count(node.db, Study) == 1
     assert len(node.spool_files()) == 20, "temp files or strays in the spool"
     assert not node.rejections()

@@ -224,6 +224,74 @@ def test_sr_normal_image_has_no_region_and_tb_absent(tmp_path: Path) -> None:
     assert back.content.get_planar_roi_measurement_groups() == []
 
 
+
+def test_each_region_is_an_image_scoord_of_its_finding(tmp_path: Path) -> None:
+    """Read back with highdicom: every TB or NTB image has one planar ROI group (TID 1410)
+    in the report's Imaging Measurements, beside its finding group, with the same finding
+    type and finding site, whose region is an image-coordinate SCOORD (not SCOORD3D) on
+    that image: a closed polyline inside the image (0 <= x <= Columns, 0 <= y <= Rows),
+    the box the findings recorded, lung-restricted where the lungs were given. A NORM image
+    has none."""
+    model = make_model(demo=False)
+    threshold = model.operating_point.tb_threshold
+    study = generate_uid()
+    # Hot evidence on the top-left corner (outside any lung), weaker over a lung field.
+    cam = np.zeros((7, 7, 3), dtype=np.float32)
+    cam[0, 0] = 5.0
+    cam[3, 2] = 3.0
+    yy, xx = (np.mgrid[0:128, 0:128] + 0.5) / 128
+    lungs = ((((xx - 0.31) / 0.17) ** 2 + ((yy - 0.52) / 0.33) ** 2 < 1)
+             | (((xx - 0.69) / 0.17) ** 2 + ((yy - 0.52) / 0.33) ** 2 < 1))
+    cases = [  # (rows, cols, probs, lungs)
+        (2500, 2048, (0.9, 0.05, 0.05), lungs),  # TB, restricted
+        (640, 520, (0.1, 0.8, 0.1), None),  # NTB, unrestricted: the corner
+        (600, 500, (0.05, 0.15, 0.8), lungs),  # NORM: no region
+        (700, 900, (0.2, 0.7, 0.1), lungs),  # NTB, restricted, landscape
+    ]
+    images, sources = [], []
+    for rows, cols, probs, mask in cases:
+        ds = make_source(rows, cols, study_uid=study)
+        del ds.PixelData
+        sources.append(ds)
+        images.append(ImageFindings.of(ds, np.array(probs, np.float32), cam, threshold, mask))
+    assert images[0].region != findings.hottest_region(cam, 0, 2500, 2048)  # restricted
+    assert images[1].region == findings.hottest_region(cam, 1, 640, 520)
+    assert images[1].region is not None and images[1].region[:2] == (0.0, 0.0)
+    assert images[2].region is None
+
+    path = save_dataset(report.build_sr(images, model), tmp_path)
+    assert dciodvfy(path) == []
+    back = hd.sr.srread(path)
+    groups = finding_groups(back)
+    rois = back.content.get_planar_roi_measurement_groups()
+    assert len(rois) == 3
+    by_image: dict[str, Any] = {}
+    for roi in rois:
+        region = roi.roi
+        assert isinstance(region, hd.sr.ImageRegion)  # SCOORD: image coordinates
+        assert region.value_type == hd.sr.ValueTypeValues.SCOORD
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        (selected,) = region.ContentSequence  # "selected from" the image
+        uid = str(selected.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        assert uid not in by_image
+        by_image[uid] = roi
+    for ds, image in zip(sources, images, strict=True):
+        uid = str(ds.SOPInstanceUID)
+        if image.region is None:
+            assert uid not in by_image
+            continue
+        roi, finding = by_image[uid], groups[uid]
+        assert roi.finding_type == finding.finding_type != report.NORMAL
+        assert [s.value for s in roi.finding_sites] == [report.LUNG]
+        assert "hottest region" in str(roi.tracking_identifier)
+        points = np.asarray(roi.roi.value, dtype=np.float64)
+        assert points.shape == (5, 2) and np.array_equal(points[0], points[-1])
+        assert np.all(points[:, 0] >= 0) and np.all(points[:, 0] <= ds.Columns)
+        assert np.all(points[:, 1] >= 0) and np.all(points[:, 1] <= ds.Rows)
+        x0, y0, x1, y1 = image.region
+        assert np.allclose([points[:, 0].min(), points[:, 1].min(), points[:, 0].max(),
+                            points[:, 1].max()], [x0, y0, x1, y1], atol=1e-3)
+
 def test_tb_present_follows_the_threshold_not_the_argmax(tmp_path: Path) -> None:
     """P(TB) = 0.35 with NORM most likely: at a 0.3 operating point the report says TB."""
     model = make_model(demo=False)

@@ -9,14 +9,16 @@ import pytest
 from dicomfactory import DX_PROCESSING, SC, make_dataset, part10_bytes, uid
 from sqlalchemy import select
 
+from cxrd import queue
 from cxrd.admit import (
     admit_stable_studies,
+    queue_arrivals,
     requeue_study,
     seconds_to_next_admission,
     studies_to_reprocess,
 )
 from cxrd.db import Database, Instance, Job, Study, utcnow
-from cxrd.domain import InstanceState, JobState, SkipReason, StudyState
+from cxrd.domain import InstanceState, JobKind, JobState, SkipReason, StudyState
 from cxrd.ingest import Ingestor
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR CS:UserWarning")
@@ -297,3 +299,66 @@ def test_studies_to_reprocess_filters(ingestor):
     assert studies_to_reprocess(db, base, base + dt.timedelta(days=2), None) == [a, b]
     assert studies_to_reprocess(db, None, None, c) == [c]
     assert studies_to_reprocess(db, base + dt.timedelta(days=5), None, c) == []
+
+
+# ----------------------------------------------------------------- classify on arrival
+
+
+def report_jobs(db: Database, study_uid: str) -> list[Job]:
+    return [j for j in jobs(db, study_uid) if j.kind == JobKind.REPORT.value]
+
+
+def test_arrivals_are_queued_at_once_and_the_report_waits_for_the_stable_study(ingestor):
+    db = ingestor.db
+    study_uid = uid()
+    pa = store(ingestor, modality="CR", study_uid=study_uid, seed=1)
+    lat = store(ingestor, modality="CR", study_uid=study_uid, view_position="LL", seed=2)
+    assert queue_arrivals(db) == 1
+    assert instance(db, pa).state == InstanceState.QUEUED.value
+    assert instance(db, lat).reason == SkipReason.LATERAL_VIEW.value
+    assert study(db, study_uid).state == StudyState.COLLECTING.value  # not stable yet
+    assert study(db, study_uid).stable_at is None
+    assert queue_arrivals(db) == 0  # each instance is queued once
+
+    # the worker ends the job while the study still collects: no report job yet
+    (claimed,) = queue.claim(db, "w", 4, 300, 3)
+    assert claimed.sop_instance_uid == pa
+    assert queue.complete(db, claimed, "w", [0.1, 0.2, 0.7], None, "1.2.3", {})
+    assert report_jobs(db, study_uid) == []
+
+    # stable: admission queues nothing more and lets the report job run
+    assert admit_all(db) == 1
+    assert study(db, study_uid).state == StudyState.ADMITTED.value
+    assert [j.kind for j in jobs(db, study_uid)] == [JobKind.CLASSIFY.value,
+                                                     JobKind.REPORT.value]
+    assert report_jobs(db, study_uid)[0].state == JobState.PENDING.value
+
+
+def test_an_arrival_after_its_study_is_queued_waits_for_the_new_stable_time(ingestor):
+    db = ingestor.db
+    study_uid = uid()
+    store(ingestor, modality="CR", study_uid=study_uid, seed=1)
+    assert queue_arrivals(db) == 1
+    late = store(ingestor, modality="DX", study_uid=study_uid, seed=2)
+    t1 = instance(db, late).received_at
+    assert queue_arrivals(db) == 1
+    assert admit_stable_studies(db, 10, now=t1 + dt.timedelta(seconds=5)) == 0
+    (first, second) = queue.claim(db, "w", 4, 300, 3)
+    for job in (first, second):
+        queue.complete(db, job, "w", [0.1, 0.2, 0.7], None, "1.2.3", {})
+    assert report_jobs(db, study_uid) == []  # done, but the study is not stable yet
+    assert admit_stable_studies(db, 10, now=t1 + dt.timedelta(seconds=10)) == 1
+    assert len(report_jobs(db, study_uid)) == 1
+    assert len([j for j in jobs(db, study_uid) if j.kind == JobKind.CLASSIFY.value]) == 2
+
+
+def test_arrivals_of_a_study_that_is_not_collecting_wait_for_admission(ingestor):
+    # only collecting studies are queued on arrival; the safety net for a received
+    # instance of a study in another state stays admission's
+    db = ingestor.db
+    sop = store(ingestor, modality="CR")
+    st = study(db, instance(db, sop).study_instance_uid)
+    set_state(db, Study, st.id, state=StudyState.ADMITTED.value)
+    assert queue_arrivals(db) == 0
+    assert admit_all(db) == 1
+    assert instance(db, sop).state == InstanceState.QUEUED.value

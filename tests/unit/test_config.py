@@ -346,7 +346,8 @@ port = 104
 
 def test_unknown_key_without_close_match_lists_allowed(tmp_path: Path) -> None:
     problems = problems_of("[study]\nzzz = 1", tmp_path)
-    assert problems == ["study.zzz: unknown key; allowed keys: stable_seconds"]
+    assert problems == ["study.zzz: unknown key; allowed keys: stable_seconds, "
+                        "classify_on_arrival"]
 
 
 def test_top_level_key_outside_its_section(tmp_path: Path) -> None:
@@ -595,3 +596,24 @@ def test_bad_segmenter_options_name_the_key(tmp_path: Path, toml_text: str,
     problems = problems_of(toml_text, tmp_path)
     key = toml_text.split("\n")[1].split(" =")[0]
     assert any(key in p and fragment in p for p in problems), problems
+
+
+def test_lung_margin(tmp_path: Path) -> None:
+    from cxrd.findings import LUNG_MARGIN
+
+    assert validate({}, base_dir=tmp_path).results.lung_margin == LUNG_MARGIN == 0.04
+    for value in ("0", "0.02", "0.25", "1"):
+        text = f"[results]\nlung_margin = {value}\n"
+        if value == "1":
+            problems = problems_of(text, tmp_path)
+            assert any(p.startswith("results.lung_margin: 1 is not allowed; expected a number "
+                                    "from 0 to 0.25 (a fraction of the image side")
+                       for p in problems), problems
+        else:
+            config = validate(tomllib.loads(text), base_dir=tmp_path)
+            assert config.results.lung_margin == float(value)
+    for text, fragment in (("-0.01", "-0.01 is not allowed; expected a number at least 0"),
+                           ('"0.04"', "expected a number"), ("nan", "NaN is not allowed")):
+        problems = problems_of(f"[results]\nlung_margin = {text}\n", tmp_path)
+        assert any(p.startswith("results.lung_margin:") and fragment in p
+                   for p in problems), problems

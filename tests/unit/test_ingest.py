@@ -32,7 +32,7 @@ from cxrd import durable
 from cxrd import ingest as ingest_mod
 from cxrd.db import Database, Instance, Rejection, Study
 from cxrd.domain import InstanceState, RejectReason, StudyState
-from cxrd.ingest import Ingestor, StoreOutcome
+from cxrd.ingest import NO_DIGEST, Ingestor, StoreOutcome
 
 PHI_NAME = "Doe^Jane_PID-4711.dcm"  # file names can carry patient names
 
@@ -101,7 +101,7 @@ def test_valid_cr_is_spooled_byte_for_byte_and_committed(ingestor, dirs, caplog)
     assert (inst.modality, inst.body_part, inst.view_position) == ("CR", "CHEST", "PA")
     assert inst.photometric == "MONOCHROME2" and inst.has_pixels and inst.frames == 1
     assert inst.path == str(target)
-    assert inst.sha256 == hashlib.sha256(data).hexdigest() and inst.size == len(data)
+    assert inst.sha256 == NO_DIGEST and inst.size == len(data)  # until a second copy comes
     assert inst.state == InstanceState.RECEIVED.value and inst.source == "watch:test"
     (study,) = rows(ingestor.db, Study)
     assert study.study_instance_uid == ds.StudyInstanceUID
@@ -170,6 +170,39 @@ def test_same_uid_other_bytes_is_refused_and_first_copy_kept(ingestor, dirs):
     assert inst.sha256 == hashlib.sha256(first_bytes).hexdigest()
 
 
+def test_a_second_copy_records_the_stored_digest_and_a_third_reuses_it(ingestor, dirs,
+                                                                       monkeypatch):
+    ds = make_dataset("CR", seed=1)
+    data = part10_bytes(ds)
+    assert ingestor.store(data, "t").accepted
+    (inst,) = rows(ingestor.db, Instance)
+    assert inst.sha256 == NO_DIGEST  # not computed while no second copy came
+    again = ingestor.store(data, "t")
+    assert again.accepted and again.duplicate
+    (inst,) = rows(ingestor.db, Instance)
+    assert inst.sha256 == hashlib.sha256(data).hexdigest()
+    # the third copy compares with the recorded digest: the spool file is not read again
+    Path(inst.path).rename(Path(inst.path).with_suffix(".moved"))
+    third = ingestor.store(data, "t")
+    assert third.accepted and third.duplicate
+
+
+def test_a_second_copy_whose_first_lost_its_file_unhashed_is_refused(ingestor, dirs):
+    # the stored copy's digest was never needed and its spool file is gone (removed
+    # outside cxrd): nothing to compare with, so the second copy is refused, not taken
+    # for a duplicate, and the first row is left as it is
+    ds = make_dataset("CR", seed=1)
+    data = part10_bytes(ds)
+    assert ingestor.store(data, "t").accepted
+    (inst,) = rows(ingestor.db, Instance)
+    Path(inst.path).unlink()
+    outcome = ingestor.store(data, "t")
+    assert not outcome.accepted and outcome.reason is RejectReason.CONFLICTING_DUPLICATE
+    assert "cannot be compared" in outcome.detail
+    (inst,) = rows(ingestor.db, Instance)
+    assert inst.sha256 == NO_DIGEST
+
+
 def test_bare_data_set_is_accepted_and_reencoded_as_part10(ingestor, dirs):
     ds = make_dataset("CR")
     src = write(dirs.incoming / "bare", bare_bytes(ds, implicit=True))
@@ -186,10 +219,11 @@ def test_bare_data_set_is_accepted_and_reencoded_as_part10(ingestor, dirs):
     assert back.PatientName == ds.PatientName
     (inst,) = rows(ingestor.db, Instance)
     assert inst.transfer_syntax_uid == ImplicitVRLittleEndian
-    assert inst.sha256 == hashlib.sha256(data).hexdigest()
     # the same bare bytes again: the same Part 10 bytes, so a plain duplicate
     again = ingestor.store(bare_bytes(ds, implicit=True), "t")
     assert again.accepted and again.duplicate
+    (inst,) = rows(ingestor.db, Instance)
+    assert inst.sha256 == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize(("implicit", "little", "syntax"), [
@@ -537,10 +571,10 @@ def test_a_watched_file_changed_after_it_was_read_is_copied_as_read(ingestor, di
     monkeypatch.setattr(durable, "link_temp", written_meanwhile)
     assert ingestor.ingest_file(src, "t").accepted
     spool = _spooled(ingestor, ds)
-    # the bytes that were parsed and hashed are the ones spooled, as a copy
+    # the bytes that were parsed are the ones spooled, as a copy
     assert spool.read_bytes() == data
     (row,) = rows(ingestor.db, Instance)
-    assert row.sha256 == hashlib.sha256(data).hexdigest()
+    assert row.size == len(data)
     assert [p for p in all_files(dirs.spool) if p.name.endswith(".tmp")] == []
 
 

@@ -453,3 +453,44 @@ def test_plots_tolerate_missing_class(tmp_path: Path) -> None:
     m.plot_reliability(report, tmp_path / "rel.png", "Reliability")
     for name in ("roc.png", "cm.png", "rel.png"):
         _assert_png(tmp_path / name)
+
+
+def test_best_box_iou_reads_boxes_as_inclusive_pixels() -> None:
+    # The region covers columns 10..19 and rows 0..9 (edges 10-20, 0-10); the inclusive
+    # box [10, 0, 19, 9] is the same pixels.
+    assert m.best_box_iou((10.0, 0.0, 20.0, 10.0), [[10, 0, 19, 9]]) == pytest.approx(1.0)
+    # half of it: the left half of the region
+    assert m.best_box_iou((10.0, 0.0, 20.0, 10.0), [[10, 0, 14, 9]]) == pytest.approx(0.5)
+    # the best of several boxes, corners in any order; disjoint boxes give 0
+    boxes = [[100, 100, 120, 120], [19, 9, 15, 0]]
+    assert m.best_box_iou((10.0, 0.0, 20.0, 10.0), boxes) == pytest.approx(0.5)
+    assert m.best_box_iou((0.0, 0.0, 5.0, 5.0), [[50, 50, 60, 60]]) == 0.0
+    # no region reported (NORM), or no box: 0
+    assert m.best_box_iou(None, [[0, 0, 9, 9]]) == 0.0
+    assert m.best_box_iou((0.0, 0.0, 5.0, 5.0), []) == 0.0
+    # a zero-area region on a zero-area union cannot divide by zero
+    assert m.best_box_iou((3.0, 3.0, 3.0, 3.0), [[0, 0, 0, 0]]) == 0.0
+
+
+def test_region_overlap_per_class() -> None:
+    box = [[0, 0, 9, 9]]
+    result = m.region_overlap(
+        regions=[(0.0, 0.0, 10.0, 10.0), (0.0, 0.0, 10.0, 20.0), None, (0.0, 0.0, 10.0, 10.0),
+                 (0.0, 0.0, 10.0, 10.0), (0.0, 0.0, 40.0, 40.0)],
+        boxes=[box, box, box, [], box, box],
+        labels=["TB", "TB", "TB", "TB", "NORM", 1],
+    )
+    tb = result["TB"]
+    assert tb["n"] == 3 and tb["no_region"] == 1
+    assert tb["mean_iou"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert tb["mean_iou_reported"] == pytest.approx(0.75)
+    assert tb["iou_ge_0.1"] == pytest.approx(2 / 3) and tb["iou_ge_0.3"] == pytest.approx(2 / 3)
+    ntb = result["NTB"]
+    assert ntb["n"] == 1 and ntb["mean_iou"] == pytest.approx(100 / 1600)
+    assert ntb["iou_ge_0.1"] == 0.0
+    empty = m.region_overlap([], [], [])
+    assert empty["TB"] == {"n": 0, "mean_iou": None, "iou_ge_0.1": None, "iou_ge_0.3": None,
+                           "no_region": 0, "mean_iou_reported": None}
+    _dumps(result)
+    with pytest.raises(ValueError, match="same length"):
+        m.region_overlap([None], [], [])

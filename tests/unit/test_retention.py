@@ -6,6 +6,7 @@ purged files."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cxrd.admit import requeue_study
 from cxrd.config import Config, validate
 from cxrd.db import SCHEMA_VERSION, Database, Delivery, Instance, Job, Purge, Result, Study, utcnow
 from cxrd.domain import DeliveryState, InstanceState, JobKind, JobState, ResultKind, StudyState
+from cxrd.ingest import NO_DIGEST
 from cxrd.outbox import add_result, retry_dead
 from cxrd.retention import (
     TRIGGER_COMMAND,
@@ -38,9 +40,9 @@ def config(tmp_path: Path) -> Config:
 
 def make_study(db: Database, config: Config, *, state: StudyState = StudyState.REPORTED,
                at: dt.datetime = OLD, images: int = 2, job: JobState = JobState.DONE,
-               size: int = 1000) -> tuple[str, list[Path]]:
+               size: int = 1000, digest: str = "0" * 64) -> tuple[str, list[Path]]:
     """A study whose last activity was ``at``, ``images`` spool files of ``size`` bytes,
-    each with a classify job in state ``job``."""
+    each with a classify job in state ``job``; ``digest`` is the rows' sha256."""
     study_uid = uid()
     folder = config.storage.spool_dir / study_uid
     folder.mkdir(parents=True)
@@ -58,7 +60,7 @@ def make_study(db: Database, config: Config, *, state: StudyState = StudyState.R
                             series_instance_uid=uid(), sop_class_uid=CR,
                             transfer_syntax_uid="", modality="CR", photometric="MONOCHROME2",
                             path=str(path),
-                            sha256="0" * 64, size=size, source="test", received_at=at,
+                            sha256=digest, size=size, source="test", received_at=at,
                             state=InstanceState.DONE.value)
             s.add(inst)
             s.flush()
@@ -168,6 +170,23 @@ def test_finished_studies_lose_their_spool_files_and_keep_their_rows(
     with db.session() as s:
         assert len(s.scalars(select(Instance)).all()) == 4
         assert len(s.scalars(select(Study)).all()) == 2
+
+
+def test_a_purge_first_records_the_digests_ingest_left_uncomputed(
+        db: Database, config: Config) -> None:
+    # ingest leaves sha256 empty until a UID comes twice; once the file is gone a resend
+    # could no longer be compared, so the purge records it before it removes the file
+    finished, finished_files = make_study(db, config, digest=NO_DIGEST, size=3000)
+    kept, kept_files = make_study(db, config, state=StudyState.ADMITTED, digest=NO_DIGEST)
+    expected = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in finished_files}
+    report = purge(db, config, CUTOFF, trigger=TRIGGER_COMMAND)
+    assert report.studies_purged == [finished]
+    with db.session() as s:
+        digests = {i.path: i.sha256 for i in s.scalars(select(Instance)).all()}
+    assert {p: digests[p] for p in expected} == expected
+    assert all(not p.exists() for p in finished_files)
+    # a study that stays keeps its files, and its digests are left for later
+    assert all(p.exists() and digests[str(p)] == NO_DIGEST for p in kept_files)
 
 
 @pytest.mark.parametrize("case", ["pending-job", "running-job", "unresolved-failure",
