@@ -56,8 +56,9 @@ ROWS, COLS = 2500, 2048
 LABELS = ("TB", "NTB", "NORM")
 VARIANTS = ("uncompressed", "j2k")
 #: Per-image stages; ``record`` (the findings a worker records for the SR) is absent from
-#: older trees and from the lean arm, and shows as "-".
-STAGES = ("decode", "preprocess", "infer", "sc", "write", "record")
+#: older trees and from the lean arm, and shows as "-"; so are the lung segmenter's
+#: ``segment`` (its preprocessing and inference) and ``seg`` (masks, SEG build and write).
+STAGES = ("decode", "preprocess", "infer", "segment", "sc", "write", "seg", "record")
 DEFAULT_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 #: Readiness with ``processes = "auto"`` and no ``workers=`` in the node-start line: the
 #: worker count has reached 1 and not grown for this long.
@@ -680,32 +681,53 @@ def collect_metrics(db: ReadOnlyDb, t_drop: dt.datetime, n_files: int) -> dict[s
 
 
 def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The worker's stages in-process, batch by batch (prepare, infer, SC, findings record),
+    """The worker's stages in-process, batch by batch (prepare, infer, the lung segmenter,
+    SC, SEG, findings record),
     then one SR per study built from the records, as a worker's report job builds it."""
     import pydicom
 
     from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings
-    from cxrd.infer import Classifier
-    from cxrd.preprocess import decode_min_side, decode_pixels
+    from cxrd.infer import Classifier, Segmenter
+    from cxrd.preprocess import decode_min_side, decode_pixels, gray8_to_model_input
     from cxrd.sr import build_sr
     from cxrd.uids import derived_uid
-    from cxrd.worker import prepare, write_heatmap
+    from cxrd.worker import lung_fields, prepare, warm_up_results, write_heatmap, write_seg
 
     results_dir = run_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     bs = args.batch_size
     clf = Classifier(args.model or None, args.providers, max_batch=bs)
+    seg = Segmenter(None, args.providers, max_batch=bs)
     size = clf.input_size
+
+    def segment(preps: list[Any]) -> Any:
+        """The worker's segmenter step (``WorkerLoop._segment``)."""
+        inputs = []
+        for p in preps:
+            t = time.perf_counter()
+            inputs.append(gray8_to_model_input(p.display, seg.input_size,
+                                               seg.info.preprocessing, p.reduced))
+            p.timings["segment"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out = seg.run(np.stack(inputs))
+        for p, o in zip(preps, out, strict=True):
+            p.timings["segment"] += (time.perf_counter() - t) / len(preps)
+            p.lung_grid = lung_fields(o, seg.info)
+        return out
+
     threshold = clf.info.operating_point.tb_threshold
     # Warm-up, untimed: every batch shape the session runs (CUDA kernels) and the first SC
     # and SR (highdicom loads its tables on first use; a worker pays this once).
     t = time.perf_counter()
     clf.warm_up()
+    seg.warm_up()
+    warm_up_results(clf.info, seg.info)
     scratch = run_dir / "warm-up"
     p = prepare(inputs.files[0], clf.info)
     probs, cams = clf.run(p.model_input[None])
     write_heatmap(p, probs[0], cams[0], clf.info, scratch, 1)
+    write_seg(p, segment([p])[0], seg.info, scratch, 1)
     build_sr([ImageFindings.of(p.dataset, probs[0], cams[0], threshold)], clf.info)
     shutil.rmtree(scratch, ignore_errors=True)
     # The resolution prepare() decodes at (JPEG 2000: reduced, see cxrd.preprocess).
@@ -720,9 +742,11 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         t = time.perf_counter()
         probs, cams = clf.run(np.stack([p.model_input for p in preps]))
         infer = (time.perf_counter() - t) / len(preps)
+        lungs = segment(preps)
         for i, p in enumerate(preps):
             p.timings["infer"] = infer
             write_heatmap(p, probs[i], cams[i], clf.info, results_dir, 1)
+            write_seg(p, lungs[i], seg.info, results_dir, 1)
             t = time.perf_counter()
             record = ImageFindings.of(p.dataset, probs[i], cams[i], threshold).record()
             p.timings["record"] = time.perf_counter() - t

@@ -195,11 +195,25 @@ class ModelConfig:
     intra_op_threads: int = 0  # 0: the cores per worker process
     # A worker refuses to start (and `cxrd serve` before it listens) when CUDA is not in use.
     require_cuda: bool = False
+    #: The lung-field segmenter's file; None: the embedded demo segmenter (unless
+    #: ``segmenter_off``). It runs in the same session settings as the classifier.
+    segmenter: Path | None = None
+    #: ``segmenter = "off"``: no segmenter at all (no SEG, no lung-field gate).
+    segmenter_off: bool = False
+    #: The lung-field gate: an image whose predicted lung fields (both lungs together)
+    #: cover less than this fraction of it is skipped (``no-lung-fields``); 0 turns the
+    #: gate off. Chest phantoms measure 0.15-0.28, hand and knee ones 0 (docs).
+    min_lung_fraction: float = 0.05
 
     @property
     def uses_embedded_model(self) -> bool:
         """True when no model file is configured and the embedded demo model is used."""
         return self.path is None
+
+    @property
+    def uses_segmenter(self) -> bool:
+        """False when ``[model] segmenter = "off"``."""
+        return not self.segmenter_off
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +245,8 @@ class ResultsConfig:
     heatmap_secondary_capture: bool = True
     heatmap_max_side: int = 1024
     heatmap_compression: HeatmapCompression = HeatmapCompression.NONE
+    #: One lung-field Segmentation (DICOM SEG) per classified image; needs the segmenter.
+    segmentation: bool = True
     parametric_map: bool = False
     sr_sop_class: SrSopClass = SrSopClass.COMPREHENSIVE_3D
     #: How far outside the lung fields the reported region may lie, a fraction of the
@@ -972,8 +988,27 @@ def _read_model(t: _Table, base: Path) -> ModelConfig:
     require_cuda = t.boolean("require_cuda", d.require_cuda)
     if require_cuda and "CUDAExecutionProvider" not in providers:
         t.bad("require_cuda", True, 'false, or list "CUDAExecutionProvider" in providers')
+    segmenter_off = t.data.get("segmenter") == "off"
+    segmenter = None
+    if segmenter_off:
+        t.known.append("segmenter")
+    else:
+        segmenter = t.path(
+            "segmenter",
+            base,
+            expected='an existing ONNX segmentation model file, "" for the embedded demo '
+                     'segmenter, or "off"',
+            kind="file",
+            must_exist=True,
+        )
+    min_lung_fraction = t.number("min_lung_fraction", d.min_lung_fraction, low=0)
+    if min_lung_fraction >= 1:
+        t.bad("min_lung_fraction", t.data.get("min_lung_fraction"),
+              "a fraction of the image from 0 (no gate) to below 1")
+        min_lung_fraction = d.min_lung_fraction
     return ModelConfig(path=path, providers=providers, intra_op_threads=threads,
-                       require_cuda=require_cuda)
+                       require_cuda=require_cuda, segmenter=segmenter,
+                       segmenter_off=segmenter_off, min_lung_fraction=min_lung_fraction)
 
 
 def _read_workers(t: _Table) -> WorkersConfig:
@@ -1000,6 +1035,7 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
     heatmap = t.boolean("heatmap_secondary_capture", d.heatmap_secondary_capture)
     heatmap_max_side = t.integer("heatmap_max_side", d.heatmap_max_side, low=256, high=4096)
     heatmap_compression = t.choice("heatmap_compression", d.heatmap_compression)
+    segmentation = t.boolean("segmentation", d.segmentation)
     parametric_map = t.boolean("parametric_map", d.parametric_map)
     if parametric_map:
         # The Parametric Map IOD requires a Frame of Reference (patient coordinates), which
@@ -1021,6 +1057,7 @@ def _read_results(t: _Table, base: Path, data_dir: Path) -> ResultsConfig:
         heatmap_secondary_capture=heatmap,
         heatmap_max_side=heatmap_max_side,
         heatmap_compression=heatmap_compression,
+        segmentation=segmentation,
         parametric_map=parametric_map,
         sr_sop_class=sr_sop_class,
         lung_margin=lung_margin,

@@ -29,6 +29,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 
 # ------------------------------------------------------------------------- SOP classes
@@ -39,6 +40,8 @@ CR = ComputedRadiographyImageStorage
 DX_PRESENTATION = DigitalXRayImageStorageForPresentation
 DX_PROCESSING = DigitalXRayImageStorageForProcessing
 SECONDARY_CAPTURE = SecondaryCaptureImageStorage
+#: The lung-field SEG (``cxrd.seg``): BINARY Segmentation Storage.
+SEGMENTATION = SegmentationStorage
 
 #: The SOP classes cxrd stores (docs/dicom-output.md §5).
 ACCEPTED_SOP_CLASSES = {
@@ -65,7 +68,7 @@ RECEIVE_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
 ]
-#: What the sender proposes for its results (SR, SC): explicit, then implicit VR little
+#: What the sender proposes for its results (SR, SC, SEG): explicit, then implicit VR little
 #: endian.
 SEND_TRANSFER_SYNTAXES: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 #: A heatmap SC stored as JPEG Baseline (``[results] heatmap_compression``) goes in a

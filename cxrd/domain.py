@@ -25,7 +25,7 @@ class StudyState(StrEnum):
 
 
 class JobKind(StrEnum):
-    CLASSIFY = "classify"  # one instance: decode, infer, heatmap SC, findings record
+    CLASSIFY = "classify"  # one instance: decode, infer, heatmap SC, lung SEG, findings record
     REPORT = "report"  # one study generation: the SR, from its classify jobs' records
 
 
@@ -40,6 +40,7 @@ class JobState(StrEnum):
 class ResultKind(StrEnum):
     SR = "sr"
     SC = "sc"
+    SEG = "seg"  # the lung-field Segmentation of one classified image
 
 
 class DeliveryState(StrEnum):
@@ -59,6 +60,9 @@ class SkipReason(StrEnum):
     MULTI_FRAME = "multi-frame"
     DECODE_FAILED = "decode-failed"
     UNSUPPORTED_PHOTOMETRIC = "unsupported-photometric"
+    #: The segmenter found no lung fields, or fields too small to be a chest
+    #: (``[model] min_lung_fraction``): a mislabelled hand or knee, say.
+    NO_LUNG_FIELDS = "no-lung-fields"
 
 
 class RejectReason(StrEnum):

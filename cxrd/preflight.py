@@ -6,6 +6,8 @@ fails; ``cxrd check-config`` runs the same checks and lists every problem at onc
 
 - the onnxruntime module is importable (the ``[cpu]`` or ``[gpu]`` extra is installed);
 - the model file exists and its metadata follow the model-file contract;
+- the lung-field segmenter's file (unless ``[model] segmenter = "off"``) exists and is a
+  segmentation model (``cxrd.kind``);
 - the database can be reached and migrated;
 - the DICOM port (``[node] host``/``port``) and the metrics port (``[metrics] listen``) can
   be bound. The check binds a socket and closes it at once; the real listeners are opened
@@ -90,6 +92,29 @@ def check_model(config: Config) -> Problem | None:
     return None
 
 
+def check_segmenter(config: Config) -> Problem | None:
+    """The lung-field segmenter's file (``[model] segmenter``) exists and is a
+    segmentation model whose metadata are valid; nothing to check when it is "off"."""
+    from cxrd.infer import resolve_segmenter_path
+    from cxrd.modelinfo import read_segmentation_info
+
+    if not config.model.uses_segmenter:
+        return None
+    path = resolve_segmenter_path(config.model.segmenter)
+    where = "[model] segmenter" if config.model.segmenter else "the embedded demo segmenter"
+    fix = ('set [model] segmenter to an .onnx file exported by `python -m training '
+           'export-seg`, "" for the demo segmenter, or "off"')
+    if not path.is_file():
+        return Problem("model", f"segmenter file {path} ({where}) does not exist", fix)
+    try:
+        read_segmentation_info(path)
+    except Exception as exc:  # ModelError, or what onnx raises on a damaged file
+        detail = exc.__cause__ or exc
+        return Problem("model", f"segmenter file {path} ({where}) cannot be used: "
+                       f"{_first_line(detail).rstrip('.')}", fix)
+    return None
+
+
 def check_database(config: Config) -> Problem | None:
     """The database can be reached and migrated to this cxrd's schema (the same step
     ``Node.prepare`` runs; migrating twice is a no-op)."""
@@ -171,7 +196,8 @@ def check_ports(config: Config) -> list[Problem]:
 
 def find_problems(config: Config) -> list[Problem]:
     """Every problem at once, in the order an operator would fix them."""
-    found = [check_runtime(), check_model(config), check_database(config)]
+    found = [check_runtime(), check_model(config), check_segmenter(config),
+             check_database(config)]
     return [p for p in found if p is not None] + check_ports(config)
 
 

@@ -768,6 +768,24 @@ def to_model_input(gray_resized: U8) -> F32:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
+def gray8_to_model_input(gray: U8, size: int, preprocessing: str,
+                         reduced: Reduced | None = None) -> F32:
+    """Steps 5 and 6 under the contract ``preprocessing``: a decoded 8-bit image to one
+    model input (size, size, 3). A worker runs a second model (the segmenter) on the image
+    it decoded for the first; ``reduced`` is that image box-averaged already (by the first
+    model's contract) and is used when its factor is the one this contract wants here, so
+    the result is the same bit for bit and the box average is not paid twice."""
+    c = contract(preprocessing)
+    factor = c.reduce_factor(int(gray.shape[0]), int(gray.shape[1]), size)
+    if factor == 1:
+        source = gray
+    elif reduced is not None and reduced.factor == factor:
+        source = reduced.image
+    else:
+        source = reduce_gray8(gray, factor).image
+    return to_model_input(resize_gray8(source, size))
+
+
 def preprocess_dataset(
     ds: Dataset, size: int, pixels: npt.NDArray[np.generic] | None = None, *,
     preprocessing: str, min_side: int | None = None,

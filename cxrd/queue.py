@@ -277,10 +277,13 @@ def _leased(s: Session, job: ClaimedJob, owner: str) -> tuple[Job, Instance | No
 def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
              record: Mapping[str, object] | None, device_uid: str,
              timings: Mapping[str, float], *, sc: tuple[str, Path] | None = None,
+             seg: tuple[str, Path] | None = None,
              destinations: Sequence[str] = ()) -> bool:
     """Mark a classify job done with its outputs: the probabilities and the findings
-    record the SR is built from. False when the lease was lost meanwhile (another worker
-    owns the job now; its results have the same UIDs, so nothing is duplicated)."""
+    record the SR is built from, and its result objects (the heatmap ``sc`` and the lung
+    ``seg``, each a SOP Instance UID and path) with a delivery per destination, all in
+    one transaction. False when the lease was lost meanwhile (another worker owns the job
+    now; its results have the same UIDs, so nothing is duplicated)."""
     now = utcnow()
     with db.session() as s:
         leased = _leased(s, job, owner)
@@ -301,11 +304,13 @@ def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
         inst.state = InstanceState.DONE.value
         inst.reason = None
         inst.detail = None
-        if sc is not None:
-            add_result(s, kind=ResultKind.SC, sop_instance_uid=sc[0],
-                       study_instance_uid=job.study_instance_uid, generation=job.generation,
-                       path=sc[1], destinations=destinations,
-                       source_sop_instance_uid=job.sop_instance_uid)
+        for kind, result in ((ResultKind.SC, sc), (ResultKind.SEG, seg)):
+            if result is not None:
+                add_result(s, kind=kind, sop_instance_uid=result[0],
+                           study_instance_uid=job.study_instance_uid,
+                           generation=job.generation, path=result[1],
+                           destinations=destinations,
+                           source_sop_instance_uid=job.sop_instance_uid)
         study_progress(s, job.study_instance_uid, now)
     return True
 

@@ -157,6 +157,14 @@ def build_lung_seg(
         omit_empty_frames=False,
     )
     seg.add_new("SoftwareVersions", "LO", software_versions(model))
+    # From a source with Pixel Spacing (many CR images have it) highdicom writes a Pixel
+    # Measures item without Slice Thickness, which its own reader (hd.seg.segread)
+    # then refuses. Without a Frame of Reference the frames are the source's pixels, so
+    # the spacing is the source's: the item goes, as for a source without spacing
+    # (Shared Functional Groups keeps its one, empty, item).
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    if shared and "PixelMeasuresSequence" in shared[0] and "FrameOfReferenceUID" not in seg:
+        del shared[0].PixelMeasuresSequence
     # The frames are the source's pixels, neither flipped nor rotated: its orientation
     # holds (General Image, Type 2C without a Frame of Reference; empty when unknown).
     seg.PatientOrientation = list(source_header.get("PatientOrientation") or [])

@@ -39,6 +39,7 @@ from cxrd.db import Database, unavailable
 from cxrd.dicom import (
     REJECT_PERMANENT,
     SECONDARY_CAPTURE,
+    SEGMENTATION,
     SEND_COMPRESSED_SC_SYNTAX,
     SEND_TRANSFER_SYNTAXES,
     SR_SOP_CLASSES,
@@ -58,8 +59,10 @@ POLL_SECONDS = 1.0
 #: A destination that does not answer the TCP handshake (host off, packets dropped) would
 #: otherwise hold the sender for the kernel's connect timeout, about two minutes.
 CONNECT_TIMEOUT_SECONDS = 10.0
-#: The result objects' SOP classes: every SR IOD, and the heatmap Secondary Capture.
-RESULT_SOP_CLASSES: tuple[str, ...] = (*SR_SOP_CLASSES.values(), SECONDARY_CAPTURE)
+#: The result objects' SOP classes: every SR IOD, the heatmap Secondary Capture and the
+#: lung-field Segmentation.
+RESULT_SOP_CLASSES: tuple[str, ...] = (*SR_SOP_CLASSES.values(), SECONDARY_CAPTURE,
+                                       SEGMENTATION)
 #: Stands for the status of a C-STORE that got no response (timeout, abort).
 NO_RESPONSE = -1
 #: A C-STORE that got no answer within this share of the DIMSE timeout ended because of it.

@@ -12,8 +12,8 @@ from cxrd.actions import recent
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
 from cxrd.domain import DeliveryState, JobKind, JobState, RejectReason, ResultKind
-from cxrd.infer import resolve_model_path
-from cxrd.modelinfo import read_model_info
+from cxrd.infer import resolve_model_path, resolve_segmenter_path
+from cxrd.modelinfo import read_model_info, read_segmentation_info
 from cxrd.queue import unresolved_failures
 from cxrd.retention import storage_status
 from cxrd.space import storage_space
@@ -53,6 +53,20 @@ def _by_destination(s: Any) -> dict[str, dict[str, Any]]:
             Delivery.destination == name, Delivery.state == done, noted)
             .order_by(Delivery.id.desc()).limit(1))
     return found
+
+
+def segmenter_status(config: Config) -> dict[str, Any] | None:
+    """The lung-field segmenter the workers run (``[model] segmenter``), as ``model``
+    shows the classifier; None when it is "off"."""
+    if not config.model.uses_segmenter:
+        return None
+    path = resolve_segmenter_path(config.model.segmenter)
+    seg = read_segmentation_info(path)
+    return {"name": seg.name, "version": seg.version, "display_name": seg.display_name,
+            "device_uid": seg.device_uid, "demo": seg.demo, "path": str(path),
+            "preprocessing": seg.preprocessing,
+            "min_lung_fraction": config.model.min_lung_fraction,
+            "segmentation_written": config.results.segmentation}
 
 
 def collect(config: Config, db: Database) -> dict[str, Any]:
@@ -151,6 +165,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "tb_threshold": info.operating_point.tb_threshold,
                 "providers_configured": list(config.model.providers),
             },
+            "segmenter": segmenter_status(config),
             "workers": workers,
             "instances": _counts(s, Instance.state),
             "skipped": {k: v for k, v in _counts(s, Instance.reason).items() if k != "None"},
@@ -264,6 +279,16 @@ def render(doc: dict[str, Any]) -> str:
         f"model: {m['display_name']} (device {m['device_uid']}, TB threshold "
         f"{m['tb_threshold']:.3f}){demo}",
     ]
+    seg = doc.get("segmenter")
+    if seg is None:
+        lines.append("segmenter: off (no lung SEG, no lung-field gate)")
+    else:
+        lines.append(
+            f"segmenter: {seg['display_name']} (device {seg['device_uid']}, min lung "
+            f"fraction {seg['min_lung_fraction']:g}, SEG "
+            f"{'written' if seg['segmentation_written'] else 'not written'})"
+            + ("  ** DEMO: synthetic phantoms, not for clinical use **" if seg["demo"]
+               else ""))
     for w in doc["workers"]:
         lines.append(
             f"  worker {w['id']}: providers {','.join(w['providers'])} processed "

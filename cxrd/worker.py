@@ -1,7 +1,9 @@
 """Worker processes: claim jobs with a lease and do them.
 
-* classify jobs, batched across studies: decode and preprocess, one onnxruntime run per
-  batch, one heatmap SC per image, and the image's findings record (``Job.record``);
+* classify jobs, batched across studies: decode and preprocess, one classifier run and one
+  lung-field segmenter run per batch (the segmenter from the same decoded image), the
+  lung-field gate (``no-lung-fields``), then per image its heatmap SC, its lung SEG and
+  its findings record (``Job.record``);
 * report jobs, one per study generation, enqueued by the transaction that ends the study's
   last classify job (``cxrd.queue``): the study's SR, built from those records alone.
 """
@@ -37,7 +39,8 @@ from cxrd.dicom import CR
 from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.findings import ImageFindings, decide_class
-from cxrd.infer import Classifier
+from cxrd.infer import Classifier, Segmenter
+from cxrd.lungs import probs_to_masks
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, SegmentationInfo
 from cxrd.preprocess import (
@@ -46,6 +49,7 @@ from cxrd.preprocess import (
     dataset_to_gray8,
     decode_min_side,
     decode_pixels,
+    gray8_to_model_input,
     read_dicom,
     resize_gray8,
     to_model_input,
@@ -77,6 +81,10 @@ class Prepared:
     #: ``display`` box-averaged by the model's contract (v2), for the SC to start from;
     #: None when the contract did not reduce it.
     reduced: Reduced | None = None
+    #: Both lung fields (the segmenter's channels thresholded and OR-ed) over the
+    #: segmenter's output grid, which covers the model's square input geometry (the
+    #: image stretched); None without a segmenter.
+    lung_grid: npt.NDArray[np.bool_] | None = None
 
 
 def prepare(path: str | Path, model: ModelInfo) -> Prepared:
@@ -149,14 +157,43 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
     return sop_uid, path
 
 
-def warm_up_results(model: ModelInfo) -> float:
+def lung_fields(probs: npt.NDArray[np.float32], model: SegmentationInfo
+                ) -> npt.NDArray[np.bool_]:
+    """Both lung fields over the segmenter's grid: each channel of its (h, w, 2) output
+    thresholded at ``model.threshold``, OR-ed."""
+    return np.asarray((probs >= model.threshold).any(axis=-1), dtype=np.bool_)
+
+
+def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], model: SegmentationInfo,
+              results_dir: Path, generation: int) -> tuple[str, Path]:
+    """Build and save the lung-field SEG (``cxrd.seg``) of one image from the segmenter's
+    (h, w, 2) ``probs``; returns its SOP Instance UID and path. The masks are at the
+    source's Rows x Columns (``probs_to_masks``, about 5 ms at 2500 x 2048)."""
+    from cxrd.durable import save_dataset
+    from cxrd.seg import build_lung_seg
+
+    series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
+                                   str(prep.dataset.StudyInstanceUID), generation, model)
+    t0 = time.perf_counter()
+    masks = probs_to_masks(probs, int(prep.dataset.Rows), int(prep.dataset.Columns),
+                           model.threshold)
+    seg = build_lung_seg(prep.dataset, masks, model, series_instance_uid=series_uid,
+                         sop_instance_uid=sop_uid,
+                         instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
+    path = save_dataset(seg, results_dir)
+    prep.timings["seg"] = time.perf_counter() - t0
+    return sop_uid, path
+
+
+def warm_up_results(model: ModelInfo, segmenter: SegmentationInfo | None = None) -> float:
     """Build one SC and a few SRs in memory from tiny synthetic images; returns the seconds.
 
     highdicom loads its tables and pydicom its dictionaries on first use (about 0.4 s), and
     ``cxrd.sr`` builds its content templates once per character set and kind of image
     (about 70 ms and 25 ms each): paying that at a worker's start keeps it off the first
     studies' latency. The SRs cover each reported class in the character sets most
-    archives send (none, Latin-1, UTF-8); others are built when first met.
+    archives send (none, Latin-1, UTF-8); others are built when first met. With a
+    ``segmenter``, one lung SEG is built too (highdicom's Segmentation, its first use).
     """
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -183,6 +220,14 @@ def warm_up_results(model: ModelInfo) -> float:
     probs = np.full(3, 1 / 3, dtype=np.float32)
     build_heatmap_sc(ImageResult(ds, np.zeros((16, 16), dtype=np.uint8), probs, cam), model,
                      series_instance_uid=generate_uid())
+    if segmenter is not None:
+        from cxrd.seg import build_lung_seg
+
+        left = np.zeros((16, 16), dtype=bool)
+        left[4:12, 9:14] = True
+        build_lung_seg(ds, [left, left[:, ::-1]], segmenter,
+                       series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(),
+                       instance_number=1)
     cam[0, 0] = 1.0  # a hottest region for the abnormal outcomes
     per_class = np.full((3, 3), 0.01, dtype=np.float32) + np.eye(3, dtype=np.float32) * 0.98
     for charset in (None, "ISO_IR 100", "ISO_IR 192"):
@@ -208,28 +253,42 @@ class WorkerLoop:
     """
 
     def __init__(self, config: Config, worker_id: str, db: Database | None = None,
-                 classifier: Classifier | None = None) -> None:
+                 classifier: Classifier | None = None,
+                 segmenter: Segmenter | None = None) -> None:
         self.config = config
         self.worker_id = worker_id
         self.db = db or Database(config.storage.database_url_resolved)
+        m = config.model
         self.classifier = classifier or Classifier(
-            config.model.path, config.model.providers, worker_threads(config),
-            require_cuda=config.model.require_cuda, max_batch=config.workers.batch_size)
+            m.path, m.providers, worker_threads(config),
+            require_cuda=m.require_cuda, max_batch=config.workers.batch_size)
         self.model = self.classifier.info
+        #: The lung-field segmenter (``[model] segmenter``); None when it is "off" (no
+        #: SEG, no lung-field gate).
+        self.segmenter = segmenter if segmenter is not None or not m.uses_segmenter else (
+            Segmenter(m.segmenter, m.providers, worker_threads(config),
+                      require_cuda=m.require_cuda, max_batch=config.workers.batch_size))
+        self.segmentation = self.segmenter.info if self.segmenter is not None else None
         self.processed = 0
         self.results_dir = config.results.results_dir
         self.destinations = [d.name for d in config.destinations]
-        log.info("action=worker-start worker=%s model=%s device_uid=%s providers=%s demo=%s",
+        seg = self.segmentation
+        log.info("action=worker-start worker=%s model=%s device_uid=%s providers=%s demo=%s "
+                 "segmenter=%s segmenter_device_uid=%s segmenter_demo=%s",
                  worker_id, self.model.display_name, self.model.device_uid,
-                 ",".join(self.classifier.providers), self.model.demo)
+                 ",".join(self.classifier.providers), self.model.demo,
+                 seg.display_name if seg else "off", seg.device_uid if seg else None,
+                 seg.demo if seg else None)
         if "CUDAExecutionProvider" in config.model.providers and (
                 "CUDAExecutionProvider" not in self.classifier.providers):
             log.warning("action=provider-fallback worker=%s wanted=CUDAExecutionProvider "
                         "in_use=%s", worker_id, ",".join(self.classifier.providers))
         # Every batch shape once (CUDA: cuDNN's algorithm search), and highdicom's first
-        # use (~0.5 s): neither lands on the first study.
+        # use (~0.5 s; the SEG's too): none of it lands on the first study.
         self.classifier.warm_up()
-        warm_up_results(self.model)
+        if self.segmenter is not None:
+            self.segmenter.warm_up()
+        warm_up_results(self.model, seg if config.results.segmentation else None)
         #: The jobs of the batch in hand: given back if the database goes away meanwhile.
         self.held: list[queue.ClaimedJob] = []
         try:
@@ -287,8 +346,9 @@ class WorkerLoop:
         return False
 
     def process(self, jobs: list[queue.ClaimedJob]) -> None:
-        """Classify a batch: decode and preprocess each, one inference, then per image its
-        heatmap SC and the job's completion with its findings record."""
+        """Classify a batch: decode and preprocess each, one classifier run and one
+        segmenter run, the lung-field gate, then per image its heatmap SC, its lung SEG
+        and the job's completion with its findings record."""
         ready: list[tuple[queue.ClaimedJob, Prepared]] = []
         for job in jobs:
             try:
@@ -305,24 +365,31 @@ class WorkerLoop:
         t0 = time.perf_counter()
         try:
             probs, cams = self.classifier.run(np.stack([p.model_input for _, p in ready]))
+            infer = (time.perf_counter() - t0) / len(ready)
+            lungs = self._segment([p for _, p in ready])
         except Exception as exc:
             for job, _ in ready:
                 self._retry(job, exc)
             return
-        infer = (time.perf_counter() - t0) / len(ready)
         threshold = self.model.operating_point.tb_threshold
         for i, (job, prep) in enumerate(ready):
             try:
                 prep.timings["infer"] = infer
+                if lungs is not None and self._no_lung_fields(job, prep):
+                    continue
                 sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.results_dir,
                                     job.generation, max_side=self.config.results.heatmap_max_side,
                                     compression=self.config.results.heatmap_compression)
                       if self.config.results.heatmap_secondary_capture else None)
+                seg = (write_seg(prep, lungs[i], self.segmentation, self.results_dir,
+                                 job.generation)
+                       if lungs is not None and self.segmentation is not None
+                       and self.config.results.segmentation else None)
                 t1 = time.perf_counter()
                 record = ImageFindings.of(prep.dataset, probs[i], cams[i], threshold).record()
                 prep.timings["record"] = time.perf_counter() - t1
                 done = queue.complete(self.db, job, self.worker_id, probs[i].tolist(), record,
-                                      self.model.device_uid, prep.timings, sc=sc,
+                                      self.model.device_uid, prep.timings, sc=sc, seg=seg,
                                       destinations=self.destinations)
             except Exception as exc:
                 self._retry(job, exc)
@@ -336,6 +403,46 @@ class WorkerLoop:
                          "p_tb=%.3f p_ntb=%.3f p_norm=%.3f model=%s",
                          job.sop_instance_uid, job.study_instance_uid, *probs[i].tolist(),
                          self.model.display_name)
+
+    def _segment(self, batch: list[Prepared]) -> npt.NDArray[np.float32] | None:
+        """The segmenter's run over the batch the classifier ran: each input from the
+        image ``prepare`` decoded (``Prepared.display``, and its box average when the
+        segmenter's contract wants the same one), under the segmenter's own contract.
+        Sets each image's ``lung_grid`` and its ``segment`` time (preprocessing plus its
+        share of the run); returns the (N, h, w, 2) probabilities, or None without a
+        segmenter."""
+        if self.segmenter is None or self.segmentation is None:
+            return None
+        info = self.segmentation
+        inputs = []
+        for prep in batch:
+            t0 = time.perf_counter()
+            inputs.append(gray8_to_model_input(prep.display, info.input_size,
+                                               info.preprocessing, prep.reduced))
+            prep.timings["segment"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probs = self.segmenter.run(np.stack(inputs))
+        share = (time.perf_counter() - t0) / len(batch)
+        for prep, p in zip(batch, probs, strict=True):
+            prep.timings["segment"] += share
+            prep.lung_grid = lung_fields(p, info)
+        return probs
+
+    def _no_lung_fields(self, job: queue.ClaimedJob, prep: Prepared) -> bool:
+        """The lung-field gate: skip (``no-lung-fields``) an image whose lung fields cover
+        less than ``[model] min_lung_fraction`` of it (a hand or knee sent as a chest, an
+        image with no recognisable lungs). The grid covers the whole image, stretched, so
+        its share of lung cells is the image's share of lung area."""
+        minimum = self.config.model.min_lung_fraction
+        if prep.lung_grid is None or minimum <= 0:
+            return False
+        fraction = float(prep.lung_grid.mean())
+        if fraction >= minimum:
+            return False
+        queue.skip(self.db, job, self.worker_id, SkipReason.NO_LUNG_FIELDS,
+                   f"the lung fields found cover {fraction:.3f} of the image, below "
+                   f"[model] min_lung_fraction {minimum:g}")
+        return True
 
     def report(self, job: queue.ClaimedJob) -> None:
         """A report job: the study's SR from its classify jobs' records (no spool reads).

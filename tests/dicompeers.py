@@ -211,10 +211,10 @@ class StoreSCP:
 
 # ------------------------------------------------------------------- faulty destinations
 
-#: The SOP classes cxrd sends: Secondary Capture and the SR IODs.
+#: The SOP classes cxrd sends: Secondary Capture, the SR IODs and Segmentation.
 RESULT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.11",
                       "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
-                      "1.2.840.10008.5.1.4.1.1.88.34")
+                      "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4")
 
 
 class FaultySCP:
@@ -412,6 +412,14 @@ class Orthanc:
     def get(self, path: str) -> Any:
         return self._request("GET", path)
 
+    def instance_file(self, orthanc_instance: str) -> bytes:
+        """The Part 10 file Orthanc stores for an instance (its Orthanc ID)."""
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/instances/{orthanc_instance}/file")
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            data: bytes = rsp.read()
+        return data
+
     def post(self, path: str, body: Any, timeout: float = 60.0) -> Any:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         ctype = "application/dicom" if isinstance(body, bytes) else "application/json"
@@ -432,7 +440,7 @@ class Orthanc:
         rows = []
         for inst in self.get(f"/studies/{orthanc_study}/instances"):
             tags = self.get(f"/instances/{inst['ID']}/simplified-tags")
-            rows.append({"sop_class_uid": tags.get("SOPClassUID", ""),
+            rows.append({"id": inst["ID"], "sop_class_uid": tags.get("SOPClassUID", ""),
                          "sop_instance_uid": tags.get("SOPInstanceUID", ""),
                          "modality": tags.get("Modality", ""),
                          "study_instance_uid": tags.get("StudyInstanceUID", "")})

@@ -144,7 +144,7 @@ def skipped_with(node: Node, sop_uid: str, reason: str) -> Instance:
 
 
 def still_serving(node: Node) -> None:
-    """C-ECHO is answered, and a good image sent now gets its SR and SC."""
+    """C-ECHO is answered, and a good image sent now gets its SR, SC and SEG."""
     done = echoscu(node.port)
     assert done.returncode == 0, output(done)
     node.good += 1
@@ -160,8 +160,9 @@ def still_serving(node: Node) -> None:
                 return False
             kinds = s.scalars(select(Result.kind).where(
                 Result.study_instance_uid == good.study_instance_uid)).all()
-        return sorted(kinds) == [ResultKind.SC.value, ResultKind.SR.value]
-    wait_until(reported, 120, "the good image's SR and SC")
+        return sorted(kinds) == [ResultKind.SC.value, ResultKind.SEG.value,
+                                 ResultKind.SR.value]
+    wait_until(reported, 120, "the good image's SR, SC and SEG")
 
 
 def logged(node: Node, *needles: str) -> None:

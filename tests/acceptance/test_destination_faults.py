@@ -93,7 +93,7 @@ def test_faulty_destinations_do_not_block_the_good_one(
             return {uid for _, uid in rows(db)}
 
         expected = results()
-        assert len(expected) == 4 + 2  # an SC per image, an SR per study
+        assert len(expected) == 4 + 4 + 2  # an SC and a SEG per image, an SR per study
         wait_until(lambda: received_uids(good) >= expected, 30,
                    "every result at the good destination")
         assert received_uids(good) == expected
@@ -106,7 +106,7 @@ def test_faulty_destinations_do_not_block_the_good_one(
         waits = [(d.done_at - d.created_at).total_seconds()
                  for d in wait_until(delivered, 10, "the good deliveries recorded done")
                  if d.done_at is not None]
-        assert len(waits) == 6 and max(waits) < PROMPT, waits
+        assert len(waits) == 10 and max(waits) < PROMPT, waits
 
         # warns: stored with a warning, which is recorded: done, not retried
         def warned() -> list[Delivery] | None:
@@ -123,7 +123,7 @@ def test_faulty_destinations_do_not_block_the_good_one(
         def recorded(name: str, reason: str) -> list[tuple[Delivery, str]] | None:
             found = [(d, uid) for d, uid in rows(db) if d.destination == name]
             errors = [d.last_error or "" for d, _ in found]
-            return found if len(found) == 6 and any(e.startswith(reason) for e in errors) \
+            return found if len(found) == 10 and any(e.startswith(reason) for e in errors) \
                 and all(e for e in errors) else None
 
         aborted = wait_until(lambda: recorded(
@@ -154,24 +154,24 @@ def test_faulty_destinations_do_not_block_the_good_one(
         assert status.returncode == 0, status.stdout + status.stderr
         doc = json.loads(status.stdout)
         per = doc["deliveries"]["by_destination"]
-        assert per["good"]["by_state"] == {DeliveryState.DONE.value: 6}
+        assert per["good"]["by_state"] == {DeliveryState.DONE.value: 10}
         assert per["good"]["last_error"] is None and per["good"]["with_warning"] == 0
-        assert per["warns"]["by_state"] == {DeliveryState.DONE.value: 6}
-        assert per["warns"]["with_warning"] == 6
+        assert per["warns"]["by_state"] == {DeliveryState.DONE.value: 10}
+        assert per["warns"]["with_warning"] == 10
         assert "0xB000" in per["warns"]["last_warning"]
-        assert per["aborts"]["by_state"] == {DeliveryState.PENDING.value: 6}
+        assert per["aborts"]["by_state"] == {DeliveryState.PENDING.value: 10}
         assert "A-ABORT" in per["aborts"]["last_error"]
-        assert per["slow"]["by_state"] == {DeliveryState.PENDING.value: 6}
+        assert per["slow"]["by_state"] == {DeliveryState.PENDING.value: 10}
         assert "dimse_timeout_seconds" in per["slow"]["last_error"]
         assert {w["destination"] for w in doc["deliveries"]["recent_warnings"]} == {"warns"}
         assert doc["healthy"] is True
         text = run_cli("status", "--config", str(dirs.config))
         assert text.returncode == 0, text.stderr
-        assert "to good: done 6" in text.stdout
-        assert "to warns: done 6; 6 stored with a warning (stored with warning status " \
+        assert "to good: done 10" in text.stdout
+        assert "to warns: done 10; 10 stored with a warning (stored with warning status " \
                "0xB000" in text.stdout
-        assert "to slow: pending 6; last error:" in text.stdout
-        assert "to aborts: pending 6; last error:" in text.stdout
+        assert "to slow: pending 10; last error:" in text.stdout
+        assert "to aborts: pending 10; last error:" in text.stdout
 
         assert node.stop() == 0
     finally:

@@ -81,10 +81,10 @@ port = {port}
 """ for name, port in ports.items()))
     node = nodes.start(dirs)
     db = db_of(dirs)
-    study = dozen.files[:3]  # one study: 3 SCs and an SR, for each destination
+    study = dozen.files[:3]  # one study: 3 SCs, 3 lung SEGs and an SR, for each destination
     dozen.drop(dirs.incoming, study)
 
-    wait_until(lambda: by_state(dirs) == {DeliveryState.DEAD.value: 8}, DONE_TIMEOUT,
+    wait_until(lambda: by_state(dirs) == {DeliveryState.DEAD.value: 14}, DONE_TIMEOUT,
                "every delivery to be dead")
     code, doc = status(dirs)
     assert code == 2 and doc["healthy"] is False
@@ -96,8 +96,8 @@ port = {port}
         done = run_cli("deliveries", "retry", "--destination", "pacs",
                        "--config", str(dirs.config))
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "re-queued 4 dead deliveries to pacs"
-        assert "action=deliveries-retry count=4 destination=pacs actor=" in done.stderr
+        assert done.stdout.strip() == "re-queued 7 dead deliveries to pacs"
+        assert "action=deliveries-retry count=7 destination=pacs actor=" in done.stderr
         wait_until(lambda: set(deliveries_of(db, "pacs").values()) == {"done"}, DONE_TIMEOUT,
                    "the deliveries to pacs to be done")
         assert received_uids(scps["pacs"]) == set(deliveries_of(db, "pacs"))
@@ -109,18 +109,18 @@ port = {port}
         # Then all of them.
         done = run_cli("deliveries", "retry", "--config", str(dirs.config))
         assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "re-queued 4 dead deliveries"
+        assert done.stdout.strip() == "re-queued 7 dead deliveries"
         wait_until(lambda: status(dirs)[0] == 0, DONE_TIMEOUT, "status to be healthy")
         code, doc = status(dirs)
         assert doc["healthy"] is True
-        assert doc["deliveries"]["by_state"] == {DeliveryState.DONE.value: 8}
+        assert doc["deliveries"]["by_state"] == {DeliveryState.DONE.value: 14}
         assert received_uids(scps["archive"]) == set(deliveries_of(db, "archive"))
         actions = [(a["action"], a["scope"], a["count"]) for a in doc["operator_actions"]]
-        assert actions == [("deliveries-retry", None, 4),
-                           ("deliveries-retry", "destination=pacs", 4)]
+        assert actions == [("deliveries-retry", None, 7),
+                           ("deliveries-retry", "destination=pacs", 7)]
         assert all(a["actor"] and a["at"].endswith("Z") for a in doc["operator_actions"])
         text = run_cli("status", "--config", str(dirs.config)).stdout
-        assert "deliveries-retry destination=pacs re-queued 4" in text
+        assert "deliveries-retry destination=pacs re-queued 7" in text
         assert text.rstrip().endswith("healthy")
         assert node.stop() == 0
     finally:

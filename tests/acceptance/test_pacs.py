@@ -2,18 +2,22 @@
 ``storescu`` as a modality.
 
 The round trip a site relies on: the PACS sends a study, cxrd classifies it and sends the
-SR and the heatmap SCs back into the same study. Then the PACS goes down: results of the
-next study (sent by a modality, compressed three ways) wait in the outbox with the reason
-shown by ``cxrd status``, and reach the PACS once it is back, with nothing dead.
+SR, the heatmap SCs and the lung-field SEGs back into the same study. Then the PACS goes
+down: results of the next study (sent by a modality, compressed three ways) wait in the
+outbox with the reason shown by ``cxrd status``, and reach the PACS once it is back, with
+nothing dead.
 """
 
 from __future__ import annotations
 
 import tomllib
 import urllib.error
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
+import pydicom
 import pytest
 from dicompeers import (
     Orthanc,
@@ -35,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 SR_3D = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPRESSED = (JPEG2000Lossless, JPEGLSLossless, RLELossless)
 TIMEOUT = 90.0
 
@@ -65,14 +70,16 @@ def node_port(dirs: NodeDirs) -> int:
 
 def results_in_pacs(orthanc: Orthanc, study_instance_uid: str, images: int
                     ) -> list[dict[str, str]] | None:
-    """The study's instances once its SR and one SC per image are in Orthanc."""
+    """The study's instances once its SR and one SC and one SEG per image are in
+    Orthanc."""
     study = orthanc.study_id(study_instance_uid)
     if study is None:
         return None
     rows = orthanc.instances_of_study(study)
     srs = [r for r in rows if r["sop_class_uid"] == SR_3D]
     scs = [r for r in rows if r["sop_class_uid"] == SC]
-    return rows if len(srs) == 1 and len(scs) == images else None
+    segs = [r for r in rows if r["sop_class_uid"] == SEG]
+    return rows if len(srs) == 1 and len(scs) == len(segs) == images else None
 
 
 def check_results(rows: list[dict[str, str]], study: list[SentFile]) -> None:
@@ -84,6 +91,25 @@ def check_results(rows: list[dict[str, str]], study: list[SentFile]) -> None:
     assert [r["modality"] for r in by_class[SR_3D]] == ["SR"]
     assert {r["modality"] for r in by_class[SC]} <= {"OT", "SC"}
     assert len(by_class[SC]) == len(study)
+    assert [r["modality"] for r in by_class[SEG]] == ["SEG"] * len(study)
+
+
+def check_segs(orthanc: Orthanc, rows: list[dict[str, str]], study: list[SentFile],
+               results: dict[str, Result]) -> None:
+    """Each SEG the PACS holds reads back with highdicom, references one image of the
+    study (each image once), and is the object cxrd wrote, pixel for pixel."""
+    sources = []
+    for row in rows:
+        if row["sop_class_uid"] != SEG:
+            continue
+        back = hd.seg.Segmentation.from_dataset(
+            pydicom.dcmread(BytesIO(orthanc.instance_file(row["id"]))))
+        (source,) = [uid for _, _, uid in back.get_source_image_uids()]
+        sources.append(source)
+        assert back.get_segment_numbers() == [1, 2]
+        written = pydicom.dcmread(results[row["sop_instance_uid"]].path)
+        assert written.SOPClassUID == SEG and back.PixelData == written.PixelData
+    assert sorted(sources) == sorted(f.sop_instance_uid for f in study)
 
 
 def deliveries(db: DbView) -> dict[str, Any]:
@@ -102,7 +128,8 @@ def processed(db: DbView, study: list[SentFile]) -> bool:
         results = list(s.scalars(select(Result).where(
             Result.study_instance_uid == study[0].study_instance_uid)))
     scs = {r.source_sop_instance_uid for r in results if r.kind == ResultKind.SC.value}
-    return (states == [InstanceState.DONE.value] * len(uids) and scs == set(uids)
+    segs = {r.source_sop_instance_uid for r in results if r.kind == ResultKind.SEG.value}
+    return (states == [InstanceState.DONE.value] * len(uids) and scs == segs == set(uids)
             and any(r.kind == ResultKind.SR.value for r in results))
 
 
@@ -127,12 +154,13 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
             pytest.fail(f"Orthanc could not send the study to cxrd: {http_error_text(exc)}\n"
                         f"{orthanc.log()[-3000:]}\n{node.log()[-3000:]}")
 
-        # ... and gets the SR and the heatmaps back, in the same study.
+        # ... and gets the SR, the heatmaps and the lung SEGs back, in the same study.
         rows = wait_until(lambda: results_in_pacs(orthanc, first[0].study_instance_uid, 3),
-                          TIMEOUT, "the SR and 3 SCs in Orthanc")
+                          TIMEOUT, "the SR, 3 SCs and 3 SEGs in Orthanc")
         assert orthanc.study_id(first[0].study_instance_uid) == orthanc_study
-        assert len(rows) == 3 + 1 + 3  # the images, the SR, the heatmaps
-        check_results([r for r in rows if r["sop_class_uid"] in (SR_3D, SC)], first)
+        assert len(rows) == 3 + 1 + 3 + 3  # the images, the SR, the heatmaps, the SEGs
+        check_results([r for r in rows if r["sop_class_uid"] in (SR_3D, SC, SEG)], first)
+        check_segs(orthanc, rows, first, {r.sop_instance_uid: r for r in _results(db, first)})
         assert {i.source for i in _instances(db)} == {"dicom:ORTHANC@127.0.0.1"}
 
         # 2. The PACS goes down; a modality sends a study compressed three ways.
@@ -151,7 +179,7 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
         wait_until(lambda: processed(db, second), TIMEOUT,
                    "the compressed study to be classified")
         second_results = {r.sop_instance_uid for r in _results(db, second)}
-        assert len(second_results) == 4
+        assert len(second_results) == 7  # 3 SCs, 3 SEGs, the SR
 
         def waiting() -> dict[str, Any] | None:
             doc = status_json(dirs)
@@ -159,7 +187,7 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
             return doc if second_results <= set(errors) else None
 
         doc = wait_until(waiting, TIMEOUT, "the new results to fail delivery")
-        assert doc["deliveries"]["by_state"].get(DeliveryState.PENDING.value) == 4
+        assert doc["deliveries"]["by_state"].get(DeliveryState.PENDING.value) == 7
         assert not doc["deliveries"]["by_state"].get(DeliveryState.DEAD.value)
         for entry in doc["deliveries"]["pending_with_errors"]:
             assert entry["destination"] == "pacs" and entry["attempts"] >= 1
@@ -168,8 +196,9 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
         # 3. The PACS is back (same storage): everything is delivered, nothing dead.
         orthanc.start()
         rows = wait_until(lambda: results_in_pacs(orthanc, second[0].study_instance_uid, 3),
-                          TIMEOUT, "the second study's SR and SCs in Orthanc")
+                          TIMEOUT, "the second study's SR, SCs and SEGs in Orthanc")
         check_results(rows, second)
+        check_segs(orthanc, rows, second, {r.sop_instance_uid: r for r in _results(db, second)})
         assert results_in_pacs(orthanc, first[0].study_instance_uid, 3), "first study lost"
 
         def delivered() -> dict[str, Any] | None:
@@ -178,7 +207,7 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
             return doc if set(by_state) == {DeliveryState.DONE.value} else None
 
         doc = wait_until(delivered, TIMEOUT, "status to show every delivery done")
-        assert doc["deliveries"]["by_state"] == {DeliveryState.DONE.value: 8}
+        assert doc["deliveries"]["by_state"] == {DeliveryState.DONE.value: 14}
         assert not doc["deliveries"]["pending_with_errors"]
         assert not doc["deliveries"]["recent_dead"]
         assert doc["healthy"] is True

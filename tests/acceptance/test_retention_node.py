@@ -78,12 +78,12 @@ port = {port}
     assert uid_a != uid_b
 
     scp = StoreSCP(tmp_path / "pacs", port=port)
-    dozen.drop(dirs.incoming, first)  # delivered: 3 SCs and the SR
-    wait_until(lambda: settled(dirs, db) and by_state(dirs) == {"done": 4}, DONE_TIMEOUT,
+    dozen.drop(dirs.incoming, first)  # delivered: 3 SCs, 3 lung SEGs and the SR
+    wait_until(lambda: settled(dirs, db) and by_state(dirs) == {"done": 7}, DONE_TIMEOUT,
                "the first study to be reported and delivered")
     scp.stop()
     dozen.drop(dirs.incoming, second)  # the destination is down: not delivered
-    wait_until(lambda: settled(dirs, db) and by_state(dirs) == {"done": 4, "pending": 4},
+    wait_until(lambda: settled(dirs, db) and by_state(dirs) == {"done": 7, "pending": 7},
                DONE_TIMEOUT, "the second study to be reported, its deliveries pending")
 
     before = status_json(dirs)["storage"]
@@ -101,7 +101,7 @@ port = {port}
 
     text = purge(dirs)
     assert text.startswith("removed 6 received instances in 2 studies"), text
-    assert "and 4 results" in text and "kept 4 results" in text
+    assert "and 7 results" in text and "kept 7 results" in text
     assert spool_files(dirs) == []
     assert not any(p.exists() for p in result_paths(db, uid_a))  # delivered: gone
     assert all(p.exists() for p in result_paths(db, uid_b))  # pending: kept
@@ -115,10 +115,10 @@ port = {port}
     assert storage["results_bytes"] == sum(p.stat().st_size for p in result_paths(db, uid_b))
     last = storage["last_purge"]
     assert (last["trigger"], last["studies"], last["instances"], last["results"],
-            last["results_kept"]) == ("command", 2, 6, 4, 4)
+            last["results_kept"]) == ("command", 2, 6, 7, 7)
     assert last["spool_bytes"] == before["spool_bytes"]
     text = run_cli("status", "--config", str(dirs.config)).stdout
-    assert "last purge: " in text and "4 results kept undelivered" in text
+    assert "last purge: " in text and "7 results kept undelivered" in text
 
     # reprocess names both studies and queues nothing
     done = run_cli("reprocess", "--since", "2000-01-01", "--config", str(dirs.config))
@@ -134,10 +134,10 @@ port = {port}
     # The destination returns: the kept results are delivered, then purged too.
     scp = StoreSCP(tmp_path / "pacs-again", port=port)
     try:
-        wait_until(lambda: by_state(dirs) == {DeliveryState.DONE.value: 8}, DONE_TIMEOUT,
+        wait_until(lambda: by_state(dirs) == {DeliveryState.DONE.value: 14}, DONE_TIMEOUT,
                    "the kept results to be delivered")
-        assert len(scp.received()) == 4
-        assert "and 4 results" in purge(dirs)
+        assert len(scp.received()) == 7
+        assert "and 7 results" in purge(dirs)
         assert not any(p.exists() for p in result_paths(db, uid_b))
         doc = status_json(dirs)
         assert doc["storage"]["results_bytes"] == 0 and doc["healthy"] is True
@@ -161,7 +161,7 @@ def test_the_node_purges_by_itself_after_retention_days(
     assert len(spool_files(dirs)) == 3
     uid = study[0].study_instance_uid
     results = result_paths(db, uid)
-    assert len(results) == 4 and all(p.exists() for p in results)
+    assert len(results) == 7 and all(p.exists() for p in results)  # 3 SCs, 3 SEGs, SR
 
     # Two days pass (the rows are moved back, in SQLite's date arithmetic); a study of
     # today stays.
@@ -182,7 +182,7 @@ def test_the_node_purges_by_itself_after_retention_days(
     last = wait_until(purged, DONE_TIMEOUT, "the node's own purge")
     assert last is not None
     assert (last["trigger"], last["studies"], last["instances"], last["results"]) == (
-        "retention", 1, 3, 4)
+        "retention", 1, 3, 7)
     assert not any(p.exists() for p in results)
     assert "action=purge trigger=retention" in node.log()
     wait_until(lambda: settled(dirs, db), DONE_TIMEOUT, "the recent study to be reported")

@@ -228,3 +228,18 @@ def test_build_lung_seg_rejects_bad_input() -> None:
     multi.NumberOfFrames = 2
     with pytest.raises(ValueError, match="single-frame"):
         seg.build_lung_seg(multi, good, model, **uids)
+
+
+def test_a_source_with_pixel_spacing_gives_a_seg_highdicom_reads_back(tmp_path: Path) -> None:
+    """highdicom copies a CR's Pixel Spacing into a Pixel Measures item without Slice
+    Thickness, which its own reader refuses; the SEG leaves the item out (its frames are
+    the source's pixels)."""
+    model = _model(demo=True)
+    src = make_source(610, 500, sop_class=CR, orientation=True)
+    src.PixelSpacing = [0.143, 0.143]
+    masks = _lungs(610, 500)
+    path = save_dataset(_build(src, masks, model), tmp_path)
+    assert dciodvfy(path) == []
+    decoded = _read_masks(path, src)
+    assert np.array_equal(decoded[..., 0], masks[0])
+    assert np.array_equal(decoded[..., 1], masks[1])

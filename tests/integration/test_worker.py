@@ -53,7 +53,9 @@ class FakeClassifier:
 def node(tmp_path: Path) -> tuple[WorkerLoop, Ingestor, Database, FakeClassifier]:
     config_file = tmp_path / "cxrd.toml"
     config_file.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
-                           '[workers]\nbatch_size = 3\n')
+                           '[workers]\nbatch_size = 3\n'
+                           # the fake classifier's uniform images have no lungs to find
+                           '[model]\nsegmenter = "off"\n')
     config = load_config(config_file, env={})
     db = Database(config.storage.database_url_resolved)
     db.migrate()

@@ -566,6 +566,38 @@ def test_bad_heatmap_options_name_the_key(tmp_path: Path, toml_text: str, fragme
     assert matching and any(fragment in p for p in matching), problems
 
 
+def test_segmenter_keys(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path / "a.toml", ""), env={})
+    assert default.model.segmenter is None and default.model.uses_segmenter
+    assert default.model.min_lung_fraction == 0.05 and default.results.segmentation
+    off = load_config(write(tmp_path / "b.toml", '[model]\nsegmenter = "off"\n'
+                            "min_lung_fraction = 0\n[results]\nsegmentation = false\n"),
+                      env={})
+    assert not off.model.uses_segmenter and off.model.segmenter is None
+    assert off.model.min_lung_fraction == 0 and not off.results.segmentation
+    write(tmp_path / "models" / "seg.onnx", "")
+    named = load_config(write(tmp_path / "c.toml", '[model]\nsegmenter = "models/seg.onnx"\n'),
+                        env={})
+    assert named.model.segmenter == tmp_path / "models" / "seg.onnx"
+    assert named.model.uses_segmenter
+
+
+@pytest.mark.parametrize(("toml_text", "fragment"), [
+    ('[model]\nsegmenter = "missing.onnx"', "does not exist"),
+    ('[model]\nsegmenter = "OFF"', "does not exist"),
+    ("[model]\nsegmenter = false", "expected a string"),
+    ("[model]\nmin_lung_fraction = 1", "from 0 (no gate) to below 1"),
+    ("[model]\nmin_lung_fraction = -0.1", "at least 0"),
+    ('[model]\nmin_lung_fraction = "5%"', "expected a number"),
+    ('[results]\nsegmentation = "yes"', "expected a boolean"),
+])
+def test_bad_segmenter_options_name_the_key(tmp_path: Path, toml_text: str,
+                                            fragment: str) -> None:
+    problems = problems_of(toml_text, tmp_path)
+    key = toml_text.split("\n")[1].split(" =")[0]
+    assert any(key in p and fragment in p for p in problems), problems
+
+
 def test_lung_margin(tmp_path: Path) -> None:
     from cxrd.findings import LUNG_MARGIN
 
