@@ -135,17 +135,20 @@ def seg_uids(source_sop_uid: str, study_uid: str, generation: int,
 
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],
                   model: ModelInfo, results_dir: Path, generation: int, *,
-                  max_side: int = 1024, compression: str = "none") -> tuple[str, Path]:
+                  max_side: int = 1024, compression: str = "none",
+                  region: tuple[float, float, float, float] | None = None) -> tuple[str, Path]:
     """Build and save the heatmap SC; returns its SOP Instance UID and path.
     ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
-    ``heatmap_compression`` (see ``cxrd.heatmap``)."""
+    ``heatmap_compression`` (see ``cxrd.heatmap``); ``region`` is the one the SR reports
+    (``ImageFindings.region``), which the SC outlines."""
     from cxrd.durable import save_dataset
     from cxrd.heatmap import ImageResult, build_heatmap_sc
 
     series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
                                        str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
-    sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam, prep.reduced),
+    sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam, prep.reduced,
+                                      region),
                           model,
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
@@ -377,17 +380,23 @@ class WorkerLoop:
                 prep.timings["infer"] = infer
                 if lungs is not None and self._no_lung_fields(job, prep):
                     continue
+                # The findings first: the SC outlines the region the SR will report, both
+                # kept inside the lung fields (with [results] lung_margin) when they are known.
+                t1 = time.perf_counter()
+                findings = ImageFindings.of(prep.dataset, probs[i], cams[i], threshold,
+                                            lungs=prep.lung_grid,
+                                            margin=self.config.results.lung_margin)
+                record = findings.record()
+                prep.timings["record"] = time.perf_counter() - t1
                 sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.results_dir,
                                     job.generation, max_side=self.config.results.heatmap_max_side,
-                                    compression=self.config.results.heatmap_compression)
+                                    compression=self.config.results.heatmap_compression,
+                                    region=findings.region)
                       if self.config.results.heatmap_secondary_capture else None)
                 seg = (write_seg(prep, lungs[i], self.segmentation, self.results_dir,
                                  job.generation)
                        if lungs is not None and self.segmentation is not None
                        and self.config.results.segmentation else None)
-                t1 = time.perf_counter()
-                record = ImageFindings.of(prep.dataset, probs[i], cams[i], threshold).record()
-                prep.timings["record"] = time.perf_counter() - t1
                 done = queue.complete(self.db, job, self.worker_id, probs[i].tolist(), record,
                                       self.model.device_uid, prep.timings, sc=sc, seg=seg,
                                       destinations=self.destinations)

@@ -10,7 +10,6 @@ recorded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os

@@ -5,6 +5,7 @@ validated by dciodvfy), its result and delivery rows, the lung-field gate, and t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from io import BytesIO
@@ -24,6 +25,7 @@ from cxrd.db import Database, Delivery, Instance, Job, Result, Study
 from cxrd.dicom import SEGMENTATION
 from cxrd.domain import InstanceState, ResultKind, SkipReason, StudyState
 from cxrd.errors import ModelError
+from cxrd.findings import ImageFindings, allowed_area
 from cxrd.infer import Classifier, Segmenter
 from cxrd.ingest import Ingestor
 from cxrd.lungs import probs_to_masks
@@ -146,9 +148,25 @@ def test_the_worker_writes_a_lung_seg_per_classified_image(node: Node) -> None:
         for channel in range(2):
             assert np.array_equal(back[..., channel], expected[channel])
             assert 0.05 < expected[channel].mean() < 0.25  # a lung, not nothing or all
-        # the lung grid the findings can be restricted to: both channels OR-ed
+        # the lung grid the findings are restricted to: both channels OR-ed
         assert prep.lung_grid is not None and prep.lung_grid.shape == probs.shape[:2]
         assert np.array_equal(prep.lung_grid, lung_fields(probs, loop.segmentation))
+        # the recorded region (the SR's, the SC's outline) is the lung-restricted one
+        class_probs, cams = loop.classifier.run(prep.model_input[None])
+        expected_findings = ImageFindings.of(
+            prep.dataset, class_probs[0], cams[0], loop.model.operating_point.tb_threshold,
+            lungs=prep.lung_grid, margin=loop.config.results.lung_margin)
+        with db.session() as s:
+            record = s.scalars(select(Job.record).where(Job.instance_id == inst.id)).one()
+        region = json.loads(record)["region"]
+        if expected_findings.region is None:
+            assert region is None
+        else:
+            assert region == pytest.approx(list(expected_findings.region))
+            allowed = allowed_area(prep.lung_grid, ROWS, COLS, loop.config.results.lung_margin)
+            assert allowed is not None
+            x0, y0, x1, y1 = (int(v) for v in region)
+            assert allowed[y0:y1, x0:x1].any()  # the region lies on the allowed area
     with db.session() as s:
         # one delivery per result and destination, queued with the job's completion
         kinds = s.execute(select(Result.kind, Delivery.destination)
