@@ -12,7 +12,8 @@ lung fields cover (the ``[model] min_lung_fraction`` gate compares it). ``costs`
 time (``time.thread_time``, one thread for onnxruntime) per image of the segmenter's
 preprocessing under v1 and v2, its inference (a batch's share; image by image as the
 worker runs it on the CPU, and the whole batch in one run), ``probs_to_masks``, the SEG
-build and the SEG write. ``dice``: Dice per lung against the phantoms' own masks with the
+build (highdicom), the SEG encode (``LungSegEncoder``, a template per kind of source) and
+the SEG write. ``dice``: Dice per lung against the phantoms' own masks with the
 segmenter's input made under cxrd-gray8-stretch-v1 and under v2 (at 2500 x 2048, v2
 box-averages by 2 first).
 """
@@ -35,6 +36,7 @@ if str(ROOT) not in sys.path:
 from cxrd.infer import Classifier, Segmenter, batch_buckets  # noqa: E402
 from cxrd.lungs import probs_to_masks  # noqa: E402
 from cxrd.preprocess import STRETCH_V1, STRETCH_V2, gray8_to_model_input  # noqa: E402
+from cxrd.seg import LungSegEncoder  # noqa: E402
 from cxrd.worker import Prepared, lung_fields, prepare, write_seg  # noqa: E402
 from training.masks import dice  # noqa: E402
 from training.phantoms import (  # noqa: E402
@@ -106,11 +108,12 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
     rows, cols = args.size
     paths = _write(_phantoms(args.n, rows, cols, args.seed, True), folder, args.seed)
     preps: list[Prepared] = [prepare(p, clf.info) for p in paths]
+    encoder = LungSegEncoder(seg.info)
     write_seg(preps[0], seg.run(gray8_to_model_input(
-        preps[0].display, 256, STRETCH_V1)[None])[0], seg.info, folder / "warm", 1)
+        preps[0].display, 256, STRETCH_V1)[None])[0], encoder, folder / "warm", 1)
     ms: dict[str, list[float]] = {k: [] for k in (
         "preprocess v1", "preprocess v2", "inference", "inference, whole batch",
-        "probs_to_masks", "SEG build", "SEG write")}
+        "probs_to_masks", "SEG build", "SEG encode (template)", "SEG write")}
     from cxrd.durable import save_dataset
     from cxrd.seg import build_lung_seg
     from cxrd.worker import seg_uids
@@ -136,14 +139,18 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
             t1 = time.thread_time()
             series, sop = seg_uids(str(p.dataset.SOPInstanceUID),
                                    str(p.dataset.StudyInstanceUID), 1, seg.info)
-            ds = build_lung_seg(p.dataset, masks, seg.info, series_instance_uid=series,
-                                sop_instance_uid=sop, instance_number=1)
+            build_lung_seg(p.dataset, masks, seg.info, series_instance_uid=series,
+                           sop_instance_uid=sop, instance_number=1)
             t2 = time.thread_time()
-            save_dataset(ds, folder / "out")
+            encoded = encoder.build(p.dataset, masks, series_instance_uid=series,
+                                    sop_instance_uid=sop, instance_number=1)
+            t2b = time.thread_time()
+            save_dataset(encoded, folder / "out")
             t3 = time.thread_time()
+            ms["SEG encode (template)"].append(t2b - t2)
             ms["probs_to_masks"].append(t1 - t)
             ms["SEG build"].append(t2 - t1)
-            ms["SEG write"].append(t3 - t2)
+            ms["SEG write"].append(t3 - t2b)
     print(f"CPU ms per image ({rows}x{cols}, decoded {preps[0].display.shape}, batch "
           f"{args.batch}, 1 onnxruntime thread, n {len(preps)}):")
     for k, v in ms.items():

@@ -690,6 +690,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     from cxrd.findings import ImageFindings
     from cxrd.infer import Classifier, Segmenter
     from cxrd.preprocess import decode_min_side, decode_pixels, gray8_to_model_input
+    from cxrd.seg import LungSegEncoder
     from cxrd.sr import build_sr
     from cxrd.uids import derived_uid
     from cxrd.worker import lung_fields, prepare, warm_up_results, write_heatmap, write_seg
@@ -727,7 +728,8 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     p = prepare(inputs.files[0], clf.info)
     probs, cams = clf.run(p.model_input[None])
     write_heatmap(p, probs[0], cams[0], clf.info, scratch, 1)
-    write_seg(p, segment([p])[0], seg.info, scratch, 1)
+    encoder = LungSegEncoder(seg.info)
+    write_seg(p, segment([p])[0], encoder, scratch, 1)
     build_sr([ImageFindings.of(p.dataset, probs[0], cams[0], threshold)], clf.info)
     shutil.rmtree(scratch, ignore_errors=True)
     # The resolution prepare() decodes at (JPEG 2000: reduced, see cxrd.preprocess).
@@ -746,7 +748,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         for i, p in enumerate(preps):
             p.timings["infer"] = infer
             write_heatmap(p, probs[i], cams[i], clf.info, results_dir, 1)
-            write_seg(p, lungs[i], seg.info, results_dir, 1)
+            write_seg(p, lungs[i], encoder, results_dir, 1)
             t = time.perf_counter()
             record = ImageFindings.of(p.dataset, probs[i], cams[i], threshold).record()
             p.timings["record"] = time.perf_counter() - t

@@ -54,6 +54,7 @@ from cxrd.preprocess import (
     resize_gray8,
     to_model_input,
 )
+from cxrd.seg import LungSegEncoder
 from cxrd.space import is_resource_error
 from cxrd.uids import derived_uid
 
@@ -167,22 +168,23 @@ def lung_fields(probs: npt.NDArray[np.float32], model: SegmentationInfo
     return np.asarray((probs >= model.threshold).any(axis=-1), dtype=np.bool_)
 
 
-def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], model: SegmentationInfo,
+def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEncoder,
               results_dir: Path, generation: int) -> tuple[str, Path]:
     """Build and save the lung-field SEG (``cxrd.seg``) of one image from the segmenter's
     (h, w, 2) ``probs``; returns its SOP Instance UID and path. The masks are at the
-    source's Rows x Columns (``probs_to_masks``, about 5 ms at 2500 x 2048)."""
+    source's Rows x Columns (``probs_to_masks``, about 2-5 ms at 2500 x 2048); the SEG
+    comes from ``encoder``'s template for the kind of source (``LungSegEncoder``)."""
     from cxrd.durable import save_dataset
-    from cxrd.seg import build_lung_seg
 
+    model = encoder.model
     series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
                                    str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
     masks = probs_to_masks(probs, int(prep.dataset.Rows), int(prep.dataset.Columns),
                            model.threshold)
-    seg = build_lung_seg(prep.dataset, masks, model, series_instance_uid=series_uid,
-                         sop_instance_uid=sop_uid,
-                         instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
+    seg = encoder.build(prep.dataset, masks, series_instance_uid=series_uid,
+                        sop_instance_uid=sop_uid,
+                        instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
     path = save_dataset(seg, results_dir)
     prep.timings["seg"] = time.perf_counter() - t0
     return sop_uid, path
@@ -272,6 +274,8 @@ class WorkerLoop:
             Segmenter(m.segmenter, m.providers, worker_threads(config),
                       require_cuda=m.require_cuda, max_batch=config.workers.batch_size))
         self.segmentation = self.segmenter.info if self.segmenter is not None else None
+        self.seg_encoder = (LungSegEncoder(self.segmentation)
+                            if self.segmentation is not None else None)
         self.processed = 0
         self.results_dir = config.results.results_dir
         self.destinations = [d.name for d in config.destinations]
@@ -393,9 +397,9 @@ class WorkerLoop:
                                     compression=self.config.results.heatmap_compression,
                                     region=findings.region)
                       if self.config.results.heatmap_secondary_capture else None)
-                seg = (write_seg(prep, lungs[i], self.segmentation, self.results_dir,
+                seg = (write_seg(prep, lungs[i], self.seg_encoder, self.results_dir,
                                  job.generation)
-                       if lungs is not None and self.segmentation is not None
+                       if lungs is not None and self.seg_encoder is not None
                        and self.config.results.segmentation else None)
                 done = queue.complete(self.db, job, self.worker_id, probs[i].tolist(), record,
                                       self.model.device_uid, prep.timings, sc=sc, seg=seg,

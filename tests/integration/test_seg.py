@@ -243,3 +243,118 @@ def test_a_source_with_pixel_spacing_gives_a_seg_highdicom_reads_back(tmp_path: 
     decoded = _read_masks(path, src)
     assert np.array_equal(decoded[..., 0], masks[0])
     assert np.array_equal(decoded[..., 1], masks[1])
+
+
+# ------------------------------------------------------------------ the template encoder
+
+#: Set from the clock by highdicom and by the encoder, so they differ between two builds;
+#: the Dimension Organization UID is a fresh one per highdicom build.
+_UNSTABLE = {"InstanceCreationTime", "InstanceCreationDate", "ContentTime", "ContentDate",
+             "ContributionDateTime", "DimensionOrganizationUID"}
+
+
+def _differences(a: Dataset, b: Dataset, path: str = "") -> list[str]:
+    """Every element of ``a`` or ``b`` (recursively) that the other lacks or holds with
+    another value, but those set from the clock."""
+    out: list[str] = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):  # noqa: SIM118
+        name = f"{path}{pydicom.datadict.keyword_for_tag(tag) or tag}"
+        if pydicom.datadict.keyword_for_tag(tag) in _UNSTABLE:
+            continue
+        if tag not in a or tag not in b:
+            out.append(f"{name}: only in {'the encoder' if tag in a else 'highdicom'}")
+            continue
+        ea, eb = a[tag], b[tag]
+        if ea.VR == "SQ":
+            if len(ea.value) != len(eb.value):
+                out.append(f"{name}: {len(ea.value)} items, not {len(eb.value)}")
+            for i, (ia, ib) in enumerate(zip(ea.value, eb.value, strict=False)):
+                out.extend(_differences(ia, ib, f"{name}[{i}]."))
+        elif ea.VR != eb.VR or ea.value != eb.value:
+            out.append(f"{name}: {ea.VR} {str(ea.value)[:60]!r} != {eb.VR} "
+                       f"{str(eb.value)[:60]!r}")
+    return out
+
+
+def _variants() -> list[tuple[str, Dataset]]:
+    """One source of each kind the encoder tells apart, two of each (the first builds the
+    template, the second is encoded from it)."""
+    out: list[tuple[str, Dataset]] = []
+    for _ in range(2):
+        out.append(("cr", make_source(300, 200)))
+        out.append(("dx", make_source(300, 200, sop_class=DX_PRESENTATION)))
+        out.append(("no orientation or spacing", make_source(300, 200, orientation=False)))
+        out.append(("other size", make_source(280, 240)))
+        utf8 = make_source(300, 200)
+        utf8.SpecificCharacterSet = "ISO_IR 192"
+        utf8.PatientName = "Ünal^Çağrı"
+        out.append(("utf-8", utf8))
+        sparse = make_source(300, 200)
+        for keyword in ("PatientBirthDate", "PatientSex", "PatientAge", "StudyDescription",
+                        "IssuerOfPatientID", "AccessionNumber", "SpecificCharacterSet"):
+            delattr(sparse, keyword)
+        sparse.PatientName = "Muller^Anna"  # the default repertoire
+        out.append(("sparse patient module", sparse))
+        lossy = make_source(300, 200)
+        lossy.LossyImageCompression = "01"
+        lossy.LossyImageCompressionRatio = 12.5
+        lossy.LossyImageCompressionMethod = "ISO_10918_1"
+        out.append(("lossy", lossy))
+    # the second of each kind: another patient, study and series
+    for _, src in out[len(out) // 2:]:
+        src.PatientName, src.PatientID = "Other^Patient", "MRN-9"
+        if "PatientBirthDate" in src:
+            src.PatientBirthDate = "19700101"
+        src.StudyDate, src.StudyTime, src.StudyID = "20250101", "101010", "99"
+        src.InstanceNumber = 7
+    return out
+
+
+def test_the_encoder_makes_what_highdicom_makes_for_each_kind_of_source(tmp_path) -> None:
+    model = _model(demo=True)
+    encoder = seg.LungSegEncoder(model)
+    left, right = _lungs(300, 200)
+    for kind, src in _variants():
+        rows, cols = int(src.Rows), int(src.Columns)
+        masks = (left, right) if (rows, cols) == (300, 200) else _lungs(rows, cols)
+        for overlapping in (False, True):
+            if overlapping:  # a pixel in both lungs: another template (Segments Overlap)
+                masks = (masks[0], masks[1] | masks[0])
+            series_uid, sop_uid = seg_uids(str(src.SOPInstanceUID),
+                                           str(src.StudyInstanceUID), 1, model)
+            kwargs = dict(series_instance_uid=series_uid, sop_instance_uid=sop_uid,
+                          instance_number=int(src.InstanceNumber))
+            ours = encoder.build(src, masks, **kwargs)
+            reference = seg.build_lung_seg(src, masks, model, **kwargs)
+            assert _differences(ours, reference) == [], kind
+            assert ours.file_meta == reference.file_meta
+            assert ours.PixelData == reference.PixelData, kind
+            path = save_dataset(ours, tmp_path)
+            assert dciodvfy(path) == [], kind
+            back = hd.seg.segread(path).get_pixels_by_source_instance(
+                [str(src.SOPInstanceUID)], segment_numbers=[1, 2])
+            for channel in range(2):
+                assert np.array_equal(np.asarray(back[0][..., channel], dtype=bool),
+                                      masks[channel]), kind
+    # each kind was built once by highdicom, then encoded from its template
+    assert len(encoder._templates) == 7 * 2
+
+
+def test_the_encoders_copies_do_not_leak_into_each_other() -> None:
+    model = _model(demo=True)
+    encoder = seg.LungSegEncoder(model)
+    masks = _lungs(300, 200)
+    first, second = make_source(300, 200), make_source(300, 200)
+    second.PatientName = "Second^Patient"
+    a = encoder.build(first, masks, series_instance_uid=generate_uid(),
+                      sop_instance_uid=generate_uid(), instance_number=1)
+    b = encoder.build(second, masks, series_instance_uid=generate_uid(),
+                      sop_instance_uid=generate_uid(), instance_number=2)
+    c = encoder.build(first, masks, series_instance_uid=generate_uid(),
+                      sop_instance_uid=generate_uid(), instance_number=3)
+    assert (a.PatientName, b.PatientName, c.PatientName) == (
+        first.PatientName, "Second^Patient", first.PatientName)
+    refs = [x.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+            .ReferencedSOPInstanceUID for x in (a, b, c)]
+    assert refs == [first.SOPInstanceUID, second.SOPInstanceUID, first.SOPInstanceUID]
+    assert len({a.SOPInstanceUID, b.SOPInstanceUID, c.SOPInstanceUID}) == 3
