@@ -169,11 +169,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def has_segmenter(tree: Tree) -> bool:
+    """Whether the tree's node runs the lung segmenter (``[model] segmenter``)."""
+    infer = tree.root / "cxrd" / "infer.py"
+    return infer.exists() and "class Segmenter" in infer.read_text(encoding="utf-8")
+
+
 def write_config(path: Path, data_dir: Path, args: argparse.Namespace,
-                 processes: int | str) -> None:
-    """The node's TOML; ``processes`` is an integer or "auto" (a TOML string)."""
+                 processes: int | str, tree: Tree) -> None:
+    """The node's TOML; ``processes`` is an integer or "auto" (a TOML string). With
+    ``--segmenter off`` a tree that has the lung segmenter runs without it."""
     providers = ", ".join(json.dumps(p) for p in args.providers)
     model = f"path = {json.dumps(str(Path(args.model).resolve()))}\n" if args.model else ""
+    if args.segmenter == "off" and has_segmenter(tree):
+        model += 'segmenter = "off"\n'
+
     path.write_text(
         "# written by bench/pipeline.py\n"
         f"[node]\nport = {free_port()}\n\n"
@@ -567,7 +577,7 @@ def run_node(inputs: Inputs, run_dir: Path, args: argparse.Namespace, tree: Tree
     for i, f in enumerate(inputs.files):
         shutil.copyfile(f, staging / f"{i:04d}_{f.name}")
     config = run_dir / "cxrd.toml"
-    write_config(config, data_dir, args, processes)
+    write_config(config, data_dir, args, processes, tree)
     log_path = run_dir / "cxrd-serve.log"
     cmd = [sys.executable, "-m", "cxrd.cli", "serve", "--config", str(config)]
     log(f"{inputs.variant}: starting {' '.join(cmd[1:])} ({tree.label} tree)")
@@ -1116,7 +1126,8 @@ def print_header(args: argparse.Namespace, info: dict[str, Any]) -> None:
     print(f"  providers   asked {','.join(args.providers)}; in use {','.join(info['providers'])}")
     mode = "in-process stages (--stage-only)" if args.stage_only else (
         f"cxrd serve, processes={args.processes}, batch_size={args.batch_size}, "
-        f"stable_seconds={args.stable_seconds:g}, settle_seconds=0.2")
+        f"stable_seconds={args.stable_seconds:g}, settle_seconds=0.2, "
+        f"lung segmenter {args.segmenter}")
     print(f"  mode        {mode}")
     print(f"  cpus        {os.cpu_count()}")
 
@@ -1351,6 +1362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="ONNX model file (default: the embedded demo model)")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS,
                    help=f"onnxruntime providers in order (default {DEFAULT_PROVIDERS})")
+    p.add_argument("--segmenter", choices=("on", "off"), default="on",
+                   help="the node's lung segmenter and SEG (default on, the node's default); "
+                        "off: [model] segmenter = \"off\" (trees without one run as they are)")
     p.add_argument("--stable-seconds", type=float, default=1.0,
                    help="study.stable_seconds for the node (default 1)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cxrd-bench",
