@@ -116,6 +116,13 @@ def admit_stable_studies(db: Database, stable_seconds: float,
     A study is due when it is collecting, or (as a safety net against a lost state
     update) when it holds instances that were received but never admitted.
     """
+    return admission_round(db, stable_seconds, now)[0]
+
+
+def admission_round(db: Database, stable_seconds: float,
+                    now: dt.datetime | None = None) -> tuple[int, float | None]:
+    """``admit_stable_studies`` and then ``seconds_to_next_admission``, in one transaction
+    (the scheduler's round): (studies admitted, seconds until the next is due or None)."""
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     admitted = 0
@@ -131,7 +138,10 @@ def admit_stable_studies(db: Database, stable_seconds: float,
             log.info("action=admitted study_instance_uid=%s queued=%d skipped=%d",
                      study.study_instance_uid, queued, skipped)
             admitted += 1
-    return admitted
+        s.flush()
+        last = s.scalar(_EARLIEST_COLLECTING)
+    wait = None if last is None else max(0.0, (last - now).total_seconds() + stable_seconds)
+    return admitted, wait
 
 
 def seconds_to_next_admission(db: Database, stable_seconds: float,

@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from cxrd import queue
-from cxrd.admit import admit_stable_studies, queue_arrivals, seconds_to_next_admission
+from cxrd.admit import admission_round, queue_arrivals
 from cxrd.config import Config, worker_processes
 from cxrd.db import Database, unavailable
 from cxrd.durable import remove_stale_temp_files
@@ -54,6 +54,9 @@ MIN_INTERVAL_SECONDS = 0.02
 #: sooner than this after its previous round: a burst of arrivals is queued a few at a
 #: time, not one round (a transaction, a commit) per file.
 ARRIVAL_ROUND_SECONDS = 0.2
+#: Without a store noticed in this process, the scheduler still looks for received
+#: instances to queue this often.
+ARRIVAL_CHECK_SECONDS = 5.0
 #: How often the scheduler looks for admitted studies that lack a report job.
 REPORT_SWEEP_SECONDS = 30.0
 STATUS_SECONDS = 5.0
@@ -109,6 +112,8 @@ class Node:
         #: last full round read it; None: nothing collecting, or not known.
         self._admission_due: float | None = None
         self._arrival_round = False  # the loop woke for a stored instance
+        self._stored = False  # an instance was stored since the last queue_arrivals
+        self._next_arrival_check = 0.0
         self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
                                    config.storage.min_free_mb)
         self._database_down_since: float | None = None
@@ -148,7 +153,7 @@ class Node:
                                                  space=self.space)
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir,
                             space=self.space,
-                            on_stored=self._wake.set if cfg.study.classify_on_arrival else None)
+                            on_stored=self._on_stored if cfg.study.classify_on_arrival else None)
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
         self.receiver.start()
@@ -230,7 +235,15 @@ class Node:
     def _tick(self) -> tuple[int, int]:
         cfg = self.config
         self._last_round = time.monotonic()
-        queued = queue_arrivals(self.db) if cfg.study.classify_on_arrival else 0
+        queued = 0
+        if cfg.study.classify_on_arrival and (
+                self._stored or cfg.node.receivers > 1
+                or self._last_round >= self._next_arrival_check):
+            # Only after a store in this process (``_on_stored``), with receivers in other
+            # processes every round, and otherwise now and then (a lost wake-up).
+            self._stored = False
+            self._next_arrival_check = self._last_round + ARRIVAL_CHECK_SECONDS
+            queued = queue_arrivals(self.db)
         due = self._admission_due
         admitted = 0
         if not (self._arrival_round and due is not None and self._last_round < due):
@@ -239,8 +252,7 @@ class Node:
             # it: a round that fails (the database away) leaves the next one at the
             # regular interval, not at a study's due time.
             self._admission_due = None
-            admitted = admit_stable_studies(self.db, cfg.study.stable_seconds)
-            wait = seconds_to_next_admission(self.db, cfg.study.stable_seconds)
+            admitted, wait = admission_round(self.db, cfg.study.stable_seconds)
             if wait is not None:
                 self._admission_due = time.monotonic() + wait
         swept = 0
@@ -325,6 +337,11 @@ class Node:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
             self._pause()
+
+    def _on_stored(self) -> None:
+        """The ingestor stored an instance (any thread): queue it at the next round."""
+        self._stored = True
+        self._wake.set()
 
     def _pause(self) -> None:
         """Between two rounds: until the next is due (``_interval``), or a stop or a reload,

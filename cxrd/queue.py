@@ -142,24 +142,36 @@ def study_progress(s: Session, study_uid: str, now: dt.datetime,
         study = _locked_study(s, study_uid)
     if study is None or study.state != StudyState.ADMITTED.value:
         return
-    still_open = s.scalars(select(Job.id).where(
-        Job.study_instance_uid == study_uid, Job.kind == JobKind.CLASSIFY.value,
-        Job.state.in_(_OPEN)).limit(1)).first()
-    if still_open is not None:
+    _enqueue_report(s, study, _study_jobs(s, study_uid), now)
+
+
+def _study_jobs(s: Session, study_uid: str) -> Sequence[Any]:
+    """(id, kind, state, generation) of every job of a study: one query (a study has a
+    few jobs per image and generation)."""
+    return s.execute(select(Job.id, Job.kind, Job.state, Job.generation).where(
+        Job.study_instance_uid == study_uid)).all()
+
+
+def _enqueue_report(s: Session, study: Study, jobs: Sequence[Any], now: dt.datetime) -> None:
+    """``study_progress``'s rule, on the study's ``_study_jobs``: nothing while a classify
+    job is open; else its generation's report job, new, or put back to pending when it
+    ended (a pending or running one is left alone)."""
+    if any(j.kind == JobKind.CLASSIFY.value and j.state in _OPEN for j in jobs):
         return
-    report = s.scalars(select(Job).where(
-        Job.study_instance_uid == study_uid, Job.kind == JobKind.REPORT.value,
-        Job.generation == study.generation)).first()
+    report = next((j for j in jobs if j.kind == JobKind.REPORT.value
+                   and j.generation == study.generation), None)
     if report is None:
-        s.add(Job(kind=JobKind.REPORT.value, instance_id=None, study_instance_uid=study_uid,
-                  generation=study.generation, state=JobState.PENDING.value, not_before=now,
-                  created_at=now))
+        s.add(Job(kind=JobKind.REPORT.value, instance_id=None,
+                  study_instance_uid=study.study_instance_uid, generation=study.generation,
+                  state=JobState.PENDING.value, not_before=now, created_at=now))
     elif report.state not in _OPEN:
-        report.state = JobState.PENDING.value
-        report.attempts = 0
-        report.error = None
-        report.not_before = now
-        report.finished_at = None
+        row = s.get(Job, report.id)
+        assert row is not None
+        row.state = JobState.PENDING.value
+        row.attempts = 0
+        row.error = None
+        row.not_before = now
+        row.finished_at = None
 
 
 def queue_instances(s: Session, study: Study,
@@ -196,15 +208,16 @@ def admit_study(s: Session, study: Study,
     queued yet (``queue_instances``), and the study's state. Returns (queued, skipped)."""
     queued, skipped = queue_instances(s, study, decisions, now)
     study.stable_at = now
-    if queued or s.scalars(select(Job.id).where(
-            Job.study_instance_uid == study.study_instance_uid).limit(1)).first() is not None:
-        # Also when only skipped instances arrived late: earlier jobs may still be
-        # running, or done without an SR yet. The report job decides (it keeps the
-        # current SR when nothing new was classified).
+    if queued:
         study.state = StudyState.ADMITTED.value
-        if not queued:
-            s.flush()
-            study_progress(s, study.study_instance_uid, now, study)
+        return queued, skipped  # its last classify job enqueues the report job
+    jobs = _study_jobs(s, study.study_instance_uid)
+    if jobs:
+        # Queued on arrival (``[study] classify_on_arrival``), or only skipped instances
+        # arrived late: earlier jobs may still be running, or done without an SR yet. The
+        # report job decides (it keeps the current SR when nothing new was classified).
+        study.state = StudyState.ADMITTED.value
+        _enqueue_report(s, study, jobs, now)
     else:
         study.state = StudyState.NOTHING_TO_DO.value
     return queued, skipped

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from cxrd import queue
 from cxrd.admit import (
+    admission_round,
     admit_stable_studies,
     queue_arrivals,
     requeue_study,
@@ -362,3 +363,16 @@ def test_arrivals_of_a_study_that_is_not_collecting_wait_for_admission(ingestor)
     assert queue_arrivals(db) == 0
     assert admit_all(db) == 1
     assert instance(db, sop).state == InstanceState.QUEUED.value
+
+
+def test_an_admission_round_also_says_when_the_next_study_is_due(ingestor):
+    db = ingestor.db
+    first = store(ingestor, modality="CR")
+    t0 = instance(db, first).received_at
+    second = store(ingestor, modality="CR")
+    t1 = instance(db, second).received_at
+    # the first is due and admitted; the second is due stable_seconds after its arrival
+    admitted, wait = admission_round(db, 10, now=t0 + dt.timedelta(seconds=10))
+    assert admitted == 1
+    assert wait == pytest.approx((t1 - t0).total_seconds(), abs=0.01)
+    assert admission_round(db, 10, now=t1 + dt.timedelta(seconds=10)) == (1, None)
