@@ -6,7 +6,9 @@ exactly once (the destination's files counted, with unique file names so that a 
 copy would show); a delivery whose lease holder vanished mid-send is sent by the other
 node after the lease expires, and the vanished holder can no longer record an outcome.
 Jobs: a lease held by a dead node on another host is not released by this host's restart
-(its pids mean nothing here) but comes back when it expires.
+(its pids mean nothing here) but comes back when it expires. Metrics: two nodes' database
+gauge collectors export the gauges from one node at a time (the advisory lock's holder),
+and the other takes over when the holder goes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cxrd import queue, send
 from cxrd.config import Config, validate
 from cxrd.db import SCHEMA_VERSION, Database, Delivery, Result, SchemaVersion, utcnow
 from cxrd.domain import DeliveryState, JobState, ResultKind
+from cxrd.metrics import DatabaseCollector
 from cxrd.outbox import (
     RetryPolicy,
     claim_deliveries,
@@ -259,3 +262,39 @@ def test_dead_nodes_job_lease_on_another_host_comes_back_at_expiry(pgdb: Databas
                               "1.2", {})  # the dead node's late result is refused
     assert queue.complete(second, again, "this-host:99:w0", [0.1, 0.1, 0.8], None, "1.2", {})
     assert get_job(pgdb, job_id).state == JobState.DONE.value
+
+
+# ----------------------------------------------------------------------------- gauges
+
+
+def families(collector: DatabaseCollector) -> dict[str, float]:
+    """The collector's unlabelled gauges, and each labelled one's total."""
+    out: dict[str, float] = {}
+    for family in collector.collect():
+        out[family.name] = sum(sample.value for sample in family.samples)
+    return out
+
+
+def test_database_gauges_come_from_one_node_at_a_time(pgdb: Database, second: Database,
+                                                      pg_url: str):
+    make_jobs(pgdb, studies=2, per_study=3)
+    a, b = DatabaseCollector(pgdb), DatabaseCollector(second)
+    try:
+        first, other = families(a), families(b)
+        assert first["cxrd_database_gauges_exporter"] == 1
+        assert first["cxrd_queue_depth"] == 6 and first["cxrd_jobs"] == 6
+        assert other == {"cxrd_database_gauges_exporter": 0}  # no double count
+        assert families(b) == other and families(a) == first  # held from scrape to scrape
+        a.close()  # the exporting node stops (or dies: the server ends its session)
+        taken = families(b)
+        assert taken["cxrd_database_gauges_exporter"] == 1 and taken["cxrd_queue_depth"] == 6
+        assert families(a) == {"cxrd_database_gauges_exporter": 0}
+    finally:
+        a.close()
+        b.close()
+    sqlite = Database("sqlite://")
+    sqlite.migrate()
+    try:
+        assert families(DatabaseCollector(sqlite))["cxrd_database_gauges_exporter"] == 1
+    finally:
+        sqlite.dispose()
