@@ -232,6 +232,23 @@ def run_level(url: str, db: Database, clients: int, args: argparse.Namespace) ->
     }
 
 
+def claim_cost(db: Database, studies: int, per_study: int, batch_size: int,
+               claims: int) -> dict[str, Any]:
+    """What one ``queue.claim`` costs with ``studies * per_study`` jobs pending (a backlog:
+    a reprocess, an outage's arrivals): ``claims`` claims in a row by one client, wall and
+    PostgreSQL CPU per claim. The jobs claimed stay leased (no longer due)."""
+    depth = seed(db, studies, per_study)
+    queue.claim(db, "bench:depth:w0", batch_size, 300.0, 3)  # the plan cached, as in a worker
+    pg0, t0 = postgres_cpu_s(), time.perf_counter()
+    for _ in range(claims):
+        queue.claim(db, "bench:depth:w0", batch_size, 300.0, 3)
+    wall, pg_cpu = time.perf_counter() - t0, postgres_cpu_s() - pg0
+    return {"pending_jobs": depth, "claim_ms": 1000 * wall / claims,
+            "postgres_cpu_ms_per_claim": 1000 * pg_cpu / claims,
+            # the claims alone: jobs one PostgreSQL core could hand out per second
+            "jobs_per_postgres_core_s": batch_size * claims / max(pg_cpu, 1e-9)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--worker-images-per-core", type=float, default=25.0,
                    help="one CPU worker's images/s per core (bench/README.md: 20-30)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per level")
+    p.add_argument("--depths", type=int, nargs="*", default=[500, 5000, 25000],
+                   help="studies pending when one claim's cost is measured (none: skip)")
+    p.add_argument("--depth-claims", type=int, default=40, help="claims timed per depth")
     p.add_argument("--keep", action="store_true", help="keep the private schema")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
@@ -256,12 +276,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     db = Database(url)
     db.migrate()
     rows: list[dict[str, Any]] = []
+    depths: list[dict[str, Any]] = []
     try:
         for clients in args.clients:
             rows.append(run_level(url, db, clients, args))
             r = rows[-1]
             print(f"  {clients:3d} clients: {r['jobs_per_s']:7.1f} jobs/s in {r['seconds']:.1f} s",
                   file=sys.stderr, flush=True)
+        for studies in args.depths:
+            depths.append(claim_cost(db, studies, args.per_study, args.batch_size,
+                                     args.depth_claims))
+            print(f"  {depths[-1]['pending_jobs']:6d} pending: one claim "
+                  f"{depths[-1]['claim_ms']:.2f} ms", file=sys.stderr, flush=True)
     finally:
         db.dispose()
         if not args.keep:
@@ -291,11 +317,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"per image: PostgreSQL {pg_ms_per_image:.2f} ms CPU, a CPU worker "
           f"{worker_ms_per_image:.0f} ms: one database core feeds {feeds:.0f} worker cores; "
           + ("the workers bind first" if feeds > 1 else "the database binds first"))
+    if depths:
+        print(f"one claim (batch {args.batch_size}) against the backlog:")
+        print(f"{'pending jobs':>12} {'claim ms':>8} {'pg ms':>6} {'x 1st':>6} "
+              f"{'jobs/s per pg core':>18}")
+        for d in depths:
+            d["ratio"] = d["postgres_cpu_ms_per_claim"] / max(
+                depths[0]["postgres_cpu_ms_per_claim"], 1e-9)
+            print(f"{d['pending_jobs']:12d} {d['claim_ms']:8.2f} "
+                  f"{d['postgres_cpu_ms_per_claim']:6.2f} {d['ratio']:6.1f} "
+                  f"{d['jobs_per_postgres_core_s']:18.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "studies": args.studies, "per_study": args.per_study,
             "batch_size": args.batch_size, "destinations": args.destinations,
-            "cores": os.cpu_count(), "levels": rows,
+            "cores": os.cpu_count(), "levels": rows, "claim_depths": depths,
             "postgres_ms_per_image": pg_ms_per_image,
             "worker_cores_per_database_core": feeds}, indent=2) + "\n")
     return 0
