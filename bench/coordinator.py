@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import func, insert, select  # noqa: E402
+from sqlalchemy import case, func, insert, or_, select  # noqa: E402
 
 from cxrd import queue  # noqa: E402
 from cxrd.db import Database, Instance, Job, Study, utcnow  # noqa: E402
@@ -232,18 +232,57 @@ def run_level(url: str, db: Database, clients: int, args: argparse.Namespace) ->
     }
 
 
+def sorted_due_query(now: Any, batch_size: int) -> Any:
+    """The claim's read before schema 6, for comparison: one query ordered by (report
+    first, id), which sorts every due job at each claim."""
+    due = or_((Job.state == JobState.PENDING.value) & (Job.not_before <= now),
+              (Job.state == JobState.RUNNING.value) & (Job.lease_expires < now))
+    reports_first = case((Job.kind == JobKind.REPORT.value, 0), else_=1)
+    return (select(Job).where(due).order_by(reports_first, Job.id).limit(batch_size)
+            .with_for_update(skip_locked=True))
+
+
+def timed(db: Database, claims: int, read: Any) -> tuple[float, float]:
+    """(wall ms, PostgreSQL CPU ms) per call of ``read(session)``, each in a transaction
+    rolled back (so every call sees the same backlog)."""
+    pg0, t0 = postgres_cpu_s(), time.perf_counter()
+    for _ in range(claims):
+        with db.sessions() as s:
+            read(s)
+            s.rollback()
+    return (1000 * (time.perf_counter() - t0) / claims,
+            1000 * (postgres_cpu_s() - pg0) / claims)
+
+
 def claim_cost(db: Database, studies: int, per_study: int, batch_size: int,
                claims: int) -> dict[str, Any]:
-    """What one ``queue.claim`` costs with ``studies * per_study`` jobs pending (a backlog:
-    a reprocess, an outage's arrivals): ``claims`` claims in a row by one client, wall and
-    PostgreSQL CPU per claim. The jobs claimed stay leased (no longer due)."""
+    """What a claim costs with ``studies * per_study`` jobs pending (a backlog: a
+    reprocess, an outage's arrivals), one client: the read before schema 6 (one sorted
+    query) and now (``queue._due_jobs``, index-ordered), each rolled back, then
+    ``queue.claim`` itself (the read, the leases written, the commit). Wall and
+    PostgreSQL CPU per claim."""
     depth = seed(db, studies, per_study)
-    queue.claim(db, "bench:depth:w0", batch_size, 300.0, 3)  # the plan cached, as in a worker
+    batch = batch_size
+
+    def before(s: Any) -> None:
+        s.scalars(sorted_due_query(utcnow(), batch)).all()
+
+    def after(s: Any) -> None:
+        queue._due_jobs(s, db, utcnow(), batch)
+
+    for read in (before, after):  # plans cached, as in a worker
+        timed(db, 1, read)
+    before_ms, before_pg = timed(db, claims, before)
+    after_ms, after_pg = timed(db, claims, after)
+    queue.claim(db, "bench:depth:w0", batch_size, 300.0, 3)
     pg0, t0 = postgres_cpu_s(), time.perf_counter()
     for _ in range(claims):
         queue.claim(db, "bench:depth:w0", batch_size, 300.0, 3)
     wall, pg_cpu = time.perf_counter() - t0, postgres_cpu_s() - pg0
-    return {"pending_jobs": depth, "claim_ms": 1000 * wall / claims,
+    return {"pending_jobs": depth,
+            "sorted_read_ms": before_ms, "sorted_read_postgres_cpu_ms": before_pg,
+            "indexed_read_ms": after_ms, "indexed_read_postgres_cpu_ms": after_pg,
+            "claim_ms": 1000 * wall / claims,
             "postgres_cpu_ms_per_claim": 1000 * pg_cpu / claims,
             # the claims alone: jobs one PostgreSQL core could hand out per second
             "jobs_per_postgres_core_s": batch_size * claims / max(pg_cpu, 1e-9)}
@@ -267,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per level")
     p.add_argument("--depths", type=int, nargs="*", default=[500, 5000, 25000],
                    help="studies pending when one claim's cost is measured (none: skip)")
-    p.add_argument("--depth-claims", type=int, default=40, help="claims timed per depth")
+    p.add_argument("--depth-claims", type=int, default=100, help="claims timed per depth")
     p.add_argument("--keep", action="store_true", help="keep the private schema")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
@@ -286,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for studies in args.depths:
             depths.append(claim_cost(db, studies, args.per_study, args.batch_size,
                                      args.depth_claims))
-            print(f"  {depths[-1]['pending_jobs']:6d} pending: one claim "
-                  f"{depths[-1]['claim_ms']:.2f} ms", file=sys.stderr, flush=True)
+            print(f"  {depths[-1]['pending_jobs']:6d} pending: sorted read "
+                  f"{depths[-1]['sorted_read_ms']:.2f} ms, indexed "
+                  f"{depths[-1]['indexed_read_ms']:.2f} ms", file=sys.stderr, flush=True)
     finally:
         db.dispose()
         if not args.keep:
@@ -318,14 +358,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{worker_ms_per_image:.0f} ms: one database core feeds {feeds:.0f} worker cores; "
           + ("the workers bind first" if feeds > 1 else "the database binds first"))
     if depths:
-        print(f"one claim (batch {args.batch_size}) against the backlog:")
-        print(f"{'pending jobs':>12} {'claim ms':>8} {'pg ms':>6} {'x 1st':>6} "
+        print(f"one claim (batch {args.batch_size}) against a backlog, one client: the read "
+              "as one sorted query (before schema 6) and index-ordered (now), then "
+              "queue.claim whole")
+        print(f"{'pending jobs':>12} {'sorted ms':>9} {'pg ms':>6} {'indexed ms':>10} "
+              f"{'pg ms':>6} {'sorted/indexed':>14} {'claim ms':>8} {'claim pg ms':>11} "
               f"{'jobs/s per pg core':>18}")
         for d in depths:
-            d["ratio"] = d["postgres_cpu_ms_per_claim"] / max(
-                depths[0]["postgres_cpu_ms_per_claim"], 1e-9)
-            print(f"{d['pending_jobs']:12d} {d['claim_ms']:8.2f} "
-                  f"{d['postgres_cpu_ms_per_claim']:6.2f} {d['ratio']:6.1f} "
+            d["ratio"] = d["sorted_read_ms"] / d["indexed_read_ms"]
+            print(f"{d['pending_jobs']:12d} {d['sorted_read_ms']:9.2f} "
+                  f"{d['sorted_read_postgres_cpu_ms']:6.2f} {d['indexed_read_ms']:10.2f} "
+                  f"{d['indexed_read_postgres_cpu_ms']:6.2f} {d['ratio']:14.1f} "
+                  f"{d['claim_ms']:8.2f} {d['postgres_cpu_ms_per_claim']:11.2f} "
                   f"{d['jobs_per_postgres_core_s']:18.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -104,6 +104,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_claim", "state", "not_before"),
+        # PostgreSQL also has ix_jobs_due (kind, state, id): schema 6.
         # One report job per study generation, whichever node enqueues it.
         Index("ux_jobs_report", "study_instance_uid", "generation", unique=True,
               sqlite_where=text("kind = 'report'"), postgresql_where=text("kind = 'report'")),
@@ -298,9 +299,19 @@ def _v5(conn: Any) -> None:
             conn.exec_driver_sql(f"ALTER TABLE {Delivery.__tablename__} ADD COLUMN {name} {sql}")
 
 
+def _v6(conn: Any) -> None:
+    """PostgreSQL: the claim's index ``ix_jobs_due`` (kind, state, id), which the claim
+    walks in id order, one kind at a time, stopping at the batch (``cxrd.queue._due_jobs``).
+    Not in the models: every database, new or upgraded, gets it here. SQLite does not:
+    its planner prefers ``ix_jobs_claim`` and sorts anyway, and its one node claims with
+    the single query it always did, so the index would only cost writes."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (kind, state, id)")
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
 MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4),
-                                                       (5, _v5)]
+                                                       (5, _v5), (6, _v6)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

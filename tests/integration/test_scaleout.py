@@ -19,18 +19,19 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from dicomfactory import make_dataset, uid, write
 from dicompeers import StoreSCP
 from pgschema import postgres_url
-from queuehelpers import get_job, make_jobs
-from sqlalchemy import select, update
+from queuehelpers import claim_order_case, get_job, make_jobs
+from sqlalchemy import event, select, update
 
 from cxrd import queue, send
 from cxrd.config import Config, validate
-from cxrd.db import SCHEMA_VERSION, Database, Delivery, Result, SchemaVersion, utcnow
+from cxrd.db import SCHEMA_VERSION, Database, Delivery, Job, Result, SchemaVersion, utcnow
 from cxrd.domain import DeliveryState, JobState, ResultKind
 from cxrd.metrics import DatabaseCollector
 from cxrd.outbox import (
@@ -126,8 +127,8 @@ def test_v5_adds_the_lease_columns_to_a_version_4_database(pg_url: str):
         with db.engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE deliveries DROP COLUMN lease_owner, "
                                  "DROP COLUMN lease_expires")
-            conn.exec_driver_sql("DELETE FROM schema_version WHERE version = 5")
-        assert db.migrate() == SCHEMA_VERSION == 5
+            conn.exec_driver_sql("DELETE FROM schema_version WHERE version >= 5")
+        assert db.migrate() == SCHEMA_VERSION
         with db.session() as s:
             assert 5 in s.scalars(select(SchemaVersion.version)).all()
             s.add(Result(sop_instance_uid=uid(), study_instance_uid=uid(), kind="sc",
@@ -246,6 +247,45 @@ def test_restart_releases_its_dead_processes_delivery_leases_only(
 
 
 # ------------------------------------------------------------------------------- jobs
+
+
+def test_claim_order_expired_leases_then_reports_then_classify(pgdb: Database):
+    """PostgreSQL: three index-ordered reads (expired leases, pending reports, pending
+    classify jobs), no sort of the backlog."""
+    ids, report_ids, got = claim_order_case(pgdb)
+    assert got == [ids[0], *report_ids, ids[1]]
+
+
+def test_the_claim_does_not_sort_the_backlog(pgdb: Database):
+    """Every read ``queue.claim`` makes, explained with its own parameters: index-ordered,
+    stopping at the batch, with no sort of the pending jobs (the one query ordered by
+    report-first and id sorted them all at every claim)."""
+    ids = make_jobs(pgdb, studies=500, per_study=4)
+    with pgdb.session() as s:  # a history of done jobs before the backlog
+        s.execute(update(Job).where(Job.id <= ids[1499]).values(state=JobState.DONE.value))
+    reads: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM jobs" in statement:
+            reads.append((statement, parameters))
+
+    with pgdb.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE jobs")
+    event.listen(pgdb.engine, "before_cursor_execute", record)
+    try:
+        claimed = queue.claim(pgdb, "w", 4, 300.0, 3)
+    finally:
+        event.remove(pgdb.engine, "before_cursor_execute", record)
+    assert [j.job_id for j in claimed] == ids[1500:1504]
+    assert len(reads) == 3  # expired leases (none), pending reports (none), classify jobs
+    with pgdb.engine.connect() as conn:
+        indexes = set(conn.exec_driver_sql(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'").scalars())
+        for statement, parameters in reads[1:]:  # the first sorts the running jobs only
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql(
+                "EXPLAIN " + statement, parameters))
+            assert "Sort" not in plan and "Limit" in plan, plan
+    assert "ix_jobs_due" in indexes
 
 
 def test_dead_nodes_job_lease_on_another_host_comes_back_at_expiry(pgdb: Database,
