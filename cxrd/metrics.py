@@ -104,7 +104,8 @@ GAUGE_LOCK = 0x63787267
 
 class GaugeLock:
     """Whether this node exports the database-derived gauges: on PostgreSQL, while it holds
-    a session advisory lock (``GAUGE_LOCK``) on a connection of its own; on SQLite, always.
+    a session advisory lock (``GAUGE_LOCK`` and the schema's name) on a connection of its
+    own; on SQLite, always.
 
     Tried at each scrape (``held``): a node that does not hold it tries to take it, the one
     that holds it checks that its connection is still there (one round trip). The lock is
@@ -131,7 +132,10 @@ class GaugeLock:
                 if self._engine is None:
                     self._engine = create_engine(self.db.engine.url, poolclass=NullPool)
                 conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-                if conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
+                # Advisory locks belong to the database: the schema's name in the key keeps
+                # apart deployments (and tests) that share one database, each in its schema.
+                if conn.execute(text("SELECT pg_try_advisory_lock(:key, "
+                                     "hashtext(current_schema()))"),
                                 {"key": GAUGE_LOCK}).scalar():
                     self._conn = conn
                     log.info("action=gauges-exporter node=this")

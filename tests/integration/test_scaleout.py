@@ -338,3 +338,18 @@ def test_database_gauges_come_from_one_node_at_a_time(pgdb: Database, second: Da
         assert families(DatabaseCollector(sqlite))["cxrd_database_gauges_exporter"] == 1
     finally:
         sqlite.dispose()
+
+
+def test_deployments_in_other_schemas_of_the_database_export_their_own(pgdb: Database):
+    other_url = postgres_url()
+    other = Database(next(other_url))
+    other.migrate()
+    a, b = DatabaseCollector(pgdb), DatabaseCollector(other)
+    try:
+        assert families(a)["cxrd_database_gauges_exporter"] == 1
+        assert families(b)["cxrd_database_gauges_exporter"] == 1
+    finally:
+        a.close()
+        b.close()
+        other.dispose()
+        next(other_url, None)  # drops the schema
