@@ -214,12 +214,13 @@ class Sender:
     def run_destination_once(self, dest: DestinationConfig) -> int:
         """Send what is due to ``dest`` (up to ``BATCH``, on one association); returns the
         number of deliveries attempted."""
+        claimed_at = time.monotonic()
         items = claim_deliveries(self.db, BATCH, self.owner(dest.name), self.lease_seconds,
                                  destination=dest.name).get(dest.name, [])
         if items and self._stop.is_set():
             release_leases(self.db, items)
         elif items:
-            self._send(dest, items)
+            self._send(dest, items, claimed_at)
             return len(items)
         return 0
 
@@ -231,7 +232,11 @@ class Sender:
             self._fail(items, f"destination {name!r} is no longer configured",
                        permanent=False, at_max_backoff=True)
 
-    def _send(self, dest: DestinationConfig, items: list[DueDelivery]) -> None:
+    def _send(self, dest: DestinationConfig, items: list[DueDelivery],
+              claimed_at: float | None = None) -> None:
+        """C-STORE ``items`` to ``dest`` on one association, each outcome recorded.
+        ``claimed_at`` (``time.monotonic``): when their leases began, so that the first
+        renewal counts the association's set-up too."""
         timeout = self.config.sender.dimse_timeout_seconds
         ae = AE(ae_title=self.config.sender.calling_ae)
         ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
@@ -289,7 +294,7 @@ class Sender:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
         lost = "association lost"
-        renewed = time.monotonic()
+        renewed = time.monotonic() if claimed_at is None else claimed_at
         try:
             i = 0
             while i < len(items):

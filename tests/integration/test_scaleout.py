@@ -24,7 +24,7 @@ from typing import Any
 import pydicom
 import pytest
 from dicomfactory import make_dataset, uid, write
-from dicompeers import StoreSCP
+from dicompeers import FaultySCP, StoreSCP
 from pgschema import postgres_url
 from queuehelpers import claim_order_case, get_job, make_jobs
 from sqlalchemy import event, select, update
@@ -203,6 +203,43 @@ def test_delivery_whose_lease_holder_vanished_is_sent_after_expiry(
     (after,) = deliveries(pgdb)
     assert (after.state, after.attempts, after.last_error, after.done_at) == (
         row.state, row.attempts, row.last_error, row.done_at)
+
+
+def test_a_batch_longer_than_its_lease_keeps_it_renewed(tmp_path: Path, pgdb: Database,
+                                                        second: Database,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """A slow destination (0.3 s per object) and a lease of 1.2 s: node-a's batch of six
+    takes 1.8 s and renews its leases as it goes, so node-b, claiming all along, never gets
+    one, and each object is stored once."""
+    slow = FaultySCP("slow", delay=0.3)
+    try:
+        uids = queue_results(pgdb, tmp_path, 6)
+        monkeypatch.setattr(Sender, "lease_seconds", property(lambda self: 1.2))
+        node_a = Sender(node_config(tmp_path, "node-a", slow.port), pgdb)
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                node_a.run_destination_once(node_a.config.destinations[0])
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        taken = []
+        while not done.is_set():
+            taken += claim_deliveries(second, 10, "node-b:1:send-pacs", 60).get("pacs", [])
+            time.sleep(0.05)
+        thread.join(30)
+        assert errors == [] and taken == []
+        assert sorted(slow.received) == sorted(uids)
+        assert {(r.state, r.attempts) for r in deliveries(pgdb)} == {
+            (DeliveryState.DONE.value, 1)}
+    finally:
+        slow.stop()
 
 
 def test_outcome_recorded_only_by_the_lease_holder(tmp_path: Path, pgdb: Database,
