@@ -4,7 +4,9 @@ Deliveries: two ``Sender`` instances (two nodes, each with its own ``[node] id``
 own engine) against one database and one real dcmtk ``storescp`` deliver every result
 exactly once (the destination's files counted, with unique file names so that a second
 copy would show); a delivery whose lease holder vanished mid-send is sent by the other
-node after the lease expires, and the vanished holder can no longer record an outcome.
+node after the lease expires, and the vanished holder can no longer record an outcome; a
+batch that outlasts its lease renews it as it goes. Schema 5 and 6 migrate in place.
+The job claim reads the backlog in index order (no sort of the pending jobs).
 Jobs: a lease held by a dead node on another host is not released by this host's restart
 (its pids mean nothing here) but comes back when it expires. Metrics: two nodes' database
 gauge collectors export the gauges from one node at a time (the advisory lock's holder),
