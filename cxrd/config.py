@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -103,7 +104,9 @@ class TlsConfig:
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """``[node]``: this node's DICOM identity and listening socket."""
+    """``[node]``: this node's DICOM identity and listening socket, and its id among the
+    nodes that share one database (``id``: the host name unless set; it begins every lease
+    owner this node writes, jobs' and deliveries')."""
 
     ae_title: str = "CXRD"
     host: str = "0.0.0.0"
@@ -112,6 +115,7 @@ class NodeConfig:
     tls: TlsConfig | None = None
     max_pdu: int = 131072
     receivers: int = 1
+    id: str = field(default_factory=socket.gethostname)
 
     def is_caller_allowed(self, calling_ae: str, address: str) -> bool:
         """Whether a caller may associate: any caller when ``allowed_callers`` is empty.
@@ -853,8 +857,17 @@ def _read_tls(parent: _Table, base: Path, *, server: bool) -> TlsConfig | None:
     return TlsConfig(certificate=certificate, key=key, ca=ca, require_client_cert=require)
 
 
+#: ``[node] id``: it begins lease owners (``id:pid:...``), so no ":", and is logged bare.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _read_node(t: _Table, base: Path) -> NodeConfig:
     d = NodeConfig()
+    node_id = t.string("id", d.id)
+    if not _NODE_ID.fullmatch(node_id):
+        t.bad("id", node_id, "1-64 letters, digits, '.', '_' or '-', starting with a letter "
+              "or digit")
+        node_id = d.id
     ae_title = t.string("ae_title", d.ae_title)
     _check_ae(t, "ae_title", ae_title)
     host = t.string("host", d.host)
@@ -889,6 +902,7 @@ def _read_node(t: _Table, base: Path) -> NodeConfig:
         tls=tls,
         max_pdu=max_pdu,
         receivers=receivers,
+        id=node_id,
     )
 
 

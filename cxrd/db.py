@@ -104,6 +104,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_claim", "state", "not_before"),
+        # PostgreSQL also has ix_jobs_due (kind, state, id): schema 6.
         # One report job per study generation, whichever node enqueues it.
         Index("ux_jobs_report", "study_instance_uid", "generation", unique=True,
               sqlite_where=text("kind = 'report'"), postgresql_where=text("kind = 'report'")),
@@ -176,6 +177,11 @@ class Delivery(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     done_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # The sender sending it now (``node-id:pid:send-DESTINATION``), PostgreSQL only, and
+    # until when; ``next_attempt_at`` is moved to the same time, so an expired lease (its
+    # node died mid-send) makes the delivery due again (``cxrd.outbox.claim_deliveries``).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class Worker(Base):
@@ -282,8 +288,30 @@ def _v4(conn: Any) -> None:
     Purge.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
 
 
+def _v5(conn: Any) -> None:
+    """Delivery claims: ``deliveries.lease_owner`` and ``deliveries.lease_expires``. Plain
+    nullable columns, which SQLite adds in place. A database created at an earlier version
+    by this code's models already has them."""
+    columns = {c["name"] for c in inspect(conn).get_columns(Delivery.__tablename__)}
+    kind = "TIMESTAMP" if conn.dialect.name == "postgresql" else "DATETIME"
+    for name, sql in (("lease_owner", "VARCHAR(128)"), ("lease_expires", kind)):
+        if name not in columns:
+            conn.exec_driver_sql(f"ALTER TABLE {Delivery.__tablename__} ADD COLUMN {name} {sql}")
+
+
+def _v6(conn: Any) -> None:
+    """PostgreSQL: the claim's index ``ix_jobs_due`` (kind, state, id), which the claim
+    walks in id order, one kind at a time, stopping at the batch (``cxrd.queue._due_jobs``).
+    Not in the models: every database, new or upgraded, gets it here. SQLite does not:
+    its planner prefers ``ix_jobs_claim`` and sorts anyway, and its one node claims with
+    the single query it always did, so the index would only cost writes."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (kind, state, id)")
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
-MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4),
+                                                       (5, _v5), (6, _v6)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -8,6 +8,12 @@ Two sources, so the worker processes' numbers reach the endpoint correctly:
 - state gauges (studies and instances by state, queue depth, deliveries pending and dead,
   the model and its execution providers) read from the database at scrape time, so they
   are the same numbers ``cxrd status`` shows.
+
+Several nodes on one PostgreSQL database read the same rows: the database gauges are
+exported by one node at a time, the one that holds a PostgreSQL advisory lock
+(``GaugeLock``), so Prometheus does not count them once per node. Every node exports
+``cxrd_database_gauges_exporter`` (1 on the one that exports them) and its own counters,
+histograms and disk gauges. On SQLite (one node) the database gauges are always exported.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +98,86 @@ def observe_stages(timings: dict[str, float]) -> None:
         hist.labels(stage).observe(seconds)
 
 
-class DatabaseCollector:
-    """State gauges read from the database at scrape time."""
+#: The PostgreSQL advisory lock whose holder exports the database gauges ("cxrg").
+GAUGE_LOCK = 0x63787267
+
+
+class GaugeLock:
+    """Whether this node exports the database-derived gauges: on PostgreSQL, while it holds
+    a session advisory lock (``GAUGE_LOCK`` and the schema's name) on a connection of its
+    own; on SQLite, always.
+
+    Tried at each scrape (``held``): a node that does not hold it tries to take it, the one
+    that holds it checks that its connection is still there (one round trip). The lock is
+    the connection's, not a transaction's: it is taken in autocommit, so no transaction
+    stays open. The connection comes from an engine without a pool, so closing it (``close``,
+    or the process's death: the server ends the session) releases the lock, and the next
+    node to be scraped takes it over. A node whose host vanished holds it until the server
+    notices the dead connection (PostgreSQL's ``tcp_keepalives_*`` settings)."""
 
     def __init__(self, db: Any) -> None:
         self.db = db
+        self._conn: Connection | None = None
+        self._engine: Any = None
+        self._mutex = threading.Lock()  # scrapes may come in on several threads
+
+    def held(self) -> bool:
+        if self.db.is_sqlite:
+            return True
+        with self._mutex:
+            try:
+                if self._conn is not None:
+                    self._conn.execute(text("SELECT 1"))
+                    return True
+                if self._engine is None:
+                    self._engine = create_engine(self.db.engine.url, poolclass=NullPool)
+                conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                # Advisory locks belong to the database: the schema's name in the key keeps
+                # apart deployments (and tests) that share one database, each in its schema.
+                if conn.execute(text("SELECT pg_try_advisory_lock(:key, "
+                                     "hashtext(current_schema()))"),
+                                {"key": GAUGE_LOCK}).scalar():
+                    self._conn = conn
+                    log.info("action=gauges-exporter node=this")
+                    return True
+                conn.close()
+                return False
+            except Exception as exc:  # the database away: no gauges from here until back
+                log.debug("action=gauge-lock-error error=%s", exc)
+                self._drop()
+                return False
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # a connection already gone
+                log.debug("action=gauge-lock-close-error error=%s", exc)
+
+    def close(self) -> None:
+        """Release the lock (its connection closed): another node exports from its next
+        scrape."""
+        with self._mutex:
+            self._drop()
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+
+class DatabaseCollector:
+    """State gauges read from the database at scrape time, by the node that holds the
+    ``GaugeLock``."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.lock = GaugeLock(db)
 
     def describe(self) -> list[Any]:
         return []
+
+    def close(self) -> None:
+        self.lock.close()
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -105,6 +185,13 @@ class DatabaseCollector:
         from cxrd.db import Delivery, Instance, Job, Study, Worker
         from cxrd.domain import DeliveryState, JobState
 
+        exporter = self.lock.held()
+        yield GaugeMetricFamily(
+            "cxrd_database_gauges_exporter", "1 on the node that exports the gauges read "
+            "from the shared database (one node at a time), 0 on the others.",
+            value=1 if exporter else 0)
+        if not exporter:
+            return
         try:
             with self.db.session() as s:
                 def by(column: Any) -> list[tuple[str, int]]:

@@ -38,6 +38,7 @@ from cxrd.logs import setup_logging
 from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
+from cxrd.outbox import release_dead_delivery_leases
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
 from cxrd.space import is_resource_error, storage_space
@@ -130,14 +131,16 @@ class Node:
             enable_multiprocess(cfg.storage.data_dir)  # before any child process starts
             metrics()  # its files written now, while there is space (cxrd.space)
         version = self.db.migrate()
-        queue.release_dead_leases(self.db, worker_id_prefix())
+        queue.release_dead_leases(self.db, worker_id_prefix(cfg.node.id))
+        release_dead_delivery_leases(self.db, worker_id_prefix(cfg.node.id))
         # what this node's earlier processes were writing when they died
         remove_stale_temp_files(cfg.results.results_dir)
         remove_stale_temp_files(cfg.storage.spool_dir, recursive=True)
         if cfg.model.require_cuda:
             check_cuda(cfg)  # before the receiver listens: a node that cannot infer exits
-        log.info("action=node-start ae_title=%s data_dir=%s schema=%d model=%s device_uid=%s "
-                 "demo=%s workers=%d", cfg.node.ae_title, cfg.storage.data_dir, version,
+        log.info("action=node-start node_id=%s ae_title=%s data_dir=%s schema=%d model=%s "
+                 "device_uid=%s demo=%s workers=%d", cfg.node.id, cfg.node.ae_title,
+                 cfg.storage.data_dir, version,
                  self.model.display_name, self.model.device_uid, self.model.demo,
                  self.worker_count)
         if self.model.demo:
@@ -207,7 +210,7 @@ class Node:
                 remove_stale_temp_files(self.config.results.results_dir)  # its SC, if any
                 try:  # its jobs back now, the attempt counted (a job may kill its worker)
                     queue.release_worker_leases(
-                        self.db, f"{worker_id_prefix()}{proc.pid}:w{index}")
+                        self.db, f"{worker_id_prefix(self.config.node.id)}{proc.pid}:w{index}")
                 except Exception as exc:  # the database away: the leases expire instead
                     log.warning("action=release-leases-failed error_type=%s",
                                 type(exc).__name__)

@@ -15,6 +15,17 @@ operator action.
 
 ``cxrd.send`` owns the network side: it sends the due deliveries and says how each one
 failed (transient, permanent, or to be retried only at the maximum backoff).
+
+Several nodes on one PostgreSQL database share the outbox: a sender claims the due
+deliveries of its destination (``claim_deliveries``) with ``FOR UPDATE SKIP LOCKED`` and a
+lease (``lease_owner``, ``lease_expires``) in one transaction, which also moves their
+``next_attempt_at`` to the lease's end: they are in flight, due to no one else. An outcome
+is recorded only by the lease's holder; a lease that expires (its node died mid-send) makes
+the delivery due again. The normal path is exactly-once; a node that dies after the
+destination stored an object but before its outcome was committed makes that delivery
+at-least-once: it is sent again after the lease, with the same SOP Instance UID, which the
+archive de-duplicates (DIMSE has no two-phase commit). On SQLite (one node, one sender
+thread per destination) the claim is the plain read it always was: no lease is written.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, select, update
 from sqlalchemy.orm import Session
@@ -33,6 +45,7 @@ from cxrd.actions import DELIVERIES_RETRY, log_action, record
 from cxrd.config import SenderConfig
 from cxrd.db import Database, Delivery, Result, utcnow
 from cxrd.domain import DeliveryState, ResultKind
+from cxrd.durable import pid_alive
 from cxrd.metrics import metrics
 
 log = logging.getLogger(__name__)
@@ -74,6 +87,9 @@ class DueDelivery:
     sop_instance_uid: str
     created_at: dt.datetime
     attempts: int
+    #: The lease this sender holds (``claim_deliveries`` on PostgreSQL); None: no lease
+    #: (SQLite, or read by ``due_deliveries``), the outcome is recorded unconditionally.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,26 +122,165 @@ class RetryPolicy:
         return dt.timedelta(hours=self.max_age_hours)
 
 
-def due_deliveries(db: Database, limit: int, *, now: dt.datetime | None = None,
-                   destination: str | None = None,
-                   exclude: Collection[str] = ()) -> dict[str, list[DueDelivery]]:
-    """Up to ``limit`` pending deliveries due at ``now`` (default: the current time), the
-    oldest rows first, grouped by destination (in the order of each one's oldest row);
-    only those to ``destination`` when it is given, none to a destination in ``exclude``."""
-    now = utcnow() if now is None else now
+def _due_query(now: dt.datetime, destination: str | None,
+               exclude: Collection[str]) -> Any:
     query = select(Delivery, Result).join(Result, Delivery.result_id == Result.id).where(
         Delivery.state == DeliveryState.PENDING.value, Delivery.next_attempt_at <= now)
     if destination is not None:
         query = query.where(Delivery.destination == destination)
     if exclude:
         query = query.where(Delivery.destination.not_in(list(exclude)))
-    with db.session() as s:
-        rows = s.execute(query.order_by(Delivery.id).limit(limit)).all()
+    return query.order_by(Delivery.id)
+
+
+def _grouped(rows: Sequence[Any], owner: str | None) -> dict[str, list[DueDelivery]]:
     due: dict[str, list[DueDelivery]] = defaultdict(list)
     for d, r in rows:
         due[d.destination].append(DueDelivery(d.id, d.destination, r.path,
-                                              r.sop_instance_uid, d.created_at, d.attempts))
+                                              r.sop_instance_uid, d.created_at, d.attempts,
+                                              owner))
     return due
+
+
+def due_deliveries(db: Database, limit: int, *, now: dt.datetime | None = None,
+                   destination: str | None = None,
+                   exclude: Collection[str] = ()) -> dict[str, list[DueDelivery]]:
+    """Up to ``limit`` pending deliveries due at ``now`` (default: the current time), the
+    oldest rows first, grouped by destination (in the order of each one's oldest row);
+    only those to ``destination`` when it is given, none to a destination in ``exclude``.
+    A read: nothing is claimed (``claim_deliveries`` claims)."""
+    now = utcnow() if now is None else now
+    with db.session() as s:
+        rows = s.execute(_due_query(now, destination, exclude).limit(limit)).all()
+    return _grouped(rows, None)
+
+
+def claim_deliveries(db: Database, limit: int, owner: str, lease_seconds: float, *,
+                     now: dt.datetime | None = None, destination: str | None = None,
+                     exclude: Collection[str] = ()) -> dict[str, list[DueDelivery]]:
+    """``due_deliveries``, claimed for ``owner`` (``node-id:pid:send-DESTINATION``) for
+    ``lease_seconds``.
+
+    PostgreSQL: the rows are locked with ``FOR UPDATE SKIP LOCKED`` (a sender of another
+    node claiming at the same moment takes other rows, never waits) and, in the same
+    transaction, leased: ``lease_owner``, ``lease_expires`` and ``next_attempt_at`` (the
+    lease's end, so that the due query and its index need nothing more: an expired lease
+    is due again). Each ``DueDelivery`` carries ``owner``, and its outcome is recorded
+    only while the lease is held. SQLite: one node, one sender thread per destination; the
+    read alone (no write, no commit), the outcome recorded as before."""
+    now = utcnow() if now is None else now
+    if db.is_sqlite:
+        return due_deliveries(db, limit, now=now, destination=destination, exclude=exclude)
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    with db.session() as s:
+        rows = s.execute(_due_query(now, destination, exclude).limit(limit)
+                         .with_for_update(skip_locked=True, of=Delivery)).all()
+        for d, r in rows:
+            if d.lease_owner is not None:
+                log.warning("action=delivery-lease-expired delivery_id=%d sop_instance_uid=%s "
+                            "destination=%s owner=%s", d.id, r.sop_instance_uid,
+                            d.destination, d.lease_owner)
+            d.lease_owner, d.lease_expires, d.next_attempt_at = owner, expires, expires
+    return _grouped(rows, owner)
+
+
+def renew_leases(db: Database, deliveries: Sequence[DueDelivery], lease_seconds: float, *,
+                 now: dt.datetime | None = None) -> list[DueDelivery]:
+    """Extend the leases of ``deliveries`` still held by their owner (a long batch on a
+    slow destination); returns those, in order. The others were taken over after their
+    lease expired: their new owner sends them. Without a lease (SQLite), all of them."""
+    held = [d for d in deliveries if d.owner is not None]
+    if not held:
+        return list(deliveries)
+    now = utcnow() if now is None else now
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    with db.session() as s:
+        rows = s.scalars(select(Delivery).where(
+            Delivery.id.in_([d.delivery_id for d in held])).with_for_update()).all()
+        kept = set()
+        for row in rows:
+            if _holds(row, held[0].owner):
+                row.lease_expires = row.next_attempt_at = expires
+                kept.add(row.id)
+    return [d for d in deliveries if d.owner is None or d.delivery_id in kept]
+
+
+def release_leases(db: Database, deliveries: Sequence[DueDelivery], *,
+                   now: dt.datetime | None = None) -> int:
+    """Give back claimed deliveries not attempted (the node is stopping mid-batch): due
+    at once for any sender, nothing counted. Those whose lease was lost are left to their
+    new owner. Returns how many."""
+    held = [d for d in deliveries if d.owner is not None]
+    if not held:
+        return 0
+    now = utcnow() if now is None else now
+    count = 0
+    with db.session() as s:
+        for owner in {d.owner for d in held}:
+            result = s.execute(update(Delivery).where(
+                Delivery.id.in_([d.delivery_id for d in held if d.owner == owner]),
+                Delivery.state == DeliveryState.PENDING.value, Delivery.lease_owner == owner,
+            ).values(lease_owner=None, lease_expires=None, next_attempt_at=now))
+            count += int(getattr(result, "rowcount", 0) or 0)
+    return count
+
+
+def _holds(row: Delivery, owner: str | None) -> bool:
+    """Whether ``owner`` may record the outcome of ``row``: still pending and, when a lease
+    was claimed, still leased to it (even past the lease's end, if no one took it over)."""
+    return row.state == DeliveryState.PENDING.value and (owner is None
+                                                         or row.lease_owner == owner)
+
+
+class LeaseLost(Exception):
+    """Another sender holds the delivery now (the lease expired and was taken over)."""
+
+
+def _leased(s: Session, delivery: DueDelivery) -> Delivery | None:
+    """The delivery's row, locked when leased, its lease cleared; None if it is gone.
+    Raises ``LeaseLost`` (logged) when the outcome of this attempt is not ours to record:
+    another sender took the delivery over after the lease expired."""
+    row = s.get(Delivery, delivery.delivery_id, with_for_update=delivery.owner is not None)
+    if row is None:
+        return None
+    if delivery.owner is not None and not _holds(row, delivery.owner):
+        log.warning("action=delivery-lease-lost delivery_id=%d sop_instance_uid=%s "
+                    "destination=%s owner=%s holder=%s state=%s", row.id,
+                    delivery.sop_instance_uid, row.destination, delivery.owner,
+                    row.lease_owner, row.state)
+        raise LeaseLost
+    row.lease_owner = row.lease_expires = None
+    return row
+
+
+def release_dead_delivery_leases(db: Database, owner_prefix: str) -> int:
+    """At start-up: deliveries leased by dead processes of this node (owners
+    ``owner_prefix`` + ``pid:send-NAME``) are due again at once instead of at their lease's
+    end. Their attempt was not counted (an outcome counts it). A lease whose process is
+    alive (another node with the same id on this host) is left alone."""
+    if db.is_sqlite:
+        return 0
+    now = utcnow()
+    with db.session() as s:
+        owners = s.scalars(select(Delivery.lease_owner).where(
+            Delivery.state == DeliveryState.PENDING.value,
+            Delivery.lease_owner.startswith(owner_prefix, autoescape=True)).distinct()).all()
+        dead = [o for o in owners if not _pid_of(o, owner_prefix) or
+                not pid_alive(_pid_of(o, owner_prefix))]
+        count = 0
+        if dead:
+            result = s.execute(update(Delivery).where(
+                Delivery.state == DeliveryState.PENDING.value, Delivery.lease_owner.in_(dead)
+            ).values(lease_owner=None, lease_expires=None, next_attempt_at=now))
+            count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        log.warning("action=released-delivery-leases reason=node-restart count=%d", count)
+    return count
+
+
+def _pid_of(owner: str | None, prefix: str) -> int:
+    pid = (owner or "")[len(prefix):].split(":", 1)[0]
+    return int(pid) if pid.isdigit() else 0
 
 
 def mark_delivered(db: Database, delivery: DueDelivery, *, warning: str | None = None,
@@ -134,13 +289,16 @@ def mark_delivered(db: Database, delivery: DueDelivery, *, warning: str | None =
     A ``warning`` (the destination stored it with a warning status: coerced, elements
     discarded) is kept as the row's ``last_error`` and logged as a warning; without one,
     ``last_error`` is cleared."""
-    with db.session() as s:
-        row = s.get(Delivery, delivery.delivery_id)
-        if row is not None:
-            row.state = DeliveryState.DONE.value
-            row.attempts += 1
-            row.done_at = utcnow() if now is None else now
-            row.last_error = None if warning is None else warning[:MAX_ERROR_CHARS]
+    try:
+        with db.session() as s:
+            row = _leased(s, delivery)
+            if row is not None:
+                row.state = DeliveryState.DONE.value
+                row.attempts += 1
+                row.done_at = utcnow() if now is None else now
+                row.last_error = None if warning is None else warning[:MAX_ERROR_CHARS]
+    except LeaseLost:
+        return
     metrics().deliveries.labels("done").inc()
     if warning is None:
         log.info("action=delivered sop_instance_uid=%s destination=%s attempts=%d",
@@ -159,11 +317,14 @@ def mark_failed(db: Database, deliveries: Sequence[DueDelivery], error: str,
     error, then retry the delivery after its backoff (the maximum backoff if
     ``at_max_backoff``), or make it dead if the failure is ``permanent`` or the next attempt
     would come after the delivery is ``policy.max_age`` old. Rows gone meanwhile are
-    skipped."""
+    skipped, and so are those whose lease ``delivery.owner`` no longer holds."""
     now = utcnow() if now is None else now
     with db.session() as s:
         for delivery in deliveries:
-            row = s.get(Delivery, delivery.delivery_id)
+            try:
+                row = _leased(s, delivery)
+            except LeaseLost:
+                continue
             if row is None:
                 continue
             row.attempts += 1

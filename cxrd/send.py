@@ -17,12 +17,19 @@ title, for instance), or one on which the destination accepted no presentation c
 the object's SOP class (it does not store that class, and will not on the next try either),
 is reported with a ``PERMANENT:`` error and retried only at the maximum backoff, never
 hammered. Everything is in the database, so a restart resumes every pending delivery.
+
+Several nodes on one PostgreSQL database each run these threads: a pass claims its
+destination's due deliveries with a lease (``cxrd.outbox.claim_deliveries``; owner
+``node-id:pid:send-NAME``) long enough for the association and one C-STORE at the DIMSE
+timeout twice over (``delivery_lease_seconds``), renewed before an object whenever half of
+it has gone, so a slow batch keeps its deliveries and a dead node's come back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import ssl
 import threading
 import time
@@ -49,7 +56,15 @@ from cxrd.dicom import (
     stored_with_warning,
 )
 from cxrd.metrics import observe_stages
-from cxrd.outbox import DueDelivery, RetryPolicy, due_deliveries, mark_delivered, mark_failed
+from cxrd.outbox import (
+    DueDelivery,
+    RetryPolicy,
+    claim_deliveries,
+    mark_delivered,
+    mark_failed,
+    release_leases,
+    renew_leases,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +88,15 @@ ABORT_NOTICE_SECONDS = 1.0
 #: shorter; the idle network timeout never comes before the DIMSE timeout.
 ACSE_TIMEOUT_SECONDS = 30.0
 NETWORK_TIMEOUT_SECONDS = 60.0
+
+
+def delivery_lease_seconds(dimse_timeout: float) -> float:
+    """How long a claimed delivery stays leased (PostgreSQL): the association (TCP connect,
+    ACSE) and one C-STORE at the DIMSE timeout, twice over. The lease is renewed before an
+    object once half of it has gone, so it never ends while its sender is alive and within
+    its timeouts; a node that died holds its deliveries this long (default 5 min 20 s)."""
+    return 2 * (CONNECT_TIMEOUT_SECONDS + min(ACSE_TIMEOUT_SECONDS, dimse_timeout)
+                + dimse_timeout)
 
 
 def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -166,6 +190,14 @@ class Sender:
         """The wait after the ``attempts``-th failure: initial, doubling, capped."""
         return self.retry_policy.backoff(attempts)
 
+    @property
+    def lease_seconds(self) -> float:
+        return delivery_lease_seconds(self.config.sender.dimse_timeout_seconds)
+
+    def owner(self, destination: str) -> str:
+        """The lease owner of this node's sender thread for ``destination``."""
+        return f"{self.config.node.id}:{os.getpid()}:send-{destination}"[:128]
+
     def _fail(self, items: Sequence[DueDelivery], error: str, *, permanent: bool = False,
               at_max_backoff: bool = False) -> None:
         mark_failed(self.db, items, error, self.retry_policy, permanent=permanent,
@@ -185,21 +217,29 @@ class Sender:
     def run_destination_once(self, dest: DestinationConfig) -> int:
         """Send what is due to ``dest`` (up to ``BATCH``, on one association); returns the
         number of deliveries attempted."""
-        items = due_deliveries(self.db, BATCH, destination=dest.name).get(dest.name, [])
-        if items and not self._stop.is_set():
-            self._send(dest, items)
+        claimed_at = time.monotonic()
+        items = claim_deliveries(self.db, BATCH, self.owner(dest.name), self.lease_seconds,
+                                 destination=dest.name).get(dest.name, [])
+        if items and self._stop.is_set():
+            release_leases(self.db, items)
+        elif items:
+            self._send(dest, items, claimed_at)
             return len(items)
         return 0
 
     def _fail_unconfigured(self) -> None:
         """Deliveries to a destination no longer configured wait at the maximum backoff
         (a reload may bring it back)."""
-        for name, items in due_deliveries(self.db, BATCH,
-                                          exclude=list(self.destinations)).items():
+        for name, items in claim_deliveries(self.db, BATCH, self.owner(""), self.lease_seconds,
+                                            exclude=list(self.destinations)).items():
             self._fail(items, f"destination {name!r} is no longer configured",
                        permanent=False, at_max_backoff=True)
 
-    def _send(self, dest: DestinationConfig, items: list[DueDelivery]) -> None:
+    def _send(self, dest: DestinationConfig, items: list[DueDelivery],
+              claimed_at: float | None = None) -> None:
+        """C-STORE ``items`` to ``dest`` on one association, each outcome recorded.
+        ``claimed_at`` (``time.monotonic``): when their leases began, so that the first
+        renewal counts the association's set-up too."""
         timeout = self.config.sender.dimse_timeout_seconds
         ae = AE(ae_title=self.config.sender.calling_ae)
         ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
@@ -257,12 +297,24 @@ class Sender:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
         lost = "association lost"
+        renewed = time.monotonic() if claimed_at is None else claimed_at
         try:
-            for i, item in enumerate(items):
+            i = 0
+            while i < len(items):
+                item = items[i]
                 if self._stop.is_set() or not assoc.is_established:
                     if not assoc.is_established:
                         self._fail(items[i:], f"not sent: {lost}")
+                    else:  # stopping: what was not attempted is due again for any node
+                        release_leases(self.db, items[i:])
                     return
+                if time.monotonic() - renewed > self.lease_seconds / 2:
+                    items[i:] = renew_leases(self.db, items[i:], self.lease_seconds)
+                    renewed = time.monotonic()
+                    if i >= len(items):
+                        return
+                    item = items[i]
+                i += 1
                 try:
                     sop_class, syntax = syntaxes_of(item.path)
                 except Exception as exc:

@@ -151,6 +151,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
         ]
         doc: dict[str, Any] = {
             "node": {
+                "id": config.node.id,
                 "ae_title": config.node.ae_title,
                 "port": config.node.port,
                 "data_dir": str(config.storage.data_dir),
@@ -274,8 +275,8 @@ def render(doc: dict[str, Any]) -> str:
     m = doc["model"]
     demo = "  ** DEMO: synthetic phantoms, not for clinical use **" if m["demo"] else ""
     lines = [
-        f"cxrd node {doc['node']['ae_title']} port {doc['node']['port']} "
-        f"data {doc['node']['data_dir']}",
+        f"cxrd node {doc['node']['id']} ae_title {doc['node']['ae_title']} port "
+        f"{doc['node']['port']} data {doc['node']['data_dir']}",
         f"model: {m['display_name']} (device {m['device_uid']}, TB threshold "
         f"{m['tb_threshold']:.3f}){demo}",
     ]

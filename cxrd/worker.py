@@ -17,7 +17,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -520,9 +519,10 @@ class WorkerLoop:
                             resource=is_resource_error(exc))
 
 
-def worker_id_prefix() -> str:
-    """Lease owners on this host start with this; a restarted node reclaims them."""
-    return f"{socket.gethostname()}:"
+def worker_id_prefix(node_id: str) -> str:
+    """Lease owners of this node (``[node] id``) start with this; a restarted node reclaims
+    them."""
+    return f"{node_id}:"
 
 
 def stop_on_signals() -> threading.Event:
@@ -602,7 +602,7 @@ def worker_main(config: Config, index: int, parent_pid: int,
     limit_native_threads()
     if setup_logging is not None:
         setup_logging(config)
-    worker_id = f"{worker_id_prefix()}{os.getpid()}:w{index}"
+    worker_id = f"{worker_id_prefix(config.node.id)}{os.getpid()}:w{index}"
     loop = WorkerLoop(config, worker_id)
     settle_garbage_collector()
     pause = RESOURCE_PAUSE_SECONDS

@@ -8,8 +8,9 @@ import datetime as dt
 from dicomfactory import CR, uid
 from sqlalchemy import select
 
+from cxrd import queue
 from cxrd.db import Database, Instance, Job, Study, utcnow
-from cxrd.domain import InstanceState, JobState, StudyState
+from cxrd.domain import InstanceState, JobKind, JobState, StudyState
 
 
 def make_jobs(db: Database, studies: int = 3, per_study: int = 2) -> list[int]:
@@ -63,3 +64,21 @@ def make_due(db: Database) -> None:
     with db.session() as s:
         for job in s.scalars(select(Job).where(Job.state == JobState.PENDING.value)):
             job.not_before = utcnow() - dt.timedelta(seconds=1)
+
+
+def claim_order_case(db: Database) -> tuple[list[int], list[int], list[int]]:
+    """Six classify jobs, the first one's lease expired, and two pending report jobs;
+    returns (classify ids, report ids, the ids of a claim of four)."""
+    ids = make_jobs(db, studies=3, per_study=2)
+    (expired,) = queue.claim(db, "gone", 1, 300.0, 3)  # its worker died; the lease runs out
+    assert expired.job_id == ids[0]
+    expire_leases(db)
+    with db.session() as s:
+        study_uid = s.get(Job, ids[5]).study_instance_uid  # type: ignore[union-attr]
+        s.add_all(Job(kind=JobKind.REPORT.value, instance_id=None, study_instance_uid=uid,
+                      generation=1, state=JobState.PENDING.value,
+                      not_before=utcnow() - dt.timedelta(seconds=1))
+                  for uid in (study_uid, "9.9.late"))
+    with db.session() as s:
+        report_ids = sorted(s.scalars(select(Job.id).where(Job.kind == JobKind.REPORT.value)))
+    return ids, report_ids, [j.job_id for j in queue.claim(db, "w", 4, 300.0, 3)]

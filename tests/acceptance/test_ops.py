@@ -100,6 +100,7 @@ def test_notify_metrics_reload_json_logs(tmp_path: Path, nodes: Nodes, dozen: Ph
     assert " " in display_name
     by_action = {r.get("action"): r for r in records}
     assert by_action["node-start"]["model"] == display_name
+    assert by_action["node-start"]["node_id"] == status["node"]["id"] == socket.gethostname()
     assert by_action["worker-start"]["model"] == display_name
     assert isinstance(by_action["node-start"]["workers"], int)
     assert isinstance(by_action["classified"]["p_tb"], float)

@@ -75,3 +75,19 @@ def test_exit_codes(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 2 and "UNHEALTHY" in text.stdout
     db.dispose()
+
+
+def test_status_shows_the_node_id(tmp_path: Path) -> None:
+    """``[node] id`` in ``cxrd status`` (text and --json); the host name unless set."""
+    import socket
+
+    config = tmp_path / "cxrd.toml"
+    base = f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[metrics]\nlisten = ""\n'
+    config.write_text(base)
+    assert json.loads(_status(config).stdout)["node"]["id"] == socket.gethostname()
+    config.write_text(base + '[node]\nid = "cxr-node-7"\n')
+    assert json.loads(_status(config).stdout)["node"]["id"] == "cxr-node-7"
+    text = subprocess.run([sys.executable, "-m", "cxrd.cli", "status", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert text.stdout.splitlines()[0].startswith("cxrd node cxr-node-7 ae_title CXRD port"), \
+        text.stdout + text.stderr

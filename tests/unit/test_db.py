@@ -9,7 +9,16 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from cxrd.db import MIGRATIONS, SCHEMA_VERSION, Database, Job, SchemaVersion, Study, make_engine
+from cxrd.db import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Database,
+    Delivery,
+    Job,
+    SchemaVersion,
+    Study,
+    make_engine,
+)
 
 
 def test_in_memory_database_is_one_database_across_sessions():
@@ -130,6 +139,37 @@ def test_schema_1_jobs_are_migrated_to_report_jobs(tmp_path: Path):
     with pytest.raises(IntegrityError), db.session() as s:
         s.add(Job(kind="report", instance_id=None, study_instance_uid="1.2", generation=1,
                   state="pending"))
+    db.dispose()
+
+
+def test_v5_adds_the_delivery_lease_columns_in_place(tmp_path: Path):
+    """A version 4 SQLite database (deliveries without lease columns) gains them, its rows
+    kept."""
+    import sqlite3
+
+    path = tmp_path / "v4.sqlite"
+    db = Database(f"sqlite:///{path}")
+    db.migrate()
+    db.dispose()
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        ALTER TABLE deliveries DROP COLUMN lease_owner;
+        ALTER TABLE deliveries DROP COLUMN lease_expires;
+        DELETE FROM schema_version WHERE version >= 5;
+        INSERT INTO results (id, sop_instance_uid, study_instance_uid, kind, generation, path,
+            created_at) VALUES (1, '1.2.3', '1.2', 'sc', 1, '/r', '2026-01-01 00:00:00');
+        INSERT INTO deliveries (id, result_id, destination, state, attempts, created_at,
+            next_attempt_at) VALUES (3, 1, 'pacs', 'pending', 0, '2026-01-01 00:00:00',
+            '2026-01-01 00:00:00');
+    """)
+    conn.commit()
+    conn.close()
+    db = Database(f"sqlite:///{path}")
+    assert db.migrate() == SCHEMA_VERSION
+    with db.session() as s:
+        row = s.get(Delivery, 3)
+        assert row is not None
+        assert (row.destination, row.lease_owner, row.lease_expires) == ("pacs", None, None)
     db.dispose()
 
 

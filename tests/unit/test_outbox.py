@@ -22,6 +22,7 @@ from cxrd.outbox import (
     DueDelivery,
     RetryPolicy,
     add_result,
+    claim_deliveries,
     due_deliveries,
     mark_delivered,
     mark_failed,
@@ -248,3 +249,17 @@ def test_rows_gone_meanwhile_are_skipped(memdb: Database,
     assert messages(caplog, logging.WARNING) == messages(caplog, logging.ERROR) == []
     mark_delivered(memdb, gone, now=NOW)  # no row to update; nothing raised
     assert rows(memdb) == []
+
+
+def test_claim_on_sqlite_is_the_plain_read(memdb: Database) -> None:
+    """One node, one sender thread per destination: no lease written (no commit per pass),
+    the outcome recorded as before."""
+    queue(memdb, 2, ["pacs"])
+    before = [(r.next_attempt_at, r.lease_owner, r.lease_expires) for r in rows(memdb)]
+    claimed = claim_deliveries(memdb, 100, "node-a:1:send-pacs", 60, now=NOW)
+    assert claimed == due_deliveries(memdb, 100, now=NOW)
+    assert [d.owner for d in claimed["pacs"]] == [None, None]
+    assert [(r.next_attempt_at, r.lease_owner, r.lease_expires) for r in rows(memdb)] == before
+    mark_delivered(memdb, claimed["pacs"][0], now=NOW)
+    assert [r.state for r in rows(memdb)] == [DeliveryState.DONE.value,
+                                              DeliveryState.PENDING.value]

@@ -9,7 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from queuehelpers import expire_leases, get_instance, get_job, make_due, make_jobs
+from queuehelpers import (
+    claim_order_case,
+    expire_leases,
+    get_instance,
+    get_job,
+    make_due,
+    make_jobs,
+)
 from sqlalchemy import select
 
 from cxrd import queue
@@ -47,6 +54,13 @@ def test_a_second_claimer_gets_other_jobs(memdb):
     assert [j.job_id for j in second] == ids[4:]
     assert not {j.job_id for j in first} & {j.job_id for j in second}
     assert claim(memdb, "w3") == []
+
+
+def test_claim_order_reports_first_then_oldest(memdb):
+    """SQLite: one query; a job whose lease expired is due in its place by id."""
+    ids, report_ids, got = claim_order_case(memdb)
+    assert got == [*report_ids, ids[0], ids[1]]
+    assert [j.job_id for j in claim(memdb, "w", batch=2)] == ids[2:4]
 
 
 def test_jobs_not_yet_due_are_not_claimed(memdb):
