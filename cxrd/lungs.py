@@ -23,6 +23,21 @@ Mask = npt.NDArray[np.bool_]
 SMOOTH_GRID = 256
 
 
+def lung_gate(lung_grid: Mask, minimum: float) -> str | None:
+    """The lung-field gate (``[model] min_lung_fraction``): why an image whose lung fields
+    cover less than ``minimum`` of it is not classified (a hand or knee sent as a chest, an
+    image with no recognisable lungs), or None when it passes (or ``minimum`` is 0). The
+    grid covers the whole image, stretched, so its share of lung cells is the image's
+    share of lung area."""
+    if minimum <= 0:
+        return None
+    fraction = float(np.asarray(lung_grid).mean())
+    if fraction >= minimum:
+        return None
+    return (f"the lung fields found cover {fraction:.3f} of the image, below "
+            f"[model] min_lung_fraction {minimum:g}")
+
+
 def probs_to_masks(probs: npt.NDArray[np.floating], rows: int, cols: int,
                    threshold: float = 0.5) -> tuple[Mask, Mask]:
     """The segmenter's (h, w, 2) probabilities to (left, right) masks at an image's own

@@ -1,7 +1,11 @@
 """``cxrd predict``: classify files offline with the same stages as the node, no daemon.
 
-DICOM inputs get a heatmap SC each and one SR per study in the output folder; PNG and JPEG
-inputs are classified and printed only (an SR needs a DICOM source to reference).
+DICOM inputs go through the node's steps: the classifier, and the lung segmenter unless
+``[model] segmenter = "off"``: the lung-field gate (an image without lungs is reported
+skipped, ``no-lung-fields``, and written nothing), the region restricted to the lungs,
+a heatmap SC and (with ``[results] segmentation``) a lung SEG each, and one SR per study
+in the output folder. PNG and JPEG inputs are classified and printed only (an SR needs a
+DICOM source to reference).
 """
 
 from __future__ import annotations
@@ -31,11 +35,19 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
     """Classify ``files``; returns the exit code (1 if any file could not be classified)."""
     from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings, decide_class
+    from cxrd.infer import Segmenter
+    from cxrd.lungs import lung_gate
+    from cxrd.preprocess import gray8_to_model_input
+    from cxrd.seg import LungSegEncoder
     from cxrd.sr import build_sr
-    from cxrd.worker import prepare, write_heatmap
+    from cxrd.worker import lung_fields, prepare, write_heatmap, write_seg
 
-    clf = Classifier(config.model.path, config.model.providers, config.model.intra_op_threads)
+    m = config.model
+    clf = Classifier(m.path, m.providers, m.intra_op_threads)
     model = clf.info
+    seg = Segmenter(m.segmenter, m.providers, m.intra_op_threads) if m.uses_segmenter else None
+    encoder = (LungSegEncoder(seg.info)
+               if seg is not None and config.results.segmentation else None)
     print(f"model: {model.display_name} providers: {','.join(clf.providers)}", file=sys.stderr)
     if model.demo:
         print("DEMO model: trained on synthetic phantoms, not for clinical use", file=sys.stderr)
@@ -48,14 +60,30 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
             if _is_dicom(path):
                 prep = prepare(path, model)
                 probs, cam = clf.run(prep.model_input[None])
+                seg_probs = None
+                if seg is not None:
+                    seg_probs = seg.run(gray8_to_model_input(
+                        prep.display, seg.info.input_size, seg.info.preprocessing,
+                        prep.reduced)[None])[0]
+                    prep.lung_grid = lung_fields(seg_probs, seg.info)
+                    why = lung_gate(prep.lung_grid, m.min_lung_fraction)
+                    if why is not None:
+                        row.update({"skipped": "no-lung-fields", "detail": why})
+                        print(json.dumps(row) if as_json
+                              else f"{path}: skipped (no-lung-fields): {why}")
+                        continue
+                findings = ImageFindings.of(
+                    prep.dataset, probs[0], cam[0], model.operating_point.tb_threshold,
+                    lungs=prep.lung_grid, margin=config.results.lung_margin)
                 sc_uid, sc_path = write_heatmap(
                     prep, probs[0], cam[0], model, out, 1,
                     max_side=config.results.heatmap_max_side,
-                    compression=config.results.heatmap_compression)
-                by_study[str(prep.dataset.StudyInstanceUID)].append(ImageFindings.of(
-                    prep.dataset, probs[0], cam[0], model.operating_point.tb_threshold))
+                    compression=config.results.heatmap_compression, region=findings.region)
+                by_study[str(prep.dataset.StudyInstanceUID)].append(findings)
                 dicom = True
                 row["sc"] = str(sc_path)
+                if encoder is not None and seg_probs is not None:
+                    row["seg"] = str(write_seg(prep, seg_probs, encoder, out, 1)[1])
             else:
                 probs, cam = clf.run(preprocess_file(
                     path, clf.input_size, preprocessing=model.preprocessing)[None])

@@ -39,7 +39,7 @@ from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.findings import ImageFindings, decide_class
 from cxrd.infer import Classifier, Segmenter
-from cxrd.lungs import probs_to_masks
+from cxrd.lungs import lung_gate, probs_to_masks
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, SegmentationInfo
 from cxrd.preprocess import (
@@ -441,19 +441,14 @@ class WorkerLoop:
         return probs
 
     def _no_lung_fields(self, job: queue.ClaimedJob, prep: Prepared) -> bool:
-        """The lung-field gate: skip (``no-lung-fields``) an image whose lung fields cover
-        less than ``[model] min_lung_fraction`` of it (a hand or knee sent as a chest, an
-        image with no recognisable lungs). The grid covers the whole image, stretched, so
-        its share of lung cells is the image's share of lung area."""
-        minimum = self.config.model.min_lung_fraction
-        if prep.lung_grid is None or minimum <= 0:
+        """The lung-field gate (``cxrd.lungs.lung_gate``): skip (``no-lung-fields``) an
+        image whose lung fields cover less than ``[model] min_lung_fraction`` of it."""
+        if prep.lung_grid is None:
             return False
-        fraction = float(prep.lung_grid.mean())
-        if fraction >= minimum:
+        why = lung_gate(prep.lung_grid, self.config.model.min_lung_fraction)
+        if why is None:
             return False
-        queue.skip(self.db, job, self.worker_id, SkipReason.NO_LUNG_FIELDS,
-                   f"the lung fields found cover {fraction:.3f} of the image, below "
-                   f"[model] min_lung_fraction {minimum:g}")
+        queue.skip(self.db, job, self.worker_id, SkipReason.NO_LUNG_FIELDS, why)
         return True
 
     def report(self, job: queue.ClaimedJob) -> None:

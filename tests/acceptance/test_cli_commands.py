@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pydicom
 import pytest
 from nodehelpers import (
     DONE_TIMEOUT,
+    IMAGE_SIZE,
     check_outcome,
     frontal_set,
     run_cli,
@@ -23,13 +26,15 @@ from sqlalchemy import select
 
 from cxrd.db import Study
 from cxrd.modelinfo import CLASS_NAMES
+from training.phantoms import DicomOptions, make_non_chest, random_patient_study, write_dicom
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 STATUS_KEYS = ("instances", "studies", "jobs", "skipped", "rejected", "deliveries", "model",
                "workers", "healthy", "queue_depth")
 
 
-def test_predict_prints_classes_and_writes_one_sc_per_file_and_one_sr(tmp_path):
+def test_predict_prints_classes_and_writes_an_sc_and_a_seg_per_file_and_one_sr(tmp_path):
     inputs = frontal_set(tmp_path / "in", n_studies=1, per_study=2, seed=7)
     dirs = write_config(tmp_path)
     out = tmp_path / "out"
@@ -54,10 +59,12 @@ def test_predict_prints_classes_and_writes_one_sc_per_file_and_one_sr(tmp_path):
     headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in written}
     srs = [p for p, ds in headers.items() if ds.Modality == "SR"]
     scs = [p for p, ds in headers.items() if ds.SOPClassUID == SECONDARY_CAPTURE]
-    assert len(srs) == 1 and len(scs) == 2 and len(written) == 3, written
-    sources = sorted(str(headers[p].SourceImageSequence[0].ReferencedSOPInstanceUID)
-                     for p in scs)
-    assert sources == sorted(printed)
+    segs = [p for p, ds in headers.items() if ds.SOPClassUID == SEGMENTATION]
+    assert len(srs) == 1 and len(scs) == 2 and len(segs) == 2 and len(written) == 5, written
+    for results in (scs, segs):  # the node's steps: an SC and a lung SEG per image
+        sources = sorted(str(headers[p].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                         for p in results)
+        assert sources == sorted(printed)
     study_uid, refs = sr_references(srs[0])
     assert study_uid == inputs.files[0].study_instance_uid
     assert refs == set(printed)
@@ -174,3 +181,21 @@ def test_the_worker_refuses_a_session_without_cuda_when_required():
     # the same session without the requirement falls back to the CPU and says so
     assert Classifier(None, ["CUDAExecutionProvider", "CPUExecutionProvider"]).providers == [
         "CPUExecutionProvider"]
+
+
+def test_predict_skips_an_image_without_lung_fields_as_the_node_does(tmp_path):
+    # a hand radiograph whose header says CHEST PA: the lung-field gate stops it
+    rng = np.random.default_rng(3)
+    while (hand := make_non_chest(rng, *IMAGE_SIZE)).body_part != "HAND":
+        pass
+    hand = replace(hand, body_part="CHEST", view="PA")
+    path = tmp_path / "in" / "hand.dcm"
+    path.parent.mkdir()
+    write_dicom(hand, path, random_patient_study(rng), DicomOptions(modality="CR"))
+    dirs = write_config(tmp_path)
+    out = tmp_path / "out"
+    done = run_cli("predict", str(path), "--out", str(out), "--config", str(dirs.config),
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{path}: skipped (no-lung-fields)" in done.stdout, done.stdout
+    assert not any(out.glob("*.dcm"))  # nothing written for it, no SR for its study

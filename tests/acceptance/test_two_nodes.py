@@ -105,7 +105,8 @@ def test_two_nodes_share_the_queue_and_deliver_each_result_once(
             results = sorted(s.scalars(select(Result.sop_instance_uid)))
             deliveries = s.execute(select(Delivery.state, Delivery.attempts,
                                           Delivery.lease_owner)).all()
-        assert len(results) == len(dozen.files) + len(dozen.studies())  # an SC each, an SR
+        # an SC and a lung SEG per image, an SR per study
+        assert len(results) == 2 * len(dozen.files) + len(dozen.studies())
         stored = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                         for p in scp.received())
         assert stored == results, scp.log()[-3000:]  # each result once, none twice
