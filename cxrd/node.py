@@ -82,7 +82,7 @@ class Node:
         self.model: ModelInfo = read_model_info(resolve_model_path(config.model.path))
         self._stop = threading.Event()
         #: What the scheduler loop waits on between rounds: a stop, a reload, or a stored
-        #: instance (``_arrived``, with ``[study] classify_on_arrival``).
+        #: instance (``_on_stored``, with ``[study] classify_on_arrival``).
         self._wake = threading.Event()
         self._last_round = 0.0
         self._signals = 0
@@ -246,7 +246,11 @@ class Node:
             # processes every round, and otherwise now and then (a lost wake-up).
             self._stored = False
             self._next_arrival_check = self._last_round + ARRIVAL_CHECK_SECONDS
-            queued = queue_arrivals(self.db)
+            try:
+                queued = queue_arrivals(self.db)
+            except BaseException:
+                self._stored = True  # the next round tries again (the database away)
+                raise
         due = self._admission_due
         admitted = 0
         if not (self._arrival_round and due is not None and self._last_round < due):
