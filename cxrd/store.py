@@ -41,8 +41,9 @@ Errors, the same on both backends (``cxrd.errors``):
 The S3 backend uses boto3, AWS's own SDK: maintained with the service, the standard
 credential chain (the ``AWS_*`` environment variables, the shared credentials and config
 files, ``AWS_PROFILE``, and on AWS the instance or container role), retries with backoff
-for throttling and 5xx (``retries`` mode "standard"), and a checksum of every PUT body
-that the service verifies before it answers success. obstore was the other candidate
+for throttling and 5xx (``retries`` mode "standard"), and a checksum (CRC32) of every PUT
+body, which S3 and MinIO verify before they answer success (moto accepts a wrong one),
+and which ``get`` checks the bytes it read against. obstore was the other candidate
 (Rust, async-first, faster for many small requests); boto3's error codes are S3's own,
 which the error taxonomy here is written against, and its client is thread-safe, which the
 receiver's and sender's threads need. A client is not fork-safe: each process opens its
@@ -377,7 +378,8 @@ class S3Store:
 
     A ``put`` returns only after the service answered success, and the body carries a
     checksum (CRC32, botocore's default) that the service checks first, so an acknowledged
-    object is whole; S3 objects appear atomically, no rename is needed. Credentials come
+    object is whole; S3 objects appear atomically, no rename is needed. ``get`` checks the
+    bytes against that stored checksum (a mismatch is StoreFailed). Credentials come
     from boto3's standard chain only (module docstring).
     """
 
@@ -427,8 +429,10 @@ class S3Store:
         """The store error for a boto3/botocore exception (module docstring's taxonomy)."""
         from botocore.exceptions import (
             BotoCoreError,
+            ChecksumError,
             ClientError,
             ConnectionClosedError,
+            FlexibleChecksumError,
             HTTPClientError,
             IncompleteReadError,
             NoCredentialsError,
@@ -462,9 +466,13 @@ class S3Store:
         if isinstance(cause, BotoConnectionError | HTTPClientError | ReadTimeoutError
                       | ConnectionClosedError | IncompleteReadError | ResponseStreamingError):
             return StoreUnavailable(f"{action} {where}: {type(cause).__name__}: {cause}")
+        if isinstance(cause, FlexibleChecksumError | ChecksumError):
+            # The bytes read do not match the checksum stored with the object. Over TCP
+            # (and TLS) that is a damaged object far more often than a damaged transfer:
+            # asking again would most likely read the same bytes.
+            return StoreFailed(f"{action} {where}: the object does not match its stored "
+                               f"checksum: {cause}")
         if isinstance(cause, BotoCoreError):
-            # A checksum that did not match the bytes read, and the like: the transfer
-            # went wrong, not the request.
             return StoreUnavailable(f"{action} {where}: {type(cause).__name__}: {cause}")
         return StoreFailed(f"{action} {where}: {type(cause).__name__}: {cause}")
 
@@ -539,7 +547,7 @@ class S3Store:
                 raise self._error("head", key, exc) from None
             # A HEAD's 404 has no body, so no code: a missing object and a missing bucket
             # look alike. The bucket is asked about once.
-            self.check()
+            self._check_bucket("head", key)
             return None
         except BotoCoreError as exc:
             raise self._error("head", key, exc) from None
@@ -574,6 +582,9 @@ class S3Store:
         """Raise the store error that the bucket's state gives (HEAD bucket): StoreFailed
         when it does not exist or may not be used, StoreUnavailable when the service
         cannot be reached. Asked once per store; later calls return at once."""
+        self._check_bucket("check", "")
+
+    def _check_bucket(self, action: str, key: str) -> None:
         if self._bucket_seen:
             return
         from botocore.exceptions import BotoCoreError, ClientError
@@ -583,11 +594,10 @@ class S3Store:
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
-                raise StoreFailed(f"s3://{self.bucket}: no such bucket {self.bucket!r} "
-                                  "(create it, or correct [storage] store)") from None
-            raise self._error("check", "", exc) from None
+                exc.response.setdefault("Error", {})["Code"] = "NoSuchBucket"
+            raise self._error(action, key, exc) from None
         except BotoCoreError as exc:
-            raise self._error("check", "", exc) from None
+            raise self._error(action, key, exc) from None
         self._bucket_seen = True
 
 
