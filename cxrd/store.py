@@ -509,9 +509,16 @@ class S3Store:
         if callable(content):
             buffer = io.BytesIO()
             content(buffer)
-            data: bytes | bytearray | memoryview = buffer.getbuffer()
-        else:
-            data = content
+            size = buffer.tell()
+            buffer.seek(0)  # botocore reads it for the checksums, then rewinds to send it
+            if size <= self.multipart_threshold:
+                self._call("put", key, self._client.put_object, Bucket=self.bucket,
+                           Key=full, Body=buffer)
+            else:
+                self._call("put", key, self._client.upload_fileobj, Fileobj=buffer,
+                           Bucket=self.bucket, Key=full, Config=self._transfer)
+            return
+        data = content
         if len(data) <= self.multipart_threshold:
             self._call("put", key, self._client.put_object, Bucket=self.bucket, Key=full,
                        Body=bytes(data) if not isinstance(data, bytes) else data)

@@ -142,6 +142,9 @@ def test_put_from_file_and_from_writer(store: Store, tmp_path: Path) -> None:
     assert store.get("results/b.dcm") == b"from a writer"
     assert store.get("results/c.dcm") == b"from a view"
     assert source.read_bytes() == b"from a file"  # the source is left as it was
+    with pytest.raises(FileNotFoundError, match="no file"):  # the caller's mistake
+        store.put("results/d.dcm", tmp_path / "missing.dcm")
+    assert store.head("results/d.dcm") is None
 
 
 def test_ten_megabytes(store: Store, tmp_path: Path) -> None:
@@ -153,6 +156,24 @@ def test_ten_megabytes(store: Store, tmp_path: Path) -> None:
     source.write_bytes(data[::-1])
     store.put("spool/1.2/big2.dcm", source)
     assert store.get("spool/1.2/big2.dcm") == data[::-1]
+
+
+def test_s3_multipart_above_the_threshold(moto_endpoint: str, tmp_path: Path) -> None:
+    """Objects above ``multipart_threshold`` go as a multipart upload (5 MB parts here,
+    S3's smallest); they read back whole."""
+    store = S3Store(new_bucket(moto_endpoint), endpoint_url=moto_endpoint,
+                    multipart_threshold=5 << 20)
+    data = os.urandom(12 << 20)
+    source = tmp_path / "big.dcm"
+    source.write_bytes(data)
+    store.put("spool/1/bytes.dcm", data)
+    store.put("spool/1/file.dcm", source)
+    store.put("spool/1/writer.dcm", lambda fh: fh.write(data))
+    raw = boto3.client("s3", endpoint_url=moto_endpoint)
+    for key in ("spool/1/bytes.dcm", "spool/1/file.dcm", "spool/1/writer.dcm"):
+        assert store.get(key) == data
+        # A multipart object's ETag ends in "-<parts>": three parts of 5, 5 and 2 MB.
+        assert raw.head_object(Bucket=store.bucket, Key=key)["ETag"].endswith('-3"')
 
 
 def test_list_is_by_folder_and_sorted(store: Store) -> None:
