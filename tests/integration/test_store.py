@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -234,6 +234,17 @@ def test_local_writes_leave_no_temp_file_and_link_a_file(tmp_path: Path) -> None
     store.delete("spool/1.2/4.dcm")
     assert not (tmp_path / "objects" / "spool").exists()  # emptied folders go too
     assert (tmp_path / "objects").is_dir()
+
+
+def test_local_full_disk_is_unavailable(tmpfs: Callable[[Path, int], Path],
+                                        tmp_path: Path) -> None:
+    store = LocalStore(tmpfs(tmp_path / "small", 1))  # a real 1 MB file system
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        store.put("spool/1/big.dcm", os.urandom(2 << 20))
+    assert store.head("spool/1/big.dcm") is None
+    assert [p.name for p in (tmp_path / "small" / "spool" / "1").iterdir()] == []  # no temp
+    store.put("spool/1/small.dcm", b"fits")  # space is there again for what fits
+    assert store.get("spool/1/small.dcm") == b"fits"
 
 
 def test_local_root_that_is_a_file_is_a_permanent_error(tmp_path: Path) -> None:
