@@ -8,11 +8,12 @@ them (``INITIAL_NO_AUTH_ACTION_COUNT``), which the credential tests do in a serv
 their own. moto's region is us-east-1.
 
 The same test functions run on both backends (``store`` is parametrised): round trips of
-put/get/head/delete/list, a 10 MB object, key validation. Then the S3 error taxonomy: an
-endpoint that is down, one that never answers, one that answers 503 SlowDown ->
-StoreUnavailable; a missing bucket, refused credentials -> StoreFailed naming the bucket
-and key and never a secret; credentials from the environment and the shared credentials
-file only.
+put/get/head/delete/list, a 10 MB object, key validation. Locally, a full file system (a
+real 1 MB tmpfs) -> StoreUnavailable. Then the S3 error taxonomy: an endpoint that is
+down, a server that goes away, one that never answers, one that answers 503 SlowDown (a
+small HTTP server: moto does not throttle) -> StoreUnavailable; a missing bucket, refused
+credentials -> StoreFailed naming the bucket and key and never a secret; credentials from
+the environment and the shared credentials file only.
 """
 
 from __future__ import annotations
