@@ -150,6 +150,12 @@ class StorageConfig:
     min_free_mb: int = 1024  # DEFAULT_MIN_FREE_MB
     # Days spool files and delivered results are kept; 0 keeps them for ever.
     retention_days: int = 0
+    #: Where the scale-out roles keep objects (``cxrd.store.open_store``): "" = data_dir,
+    #: an absolute folder path, or "s3://bucket[/prefix]". The single node keeps data_dir.
+    store: str = ""
+    #: The S3 endpoint for S3-compatible storage other than AWS (MinIO, Ceph, moto); ""
+    #: = AWS's own endpoints.
+    s3_endpoint_url: str = ""
 
     @property
     def incoming_dir(self) -> Path:
@@ -927,8 +933,80 @@ def _read_storage(t: _Table, base: Path) -> StorageConfig:
     min_free_mb = t.integer("min_free_mb", DEFAULT_MIN_FREE_MB, low=0, high=2**40)
     retention_days = t.integer("retention_days", 0, low=0, high=36500,
                                allowed="a whole number of days from 0 (keep for ever) to 36500")
+    store = _read_store(t, base)
+    endpoint = t.string("s3_endpoint_url", "")
+    if endpoint:
+        problem = _endpoint_problem(endpoint)
+        if problem:
+            t.bad("s3_endpoint_url", _mask_url(endpoint), problem)
+            endpoint = ""
+    _refuse_credentials(t)
     return StorageConfig(data_dir=data_dir, database_url=url, min_free_mb=min_free_mb,
-                         retention_days=retention_days)
+                         retention_days=retention_days, store=store,
+                         s3_endpoint_url=endpoint)
+
+
+def _read_store(t: _Table, base: Path) -> str:
+    """``[storage] store``: "", an S3 URL checked by ``cxrd.store.parse_s3_url``, or a
+    folder resolved against ``base`` (absolute in the Config)."""
+    text = t.string("store", "")
+    if not text:
+        return ""
+    if text.startswith("s3://"):
+        from cxrd.store import parse_s3_url
+
+        try:
+            parse_s3_url(text)
+        except ValueError as exc:
+            t.bad("store", text, f's3://bucket or s3://bucket/prefix ({exc})')
+            return ""
+        return text
+    if "://" in text:
+        t.bad("store", text, '"" (data_dir), a folder path, or "s3://bucket[/prefix]"')
+        return ""
+    folder = _resolve(base, text)
+    if folder.exists() and not folder.is_dir():
+        t.problem("store", f"{_show(text)} ({folder}) exists and is not a directory")
+        return ""
+    return str(folder)
+
+
+def _endpoint_problem(url: str) -> str | None:
+    """Why ``url`` is not an http(s) endpoint URL without credentials, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        return "an http:// or https:// URL, e.g. \"http://127.0.0.1:9000\""
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "an http:// or https:// URL with a host, e.g. \"http://127.0.0.1:9000\""
+    if parts.username or parts.password:
+        return ("a URL without user or password: credentials come from the AWS "
+                "environment variables or files only")
+    if parts.query or parts.fragment:
+        return "a URL without query or fragment"
+    return None
+
+
+#: Key names in [storage] that look like credentials: refused with their own message.
+_CREDENTIAL_KEY = re.compile(
+    r"(access|secret|token|password|passwd|credential|aws_|(^|_)key$|profile)", re.I)
+
+
+def _refuse_credentials(t: _Table) -> None:
+    """Refuse credential-like keys in ``[storage]``: credentials are never read from the
+    TOML file (which is often world-readable and copied around), only from the standard
+    AWS environment variables and files. The value is never shown."""
+    for key in t.data:
+        if key in t.known or not _CREDENTIAL_KEY.search(key):
+            continue
+        t.known.append(key)  # reported here, not again as an unknown key
+        t.problem(key, "credentials are not read from the configuration file; set "
+                       "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) "
+                       "in the environment, or a profile in ~/.aws/credentials "
+                       "(AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE)")
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:

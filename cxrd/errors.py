@@ -37,3 +37,29 @@ class UnsupportedImage(CxrdError):
 
 class InvalidUID(CxrdError):
     """A UID is not a valid DICOM UID (digits and dots, at most 64 characters)."""
+
+
+class StoreError(CxrdError):
+    """The object store failed (``cxrd.store``)."""
+
+
+class StoreUnavailable(StoreError):
+    """The object store cannot be reached or is overloaded now; the same request may
+    succeed later (a timeout, a 5xx, throttling, an endpoint that is down, a full disk,
+    a shared mount that went away). Callers wait and retry; the image is not failed."""
+
+
+class StoreFailed(StoreError):
+    """The object store refused the request, and asking again will not help until an
+    operator acts (no such bucket, access denied, no or wrong credentials)."""
+
+
+class ObjectMissing(StoreError, KeyError):
+    """No object is stored under this key."""
+
+    def __str__(self) -> str:  # KeyError's own quotes its argument
+        return str(self.args[0]) if self.args else (self.__doc__ or "").strip()
+
+
+class InvalidKey(StoreError, ValueError):
+    """A store key is not a relative POSIX path of allowed parts."""

@@ -263,6 +263,17 @@ BAD_VALUES = [
         "backslash",
     ),
     ('[destinations]\nname = "p"', "destinations", "[[destinations]]"),
+    ('[storage]\nstore = "s3://"', "storage.store", "3 to 63"),
+    ('[storage]\nstore = "s3://My_Bucket/x"', "storage.store", "lowercase"),
+    ('[storage]\nstore = "s3://192.168.1.10"', "storage.store", "IP address"),
+    ('[storage]\nstore = "s3://ab..cd"', "storage.store", "two dots"),
+    ('[storage]\nstore = "s3://bucket/../etc"', "storage.store", "'..'"),
+    ('[storage]\nstore = "gs://bucket"', "storage.store", "s3://bucket[/prefix]"),
+    ('[storage]\nstore = 5', "storage.store", "string"),
+    ('[storage]\ns3_endpoint_url = "localhost:9000"', "storage.s3_endpoint_url", "http://"),
+    ('[storage]\ns3_endpoint_url = "ftp://h:21"', "storage.s3_endpoint_url", "https://"),
+    ('[storage]\ns3_endpoint_url = "http://h:99999"', "storage.s3_endpoint_url", "http://"),
+    ('[storage]\ns3_endpoint_url = "http://h:9000/?x=1"', "storage.s3_endpoint_url", "query"),
     ("node = 5", "node", "expected a table"),
 ]
 
@@ -617,3 +628,45 @@ def test_lung_margin(tmp_path: Path) -> None:
         problems = problems_of(f"[results]\nlung_margin = {text}\n", tmp_path)
         assert any(p.startswith("results.lung_margin:") and fragment in p
                    for p in problems), problems
+
+
+# ------------------------------------------------------------------------ [storage] store
+
+
+def test_store_defaults_and_forms(tmp_path: Path) -> None:
+    assert validate({}, base_dir=tmp_path).storage.store == ""
+    assert validate({}, base_dir=tmp_path).storage.s3_endpoint_url == ""
+    s3 = validate({"storage": {"store": "s3://cxrd-images/site-a/node",
+                               "s3_endpoint_url": "https://s3.example.org:9000"}},
+                  base_dir=tmp_path).storage
+    assert s3.store == "s3://cxrd-images/site-a/node"
+    assert s3.s3_endpoint_url == "https://s3.example.org:9000"
+    # A folder resolves against the config file's folder, like every path.
+    assert validate({"storage": {"store": "shared/objects"}}, base_dir=tmp_path).storage.store \
+        == str(tmp_path / "shared" / "objects")
+
+
+def test_store_folder_that_is_a_file(tmp_path: Path) -> None:
+    write(tmp_path / "objects", "x")
+    problems = problems_of('[storage]\nstore = "objects"', tmp_path)
+    assert any(p.startswith("storage.store:") and "not a directory" in p for p in problems)
+
+
+@pytest.mark.parametrize("key", ["aws_access_key_id", "aws_secret_access_key",
+                                 "aws_session_token", "secret_key", "access_key",
+                                 "s3_password", "credentials", "profile"])
+def test_credentials_in_storage_are_refused(tmp_path: Path, key: str) -> None:
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    problems = problems_of(f'[storage]\nstore = "s3://bucket"\n{key} = "{secret}"', tmp_path)
+    mine = [p for p in problems if p.startswith(f"storage.{key}:")]
+    assert len(mine) == 1, problems  # reported once, not again as an unknown key
+    assert "AWS_ACCESS_KEY_ID" in mine[0] and "not read from the configuration file" in mine[0]
+    assert all(secret not in p for p in problems)
+
+
+def test_endpoint_with_user_and_password_is_refused_and_masked(tmp_path: Path) -> None:
+    problems = problems_of(
+        '[storage]\ns3_endpoint_url = "http://minio:hunter22@127.0.0.1:9000"', tmp_path)
+    mine = [p for p in problems if p.startswith("storage.s3_endpoint_url:")]
+    assert mine and "without user or password" in mine[0]
+    assert all("hunter22" not in p for p in problems)
