@@ -90,6 +90,11 @@ class WorkerNode:
                  "device_uid=%s demo=%s workers=%d", cfg.node.id, cfg.storage.data_dir,
                  version, self.model.display_name, self.model.device_uid, self.model.demo,
                  self.worker_count)
+        if not cfg.destinations:
+            # The worker that writes a result queues it for the destinations of its own
+            # config; the receiving node's sender sends them.
+            log.warning("action=no-destinations role=worker node_id=%s note=%s", cfg.node.id,
+                        "results written here are queued for no destination")
         if self.model.demo:
             log.warning("action=demo-model model=%s note=%s", self.model.display_name,
                         "trained on synthetic phantoms; not for clinical use")
