@@ -20,7 +20,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -29,6 +29,7 @@ from dicompeers import StoreSCP, listening, start_dcmtk, storescu_args
 from nodehelpers import (
     LEASE_SECONDS,
     NodeDirs,
+    NodeProcess,
     Nodes,
     PhantomSet,
     frontal_set,
@@ -245,3 +246,73 @@ def test_worker_node_refuses_sqlite_and_an_unmigrated_database(
         assert db.schema_version() == 0  # still: nothing migrated it
     finally:
         db.dispose()
+
+
+def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
+        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str) -> None:
+    """With a lease far longer than the test, a worker node killed with SIGKILL and started
+    again with the same ``[node] id`` takes its dead processes' jobs back at once (their
+    attempt given back); SIGTERM while it holds a batch lets the batch finish, then the
+    node exits 0."""
+    scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
+    db = Database(shared_url)
+    try:
+        recv, dicom_port = node_config(tmp_path / "recv", "recv", shared_url, scp.port,
+                                       processes=0)
+        nodes.start(recv, processes=0)
+        wk, _ = node_config(tmp_path / "wk-a", "wk-a", shared_url, scp.port, processes=1,
+                            data_dir=recv.data_dir)
+        wk.config.write_text(wk.config.read_text().replace(
+            f"lease_seconds = {LEASE_SECONDS}\n", "lease_seconds = 600\n"))
+        first = nodes.start(wk, processes=1, command="worker")
+        studies = two_hundred.studies()
+
+        def send(uids: list[str]) -> None:
+            files = [two_hundred.folder / f.path for f in two_hundred.files
+                     if f.study_instance_uid in set(uids)]
+            proc = start_dcmtk("storescu", *storescu_args(dicom_port, files))
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out[-3000:]
+
+        def held_by(node: NodeProcess) -> Callable[[], list[int]]:
+            def held() -> list[int]:
+                if "action=classified" not in node.log():
+                    return []
+                with db.session() as s:
+                    return list(s.scalars(select(Job.id).where(
+                        Job.state == JobState.RUNNING.value,
+                        Job.lease_owner.startswith("wk-a:"))))
+            return held
+
+        def jobs(ids: list[int]) -> list[tuple[str, int]]:
+            with db.session() as s:
+                return [(j.state, j.attempts) for j in s.execute(
+                    select(Job.state, Job.attempts).where(Job.id.in_(ids))).all()]
+
+        send(studies[:10])
+        held = wait_until(held_by(first), 120, "worker node A to hold leased jobs",
+                          interval=0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        assert {state for state, _ in jobs(held)} == {JobState.RUNNING.value}
+
+        second = nodes.start(wk, processes=1, command="worker")
+        assert re.search(r"action=released-leases reason=node-restart count=[1-9]",
+                         second.log()), second.log()[-3000:]
+
+        def reported() -> bool:
+            with db.session() as s:
+                return s.scalar(select(func.count()).select_from(Study).where(
+                    Study.state == StudyState.REPORTED.value)) == 10
+        wait_until(reported, 120, "the first 10 studies reported (not by lease expiry)")
+        assert jobs(held) == [(JobState.DONE.value, 1)] * len(held)  # the attempt given back
+
+        send(studies[10:20])
+        held = wait_until(held_by(second), 120, "the restarted node to hold a batch",
+                          interval=0.02)
+        assert second.stop() == 0  # SIGTERM: the batch in hand finishes first
+        assert jobs(held) == [(JobState.DONE.value, 1)] * len(held)
+        assert "action=drain-done role=worker node_id=wk-a" in second.log()
+    finally:
+        db.dispose()
+        scp.stop()
