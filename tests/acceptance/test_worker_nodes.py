@@ -132,17 +132,22 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
                      if f.study_instance_uid in mine]
             senders.append(start_dcmtk("storescu", *storescu_args(dicom_port, files)))
 
-        def held_by_a() -> list[int]:
-            if "action=classified" not in victim.log():
-                return []  # after its first batch, in a later one
+        def running_of_a() -> list[int]:
             with db.session() as s:
                 return list(s.scalars(select(Job.id).where(
                     Job.state == JobState.RUNNING.value, Job.lease_owner.startswith("wk-a:"))))
 
-        held = wait_until(held_by_a, 120, "worker node A to hold leased jobs", interval=0.05)
+        def held_by_a() -> list[int]:
+            if "action=classified" not in victim.log():
+                return []  # after its first batch, in a later one
+            return running_of_a()
+
+        wait_until(held_by_a, 120, "worker node A to hold leased jobs", interval=0.05)
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its worker: nothing drains
         killed_at = time.monotonic() - t0
         victim.proc.wait(10)
+        held = running_of_a()  # what it held when it died (its batch may have changed since)
+        assert held, "worker node A held no job when it was killed"
         for proc in senders:
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, out[-3000:]
@@ -274,14 +279,14 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, out[-3000:]
 
+        def running_of_a() -> list[int]:
+            with db.session() as s:
+                return list(s.scalars(select(Job.id).where(
+                    Job.state == JobState.RUNNING.value, Job.lease_owner.startswith("wk-a:"))))
+
         def held_by(node: NodeProcess) -> Callable[[], list[int]]:
             def held() -> list[int]:
-                if "action=classified" not in node.log():
-                    return []
-                with db.session() as s:
-                    return list(s.scalars(select(Job.id).where(
-                        Job.state == JobState.RUNNING.value,
-                        Job.lease_owner.startswith("wk-a:"))))
+                return running_of_a() if "action=classified" in node.log() else []
             return held
 
         def jobs(ids: list[int]) -> list[tuple[str, int]]:
@@ -290,11 +295,11 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
                     select(Job.state, Job.attempts).where(Job.id.in_(ids))).all()]
 
         send(studies[:10])
-        held = wait_until(held_by(first), 120, "worker node A to hold leased jobs",
-                          interval=0.05)
+        wait_until(held_by(first), 120, "worker node A to hold leased jobs", interval=0.05)
         os.killpg(first.pid, signal.SIGKILL)
         first.proc.wait(10)
-        assert {state for state, _ in jobs(held)} == {JobState.RUNNING.value}
+        held = running_of_a()  # what it held when it died
+        assert held, "worker node A held no job when it was killed"
 
         second = nodes.start(wk, processes=1, command="worker")
         assert re.search(r"action=released-leases reason=node-restart count=[1-9]",
@@ -312,6 +317,7 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
                           interval=0.02)
         assert second.stop() == 0  # SIGTERM: the batch in hand finishes first
         assert jobs(held) == [(JobState.DONE.value, 1)] * len(held)
+        assert running_of_a() == []  # the batch in hand at the signal finished too
         assert "action=drain-done role=worker node_id=wk-a" in second.log()
     finally:
         db.dispose()
