@@ -40,7 +40,7 @@ from nodehelpers import (
 )
 from sqlalchemy import func, select
 
-from cxrd.db import Database, Delivery, Instance, Job, Result, Study
+from cxrd.db import SCHEMA_VERSION, Database, Delivery, Instance, Job, Result, Study
 from cxrd.domain import DeliveryState, InstanceState, JobKind, JobState, ResultKind, StudyState
 
 pytestmark = pytest.mark.slow
@@ -227,10 +227,11 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         scp.stop()
 
 
-def test_worker_node_refuses_sqlite_and_an_unmigrated_database(
+def test_worker_node_refuses_sqlite_another_schema_and_a_missing_data_folder(
         tmp_path: Path, shared_url: str) -> None:
     """``cxrd worker`` exits 1 with one line: SQLite cannot be shared; a database at an
-    older schema is not migrated by a worker node."""
+    older schema is not migrated by a worker node, and one at a newer schema is refused;
+    a data folder that does not exist is not created."""
     (tmp_path / "sqlite").mkdir()
     sqlite = write_config(tmp_path / "sqlite")
     sqlite.data_dir.mkdir(parents=True)
@@ -249,8 +250,24 @@ def test_worker_node_refuses_sqlite_and_an_unmigrated_database(
     db = Database(shared_url)
     try:
         assert db.schema_version() == 0  # still: nothing migrated it
+        db.migrate()  # as the receiving node would; then a newer cxrd migrates further
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO schema_version (version, applied_at) VALUES "
+                                 f"({SCHEMA_VERSION + 1}, now())")
     finally:
         db.dispose()
+    done = run_cli("worker", "--config", str(dirs.config))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"newer than this cxrd's {SCHEMA_VERSION}" in lines[0], \
+        done.stderr
+
+    # the shared folder not mounted: no local one is made in its place
+    dirs.data_dir.rmdir()
+    done = run_cli("worker", "--config", str(dirs.config))
+    assert done.returncode == 1
+    assert "[storage] data_dir" in done.stderr and "does not exist" in done.stderr
+    assert not dirs.data_dir.exists()
 
 
 def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
