@@ -1,4 +1,4 @@
-"""The ``cxrd`` command: serve, predict, reprocess, status, check-config, the mending
+"""The ``cxrd`` command: serve, worker, predict, reprocess, status, check-config, the mending
 commands ``deliveries retry`` and ``jobs retry``, and ``purge``.
 
 Every subcommand takes ``--config PATH``; its environment twin is ``CXRD_CONFIG``.
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, help="TOML config file (env CXRD_CONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the node (watcher, workers, reports)")
+    sub.add_parser("worker", parents=[common],
+                   help="run worker processes only (a worker node: shared PostgreSQL and "
+                        "data folder)")
     p = sub.add_parser("predict", parents=[common], help="classify files offline, no daemon")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("cxrd-predict"),
@@ -98,6 +101,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.debug("action=serve-failed", exc_info=True)
         print(f"cxrd: the node stopped: {type(exc).__name__}: {exc}; fix the cause and "
               'start it again ([logging] level = "DEBUG" logs the traceback)', file=sys.stderr)
+        return EXIT_ERROR
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cxrd.logs import setup_logging
+    from cxrd.preflight import StartupError, require_worker_startable
+    from cxrd.workernode import WorkerNode
+
+    config = _config(args)
+    setup_logging(config)
+    try:
+        require_worker_startable(config)  # before any worker starts
+        return WorkerNode(config).run()  # on any exception it has ended its workers
+    except StartupError as exc:
+        for problem in exc.problems:
+            print(f"cxrd: cannot start: {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # one line; the traceback at DEBUG
+        log.debug("action=worker-node-failed", exc_info=True)
+        print(f"cxrd: the worker node stopped: {type(exc).__name__}: {exc}; fix the cause "
+              'and start it again ([logging] level = "DEBUG" logs the traceback)',
+              file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -233,14 +258,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_files(config, args.files, args.out, as_json=args.json)
 
 
-COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "reprocess": cmd_reprocess,
-            "status": cmd_status, "check-config": cmd_check_config,
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "predict": cmd_predict,
+            "reprocess": cmd_reprocess, "status": cmd_status, "check-config": cmd_check_config,
             "deliveries": cmd_deliveries, "jobs": cmd_jobs, "purge": cmd_purge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "worker"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     try:
         return COMMANDS[args.command](args)

@@ -230,7 +230,9 @@ class ModelConfig:
 class WorkersConfig:
     """``[workers]``: inference processes and job leasing."""
 
-    processes: int | None = None  # None: "auto", see worker_processes()
+    #: None: "auto", see worker_processes(); 0: ``cxrd serve`` runs no workers (other
+    #: nodes' ``cxrd worker`` do its jobs).
+    processes: int | None = None
     batch_size: int = 4
     lease_seconds: float = 300.0
     max_attempts: int = 3
@@ -464,8 +466,9 @@ def usable_cpus() -> int:
 def worker_processes(config: Config) -> int:
     """``workers.processes`` with "auto" resolved: one worker per core that the receivers
     do not need. The main process (the first receiver, the watcher and the scheduler)
-    shares the cores with the workers; each extra receiver process takes one."""
-    if config.workers.processes:
+    shares the cores with the workers; each extra receiver process takes one. 0: none
+    (``cxrd serve`` on a receiving node whose jobs other nodes' ``cxrd worker`` do)."""
+    if config.workers.processes is not None:
         return config.workers.processes
     return max(1, usable_cpus() - (config.node.receivers - 1))
 
@@ -475,7 +478,7 @@ def worker_threads(config: Config) -> int:
     cores shared out among the workers (never more threads than cores in all)."""
     if config.model.intra_op_threads:
         return config.model.intra_op_threads
-    return max(1, usable_cpus() // worker_processes(config))
+    return max(1, usable_cpus() // max(1, worker_processes(config)))
 
 
 def describe(config: Config) -> dict[str, Any]:
@@ -1108,9 +1111,10 @@ def _read_workers(t: _Table) -> WorkersConfig:
     processes: int | None = None
     if t.data.get("processes") == "auto":
         t.known.append("processes")
-    else:
-        processes = t.integer("processes", 0, low=1, high=1024,
-                              allowed='"auto" or an integer from 1 to 1024') or None
+    elif "processes" in t.data:  # 0: a node that runs no workers (cxrd serve only)
+        processes = t.integer("processes", -1, low=0, high=1024,
+                              allowed='"auto" or an integer from 0 to 1024')
+        processes = None if processes < 0 else processes
     return WorkersConfig(
         processes=processes,
         batch_size=t.integer("batch_size", d.batch_size, low=1, high=256),

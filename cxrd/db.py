@@ -460,6 +460,14 @@ class Database:
     def migrate(self) -> int:
         return migrate(self.engine)
 
+    def schema_version(self) -> int:
+        """The schema version the database is at, without migrating it (0: none yet).
+        ``cxrd worker`` compares it with ``SCHEMA_VERSION``: a worker node never migrates."""
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(SchemaVersion.__tablename__):
+                return 0
+            return _current_version(conn)
+
     def ping(self) -> None:
         """One round trip (``SELECT 1``); raises what the database raises."""
         with self.engine.connect() as conn:

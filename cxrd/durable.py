@@ -3,7 +3,7 @@
 Every file cxrd writes for keeps (spooled instances, SR and SC results) goes the same way:
 
 1. its folder, when new, is created and fsynced into its parent (``make_dirs_durably``);
-2. the bytes go to a hidden temp file beside the target, ``.<name>.<pid>.<random>.tmp``,
+2. the bytes go to a hidden temp file beside the target, ``.<name>.<pid>.h<host>-<random>.tmp``,
    which is flushed and fsynced (``write_temp``; a megabyte or more goes past the page
    cache, ``O_DIRECT``, and is fsynced all the same); a file that is already on the same file
    system (a watched folder's) gets that temp name as a hard link instead, and is fsynced
@@ -13,17 +13,20 @@ Every file cxrd writes for keeps (spooled instances, SR and SC results) goes the
    group).
 
 A crash between 2 and 3 leaves the temp file behind, and nothing else would remove it: the
-writer's pid in its name lets ``remove_stale_temp_files`` take away those whose writer is
-gone.
+writer's pid and host in its name let ``remove_stale_temp_files`` take away those whose
+writer is gone; those another host wrote (a data folder shared by nodes on several hosts)
+are left to that host.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import mmap
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -41,20 +44,37 @@ Content = bytes | Callable[[BinaryIO], object]
 # ----------------------------------------------------------------------- temp file names
 
 
+def _host_tag() -> str:
+    """This host's mark in temp file names: 8 hex digits of its name's hash. A pid means
+    something only on the host that wrote the file, and nodes on several hosts can share
+    a data folder (``cxrd worker``)."""
+    return hashlib.sha1(socket.gethostname().encode(), usedforsecurity=False).hexdigest()[:8]
+
+
+HOST_TAG = _host_tag()
+
+
 def temp_path(path: Path) -> Path:
-    """A hidden temp file beside ``path``: ``.<name>.<pid>.<random>.tmp``.
+    """A hidden temp file beside ``path``: ``.<name>.<pid>.h<host>-<random>.tmp``.
 
     Unique per call, not just per process: the receiver stores from several threads, and
     two threads writing the same temp file would interleave their bytes."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.h{HOST_TAG}-{uuid.uuid4().hex}.tmp")
 
 
 def _writer_pid(name: str) -> int | None:
-    """The writer's pid in a temp file's name (``temp_path``), or None for another name."""
+    """The writer's pid in a temp file's name (``temp_path``), or None for another name
+    and for one another host wrote (its pid is not this host's to judge). A name without
+    a host mark (written before there was one) is this host's."""
+    parts = name.split(".")
     try:
-        return int(name.split(".")[-3])
+        pid = int(parts[-3])
     except (IndexError, ValueError):
         return None
+    tag, dash, _ = parts[-2].partition("-")
+    if dash and tag.startswith("h") and tag[1:] != HOST_TAG:
+        return None
+    return pid
 
 
 # ------------------------------------------------------------------------------ folders
@@ -276,8 +296,8 @@ def remove_stale_temp_files(folder: Path, *, recursive: bool = False) -> int:
     """Remove temp files left by writers that died mid-write (kill -9, power loss).
 
     One whose writer (on this host) is gone can go; one of a live process is left alone,
-    and so is a hidden ``.tmp`` file not named by ``temp_path``. Returns how many were
-    removed.
+    and so are one written on another host (a shared data folder) and a hidden ``.tmp``
+    file not named by ``temp_path``. Returns how many were removed.
     """
     if not folder.is_dir():
         return 0

@@ -36,10 +36,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-def enable_multiprocess(data_dir: Path) -> Path:
+def enable_multiprocess(data_dir: Path, node_id: str) -> Path:
     """Point prometheus-client at a fresh per-node directory; call before importing the
-    metric objects and before spawning children (they inherit the environment)."""
-    folder = data_dir / ".metrics"
+    metric objects and before spawning children (they inherit the environment). One per
+    ``[node] id`` (``.metrics/<id>``): nodes sharing the data folder each wipe only their
+    own at start."""
+    folder = data_dir / ".metrics" / node_id
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[MULTIPROC_ENV] = str(folder)

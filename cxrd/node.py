@@ -17,13 +17,11 @@ it propagates, so the process exits non-zero with nothing left behind.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from multiprocessing.connection import Connection
 from types import FrameType
 from typing import Any
 
@@ -39,12 +37,13 @@ from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.outbox import release_dead_delivery_leases
+from cxrd.pool import WorkerPool
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
 from cxrd.space import is_resource_error, storage_space
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
-from cxrd.worker import settle_garbage_collector, spawn_context, worker_id_prefix, worker_main
+from cxrd.worker import settle_garbage_collector, spawn_context, worker_id_prefix
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,6 @@ ARRIVAL_CHECK_SECONDS = 5.0
 REPORT_SWEEP_SECONDS = 30.0
 STATUS_SECONDS = 5.0
 DRAIN_SECONDS = 60.0
-QUICK_DEATH_SECONDS = 30.0
-RESTART_DELAY_MAX = 60.0
 #: After a failure, child processes get this long to exit on SIGTERM before SIGKILL.
 ABORT_SECONDS = 5.0
 #: With ``[storage] retention_days``: the first purge this long after start, then hourly.
@@ -87,11 +84,6 @@ class Node:
         self._last_round = 0.0
         self._signals = 0
         self._ctx = spawn_context()
-        self._workers: dict[int, Any] = {}
-        self._doorbells: dict[int, Connection] = {}  # write ends, one per worker (ring())
-        self._worker_started: dict[int, float] = {}
-        self._restart_delay: dict[int, float] = {}
-        self._restart_at: dict[int, float] = {}
         self.watcher: FolderWatcher | None = None
         self.receiver: Receiver | None = None
         self.sender = Sender(config, self.db)
@@ -102,6 +94,7 @@ class Node:
         self._metrics_server: Any = None
         self._last_status = 0.0
         self.worker_count = worker_processes(config)
+        self.pool = WorkerPool(config, self.db, self.worker_count, setup_logging)
         self.scheduler_cpu_s = 0.0
         self.scheduler_ticks = 0
         # The ticks that admitted studies, apart: the CPU per admitted study, without the
@@ -128,7 +121,8 @@ class Node:
                   cfg.storage.rejected_dir, cfg.results.results_dir):
             d.mkdir(parents=True, exist_ok=True)
         if cfg.metrics.enabled:
-            enable_multiprocess(cfg.storage.data_dir)  # before any child process starts
+            # before any child process starts
+            enable_multiprocess(cfg.storage.data_dir, cfg.node.id)
             metrics()  # its files written now, while there is space (cxrd.space)
         version = self.db.migrate()
         queue.release_dead_leases(self.db, worker_id_prefix(cfg.node.id))
@@ -170,53 +164,9 @@ class Node:
         self.watcher = FolderWatcher(ingestor, folders, cfg.watch.settle_seconds,
                                      exclude=[cfg.results.results_dir])
         self.watcher.start()
-        for index in range(self.worker_count):
-            self._start_worker(index)
+        self.pool.start()
         self.sender.start()
         settle_garbage_collector()
-
-    def _start_worker(self, index: int) -> None:
-        bell_in, bell_out = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(
-            target=worker_main, name=f"cxrd-worker-{index}",
-            args=(self.config, index, os.getpid(), setup_logging, bell_in),
-        )
-        proc.start()
-        bell_in.close()  # the worker has its own copy
-        os.set_blocking(bell_out.fileno(), False)  # a ring never waits for a busy worker
-        old = self._doorbells.pop(index, None)
-        if old is not None:
-            old.close()
-        self._doorbells[index] = bell_out
-        self._workers[index] = proc
-        self._worker_started[index] = time.monotonic()
-        log.info("action=worker-spawned index=%d pid=%s", index, proc.pid)
-
-    def supervise(self) -> None:
-        """Restart dead workers; one that dies soon after starting (a model that cannot
-        load, say) is restarted with a growing delay, not in a tight loop."""
-        now = time.monotonic()
-        for index, proc in list(self._workers.items()):
-            if proc.is_alive() or self._stop.is_set():
-                continue
-            if index not in self._restart_at:
-                lived = now - self._worker_started.get(index, now)
-                delay = (min(self._restart_delay.get(index, 1.0) * 2, RESTART_DELAY_MAX)
-                         if lived < QUICK_DEATH_SECONDS else 0.0)
-                self._restart_delay[index] = delay or 1.0
-                self._restart_at[index] = now + delay
-                log.error("action=worker-died index=%d pid=%s exitcode=%s lived_s=%.0f "
-                          "restart_in_s=%.0f", index, proc.pid, proc.exitcode, lived, delay)
-                remove_stale_temp_files(self.config.results.results_dir)  # its SC, if any
-                try:  # its jobs back now, the attempt counted (a job may kill its worker)
-                    queue.release_worker_leases(
-                        self.db, f"{worker_id_prefix(self.config.node.id)}{proc.pid}:w{index}")
-                except Exception as exc:  # the database away: the leases expire instead
-                    log.warning("action=release-leases-failed error_type=%s",
-                                type(exc).__name__)
-            if now >= self._restart_at[index]:
-                del self._restart_at[index]
-                self._start_worker(index)
 
     def tick(self) -> None:
         """One scheduler round: queue the instances that arrived (``[study]
@@ -283,12 +233,8 @@ class Node:
                    max(MIN_INTERVAL_SECONDS, due - time.monotonic()))
 
     def ring(self) -> None:
-        """Wake the idle workers: jobs were just queued. Without it an idle worker finds
-        them on its next poll, up to ``IDLE_SLEEP_SECONDS`` later. A worker whose pipe is
-        full (busy for long) or gone is skipped: it is not idle."""
-        for bell in self._doorbells.values():
-            with contextlib.suppress(OSError):  # BlockingIOError, BrokenPipeError included
-                bell.send_bytes(b"")
+        """Wake the idle workers: jobs were just queued (``WorkerPool.ring``)."""
+        self.pool.ring()
 
     def _start_purge(self) -> None:
         """Retention's purge, on its own thread: its file removals neither hold up
@@ -339,7 +285,8 @@ class Node:
                                 type(exc).__name__, str(exc).splitlines()[0][:200])
                 else:
                     log.exception("action=scheduler-error")
-            self.supervise()
+            if not self._stop.is_set():
+                self.pool.supervise()
             if time.monotonic() - self._last_status > STATUS_SECONDS:
                 self._last_status = time.monotonic()
                 self.notifier.status(self._status_line())
@@ -432,9 +379,7 @@ class Node:
         self.notifier.stopping()
         # Workers first: they finish the batch in hand and claim no other while the
         # receivers finish their associations (which can take a while).
-        for proc in self._workers.values():
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: finish the current batch, then exit
+        self.pool.terminate()  # SIGTERM: finish the current batch, then exit
         for proc in self._receivers:
             proc.terminate()  # SIGTERM: they finish their associations in flight
         if self.receiver is not None:
@@ -443,15 +388,7 @@ class Node:
             proc.join(35)
         if self.watcher is not None:
             self.watcher.stop()
-        deadline = time.monotonic() + DRAIN_SECONDS
-        for proc in self._workers.values():
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self._workers.values():
-            if proc.is_alive():
-                # Its leased jobs return to the queue at the next start.
-                log.warning("action=worker-killed pid=%s reason=drain-timeout", proc.pid)
-                proc.kill()
-                proc.join(5)
+        self.pool.join(time.monotonic() + DRAIN_SECONDS)
         try:
             self.tick()
         except Exception:
@@ -471,10 +408,10 @@ class Node:
         """Start-up or the scheduler loop failed: close the listeners and end every child
         process now, without a drain (leased jobs return to the queue at the next start;
         what was acknowledged is in the spool and the database)."""
-        log.debug("action=abort workers=%d receivers=%d", len(self._workers),
+        log.debug("action=abort workers=%d receivers=%d", len(self.pool.processes),
                   len(self._receivers))
         self._stop.set()
-        procs = [*self._workers.values(), *self._receivers]
+        procs = [*self.pool.processes, *self._receivers]
         steps: list[Any] = [p.terminate for p in procs if p.is_alive()]
         if self.receiver is not None:
             steps.append(lambda: self.receiver.drain(timeout=0) if self.receiver else None)
@@ -502,7 +439,7 @@ class Node:
             self._signals += 1
             if self._signals > 1:
                 log.warning("action=exit-now signal=%d", signum)
-                for proc in [*self._workers.values(), *self._receivers]:
+                for proc in [*self.pool.processes, *self._receivers]:
                     if proc.is_alive():
                         proc.kill()
                 os._exit(1)

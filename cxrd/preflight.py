@@ -14,6 +14,10 @@ fails; ``cxrd check-config`` runs the same checks and lists every problem at onc
   later, metrics first, and a port taken in between still stops the node before its DICOM
   port listens (``Node.run`` closes whatever it opened).
 
+``cxrd worker`` (``find_worker_problems``) runs the runtime and model checks and the
+metrics port's; its database must be PostgreSQL at this cxrd's schema (a worker node never
+migrates), and ``[storage] data_dir``, the folder shared with the receiving node, must exist.
+
 ``[model] require_cuda`` is checked separately, in ``Node.prepare`` (``infer.check_cuda``):
 it starts a process and an inference session, too slow for ``check-config``.
 """
@@ -142,6 +146,62 @@ def check_database(config: Config) -> Problem | None:
     return None
 
 
+def check_worker_database(config: Config) -> Problem | None:
+    """``cxrd worker``: the database is PostgreSQL (a node on another machine cannot share
+    an SQLite file), can be reached, and is at this cxrd's schema. A worker node never
+    migrates: the receiving node (``cxrd serve``, ``cxrd check-config``) does; a worker of
+    an older cxrd than the schema, or a newer one, would read or write what it does not
+    know."""
+    from cxrd.config import _mask_url
+    from cxrd.db import SCHEMA_VERSION, Database
+
+    url = config.storage.database_url_resolved
+    if not url.startswith("postgresql"):
+        return Problem("database", "cxrd worker needs PostgreSQL ([storage] database_url): "
+                       "a worker node on another machine cannot share an SQLite file",
+                       "set [storage] database_url to the PostgreSQL database of the "
+                       "receiving node (cxrd serve)")
+    db = None
+    try:
+        db = Database(url)
+        version = db.schema_version()
+    except ImportError as exc:  # a postgresql:// URL without the driver
+        return Problem("database", f"database {_mask_url(url)} needs a driver that is not "
+                       f"installed: {_first_line(exc)}",
+                       "install it with pip install '.[postgres]'")
+    except Exception as exc:  # sqlalchemy or the driver
+        cause = getattr(exc, "orig", None) or exc
+        return Problem("database", f"database {_mask_url(url)} cannot be reached: "
+                       f"{type(cause).__name__}: {_first_line(cause)}",
+                       "start the database server, or correct [storage] database_url")
+    finally:
+        if db is not None:
+            db.dispose()
+    if version < SCHEMA_VERSION:
+        return Problem("database", f"database {_mask_url(url)} is at schema version "
+                       f"{version}, this cxrd needs {SCHEMA_VERSION} (a worker node never "
+                       "migrates)",
+                       "start cxrd serve (or run cxrd check-config) of this version on the "
+                       "receiving node first, which migrates it")
+    if version > SCHEMA_VERSION:
+        return Problem("database", f"database {_mask_url(url)} is at schema version "
+                       f"{version}, newer than this cxrd's {SCHEMA_VERSION}",
+                       "upgrade cxrd on this node to the receiving node's version")
+    return None
+
+
+def check_shared_folder(config: Config) -> Problem | None:
+    """``cxrd worker``: ``[storage] data_dir`` exists. It is the folder shared with the
+    receiving node, at the same path (the database records the spool's absolute paths);
+    a worker node that made a local one would fail every image it cannot find."""
+    data_dir = config.storage.data_dir
+    if data_dir.is_dir():
+        return None
+    return Problem("storage", f"[storage] data_dir {data_dir} does not exist",
+                   "mount the folder shared with the receiving node at the same path "
+                   "(the data_dir of its cxrd serve), then start cxrd worker again")
+
+
 def _bind_error(host: str, port: int, *, reuse_port: bool = False) -> OSError | None:
     """Bind (and close at once) a TCP socket as a listener on ``host:port`` would."""
     try:
@@ -177,11 +237,12 @@ def _port_problem(check: str, what: str, key: str, host: str, port: int,
                    f"set {key} to an address of this machine{other}")
 
 
-def check_ports(config: Config) -> list[Problem]:
-    """The DICOM port and the metrics port can be bound now."""
+def check_ports(config: Config, *, dicom: bool = True) -> list[Problem]:
+    """The DICOM port (unless ``dicom`` is false: ``cxrd worker`` listens on none) and the
+    metrics port can be bound now."""
     problems = []
     node = config.node
-    exc = _bind_error(node.host, node.port, reuse_port=node.receivers > 1)
+    exc = _bind_error(node.host, node.port, reuse_port=node.receivers > 1) if dicom else None
     if exc is not None:
         problems.append(_port_problem("dicom-port", "DICOM port", "[node] host/port",
                                       node.host, node.port, exc, ""))
@@ -199,6 +260,29 @@ def find_problems(config: Config) -> list[Problem]:
     found = [check_runtime(), check_model(config), check_segmenter(config),
              check_database(config)]
     return [p for p in found if p is not None] + check_ports(config)
+
+
+def find_worker_problems(config: Config) -> list[Problem]:
+    """What stops ``cxrd worker``: the checks of ``cxrd serve`` less the DICOM port, the
+    database as a worker node needs it (never migrated), and the shared folder."""
+    database = check_worker_database(config)
+    if database is not None and not config.storage.database_url_resolved.startswith(
+            "postgresql"):
+        return [database]  # SQLite: nothing else matters until that is changed
+    found = [check_runtime(), check_model(config), check_segmenter(config), database,
+             check_shared_folder(config)]
+    problems = [p for p in found if p is not None]
+    if config.workers.processes == 0:
+        problems.append(Problem("workers", "[workers] processes = 0: cxrd worker would run "
+                                "no workers", 'set [workers] processes to "auto" or 1-1024'))
+    return problems + check_ports(config, dicom=False)
+
+
+def require_worker_startable(config: Config) -> None:
+    """Raise StartupError naming every problem ``cxrd worker`` found; return when none."""
+    problems = find_worker_problems(config)
+    if problems:
+        raise StartupError(problems)
 
 
 def require_startable(config: Config) -> None:

@@ -77,6 +77,8 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
         workers = [
             {
                 "id": w.id,
+                # lease owners are "<[node] id>:<pid>:w<n>" (cxrd.worker.worker_id_prefix)
+                "node": w.id.split(":", 1)[0],
                 "model": w.model,
                 "device_uid": w.model_device_uid,
                 "demo": w.demo,
@@ -292,8 +294,9 @@ def render(doc: dict[str, Any]) -> str:
                else ""))
     for w in doc["workers"]:
         lines.append(
-            f"  worker {w['id']}: providers {','.join(w['providers'])} processed "
-            f"{w['processed']} {'alive' if w['alive'] else 'stale'}"
+            f"  worker {w['id']} (node {w['node']}): providers "
+            f"{','.join(w['providers'])} processed {w['processed']} "
+            f"{'alive' if w['alive'] else 'stale'}"
         )
 
     def fmt(d: dict[str, int]) -> str:

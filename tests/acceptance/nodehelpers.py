@@ -186,14 +186,17 @@ def cli_env() -> dict[str, str]:
 
 
 class NodeProcess:
-    """One ``cxrd serve`` subprocess; its stdout and stderr go to a log file."""
+    """One ``cxrd serve`` (or ``cxrd worker``: ``command``) subprocess; its stdout and
+    stderr go to a log file."""
 
-    def __init__(self, dirs: NodeDirs, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, dirs: NodeDirs, name: str, env: dict[str, str] | None = None,
+                 command: str = "serve") -> None:
         self.dirs = dirs
+        self.command = command
         self.log_path = dirs.root / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*CLI, "serve", "--config", str(dirs.config)], cwd=dirs.root, env=env or cli_env(),
+            [*CLI, command, "--config", str(dirs.config)], cwd=dirs.root, env=env or cli_env(),
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.pid = self.proc.pid
@@ -208,12 +211,14 @@ class NodeProcess:
         """Wait until ``processes`` workers have loaded the model; returns their pids."""
         def ready() -> list[int]:
             if self.proc.poll() is not None:
-                pytest.fail(f"cxrd serve exited with {self.proc.returncode}:\n{self.log()}")
+                pytest.fail(f"cxrd {self.command} exited with {self.proc.returncode}:\n"
+                            f"{self.log()}")
             pids = self.workers()
             lines = [ln for ln in self.log().splitlines() if "action=worker-start" in ln]
             started = [p for p in pids if any(f":{p}:w" in ln for ln in lines)]
             return pids if len(started) >= processes else []
-        return wait_until(ready, timeout, f"{processes} worker(s) of cxrd serve to start")
+        return wait_until(ready, timeout,
+                          f"{processes} worker(s) of cxrd {self.command} to start")
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -245,10 +250,20 @@ class Nodes:
     def __init__(self) -> None:
         self.started: list[NodeProcess] = []
 
-    def start(self, dirs: NodeDirs, processes: int = 1) -> NodeProcess:
-        node = NodeProcess(dirs, f"serve-{len(self.started) + 1}")
+    def start(self, dirs: NodeDirs, processes: int = 1, command: str = "serve") -> NodeProcess:
+        """Start ``cxrd <command>`` and wait for its ``processes`` workers (with none, for
+        the node's start line)."""
+        node = NodeProcess(dirs, f"{command}-{len(self.started) + 1}", command=command)
         self.started.append(node)
-        node.wait_ready(processes)
+        if processes:
+            node.wait_ready(processes)
+        else:
+            def started() -> bool:
+                if node.proc.poll() is not None:
+                    pytest.fail(f"cxrd {command} exited with {node.proc.returncode}:\n"
+                                f"{node.log()}")
+                return "action=node-start" in node.log()
+            wait_until(started, START_TIMEOUT, f"cxrd {command} to start")
         return node
 
     def close(self) -> None:

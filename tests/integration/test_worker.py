@@ -275,9 +275,9 @@ def test_a_ring_never_blocks_the_scheduler_on_a_busy_worker(tmp_path) -> None:
     import os
     import threading
 
-    from cxrd.node import Node
+    from cxrd.pool import WorkerPool
 
-    node = Node.__new__(Node)  # only the doorbells are needed
+    node = WorkerPool.__new__(WorkerPool)  # only the doorbells are needed
     bell_in, bell_out = mp.Pipe(duplex=False)
     os.set_blocking(bell_out.fileno(), False)
     node._doorbells = {0: bell_out}

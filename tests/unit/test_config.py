@@ -219,7 +219,7 @@ BAD_VALUES = [
     ('[model]\nproviders = ["GPU"]', "model.providers[0]", "CPUExecutionProvider"),
     ('[model]\nproviders = ["cudaexecutionprovider"]', "model.providers[0]", "did you mean"),
     ("[model]\nintra_op_threads = -1", "model.intra_op_threads", "-1"),
-    ("[workers]\nprocesses = 0", "workers.processes", "from 1"),
+    ("[workers]\nprocesses = -1", "workers.processes", "from 0"),
     ("[workers]\nbatch_size = 0", "workers.batch_size", "1 to 256"),
     ("[workers]\nbatch_size = 257", "workers.batch_size", "257"),
     ("[workers]\nlease_seconds = 0", "workers.lease_seconds", "greater than 0"),
@@ -308,7 +308,7 @@ ae_title = "THIS_IS_FAR_TOO_LONG"
 port = "11112"
 [workers]
 batch_size = 1000
-processes = 0
+processes = -1
 [logging]
 level = "LOUD"
 [metrics]
@@ -531,6 +531,10 @@ def test_workers_processes_auto_and_integer(tmp_path: Path) -> None:
                               "[workers]\nprocesses = 3\n[model]\nintra_op_threads = 2\n"),
                         env={})
     assert (worker_processes(fixed), worker_threads(fixed)) == (3, 2)
+    # 0: a receiving node whose jobs are done by other nodes' `cxrd worker`
+    none = load_config(write(tmp_path / "e.toml", "[workers]\nprocesses = 0\n"), env={})
+    assert none.workers.processes == 0
+    assert (worker_processes(none), worker_threads(none)) == (0, max(1, usable_cpus()))
     with pytest.raises(ConfigError, match="workers.processes"):
         load_config(write(tmp_path / "d.toml", '[workers]\nprocesses = "all"\n'), env={})
 

@@ -10,7 +10,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrd.durable import remove_stale_temp_files, save_dataset
+from cxrd.durable import HOST_TAG, remove_stale_temp_files, save_dataset, temp_path
 
 
 def dead_pid() -> int:
@@ -57,3 +57,18 @@ def test_save_dataset_names_its_temp_file_after_the_writer(tmp_path, monkeypatch
     path = save_dataset(ds, tmp_path)
     assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert len(seen) == 1 and seen[0].split(".")[-3] == str(os.getpid())
+
+
+def test_a_temp_file_of_another_host_is_left_to_that_host(tmp_path):
+    """Nodes on several hosts may share the data folder: a pid is this host's to judge
+    only in a name that carries this host's mark (or none, as before there was one)."""
+    gone = dead_pid()
+    mine = temp_path(tmp_path / "1.2.3.7.dcm")
+    assert f".h{HOST_TAG}-" in mine.name
+    mine = mine.with_name(mine.name.replace(f".{os.getpid()}.", f".{gone}.", 1))
+    other = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    theirs = tmp_path / f".1.2.3.8.dcm.{gone}.h{other}-0123abcd.tmp"
+    for p in (mine, theirs):
+        p.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == 1
+    assert not mine.exists() and theirs.exists()

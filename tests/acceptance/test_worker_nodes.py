@@ -1,0 +1,341 @@
+"""One receiving node and two worker nodes on one PostgreSQL database and one data folder;
+one worker node is killed with its whole process group in mid-batch.
+
+The receiving node runs ``cxrd serve`` with ``[workers] processes = 0`` (receiver,
+scheduler, sender, no worker); two ``cxrd worker`` nodes with their own ``[node] id``
+share its data folder (the same path) and do every classify and report job. 200 small
+frontal images in 50 studies arrive over 4 parallel ``storescu`` associations. While
+worker node A holds leased jobs, its process group is killed with SIGKILL; nothing is
+restarted, so its jobs come back only when their (5 s) leases expire, and node B does
+them. Counted from the database and from what ``storescp`` received: every instance has
+exactly one SC, every study exactly one current SR, every result is stored by the
+destination exactly once; the jobs A held were redone by B; ``cxrd status`` names both
+worker nodes' workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicompeers import StoreSCP, listening, start_dcmtk, storescu_args
+from nodehelpers import (
+    LEASE_SECONDS,
+    NodeDirs,
+    NodeProcess,
+    Nodes,
+    PhantomSet,
+    frontal_set,
+    run_cli,
+    status_json,
+    wait_until,
+    write_config,
+)
+from sqlalchemy import func, select
+
+from cxrd.db import SCHEMA_VERSION, Database, Delivery, Instance, Job, Result, Study
+from cxrd.domain import DeliveryState, InstanceState, JobKind, JobState, ResultKind, StudyState
+
+pytestmark = pytest.mark.slow
+
+ADMIN_URL = os.environ.get("CXRD_TEST_POSTGRES_ADMIN_URL",
+                           "postgresql://postgres@127.0.0.1:5432/postgres")
+N_STUDIES, PER_STUDY, ASSOCIATIONS = 50, 4, 4
+
+
+def admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture
+def shared_url() -> Iterator[str]:
+    """A database of this test's own on the local server; dropped afterwards."""
+    if os.environ.get("CXRD_SKIP_POSTGRES") == "1":
+        pytest.skip("CXRD_SKIP_POSTGRES=1")
+    name = f"cxrd_worker_nodes_{uuid.uuid4().hex[:12]}"
+    try:
+        admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL at {ADMIN_URL} is unreachable ({exc}); set "
+                    "CXRD_SKIP_POSTGRES=1 on machines without it")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def two_hundred(tmp_path_factory: pytest.TempPathFactory) -> PhantomSet:
+    """200 frontal chest CR images, 4 in each of 50 studies (every one is classified)."""
+    return frontal_set(tmp_path_factory.mktemp("two-hundred"), n_studies=N_STUDIES,
+                       per_study=PER_STUDY)
+
+
+def node_config(root: Path, node_id: str, url: str, scp_port: int, *, processes: int,
+                data_dir: Path | None = None) -> tuple[NodeDirs, int]:
+    """A node's config: its id, the shared database, the destination (the same on every
+    node: a worker queues its results for its own config's destinations), the data folder
+    ``data_dir`` (the receiving node's, at the same path) when given. No segmenter: SCs
+    and SRs are what is counted here. Returns the dirs and the DICOM port."""
+    root.mkdir(parents=True)
+    dirs = write_config(root, processes=processes, extra=f"""
+[[destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {scp_port}
+""")
+    text = dirs.config.read_text()
+    text = text.replace("[node]\n", f'[node]\nid = "{node_id}"\n', 1)
+    text = text.replace("[storage]\n", f'[storage]\ndatabase_url = "{url}"\n', 1)
+    text = text.replace("[model]\n", '[model]\nsegmenter = "off"\n', 1)
+    if data_dir is not None:
+        text = text.replace(f'data_dir = "{dirs.data_dir}"', f'data_dir = "{data_dir}"', 1)
+        dirs = NodeDirs(root, data_dir, dirs.config)
+    dirs.config.write_text(text)
+    port = re.search(r"^port = (\d+)$", text, re.M)
+    assert port is not None
+    return dirs, int(port[1])
+
+
+def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
+        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str) -> None:
+    t0 = time.monotonic()
+    scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
+    db = Database(shared_url)
+    try:
+        recv, dicom_port = node_config(tmp_path / "recv", "recv", shared_url, scp.port,
+                                       processes=0)
+        nodes.start(recv, processes=0)  # migrates the database, makes the data folder
+        assert listening(dicom_port)
+        workers = {}
+        for node_id in ("wk-a", "wk-b"):
+            dirs, _ = node_config(tmp_path / node_id, node_id, shared_url, scp.port,
+                                  processes=1, data_dir=recv.data_dir)
+            workers[node_id] = nodes.start(dirs, processes=1, command="worker")
+        victim = workers["wk-a"]
+        started = time.monotonic() - t0
+
+        studies = two_hundred.studies()
+        senders = []
+        for k in range(ASSOCIATIONS):  # each association carries whole studies
+            mine = set(studies[k::ASSOCIATIONS])
+            files = [two_hundred.folder / f.path for f in two_hundred.files
+                     if f.study_instance_uid in mine]
+            senders.append(start_dcmtk("storescu", *storescu_args(dicom_port, files)))
+
+        def running_of_a() -> list[int]:
+            with db.session() as s:
+                return list(s.scalars(select(Job.id).where(
+                    Job.state == JobState.RUNNING.value, Job.lease_owner.startswith("wk-a:"))))
+
+        def held_by_a() -> list[int]:
+            if "action=classified" not in victim.log():
+                return []  # after its first batch, in a later one
+            return running_of_a()
+
+        wait_until(held_by_a, 120, "worker node A to hold leased jobs", interval=0.05)
+        os.killpg(victim.pid, signal.SIGKILL)  # the node and its worker: nothing drains
+        killed_at = time.monotonic() - t0
+        victim.proc.wait(10)
+        held = running_of_a()  # what it held when it died (its batch may have changed since)
+        assert held, "worker node A held no job when it was killed"
+        for proc in senders:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out[-3000:]
+
+        def finished() -> bool:
+            with db.session() as s:
+                reported = s.scalar(select(func.count()).select_from(Study).where(
+                    Study.state == StudyState.REPORTED.value))
+                pending = s.scalar(select(func.count()).select_from(Delivery).where(
+                    Delivery.state != DeliveryState.DONE.value))
+            return reported == N_STUDIES and pending == 0
+
+        wait_until(finished, 180, "every study reported and every result delivered",
+                   interval=0.2)
+        done_at = time.monotonic() - t0
+
+        with db.session() as s:
+            instances = s.execute(select(Instance.sop_instance_uid, Instance.state)).all()
+            results = s.execute(select(Result.kind, Result.sop_instance_uid,
+                                       Result.source_sop_instance_uid,
+                                       Result.study_instance_uid, Result.supersedes)).all()
+            studies_rows = s.execute(select(Study.study_instance_uid,
+                                            Study.sr_sop_instance_uid)).all()
+            deliveries = s.execute(select(Delivery.state, Delivery.attempts)).all()
+            redone = s.execute(select(Job.id, Job.state, Job.kind, Job.attempts).where(
+                Job.id.in_(held))).all()
+            owners = set(s.scalars(select(Job.lease_owner).where(
+                Job.lease_owner.is_not(None))))
+
+        # every instance: exactly one SC
+        expected = {f.sop_instance_uid for f in two_hundred.files}
+        assert {uid for uid, _ in instances} == expected and len(instances) == len(expected)
+        assert {state for _, state in instances} == {InstanceState.DONE.value}
+        scs = [r for r in results if r.kind == ResultKind.SC.value]
+        assert sorted(r.source_sop_instance_uid for r in scs) == sorted(expected)
+        # every study: exactly one current SR, the one the study names
+        srs = [r for r in results if r.kind == ResultKind.SR.value]
+        superseded = {r.supersedes for r in srs if r.supersedes}
+        heads: dict[str, list[str]] = {}
+        for r in srs:
+            if r.sop_instance_uid not in superseded:
+                heads.setdefault(r.study_instance_uid, []).append(r.sop_instance_uid)
+        assert {uid: [sr] for uid, sr in studies_rows} == heads
+        assert len(heads) == N_STUDIES
+        # each result stored by the destination exactly once (+uf: a copy would show)
+        stored = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                        for p in scp.received())
+        assert stored == sorted(r.sop_instance_uid for r in results), scp.log()[-3000:]
+        assert set(deliveries) == {(DeliveryState.DONE.value, 1)}
+        # the jobs the dead node held came back by expiry and were done again
+        assert held and all(j.state == JobState.DONE.value for j in redone), redone
+        assert all(j.attempts >= 2 for j in redone), redone
+        assert {j.kind for j in redone} <= {JobKind.CLASSIFY.value, JobKind.REPORT.value}
+        assert not owners, owners  # no lease left behind
+        logs = {node_id: node.log() for node_id, node in workers.items()}
+        assert re.search(r"action=lease-expired job_id=\d+ .*owner=wk-a:", logs["wk-b"]), \
+            logs["wk-b"][-3000:]
+        assert "action=node-start role=worker node_id=wk-b" in logs["wk-b"]
+        recv_log = nodes.started[0].log()
+        assert "action=node-start node_id=recv" in recv_log and "workers=0" in recv_log
+        assert "action=worker-start" not in recv_log  # the receiving node ran no worker
+
+        doc = status_json(recv)
+        assert {w["node"] for w in doc["workers"]} == {"wk-a", "wk-b"}
+        alive = {w["node"]: w["alive"] for w in doc["workers"]}
+        assert alive["wk-b"]
+        text = run_cli("status", "--config", str(recv.config)).stdout
+        assert re.search(r"worker wk-b:\d+:w0 \(node wk-b\)", text), text
+
+        # SIGTERM drains the surviving worker node: exit 0
+        assert workers["wk-b"].stop() == 0
+        assert "action=drain-done role=worker node_id=wk-b" in workers["wk-b"].log()
+        print(f"\nstarted {started:.1f}s, killed wk-a at {killed_at:.1f}s holding "
+              f"{len(held)} jobs (lease {LEASE_SECONDS}s), all delivered at {done_at:.1f}s")
+    finally:
+        db.dispose()
+        scp.stop()
+
+
+def test_worker_node_refuses_sqlite_another_schema_and_a_missing_data_folder(
+        tmp_path: Path, shared_url: str) -> None:
+    """``cxrd worker`` exits 1 with one line: SQLite cannot be shared; a database at an
+    older schema is not migrated by a worker node, and one at a newer schema is refused;
+    a data folder that does not exist is not created."""
+    (tmp_path / "sqlite").mkdir()
+    sqlite = write_config(tmp_path / "sqlite")
+    sqlite.data_dir.mkdir(parents=True)
+    done = run_cli("worker", "--config", str(sqlite.config))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs PostgreSQL" in lines[0], done.stderr
+
+    dirs, _ = node_config(tmp_path / "fresh", "wk", shared_url, 1, processes=1)
+    dirs.data_dir.mkdir(parents=True)
+    done = run_cli("worker", "--config", str(dirs.config))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "schema version 0" in lines[0], done.stderr
+    assert "never migrates" in lines[0]
+    db = Database(shared_url)
+    try:
+        assert db.schema_version() == 0  # still: nothing migrated it
+        db.migrate()  # as the receiving node would; then a newer cxrd migrates further
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO schema_version (version, applied_at) VALUES "
+                                 f"({SCHEMA_VERSION + 1}, now())")
+    finally:
+        db.dispose()
+    done = run_cli("worker", "--config", str(dirs.config))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"newer than this cxrd's {SCHEMA_VERSION}" in lines[0], \
+        done.stderr
+
+    # the shared folder not mounted: no local one is made in its place
+    dirs.data_dir.rmdir()
+    done = run_cli("worker", "--config", str(dirs.config))
+    assert done.returncode == 1
+    assert "[storage] data_dir" in done.stderr and "does not exist" in done.stderr
+    assert not dirs.data_dir.exists()
+
+
+def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
+        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str) -> None:
+    """With a lease far longer than the test, a worker node killed with SIGKILL and started
+    again with the same ``[node] id`` takes its dead processes' jobs back at once (their
+    attempt given back); SIGTERM while it holds a batch lets the batch finish, then the
+    node exits 0."""
+    scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
+    db = Database(shared_url)
+    try:
+        recv, dicom_port = node_config(tmp_path / "recv", "recv", shared_url, scp.port,
+                                       processes=0)
+        nodes.start(recv, processes=0)
+        wk, _ = node_config(tmp_path / "wk-a", "wk-a", shared_url, scp.port, processes=1,
+                            data_dir=recv.data_dir)
+        wk.config.write_text(wk.config.read_text().replace(
+            f"lease_seconds = {LEASE_SECONDS}\n", "lease_seconds = 600\n"))
+        first = nodes.start(wk, processes=1, command="worker")
+        studies = two_hundred.studies()
+
+        def send(uids: list[str]) -> None:
+            files = [two_hundred.folder / f.path for f in two_hundred.files
+                     if f.study_instance_uid in set(uids)]
+            proc = start_dcmtk("storescu", *storescu_args(dicom_port, files))
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out[-3000:]
+
+        def running_of_a() -> list[int]:
+            with db.session() as s:
+                return list(s.scalars(select(Job.id).where(
+                    Job.state == JobState.RUNNING.value, Job.lease_owner.startswith("wk-a:"))))
+
+        def held_by(node: NodeProcess) -> Callable[[], list[int]]:
+            def held() -> list[int]:
+                return running_of_a() if "action=classified" in node.log() else []
+            return held
+
+        def jobs(ids: list[int]) -> list[tuple[str, int]]:
+            with db.session() as s:
+                return [(j.state, j.attempts) for j in s.execute(
+                    select(Job.state, Job.attempts).where(Job.id.in_(ids))).all()]
+
+        send(studies[:10])
+        wait_until(held_by(first), 120, "worker node A to hold leased jobs", interval=0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        held = running_of_a()  # what it held when it died
+        assert held, "worker node A held no job when it was killed"
+
+        second = nodes.start(wk, processes=1, command="worker")
+        assert re.search(r"action=released-leases reason=node-restart count=[1-9]",
+                         second.log()), second.log()[-3000:]
+
+        def reported() -> bool:
+            with db.session() as s:
+                return s.scalar(select(func.count()).select_from(Study).where(
+                    Study.state == StudyState.REPORTED.value)) == 10
+        wait_until(reported, 120, "the first 10 studies reported (not by lease expiry)")
+        assert jobs(held) == [(JobState.DONE.value, 1)] * len(held)  # the attempt given back
+
+        send(studies[10:20])
+        held = wait_until(held_by(second), 120, "the restarted node to hold a batch",
+                          interval=0.02)
+        assert second.stop() == 0  # SIGTERM: the batch in hand finishes first
+        assert jobs(held) == [(JobState.DONE.value, 1)] * len(held)
+        assert running_of_a() == []  # the batch in hand at the signal finished too
+        assert "action=drain-done role=worker node_id=wk-a" in second.log()
+    finally:
+        db.dispose()
+        scp.stop()
