@@ -30,8 +30,9 @@ LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LATERAL", "LAT"}
 CHEST_BODY_PARTS = {"", "CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHEST_PA", "CHEST_AP"}
 
 
-def skip_reason(inst: Instance) -> SkipReason | None:
-    """None when the instance is a frontal chest radiograph cxrd classifies."""
+def skip_reason(inst: Instance | Any) -> SkipReason | None:
+    """None when the instance is a frontal chest radiograph cxrd classifies. ``inst`` is
+    an ``Instance`` or a row with its columns (``_RECEIVED_OF``)."""
     if inst.sop_class_uid == DX_PROCESSING or inst.presentation_intent == "FOR PROCESSING":
         return SkipReason.FOR_PROCESSING
     if inst.sop_class_uid not in (CR, DX_PRESENTATION) and not (
@@ -69,23 +70,30 @@ _DUE = select(Study).where(
     Study.last_received_at <= bindparam("cutoff"),
 ).order_by(Study.id).limit(200)
 _DUE_LOCKED = _DUE.with_for_update(skip_locked=True)
-_RECEIVED_OF = select(Instance).where(
+#: What admission reads of a received instance: its ids and what ``skip_reason`` needs.
+_RECEIVED_OF = select(
+    Instance.id, Instance.sop_instance_uid, Instance.study_instance_uid,
+    Instance.sop_class_uid, Instance.presentation_intent, Instance.modality,
+    Instance.body_part, Instance.view_position, Instance.has_pixels, Instance.frames,
+    Instance.photometric,
+).where(
     Instance.study_instance_uid.in_(bindparam("studies", expanding=True)),
     Instance.state == InstanceState.RECEIVED.value).order_by(Instance.id)
 _EARLIEST_COLLECTING = select(func.min(Study.last_received_at)).where(
     Study.state == StudyState.COLLECTING.value)
-_ARRIVING = select(Study).where(
+_ARRIVING = select(Study.study_instance_uid, Study.generation).where(
     Study.state == StudyState.COLLECTING.value, Study.study_instance_uid.in_(_WAITING),
 ).order_by(Study.id).limit(200)
 _ARRIVING_LOCKED = _ARRIVING.with_for_update(skip_locked=True)
 
 
-def _received(s: Any, studies: Sequence[Study]) -> dict[str, list[Instance]]:
-    """The received (not yet queued or skipped) instances of each study: one query."""
-    received: dict[str, list[Instance]] = {study.study_instance_uid: [] for study in studies}
+def _received(conn: Any, study_uids: Sequence[str]) -> dict[str, list[Any]]:
+    """The received (not yet queued or skipped) instances of each study, as rows of
+    ``_RECEIVED_OF``: one query."""
+    received: dict[str, list[Any]] = {uid: [] for uid in study_uids}
     if received:
-        for inst in s.scalars(_RECEIVED_OF, {"studies": list(received)}):
-            received[inst.study_instance_uid].append(inst)
+        for row in conn.execute(_RECEIVED_OF, {"studies": list(received)}):
+            received[row.study_instance_uid].append(row)
     return received
 
 
@@ -96,16 +104,15 @@ def queue_arrivals(db: Database, now: dt.datetime | None = None) -> int:
     LOCKED), as admission locks them, so an instance is queued by one node once."""
     now = now or utcnow()
     queued = 0
-    with db.session() as s:
-        studies = s.scalars(_ARRIVING if db.is_sqlite else _ARRIVING_LOCKED).all()
-        received = _received(s, studies)
-        for study in studies:
-            decisions = [(inst, skip_reason(inst))
-                         for inst in received[study.study_instance_uid]]
-            n, skipped = queue_instances(s, study, decisions, now)
+    with db.engine.begin() as conn:
+        studies = conn.execute(_ARRIVING if db.is_sqlite else _ARRIVING_LOCKED).all()
+        received = _received(conn, [uid for uid, _ in studies])
+        for uid, generation in studies:
+            decisions = [(inst, skip_reason(inst)) for inst in received[uid]]
+            n, skipped = queue_instances(conn, uid, generation, decisions, now)
             queued += n
             log.debug("action=queued-on-arrival study_instance_uid=%s queued=%d skipped=%d",
-                      study.study_instance_uid, n, skipped)
+                      uid, n, skipped)
     return queued
 
 
@@ -130,7 +137,7 @@ def admission_round(db: Database, stable_seconds: float,
         # Several nodes may share a PostgreSQL queue: each study is admitted by one of
         # them (see _lock).
         studies = s.scalars(_DUE if db.is_sqlite else _DUE_LOCKED, {"cutoff": cutoff}).all()
-        received = _received(s, studies)
+        received = _received(s, [study.study_instance_uid for study in studies])
         for study in studies:
             decisions = [(inst, skip_reason(inst))
                          for inst in received[study.study_instance_uid]]

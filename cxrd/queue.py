@@ -29,7 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
 from cxrd.actions import JOBS_RETRY, log_action, record
@@ -202,39 +214,50 @@ def _enqueue_report(s: Session, study: Study, jobs: Sequence[Any], now: dt.datet
         row.finished_at = None
 
 
-def queue_instances(s: Session, study: Study,
-                    decisions: Sequence[tuple[Instance, SkipReason | None]],
+#: The scheduler's writes, built once, run as executemany on the round's connection.
+_QUEUE_INSTANCE = update(Instance).where(Instance.id == bindparam("iid")).values(
+    state=InstanceState.QUEUED.value)
+_SKIP_INSTANCE = update(Instance).where(Instance.id == bindparam("iid")).values(
+    state=InstanceState.SKIPPED.value, reason=bindparam("why"))
+_NEW_JOB = insert(Job)
+
+
+def queue_instances(conn: Connection, study_uid: str, generation: int,
+                    decisions: Sequence[tuple[Any, SkipReason | None]],
                     now: dt.datetime) -> tuple[int, int]:
-    """A classify job of the study's current generation for each instance without a skip
+    """A classify job of generation ``generation`` for each instance without a skip
     reason, the reason recorded for the others; the study's state is left as it is.
-    Returns (queued, skipped). Admission of a stable study (``admit_study``), and the
+    Returns (queued, skipped). Each instance is a row with its ``id`` and
+    ``sop_instance_uid``. Admission of a stable study (``admit_study``), and the
     classification of instances as they arrive (``[study] classify_on_arrival``,
     ``cxrd.admit.queue_arrivals``) while their study is still collecting: their jobs run
     then, and the study's report job waits until it is stable and admitted
-    (``study_progress``)."""
-    queued = skipped = 0
-    for inst, reason in decisions:
-        if reason is None:
-            inst.state = InstanceState.QUEUED.value
-            s.add(Job(instance_id=inst.id, study_instance_uid=study.study_instance_uid,
-                      generation=study.generation, state=JobState.PENDING.value,
-                      not_before=now, created_at=now))
-            queued += 1
-        else:
-            inst.state = InstanceState.SKIPPED.value
-            inst.reason = reason.value
-            skipped += 1
-            log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
-                     inst.sop_instance_uid, study.study_instance_uid, reason.value)
-    return queued, skipped
+    (``study_progress``). Core statements, a few per round: the scheduler runs this for
+    every instance, and ORM objects cost it more than the statements."""
+    queued = [inst for inst, reason in decisions if reason is None]
+    skipped = [(inst, reason) for inst, reason in decisions if reason is not None]
+    if queued:
+        conn.execute(_QUEUE_INSTANCE, [{"iid": inst.id} for inst in queued])
+        conn.execute(_NEW_JOB, [
+            {"kind": JobKind.CLASSIFY.value, "instance_id": inst.id,
+             "study_instance_uid": study_uid, "generation": generation,
+             "state": JobState.PENDING.value, "attempts": 0, "not_before": now,
+             "created_at": now} for inst in queued])
+    if skipped:
+        conn.execute(_SKIP_INSTANCE, [{"iid": inst.id, "why": reason.value}
+                                      for inst, reason in skipped])
+    for inst, reason in skipped:
+        log.info("action=skipped sop_instance_uid=%s study_instance_uid=%s reason=%s",
+                 inst.sop_instance_uid, study_uid, reason.value)
+    return len(queued), len(skipped)
 
 
-def admit_study(s: Session, study: Study,
-                decisions: Sequence[tuple[Instance, SkipReason | None]],
+def admit_study(s: Session, study: Study, decisions: Sequence[tuple[Any, SkipReason | None]],
                 now: dt.datetime) -> tuple[int, int]:
     """Admission's outcome for a stable study (``cxrd.admit`` decides): its instances not
     queued yet (``queue_instances``), and the study's state. Returns (queued, skipped)."""
-    queued, skipped = queue_instances(s, study, decisions, now)
+    queued, skipped = queue_instances(s.connection(), study.study_instance_uid,
+                                      study.generation, decisions, now)
     study.stable_at = now
     if queued:
         study.state = StudyState.ADMITTED.value
