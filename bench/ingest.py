@@ -379,13 +379,17 @@ class Cxrd(Receiver):
 
     def start(self) -> None:
         config = self.run_dir / "cxrd.toml"
+        # No study becomes stable during the measurement, and nothing is classified on
+        # arrival (a tree that has [study] classify_on_arrival): no inference competes.
+        tree = self.src if self.src is not None else Path(__file__).resolve().parents[1]
+        eager = "classify_on_arrival" in (tree / "cxrd" / "config.py").read_text("utf-8")
         config.write_text(
             "# written by bench/ingest.py\n"
             f'[node]\nae_title = "{self.called_ae}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f"max_pdu = {self.max_pdu}\nreceivers = {self.receivers}\n\n"
             f"[storage]\ndata_dir = {json.dumps(str(self.data_dir))}\n\n"
-            # no study becomes stable during the measurement: no inference competes
-            "[study]\nstable_seconds = 3600\n\n"
+            "[study]\nstable_seconds = 3600\n"
+            + ("classify_on_arrival = false\n" if eager else "") + "\n"
             "[workers]\nprocesses = 1\n\n"
             '[metrics]\nlisten = ""\n\n'
             '[logging]\nlevel = "INFO"\n', encoding="utf-8")
