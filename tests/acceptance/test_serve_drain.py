@@ -57,10 +57,11 @@ def test_stop_signals_then_a_restart_completes_without_duplicates(tmp_path, node
     assert time.monotonic() - started < DRAIN_BOUND
     log = node.log()
     assert "action=drain-start" in log and "action=drain-done" in log
-    # the drain line accounts the scheduler's CPU, the admitting rounds apart
+    # the drain line accounts the scheduler's CPU, the rounds that queued (the images,
+    # on arrival) or admitted (the stable studies, maybe none yet) apart
     (drain,) = [ln for ln in log.splitlines() if "action=drain-done" in ln]
     fields = dict(f.split("=", 1) for f in drain.split() if "=" in f)
-    assert 1 <= int(fields["admitted_studies"]) <= 3
+    assert 0 <= int(fields["admitted_studies"]) <= 3
     assert 0 < float(fields["admitting_cpu_s"]) <= float(fields["scheduler_cpu_s"])
     assert "action=worker-stop" in log, "the worker did not stop cleanly"
     assert not any(pid_alive(p) for p in workers)
