@@ -136,7 +136,32 @@ def _pad_to_bucket(batch: npt.NDArray[np.float32],
     return batch
 
 
-class Classifier:
+class _ModelSession:
+    """What the classifier's and the segmenter's sessions share: the input size from the
+    model's metadata, and the warm-up over the batch buckets."""
+
+    info: ModelInfo | SegmentationInfo
+    buckets: tuple[int, ...]
+
+    def run(self, batch: npt.NDArray[np.float32]) -> object:
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> int:
+        return self.info.input_size
+
+    def warm_up(self) -> float:
+        """Run every bucket's shape once (CUDA kernels, cuDNN's search); returns seconds."""
+        import time
+
+        t0 = time.perf_counter()
+        size = self.input_size
+        for n in self.buckets:
+            self.run(np.zeros((n, size, size, 3), dtype=np.float32))
+        return time.perf_counter() - t0
+
+
+class Classifier(_ModelSession):
     """An onnxruntime session plus the classifier's metadata (``open_session``: the
     providers actually in use are in ``providers``; with ``require_cuda`` a session that
     does not run on CUDA is refused with ModelError).
@@ -166,20 +191,6 @@ class Classifier:
             )
         self.buckets = batch_buckets(max(1, max_batch))
 
-    @property
-    def input_size(self) -> int:
-        return self.info.input_size
-
-    def warm_up(self) -> float:
-        """Run every bucket's shape once (CUDA kernels, cuDNN's search); returns seconds."""
-        import time
-
-        t0 = time.perf_counter()
-        size = self.input_size
-        for n in self.buckets:
-            self.run(np.zeros((n, size, size, 3), dtype=np.float32))
-        return time.perf_counter() - t0
-
     def run(
         self, batch: npt.NDArray[np.float32]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -201,7 +212,7 @@ def resolve_segmenter_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
-class Segmenter:
+class Segmenter(_ModelSession):
     """The lung-field segmenter's session beside the :class:`Classifier`: the same
     session options, providers, thread count and (on CUDA) batch buckets, with
     ``SegmentationInfo`` for its metadata. A model file that is not a segmentation model
@@ -243,20 +254,6 @@ class Segmenter:
         #: 7.4 at any batch size. On CUDA the batch runs whole, padded to its bucket.
         self.image_by_image = CUDA not in self.providers
         self.buckets = (1,) if self.image_by_image else batch_buckets(max(1, max_batch))
-
-    @property
-    def input_size(self) -> int:
-        return self.info.input_size
-
-    def warm_up(self) -> float:
-        """Run every bucket's shape once (as :meth:`Classifier.warm_up`); returns seconds."""
-        import time
-
-        t0 = time.perf_counter()
-        size = self.input_size
-        for n in self.buckets:
-            self.run(np.zeros((n, size, size, 3), dtype=np.float32))
-        return time.perf_counter() - t0
 
     def run(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Run a (N, size, size, 3) float32 batch; returns (N, size/2, size/2, segments)
