@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 from cxrd import queue
@@ -37,7 +35,7 @@ from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.outbox import release_dead_delivery_leases
-from cxrd.pool import WorkerPool
+from cxrd.pool import WorkerPool, install_stop_signals
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
 from cxrd.space import is_resource_error, storage_space
@@ -82,7 +80,6 @@ class Node:
         #: instance (``_on_stored``, with ``[study] classify_on_arrival``).
         self._wake = threading.Event()
         self._last_round = 0.0
-        self._signals = 0
         self._ctx = spawn_context()
         self.watcher: FolderWatcher | None = None
         self.receiver: Receiver | None = None
@@ -435,22 +432,9 @@ class Node:
         self.db.dispose()
 
     def _install_signals(self) -> None:
-        def on_term(signum: int, _frame: FrameType | None) -> None:
-            self._signals += 1
-            if self._signals > 1:
-                log.warning("action=exit-now signal=%d", signum)
-                for proc in [*self.pool.processes, *self._receivers]:
-                    if proc.is_alive():
-                        proc.kill()
-                os._exit(1)
-            log.info("action=stop-requested signal=%d", signum)
-            self._stop.set()
-            self._wake.set()
+        install_stop_signals(self.stop, self._request_reload,
+                             lambda: [*self.pool.processes, *self._receivers])
 
-        def on_hup(_signum: int, _frame: FrameType | None) -> None:
-            self._reload.set()  # handled by the scheduler loop, not in the handler
-            self._wake.set()
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        signal.signal(signal.SIGHUP, on_hup)
+    def _request_reload(self) -> None:
+        self._reload.set()  # handled by the scheduler loop, not in the handler
+        self._wake.set()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -126,8 +127,30 @@ class WorkerPool:
                 proc.kill()
                 proc.join(5)
 
-    def kill(self) -> None:
-        """SIGKILL to each live worker (a second SIGTERM: exit now)."""
-        for proc in self._workers.values():
-            if proc.is_alive():
-                proc.kill()
+
+def install_stop_signals(stop: Callable[[], None], reload: Callable[[], None],
+                         children: Callable[[], Iterable[Any]]) -> None:
+    """A node's signals (``cxrd serve`` and ``cxrd worker``): the first SIGTERM or SIGINT
+    calls ``stop`` (a drain); a second kills every live process of ``children()`` and exits
+    1 at once. SIGHUP calls ``reload``, which only flags it: the node's loop acts on it,
+    not the handler."""
+    received = 0
+
+    def on_term(signum: int, _frame: object) -> None:
+        nonlocal received
+        received += 1
+        if received > 1:
+            log.warning("action=exit-now signal=%d", signum)
+            for proc in children():
+                if proc.is_alive():
+                    proc.kill()
+            os._exit(1)
+        log.info("action=stop-requested signal=%d", signum)
+        stop()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        reload()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)

@@ -22,11 +22,8 @@ SIGTERM exits at once (the leases expire, or the next start frees them).
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 from cxrd import queue
@@ -39,7 +36,7 @@ from cxrd.logs import setup_logging
 from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
-from cxrd.pool import WorkerPool
+from cxrd.pool import WorkerPool, install_stop_signals
 from cxrd.space import storage_space
 from cxrd.systemd import Notifier
 from cxrd.worker import settle_garbage_collector, worker_id_prefix
@@ -65,7 +62,6 @@ class WorkerNode:
         self.pool = WorkerPool(config, self.db, self.worker_count, setup_logging)
         self.notifier = Notifier()
         self._stop = threading.Event()
-        self._signals = 0
         self._metrics_server: Any = None
         self._last_status = 0.0
         self._reload = False
@@ -165,18 +161,7 @@ class WorkerNode:
         self._stop.set()
 
     def _install_signals(self) -> None:
-        def on_term(signum: int, _frame: FrameType | None) -> None:
-            self._signals += 1
-            if self._signals > 1:
-                log.warning("action=exit-now signal=%d", signum)
-                self.pool.kill()
-                os._exit(1)
-            log.info("action=stop-requested signal=%d", signum)
-            self._stop.set()
+        install_stop_signals(self.stop, self._request_reload, lambda: self.pool.processes)
 
-        def on_hup(_signum: int, _frame: FrameType | None) -> None:
-            self._reload = True  # logged by the loop, not in the handler
-
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        signal.signal(signal.SIGHUP, on_hup)
+    def _request_reload(self) -> None:
+        self._reload = True  # logged by the loop, not in the handler
