@@ -11,7 +11,7 @@ own ``prepare`` and segmenter step; prints the distribution of the share of the 
 lung fields cover (the ``[model] min_lung_fraction`` gate compares it). ``costs``: CPU
 time (``time.thread_time``, one thread for onnxruntime) per image of the segmenter's
 preprocessing under v1 and v2, its inference (a batch's share; image by image as the
-worker runs it on the CPU, and the whole batch in one run), ``probs_to_masks``, the SEG
+worker runs it on the CPU, and the whole batch in one run), ``lung_masks``, the SEG
 build (highdicom), the SEG encode (``LungSegEncoder``, a template per kind of source) and
 the SEG write. ``dice``: Dice per lung against the phantoms' own masks with the
 segmenter's input made under cxrd-gray8-stretch-v1 and under v2 (at 2500 x 2048, v2
@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cxrd.infer import Classifier, Segmenter, batch_buckets  # noqa: E402
-from cxrd.lungs import probs_to_masks  # noqa: E402
+from cxrd.lungs import lung_masks, probs_to_masks  # noqa: E402
 from cxrd.preprocess import STRETCH_V1, STRETCH_V2, gray8_to_model_input  # noqa: E402
 from cxrd.seg import LungSegEncoder  # noqa: E402
 from cxrd.worker import Prepared, lung_fields, prepare, write_seg  # noqa: E402
@@ -113,7 +113,7 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
         preps[0].display, 256, STRETCH_V1)[None])[0], encoder, folder / "warm", 1)
     ms: dict[str, list[float]] = {k: [] for k in (
         "preprocess v1", "preprocess v2", "inference", "inference, whole batch",
-        "probs_to_masks", "SEG build", "SEG encode (template)", "SEG write")}
+        "lung_masks", "SEG build", "SEG encode (template)", "SEG write")}
     from cxrd.durable import save_dataset
     from cxrd.seg import build_lung_seg
     from cxrd.worker import seg_uids
@@ -135,7 +135,7 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
         ms["inference"] += [(time.thread_time() - t) / len(batch)] * len(batch)
         for p, o in zip(batch, out, strict=True):
             t = time.thread_time()
-            masks = probs_to_masks(o, int(p.dataset.Rows), int(p.dataset.Columns))
+            masks = lung_masks(o, int(p.dataset.Rows), int(p.dataset.Columns))
             t1 = time.thread_time()
             series, sop = seg_uids(str(p.dataset.SOPInstanceUID),
                                    str(p.dataset.StudyInstanceUID), 1, seg.info)
@@ -148,7 +148,7 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
             save_dataset(encoded, folder / "out")
             t3 = time.thread_time()
             ms["SEG encode (template)"].append(t2b - t2)
-            ms["probs_to_masks"].append(t1 - t)
+            ms["lung_masks"].append(t1 - t)
             ms["SEG build"].append(t2 - t1)
             ms["SEG write"].append(t3 - t2b)
     print(f"CPU ms per image ({rows}x{cols}, decoded {preps[0].display.shape}, batch "

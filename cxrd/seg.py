@@ -43,11 +43,15 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from cxrd import __version__
 from cxrd.headers import header_view
-from cxrd.lungs import Mask
+from cxrd.lungs import LungMasks, Mask
 from cxrd.modelinfo import SegmentationInfo, labelled, software_versions
 from cxrd.uids import validate_uid
 
 logger = logging.getLogger(__name__)
+
+#: A SEG's masks, in ``model.segments`` order: boolean arrays of the source's Rows x
+#: Columns, or ``cxrd.lungs.LungMasks`` (the worker's: packed from their grid).
+Masks = Sequence[Mask] | LungMasks
 
 SEG_SERIES_DESCRIPTION = "AI lung fields, not for diagnostic use"
 #: Series Number of the SEG series (the SR's is 9001, the heatmap SC's 9002).
@@ -94,17 +98,24 @@ def _segment_descriptions(model: SegmentationInfo) -> list[hd.seg.SegmentDescrip
     ]
 
 
-def _check_masks(masks: Sequence[Mask], src: Dataset, model: SegmentationInfo) -> None:
+def _check_masks(masks: Masks, src: Dataset, model: SegmentationInfo) -> None:
     shape = (int(src.Rows), int(src.Columns))
-    if len(masks) != len(model.segments):
+    count = len(masks.grid) if isinstance(masks, LungMasks) else len(masks)
+    if count != len(model.segments):
         raise ValueError(f"build_lung_seg needs {len(model.segments)} masks "
-                         f"({', '.join(s.label for s in model.segments)}), not {len(masks)}.")
-    for mask in masks:
-        if mask.dtype != np.bool_ or mask.shape != shape:
+                         f"({', '.join(s.label for s in model.segments)}), not {count}.")
+    arrays = masks.grid if isinstance(masks, LungMasks) else masks
+    for mask in arrays:
+        size = masks.shape if isinstance(masks, LungMasks) else mask.shape
+        if mask.dtype != np.bool_ or size != shape:
             raise ValueError(f"Each mask must be a boolean array of the source's "
-                             f"Rows x Columns {shape}, not {mask.dtype} {mask.shape}.")
+                             f"Rows x Columns {shape}, not {mask.dtype} {size}.")
     if int(src.get("NumberOfFrames", 1) or 1) != 1:
         raise ValueError("The source of a lung SEG must be a single-frame image.")
+
+
+def _arrays(masks: Masks) -> Sequence[Mask]:
+    return masks.full() if isinstance(masks, LungMasks) else masks
 
 
 def _pixel_array(masks: Sequence[Mask]) -> npt.NDArray[np.uint8]:
@@ -123,7 +134,7 @@ def _pixel_array(masks: Sequence[Mask]) -> npt.NDArray[np.uint8]:
 
 def build_lung_seg(
     source_header: Dataset,
-    masks: Sequence[Mask],
+    masks: Masks,
     model: SegmentationInfo,
     *,
     series_instance_uid: str,
@@ -134,9 +145,9 @@ def build_lung_seg(
     """Build the lung-field SEG of one source image (see the module docstring).
 
     ``source_header`` is the source's header (Pixel Data may be absent); ``masks`` are
-    boolean arrays of its Rows x Columns, in ``model.segments`` order (left lung, then
-    right). Raises ValueError for masks of the wrong number, type or size or a multi-frame
-    source, and InvalidUID for a malformed UID.
+    boolean arrays of its Rows x Columns (or ``LungMasks`` of that size), in
+    ``model.segments`` order (left lung, then right). Raises ValueError for masks of the
+    wrong number, type or size or a multi-frame source, and InvalidUID for a malformed UID.
     """
     _check_masks(masks, source_header, model)
     series_uid = validate_uid(series_instance_uid, "series_instance_uid")
@@ -145,14 +156,14 @@ def build_lung_seg(
                           series_uid, sop_uid, instance_number, series_number)
 
 
-def _highdicom_seg(src: Dataset, source_header: Dataset, masks: Sequence[Mask],
+def _highdicom_seg(src: Dataset, source_header: Dataset, masks: Masks,
                    model: SegmentationInfo, series_uid: str, sop_uid: str,
                    instance_number: int, series_number: int) -> hd.seg.Segmentation:
     """``build_lung_seg``'s object from checked arguments; ``src`` is the source's
     ``header_view``."""
     seg = hd.seg.Segmentation(
         source_images=[src],
-        pixel_array=_pixel_array(masks),
+        pixel_array=_pixel_array(_arrays(masks)),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(model),
         series_instance_uid=series_uid,
@@ -208,26 +219,43 @@ def _template_key(view: Dataset, overlap: bool) -> tuple[object, ...]:
     return (*values, overlap, frozenset(int(t) for t in view.keys()))  # noqa: SIM118
 
 
-def _frames(masks: Sequence[Mask]) -> tuple[bytes, bool]:
+def _frames(masks: Masks) -> tuple[bytes, bool]:
     """BINARY frames as a SEG stores them, and whether the masks overlap: one frame per
     segment, in segment order, the bits of all frames packed together, least significant
     bit first, padded to an even length (PS3.5 8.1.1; what highdicom writes, byte for
     byte). Each mask is packed on its own when its pixels fill whole bytes (then the
-    overlap test runs on the packed bits, an eighth of the memory)."""
-    if masks[0].size % 8:
-        packed = np.packbits(np.stack(masks).ravel(), bitorder="little").tobytes()
-        seen = np.zeros(masks[0].shape, dtype=bool)
+    overlap test runs on the packed bits, an eighth of the memory). ``LungMasks`` whose
+    rows fill whole bytes are packed from their grid: each grid row once, at the image's
+    width, then the packed rows repeated as the image's rows take them (about 0.2 ms for
+    both lungs of a 2500 x 2048 image, against 3-4 ms to enlarge and pack); they overlap
+    where their grids do."""
+    if isinstance(masks, LungMasks) and masks.cols % 8 == 0:
+        union = np.zeros_like(masks.grid[0])
         overlap = False
-        for mask in masks:
+        for grid in masks.grid:
+            overlap = overlap or bool(np.logical_and(union, grid).any())
+            union |= grid
+        rows = masks.row_index
+        planes = [np.packbits(masks.expanded_columns(channel), axis=1, bitorder="little")
+                  for channel in range(len(masks.grid))]
+        packed = b"".join((plane if len(rows) == len(plane) else plane[rows]).tobytes()
+                          for plane in planes)
+        return (packed + b"\0" if len(packed) % 2 else packed), overlap
+    arrays = _arrays(masks)
+    if arrays[0].size % 8:
+        packed = np.packbits(np.stack(arrays).ravel(), bitorder="little").tobytes()
+        seen = np.zeros(arrays[0].shape, dtype=bool)
+        overlap = False
+        for mask in arrays:
             overlap = overlap or bool(np.logical_and(seen, mask).any())
             seen |= mask
     else:
-        planes = [np.packbits(mask.ravel(), bitorder="little") for mask in masks]
-        union = np.zeros_like(planes[0])
+        planes = [np.packbits(mask.ravel(), bitorder="little") for mask in arrays]
+        union_bits = np.zeros_like(planes[0])
         overlap = False
         for plane in planes:
-            overlap = overlap or bool(np.bitwise_and(union, plane).any())
-            union |= plane
+            overlap = overlap or bool(np.bitwise_and(union_bits, plane).any())
+            union_bits |= plane
         packed = b"".join(plane.tobytes() for plane in planes)
     return (packed + b"\0" if len(packed) % 2 else packed), overlap
 
@@ -274,7 +302,7 @@ class LungSegEncoder:
         self.series_number = series_number
         self._templates: dict[tuple[object, ...], _Template] = {}
 
-    def build(self, source_header: Dataset, masks: Sequence[Mask], *,
+    def build(self, source_header: Dataset, masks: Masks, *,
               series_instance_uid: str, sop_instance_uid: str,
               instance_number: int) -> Dataset:
         """The lung SEG of one source image, as ``build_lung_seg`` makes it (same
@@ -327,7 +355,7 @@ class LungSegEncoder:
         return seg
 
     def _first(self, key: tuple[object, ...], view: Dataset, source_header: Dataset,
-               masks: Sequence[Mask], series_uid: str, sop_uid: str,
+               masks: Masks, series_uid: str, sop_uid: str,
                instance_number: int) -> Dataset:
         seg = _highdicom_seg(view, source_header, masks, self.model, series_uid, sop_uid,
                              instance_number, self.series_number)

@@ -39,7 +39,7 @@ from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, UnsupportedImage
 from cxrd.findings import ImageFindings, decide_class
 from cxrd.infer import Classifier, Segmenter
-from cxrd.lungs import lung_gate, probs_to_masks
+from cxrd.lungs import lung_gate, lung_masks
 from cxrd.metrics import metrics, observe_stages
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, SegmentationInfo
 from cxrd.preprocess import (
@@ -171,16 +171,16 @@ def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEn
               results_dir: Path, generation: int) -> tuple[str, Path]:
     """Build and save the lung-field SEG (``cxrd.seg``) of one image from the segmenter's
     (h, w, 2) ``probs``; returns its SOP Instance UID and path. The masks are at the
-    source's Rows x Columns (``probs_to_masks``, about 2-5 ms at 2500 x 2048); the SEG
-    comes from ``encoder``'s template for the kind of source (``LungSegEncoder``)."""
+    source's Rows x Columns (``lung_masks``: thresholded on their grid, packed from it);
+    the SEG comes from ``encoder``'s template for the kind of source (``LungSegEncoder``)."""
     from cxrd.durable import save_dataset
 
     model = encoder.model
     series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
                                    str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
-    masks = probs_to_masks(probs, int(prep.dataset.Rows), int(prep.dataset.Columns),
-                           model.threshold)
+    masks = lung_masks(probs, int(prep.dataset.Rows), int(prep.dataset.Columns),
+                       model.threshold)
     seg = encoder.build(prep.dataset, masks, series_instance_uid=series_uid,
                         sop_instance_uid=sop_uid,
                         instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))

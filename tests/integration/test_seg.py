@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from resultfactory import CR, DX_PRESENTATION, dciodvfy, make_source
 
-from cxrd import seg
+from cxrd import lungs, seg
 from cxrd.durable import save_dataset
 from cxrd.errors import InvalidUID
 from cxrd.modelinfo import (
@@ -358,3 +358,20 @@ def test_the_encoders_copies_do_not_leak_into_each_other() -> None:
             .ReferencedSOPInstanceUID for x in (a, b, c)]
     assert refs == [first.SOPInstanceUID, second.SOPInstanceUID, first.SOPInstanceUID]
     assert len({a.SOPInstanceUID, b.SOPInstanceUID, c.SOPInstanceUID}) == 3
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(2500, 2048), (300, 264), (37, 48), (301, 301),
+                                            (260, 100)])
+def test_frames_packed_from_the_grid_are_the_frames_of_the_full_masks(rows: int,
+                                                                       cols: int) -> None:
+    """The worker's masks (LungMasks) are packed from their grid; the bytes, and the overlap
+    that picks the template, must be what packing the image-size masks gives, for widths
+    that fill whole bytes and (the fallback) for those that do not."""
+    rng = np.random.default_rng(rows * cols)
+    probs = rng.random((12, 12, 2)).astype(np.float32)
+    probs[..., 1] = 1 - probs[..., 0]  # apart at 0.5 ...
+    for threshold in (0.5, 0.3):  # ... and overlapping at 0.3
+        masks = lungs.lung_masks(probs, rows, cols, threshold)
+        full = masks.full()
+        assert seg._frames(masks) == seg._frames(full)
+        assert seg._frames(masks)[1] is (threshold < 0.5)
