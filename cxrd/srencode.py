@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -116,3 +116,121 @@ class ItemTemplate:
                 parts.append(encode_element(DataElement(tag, vr, value), self.charset))
             parts.append(run)
         return item(b"".join(parts))
+
+
+# ------------------------------------------------------------------ whole data sets
+
+#: A compiled part of a ``DatasetTemplate``: encoded bytes, a value slot (its name, tag
+#: and VR), an element slot (a tag), or a sequence holding slots (its tag, and each item's
+#: parts).
+_Part = bytes | tuple[str, str, int, str] | tuple[str, int] | tuple[str, int, list[list["_Part"]]]
+
+
+class DatasetTemplate:
+    """A whole data set encoded once, with slots anywhere in its tree, written as pydicom's
+    ``dcmwrite(..., enforce_file_format=True)`` writes it (Explicit VR Little Endian).
+
+    ``values`` names value slots: ``{name: (keyword, prototype value)}``. Every element of
+    that keyword whose value in ``prototype`` equals that value, at any depth, takes the
+    value ``fill`` is given under ``name``; a value that is the same in two places (a
+    source image's UID, referenced three times) is one slot, and two elements of one
+    keyword with different prototype values (the object's own Series Instance UID, its
+    source's) are two. Each slot must occur at least once. ``elements`` names top-level
+    tags whose whole element ``fill`` is given (elements copied from a source, as they
+    are). Everything else is encoded by pydicom here, once; ``fill`` encodes only the
+    slots, and writes the headers of the items and sequences that hold them (defined
+    lengths, as pydicom writes them).
+    """
+
+    def __init__(self, prototype: Dataset, *, values: dict[str, tuple[str, object]],
+                 elements: Iterable[int], charset: Charset) -> None:
+        from pydicom.filewriter import correct_ambiguous_vr
+
+        self.charset = charset
+        self._by_value = {(keyword, _comparable(value)): name
+                          for name, (keyword, value) in values.items()}
+        self._elements = {int(tag) for tag in elements}
+        self._met: set[str] = set()
+        ds = Dataset()
+        for elem in prototype:
+            ds.add(elem)
+        correct_ambiguous_vr(ds, True)
+        self._parts = self._compile(ds, top=True)
+        missing = set(values) - self._met
+        if missing:
+            raise ValueError(f"slots not found in the prototype: {sorted(missing)}")
+
+    def _compile(self, ds: Dataset, *, top: bool) -> list[_Part]:
+        parts: list[_Part] = []
+        for elem in ds:
+            tag = int(elem.tag)
+            if top and tag in self._elements:
+                parts.append(("element", tag))
+                continue
+            name = (None if elem.VR == "SQ"
+                    else self._by_value.get((elem.keyword, _comparable(elem.value))))
+            if name is not None:
+                self._met.add(name)
+                parts.append(("value", name, tag, elem.VR))
+            elif elem.VR == "SQ" and elem.value:
+                items = [self._compile(ds_item, top=False) for ds_item in elem.value]
+                if any(not isinstance(p, bytes) for item_parts in items for p in item_parts):
+                    parts.append(("sequence", tag, items))
+                else:
+                    parts.append(encode_element(elem, self.charset))
+            else:
+                parts.append(encode_element(elem, self.charset))
+        merged: list[_Part] = []
+        for part in parts:  # runs of encoded elements as one
+            if isinstance(part, bytes) and merged and isinstance(merged[-1], bytes):
+                merged[-1] = merged[-1] + part
+            else:
+                merged.append(part)
+        return merged
+
+    def fill(self, values: dict[str, object], elements: dict[int, DataElement]) -> bytes:
+        """The data set's encoding with ``values`` in its slots and ``elements`` (by tag;
+        one missing is left out)."""
+        return self._fill(self._parts, values, elements)
+
+    def _fill(self, parts: list[_Part], values: dict[str, object],
+              elements: dict[int, DataElement]) -> bytes:
+        out = []
+        for part in parts:
+            if isinstance(part, bytes):
+                out.append(part)
+            elif part[0] == "value":
+                _, name, tag, vr = cast(tuple[str, str, int, str], part)
+                out.append(encode_element(DataElement(tag, vr, values[name]), self.charset))
+            elif part[0] == "element":
+                elem = elements.get(cast(tuple[str, int], part)[1])
+                if elem is not None:
+                    out.append(encode_element(elem, self.charset))
+            else:
+                _, tag, items = cast(tuple[str, int, list[list[_Part]]], part)
+                body = b"".join(item(self._fill(p, values, elements)) for p in items)
+                out += [_SQ_HEADER.pack(tag >> 16, tag & 0xFFFF, b"SQ", 0, len(body)), body]
+        return b"".join(out)
+
+
+def _comparable(value: object) -> object:
+    """A value as a dictionary key: a multi-valued one as a tuple, anything else as is."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return tuple(str(v) for v in cast(Iterable[object], value))
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return str(value) if value is not None else None
+
+
+def file_meta_bytes(meta: Dataset, preamble: bytes | None) -> bytes:
+    """The preamble, ``DICM`` and the File Meta Information as ``dcmwrite(...,
+    enforce_file_format=True)`` writes them before the data set."""
+    from pydicom.filewriter import write_file_meta_info
+
+    fp = _buffer()
+    fp.write(preamble or b"\0" * 128)
+    fp.write(b"DICM")
+    write_file_meta_info(fp, cast(Any, meta), enforce_standard=True)
+    return fp.getvalue()

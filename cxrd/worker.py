@@ -173,7 +173,7 @@ def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEn
     (h, w, 2) ``probs``; returns its SOP Instance UID and path. The masks are at the
     source's Rows x Columns (``lung_masks``: thresholded on their grid, packed from it);
     the SEG comes from ``encoder``'s template for the kind of source (``LungSegEncoder``)."""
-    from cxrd.durable import save_dataset
+    from cxrd.durable import write_file
 
     model = encoder.model
     series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
@@ -181,10 +181,11 @@ def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEn
     t0 = time.perf_counter()
     masks = lung_masks(probs, int(prep.dataset.Rows), int(prep.dataset.Columns),
                        model.threshold)
-    seg = encoder.build(prep.dataset, masks, series_instance_uid=series_uid,
-                        sop_instance_uid=sop_uid,
-                        instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
-    path = save_dataset(seg, results_dir)
+    encoded = encoder.encode(prep.dataset, masks, series_instance_uid=series_uid,
+                             sop_instance_uid=sop_uid,
+                             instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
+    path = Path(results_dir) / f"{sop_uid}.dcm"
+    write_file(path, encoded)
     prep.timings["seg"] = time.perf_counter() - t0
     return sop_uid, path
 

@@ -8,13 +8,17 @@ rather than skips.
 
 from __future__ import annotations
 
+import datetime
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from resultfactory import CR, DX_PRESENTATION, dciodvfy, make_source
 
@@ -310,6 +314,24 @@ def _variants() -> list[tuple[str, Dataset]]:
     return out
 
 
+def _set_clock(ds: Dataset, now: datetime.datetime) -> None:
+    for keyword in ("ContentDate", "InstanceCreationDate"):
+        setattr(ds, keyword, now.strftime("%Y%m%d"))
+    for keyword in ("ContentTime", "InstanceCreationTime"):
+        setattr(ds, keyword, now.strftime("%H%M%S.%f"))
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
+
+
+def _same_dimension_organization(ds: Dataset, like: Dataset) -> None:
+    """highdicom draws a new Dimension Organization UID for each SEG it builds; the
+    encoder keeps its template's (one organization, shared by the SEGs of a kind)."""
+    uid = like.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    for item in [*ds.DimensionOrganizationSequence, *ds.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = uid
+
+
 def test_the_encoder_makes_what_highdicom_makes_for_each_kind_of_source(tmp_path) -> None:
     model = _model(demo=True)
     encoder = seg.LungSegEncoder(model)
@@ -324,12 +346,17 @@ def test_the_encoder_makes_what_highdicom_makes_for_each_kind_of_source(tmp_path
                                            str(src.StudyInstanceUID), 1, model)
             kwargs = dict(series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(src.InstanceNumber))
-            ours = encoder.build(src, masks, **kwargs)
+            now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901)
+            ours = encoder.encode(src, masks, now=now, **kwargs)
             reference = seg.build_lung_seg(src, masks, model, **kwargs)
-            assert _differences(ours, reference) == [], kind
-            assert ours.file_meta == reference.file_meta
-            assert ours.PixelData == reference.PixelData, kind
-            path = save_dataset(ours, tmp_path)
+            _set_clock(reference, now)  # highdicom's clock, as the encoder was told
+            _same_dimension_organization(reference, dcmread(BytesIO(ours)))
+            written = BytesIO()
+            dcmwrite(written, reference, enforce_file_format=True)
+            assert ours == written.getvalue(), (  # byte for byte
+                kind, _differences(dcmread(BytesIO(ours)), dcmread(written)))
+            path = tmp_path / f"{sop_uid}.dcm"
+            path.write_bytes(ours)
             assert dciodvfy(path) == [], kind
             back = hd.seg.segread(path).get_pixels_by_source_instance(
                 [str(src.SOPInstanceUID)], segment_numbers=[1, 2])
