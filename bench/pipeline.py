@@ -699,11 +699,18 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings
     from cxrd.infer import Classifier, Segmenter
-    from cxrd.preprocess import decode_min_side, decode_pixels, gray8_to_model_input
+    from cxrd.preprocess import decode_min_side, decode_pixels
     from cxrd.seg import LungSegEncoder
     from cxrd.sr import build_sr
     from cxrd.uids import derived_uid
-    from cxrd.worker import lung_fields, prepare, warm_up_results, write_heatmap, write_seg
+    from cxrd.worker import (
+        lung_fields,
+        prepare,
+        segmenter_input,
+        warm_up_results,
+        write_heatmap,
+        write_seg,
+    )
 
     results_dir = run_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -717,8 +724,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         inputs = []
         for p in preps:
             t = time.perf_counter()
-            inputs.append(gray8_to_model_input(p.display, seg.input_size,
-                                               seg.info.preprocessing, p.reduced))
+            inputs.append(segmenter_input(p, clf.info, seg.info))
             p.timings["segment"] = time.perf_counter() - t
         t = time.perf_counter()
         out = seg.run(np.stack(inputs))

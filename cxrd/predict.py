@@ -37,10 +37,15 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
     from cxrd.findings import ImageFindings, decide_class
     from cxrd.infer import Segmenter
     from cxrd.lungs import lung_gate
-    from cxrd.preprocess import gray8_to_model_input
     from cxrd.seg import LungSegEncoder
     from cxrd.sr import build_sr
-    from cxrd.worker import lung_fields, prepare, write_heatmap, write_seg
+    from cxrd.worker import (
+        lung_fields,
+        prepare,
+        segmenter_input,
+        write_heatmap,
+        write_seg,
+    )
 
     m = config.model
     clf = Classifier(m.path, m.providers, m.intra_op_threads)
@@ -62,9 +67,7 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
                 probs, cam = clf.run(prep.model_input[None])
                 seg_probs = None
                 if seg is not None:
-                    seg_probs = seg.run(gray8_to_model_input(
-                        prep.display, seg.info.input_size, seg.info.preprocessing,
-                        prep.reduced)[None])[0]
+                    seg_probs = seg.run(segmenter_input(prep, model, seg.info)[None])[0]
                     prep.lung_grid = lung_fields(seg_probs, seg.info)
                     why = lung_gate(prep.lung_grid, m.min_lung_fraction)
                     if why is not None:

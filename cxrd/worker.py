@@ -160,6 +160,20 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
     return sop_uid, path
 
 
+def segmenter_input(prep: Prepared, model: ModelInfo,
+                    segmenter: SegmentationInfo) -> npt.NDArray[np.float32]:
+    """The segmenter's input for an image ``prepare`` made for ``model``: the classifier's
+    own input when both models take the same size under the same contract (the same
+    function of the same image, so the very same array), else made from the decoded image
+    under the segmenter's contract (from the box average ``prepare`` made, when that
+    contract wants the same one)."""
+    if (segmenter.input_size == model.input_size
+            and segmenter.preprocessing == model.preprocessing):
+        return prep.model_input
+    return gray8_to_model_input(prep.display, segmenter.input_size, segmenter.preprocessing,
+                                prep.reduced)
+
+
 def lung_fields(probs: npt.NDArray[np.float32], model: SegmentationInfo
                 ) -> npt.NDArray[np.bool_]:
     """Both lung fields over the segmenter's grid: each channel of its (h, w, 2) output
@@ -418,20 +432,17 @@ class WorkerLoop:
                          self.model.display_name)
 
     def _segment(self, batch: list[Prepared]) -> npt.NDArray[np.float32] | None:
-        """The segmenter's run over the batch the classifier ran: each input from the
-        image ``prepare`` decoded (``Prepared.display``, and its box average when the
-        segmenter's contract wants the same one), under the segmenter's own contract.
-        Sets each image's ``lung_grid`` and its ``segment`` time (preprocessing plus its
-        share of the run); returns the (N, h, w, 2) probabilities, or None without a
-        segmenter."""
+        """The segmenter's run over the batch the classifier ran, each input from the
+        image ``prepare`` made (``segmenter_input``). Sets each image's ``lung_grid`` and
+        its ``segment`` time (preprocessing plus its share of the run); returns the
+        (N, h, w, 2) probabilities, or None without a segmenter."""
         if self.segmenter is None or self.segmentation is None:
             return None
         info = self.segmentation
         inputs = []
         for prep in batch:
             t0 = time.perf_counter()
-            inputs.append(gray8_to_model_input(prep.display, info.input_size,
-                                               info.preprocessing, prep.reduced))
+            inputs.append(segmenter_input(prep, self.model, info))
             prep.timings["segment"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         probs = self.segmenter.run(np.stack(inputs))

@@ -31,8 +31,9 @@ from cxrd.ingest import Ingestor
 from cxrd.lungs import probs_to_masks
 from cxrd.modelinfo import demo_model_path, demo_segmenter_path
 from cxrd.preflight import check_segmenter
+from cxrd.preprocess import gray8_to_model_input
 from cxrd.status import collect, render
-from cxrd.worker import WorkerLoop, lung_fields, prepare
+from cxrd.worker import WorkerLoop, lung_fields, prepare, segmenter_input
 from training.phantoms import (
     Phantom,
     make_non_chest,
@@ -277,3 +278,27 @@ def test_on_the_cpu_the_segmenter_runs_a_batch_image_by_image(
     assert out.shape == (3, 128, 128, 2)
     (whole,) = seg.session.run(None, {"input_image": x})  # the whole batch in one run
     assert np.allclose(out, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(ROWS, COLS), (2500, 2048)])
+def test_a_segmenter_of_the_classifiers_size_and_contract_takes_its_input(
+        tmp_path: Path, models: tuple[Classifier, Segmenter], rows: int, cols: int) -> None:
+    """Same size, same contract: the segmenter's input is the classifier's array, which is
+    what its own preprocessing would make (at 2500 x 2048 too, where the contract
+    box-averages first); otherwise it is made under the segmenter's own size."""
+    clf, seg = models
+    ph = make_phantom(np.random.default_rng(5), "TB", rows, cols)
+    path = tmp_path / "chest.dcm"
+    to_dataset(ph, random_patient_study(np.random.default_rng(5))).save_as(
+        path, enforce_file_format=True)
+    prep = prepare(path, clf.info)
+    alike = replace(seg.info, input_size=clf.info.input_size,
+                    preprocessing=clf.info.preprocessing)
+    assert segmenter_input(prep, clf.info, alike) is prep.model_input
+    assert np.array_equal(prep.model_input, gray8_to_model_input(
+        prep.display, alike.input_size, alike.preprocessing))
+    if seg.info.input_size != clf.info.input_size:
+        own = segmenter_input(prep, clf.info, seg.info)
+        assert own.shape == (seg.info.input_size, seg.info.input_size, 3)
+        assert np.array_equal(own, gray8_to_model_input(
+            prep.display, seg.info.input_size, seg.info.preprocessing))
