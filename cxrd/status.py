@@ -75,15 +75,18 @@ def _recent_results(s: Any, info: ModelInfo, workers: list[dict[str, Any]],
     studies = {r.study_instance_uid for r in rows}
     jobs: dict[tuple[str, int], list[tuple[str, str, str | None]]] = {}
     if studies:
-        for study, generation, sop, probs, device_uid in s.execute(
-            select(Job.study_instance_uid, Job.generation, Instance.sop_instance_uid,
-                   Job.probs, Job.model_device_uid)
+        # By study alone, the rest sifted here: with the state in the query, SQLite walks
+        # every done job (ix_jobs_claim) rather than the few of these studies. The join
+        # leaves out report jobs (no instance).
+        for study, generation, state, sop, probs, device_uid in s.execute(
+            select(Job.study_instance_uid, Job.generation, Job.state,
+                   Instance.sop_instance_uid, Job.probs, Job.model_device_uid)
             .join(Instance, Job.instance_id == Instance.id)
-            .where(Job.kind == JobKind.CLASSIFY.value, Job.state == JobState.DONE.value,
-                   Job.probs.is_not(None), Job.study_instance_uid.in_(studies))
+            .where(Job.study_instance_uid.in_(studies))
             .order_by(Job.id)
         ):
-            jobs.setdefault((study, generation), []).append((sop, probs, device_uid))
+            if state == JobState.DONE.value and probs is not None:
+                jobs.setdefault((study, generation), []).append((sop, probs, device_uid))
     # The models a result may name: the configured one, and those workers last ran.
     models = {w["device_uid"]: {"display_name": w["model"], "device_uid": w["device_uid"],
                                 "demo": w["demo"]} for w in workers}
