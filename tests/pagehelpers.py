@@ -3,18 +3,33 @@ the status document's key paths, so a page can be set beside ``cxrd status --jso
 
 from __future__ import annotations
 
+import urllib.request
 from html.parser import HTMLParser
 from typing import Any
 
+#: What a browser sends (Chromium's, shortened): the page, not the Prometheus exposition.
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def status_page(port: int) -> str:
+    """The status page a browser gets from a node's ``[metrics] listen`` port on loopback."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/",
+                                 headers={"Accept": BROWSER_ACCEPT})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(r.read().decode())
+
 
 class Keys(HTMLParser):
-    """The page's numbers by their ``data-key`` (the status document's key path)."""
+    """The page's numbers by their ``data-key`` (the status document's key path), the
+    results' SOP Instance UIDs in order, and the id of the node that served it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.values: dict[str, str] = {}
         self.results: list[str] = []
+        self.node_id = ""
         self._open: str | None = None
+        self._in_node_id = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -23,11 +38,15 @@ class Keys(HTMLParser):
             self.values[self._open] = ""
         if a.get("data-result"):
             self.results.append(str(a["data-result"]))
+        self._in_node_id = a.get("id") == "node-id"
 
     def handle_endtag(self, tag: str) -> None:
         self._open = None
+        self._in_node_id = False
 
     def handle_data(self, data: str) -> None:
+        if self._in_node_id:
+            self.node_id += data.strip()
         if self._open is not None:
             self.values[self._open] += data.strip()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from dicompeers import free_port
-from pagehelpers import check_page_matches
+from pagehelpers import BROWSER_ACCEPT, check_page_matches
 
 from cxrd.config import load_config
 from cxrd.db import Database, Instance, Job, Rejection, Result, Study, Worker
@@ -26,7 +26,7 @@ from cxrd.modelinfo import read_model_info
 from cxrd.status import collect
 from cxrd.statuspage import REFRESH_SECONDS, wants_html
 
-BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+BROWSER = BROWSER_ACCEPT
 PROMETHEUS = ("application/openmetrics-text;version=1.0.0;q=0.5,"
               "text/plain;version=0.0.4;q=0.4,*/*;q=0.1")
 HOSTILE = '<script>alert("x")</script>&<b>'
