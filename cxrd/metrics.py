@@ -276,17 +276,18 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _server_class(host: str, port: int) -> type[WSGIServer]:
-    """A thread per request (a slow page never holds up a scrape), bound to the address
-    family of ``host`` (IPv4 or IPv6), as prometheus-client's own server is."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                flags=socket.AI_PASSIVE)[0][0]
+def _server_class(host: str, port: int) -> tuple[type[WSGIServer], str]:
+    """A server with a thread per request (a slow page never holds up a scrape), of the
+    address family of ``host`` (IPv4 or IPv6), and the address to bind, as
+    prometheus-client's own ``start_http_server`` picks them."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
 
     class Server(ThreadingMixIn, WSGIServer):
         address_family = family
         daemon_threads = True  # a request in flight does not hold up the node's exit
 
-    return Server
+    return Server, str(sockaddr[0])
 
 
 def start_server(listen: str, db: Any, *, space: Any = None, config: Any = None) -> Any:
@@ -312,8 +313,8 @@ def start_server(listen: str, db: Any, *, space: Any = None, config: Any = None)
         from cxrd.statuspage import wrap
 
         app = wrap(app, config, db)
-    server = make_server(host, port, app, _server_class(host, port),
-                         handler_class=_QuietHandler)
+    server_class, address = _server_class(host, port)
+    server = make_server(address, port, app, server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="cxrd-metrics", daemon=True).start()
     log.info("action=metrics-start listen=%s status_page=%s", listen, config is not None)
     return server
