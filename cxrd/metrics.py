@@ -21,10 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import Connection
@@ -266,10 +269,34 @@ class SpaceCollector:
                                 value=1 if self.space.low() else 0)
 
 
-def start_server(listen: str, db: Any, *, space: Any = None) -> Any:
+class _QuietHandler(WSGIRequestHandler):
+    """Requests are not logged (a scrape every few seconds would fill the log)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _server_class(host: str, port: int) -> tuple[type[WSGIServer], str]:
+    """A server with a thread per request (a slow page never holds up a scrape), of the
+    address family of ``host`` (IPv4 or IPv6), and the address to bind, as
+    prometheus-client's own ``start_http_server`` picks them."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True  # a request in flight does not hold up the node's exit
+
+    return Server, str(sockaddr[0])
+
+
+def start_server(listen: str, db: Any, *, space: Any = None, config: Any = None) -> Any:
     """Serve /metrics on ``host:port``; returns the server (``shutdown()`` to stop).
-    ``space``: the node's ``cxrd.space.FreeSpace``, for the free-space gauges."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    ``space``: the node's ``cxrd.space.FreeSpace``, for the free-space gauges; ``config``:
+    the node's, for the status page at ``/`` (``cxrd.statuspage``; none without it)."""
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from cxrd.config import parse_listen
@@ -281,6 +308,13 @@ def start_server(listen: str, db: Any, *, space: Any = None) -> Any:
     registry.register(DatabaseCollector(db))
     if space is not None:
         registry.register(SpaceCollector(space))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    log.info("action=metrics-start listen=%s", listen)
+    app = make_wsgi_app(registry)
+    if config is not None:
+        from cxrd.statuspage import wrap
+
+        app = wrap(app, config, db)
+    server_class, address = _server_class(host, port)
+    server = make_server(address, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="cxrd-metrics", daemon=True).start()
+    log.info("action=metrics-start listen=%s status_page=%s", listen, config is not None)
     return server

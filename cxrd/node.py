@@ -144,7 +144,7 @@ class Node:
             # Before the DICOM port: a metrics port taken since the preflight check stops
             # the node before it accepts anything.
             self._metrics_server = start_metrics(cfg.metrics.listen, self.db,
-                                                 space=self.space)
+                                                 space=self.space, config=cfg)
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir,
                             space=self.space,
                             on_stored=self._on_stored if cfg.study.classify_on_arrival else None)

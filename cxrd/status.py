@@ -4,6 +4,7 @@ what is waiting to be sent, and the model and execution providers in use."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from sqlalchemy import func, select
@@ -12,8 +13,9 @@ from cxrd.actions import recent
 from cxrd.config import Config
 from cxrd.db import Database, Delivery, Instance, Job, Rejection, Result, Study, Worker, utcnow
 from cxrd.domain import DeliveryState, JobKind, JobState, RejectReason, ResultKind
+from cxrd.findings import decide_class
 from cxrd.infer import resolve_model_path, resolve_segmenter_path
-from cxrd.modelinfo import read_model_info, read_segmentation_info
+from cxrd.modelinfo import CLASS_NAMES, ModelInfo, read_model_info, read_segmentation_info
 from cxrd.queue import unresolved_failures
 from cxrd.retention import storage_status
 from cxrd.space import storage_space
@@ -52,6 +54,79 @@ def _by_destination(s: Any) -> dict[str, dict[str, Any]]:
         entry["last_warning"] = s.scalar(select(Delivery.last_error).where(
             Delivery.destination == name, Delivery.state == done, noted)
             .order_by(Delivery.id.desc()).limit(1))
+    return found
+
+
+def _recent_results(s: Any, info: ModelInfo, workers: list[dict[str, Any]],
+                    segmenter: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The newest results (SR, SC, SEG), each with the findings it carries: for an SR every
+    image of its study generation, for an SC or a SEG its source image; a finding's class
+    is the SR's (``decide_class`` at the model's operating point) when the classify job ran
+    the configured model, else None (another model's threshold is not known here).
+
+    Only UIDs, kinds, times and the classify jobs' probabilities are read: never
+    ``Job.record`` (the source's header, patient attributes included), so no patient data
+    can reach ``status`` or the status page from here."""
+    rows = s.execute(
+        select(Result.kind, Result.study_instance_uid, Result.sop_instance_uid,
+               Result.source_sop_instance_uid, Result.generation, Result.created_at,
+               Result.purged_at)
+        .order_by(Result.id.desc()).limit(RECENT)).all()
+    studies = {r.study_instance_uid for r in rows}
+    jobs: dict[tuple[str, int], list[tuple[str, str, str | None]]] = {}
+    if studies:
+        # By study alone, the rest sifted here: with the state in the query, SQLite walks
+        # every done job (ix_jobs_claim) rather than the few of these studies. The join
+        # leaves out report jobs (no instance).
+        for study, generation, state, sop, probs, device_uid in s.execute(
+            select(Job.study_instance_uid, Job.generation, Job.state,
+                   Instance.sop_instance_uid, Job.probs, Job.model_device_uid)
+            .join(Instance, Job.instance_id == Instance.id)
+            .where(Job.study_instance_uid.in_(studies))
+            .order_by(Job.id)
+        ):
+            if state == JobState.DONE.value and probs is not None:
+                jobs.setdefault((study, generation), []).append((sop, probs, device_uid))
+    # The models a result may name: the configured one, and those workers last ran.
+    models = {w["device_uid"]: {"display_name": w["model"], "device_uid": w["device_uid"],
+                                "demo": w["demo"]} for w in workers}
+    models[info.device_uid] = {"display_name": info.display_name,
+                               "device_uid": info.device_uid, "demo": info.demo}
+
+    def finding(sop: str, probs: str, device_uid: str | None) -> dict[str, Any]:
+        p = [float(x) for x in json.loads(probs)]
+        k = (decide_class(p, info.operating_point.tb_threshold)
+             if device_uid == info.device_uid else None)
+        return {"sop_instance_uid": sop,
+                "class": CLASS_NAMES[k] if k is not None else None,
+                "probability": p[k] if k is not None else None,
+                "probabilities": dict(zip(CLASS_NAMES, p, strict=False))}
+
+    found = []
+    for r in rows:
+        images = jobs.get((r.study_instance_uid, r.generation), [])
+        if r.kind != ResultKind.SR.value:
+            images = [j for j in images if j[0] == r.source_sop_instance_uid]
+        findings, model = [], None
+        for sop, probs, device_uid in images:
+            findings.append(finding(sop, probs, device_uid))
+            model = models.get(device_uid or "", {"display_name": None,
+                                                  "device_uid": device_uid, "demo": None})
+        if r.kind == ResultKind.SEG.value and segmenter is not None:
+            # Which segmenter wrote a SEG is not recorded: the one configured now.
+            model = {"display_name": segmenter["display_name"],
+                     "device_uid": segmenter["device_uid"], "demo": segmenter["demo"]}
+        found.append({
+            "kind": r.kind,
+            "study_instance_uid": r.study_instance_uid,
+            "sop_instance_uid": r.sop_instance_uid,
+            "source_sop_instance_uid": r.source_sop_instance_uid,
+            "generation": r.generation,
+            "at": r.created_at.isoformat() + "Z",
+            "purged": r.purged_at is not None,
+            "model": model,
+            "findings": findings,
+        })
     return found
 
 
@@ -151,6 +226,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 .limit(RECENT)
             )
         ]
+        segmenter = segmenter_status(config)
         doc: dict[str, Any] = {
             "node": {
                 "id": config.node.id,
@@ -168,7 +244,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "tb_threshold": info.operating_point.tb_threshold,
                 "providers_configured": list(config.model.providers),
             },
-            "segmenter": segmenter_status(config),
+            "segmenter": segmenter,
             "workers": workers,
             "instances": _counts(s, Instance.state),
             "skipped": {k: v for k, v in _counts(s, Instance.reason).items() if k != "None"},
@@ -222,6 +298,8 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 ],
                 "by_destination": _by_destination(s),
             },
+            # the newest SRs, SCs and SEGs: UIDs, findings, model; never patient data
+            "recent_results": _recent_results(s, info, workers, segmenter),
             # `cxrd deliveries retry` and `cxrd jobs retry`: who ran them, when, how many
             "operator_actions": recent(s, RECENT),
             # bytes in use, free space, retention and the last purge

@@ -100,7 +100,8 @@ class WorkerNode:
         if cfg.metrics.enabled:
             space = storage_space(cfg.storage.spool_dir, cfg.results.results_dir,
                                   cfg.storage.min_free_mb)
-            self._metrics_server = start_metrics(cfg.metrics.listen, self.db, space=space)
+            self._metrics_server = start_metrics(cfg.metrics.listen, self.db, space=space,
+                                                 config=cfg)
         self.pool.start()
         settle_garbage_collector()
 

@@ -5,7 +5,8 @@ of a dozen frontal images is dropped into each node's folder. Both nodes' worker
 senders share the queue and the outbox: every study is reported once, every result is
 stored by the destination exactly once (unique file names, so a second copy would show),
 the work's lease owners name the nodes, the gauges read from the database are exported by
-exactly one node, and ``cxrd status`` shows each node's id.
+exactly one node, ``cxrd status`` shows each node's id, and each node's status page shows
+the cluster's counts and its own id.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pydicom
 import pytest
 from dicompeers import StoreSCP, free_port
 from nodehelpers import NodeDirs, Nodes, PhantomSet, status_json, wait_until, write_config
+from pagehelpers import check_page_matches, status_page
 from sqlalchemy import func, select
 
 from cxrd.db import Database, Delivery, Result, Study
@@ -122,6 +124,11 @@ def test_two_nodes_share_the_queue_and_deliver_each_result_once(
         assert exporter["cxrd_queue_depth"] == 0 and exporter["cxrd_deliveries_pending"] == 0
         assert [g for g in gauges if "cxrd_queue_depth" in g] == [exporter]
         assert [status_json(d)["node"]["id"] for d in (a, b)] == ["node-a", "node-b"]
+        # Each node's status page: the cluster's counts (the same on both, those of
+        # `cxrd status --json`), and the id of the node that served it.
+        for dirs, port, node_id in ((a, a_metrics, "node-a"), (b, b_metrics, "node-b")):
+            html = status_page(port)
+            assert check_page_matches(html, status_json(dirs)).node_id == node_id
     finally:
         db.dispose()
         scp.stop()

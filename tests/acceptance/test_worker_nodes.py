@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dicompeers import StoreSCP, listening, start_dcmtk, storescu_args
+from dicompeers import StoreSCP, free_port, listening, start_dcmtk, storescu_args
 from nodehelpers import (
     LEASE_SECONDS,
     NodeDirs,
@@ -38,6 +38,7 @@ from nodehelpers import (
     wait_until,
     write_config,
 )
+from pagehelpers import page_keys, status_page
 from sqlalchemy import func, select
 
 from cxrd.db import SCHEMA_VERSION, Database, Delivery, Instance, Job, Result, Study
@@ -284,8 +285,10 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
         nodes.start(recv, processes=0)
         wk, _ = node_config(tmp_path / "wk-a", "wk-a", shared_url, scp.port, processes=1,
                             data_dir=recv.data_dir)
+        page_port = free_port()  # a worker node serves the status page too
         wk.config.write_text(wk.config.read_text().replace(
-            f"lease_seconds = {LEASE_SECONDS}\n", "lease_seconds = 600\n"))
+            f"lease_seconds = {LEASE_SECONDS}\n", "lease_seconds = 600\n").replace(
+            'listen = ""', f'listen = "127.0.0.1:{page_port}"'))
         first = nodes.start(wk, processes=1, command="worker")
         studies = two_hundred.studies()
 
@@ -328,6 +331,8 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
                     Study.state == StudyState.REPORTED.value)) == 10
         wait_until(reported, 120, "the first 10 studies reported (not by lease expiry)")
         assert jobs(held) == [(JobState.DONE.value, 1)] * len(held)  # the attempt given back
+        keys = page_keys(status_page(page_port))  # the database's counts, this node's id
+        assert keys.values["studies.reported"] == "10" and keys.node_id == "wk-a"
 
         send(studies[10:20])
         held = wait_until(held_by(second), 120, "the restarted node to hold a batch",
