@@ -10,11 +10,13 @@ every one with a CHEST PA header as a mislabelled image would have, through the 
 own ``prepare`` and segmenter step; prints the distribution of the share of the image the
 lung fields cover (the ``[model] min_lung_fraction`` gate compares it). ``costs``: CPU
 time (``time.thread_time``, one thread for onnxruntime) per image of the segmenter's
-preprocessing under v1 and v2, its inference (a batch's share; image by image as the
-worker runs it on the CPU, and the whole batch in one run), ``lung_masks``, the SEG
-build (highdicom), the SEG encode (``LungSegEncoder``, a template per kind of source) and
-the SEG write. ``dice``: Dice per lung against the phantoms' own masks with the
-segmenter's input made under cxrd-gray8-stretch-v1 and under v2 (at 2500 x 2048, v2
+preprocessing under v1 and v2, its input as the worker takes it (``segmenter_input``:
+the classifier's own when the sizes and contracts agree), its inference (a batch's share;
+image by image as the worker runs it on the CPU, and the whole batch in one run),
+``lung_masks``, the SEG build (highdicom), the SEG encode (``LungSegEncoder.encode``, from
+a template per kind of source) and the SEG write (``cxrd.durable.write_file`` of its
+bytes). ``dice``: Dice per lung against the phantoms' own masks with the segmenter's
+input made under cxrd-gray8-stretch-v1 and under v2 (at 2500 x 2048, v2
 box-averages by 2 first).
 """
 
@@ -37,7 +39,13 @@ from cxrd.infer import Classifier, Segmenter, batch_buckets  # noqa: E402
 from cxrd.lungs import lung_masks, probs_to_masks  # noqa: E402
 from cxrd.preprocess import STRETCH_V1, STRETCH_V2, gray8_to_model_input  # noqa: E402
 from cxrd.seg import LungSegEncoder  # noqa: E402
-from cxrd.worker import Prepared, lung_fields, prepare, write_seg  # noqa: E402
+from cxrd.worker import (  # noqa: E402
+    Prepared,
+    lung_fields,
+    prepare,
+    segmenter_input,
+    write_seg,
+)
 from training.masks import dice  # noqa: E402
 from training.phantoms import (  # noqa: E402
     Phantom,
@@ -110,11 +118,11 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
     preps: list[Prepared] = [prepare(p, clf.info) for p in paths]
     encoder = LungSegEncoder(seg.info)
     write_seg(preps[0], seg.run(gray8_to_model_input(
-        preps[0].display, 256, STRETCH_V1)[None])[0], encoder, folder / "warm", 1)
+        preps[0].display, seg.input_size, STRETCH_V1)[None])[0], encoder, folder / "warm", 1)
     ms: dict[str, list[float]] = {k: [] for k in (
-        "preprocess v1", "preprocess v2", "inference", "inference, whole batch",
-        "lung_masks", "SEG build", "SEG encode (template)", "SEG write")}
-    from cxrd.durable import save_dataset
+        "preprocess v1", "preprocess v2", "input in the worker", "inference",
+        "inference, whole batch", "lung_masks", "SEG build", "SEG encode (template)", "SEG write")}
+    from cxrd.durable import write_file
     from cxrd.seg import build_lung_seg
     from cxrd.worker import seg_uids
 
@@ -126,6 +134,9 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
                 t = time.thread_time()
                 x = gray8_to_model_input(p.display, seg.input_size, name, p.reduced)
                 ms[f"preprocess {name[-2:]}"].append(time.thread_time() - t)
+            t = time.thread_time()
+            x = segmenter_input(p, clf.info, seg.info)
+            ms["input in the worker"].append(time.thread_time() - t)
             inputs.append(x)
         t = time.thread_time()
         whole.run(np.stack(inputs))
@@ -142,10 +153,10 @@ def costs(args: argparse.Namespace, folder: Path) -> None:
             build_lung_seg(p.dataset, masks, seg.info, series_instance_uid=series,
                            sop_instance_uid=sop, instance_number=1)
             t2 = time.thread_time()
-            encoded = encoder.build(p.dataset, masks, series_instance_uid=series,
-                                    sop_instance_uid=sop, instance_number=1)
+            encoded = encoder.encode(p.dataset, masks, series_instance_uid=series,
+                                     sop_instance_uid=sop, instance_number=1)
             t2b = time.thread_time()
-            save_dataset(encoded, folder / "out")
+            write_file(folder / "out" / f"{sop}.dcm", encoded)
             t3 = time.thread_time()
             ms["SEG encode (template)"].append(t2b - t2)
             ms["lung_masks"].append(t1 - t)

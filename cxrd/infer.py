@@ -247,11 +247,12 @@ class Segmenter(_ModelSession):
                 f"contract is [{INPUT_NAME}] -> [{OUTPUT_SEGMENTS}]."
             )
         #: On the CPU the segmenter runs a batch image by image: its decoder's activations
-        #: (up to 128 x 128 at every level) fall out of the caches at larger batches. With
-        #: one intra-op thread (a worker per core, the default) a run costs 5.5 ms of CPU
-        #: per image at batch 1, 6.1 at 2 and 7.8 at 4 (process CPU time, medians of 5
-        #: rounds of 40 images, the 2-core development machine); with two threads about
-        #: 7.4 at any batch size. On CUDA the batch runs whole, padded to its bucket.
+        #: (up to half its input a side at every level) fall out of the caches at larger
+        #: batches. With one intra-op thread (a worker per core, the default) the 256 px
+        #: demo segmenter 1.0.0 cost 5.5 ms of CPU per image at batch 1, 6.1 at 2 and 7.8 at
+        #: 4 (process CPU time, medians of 5 rounds of 40 images, the 2-core development
+        #: machine); with two threads about 7.4 at any batch size. On CUDA the batch runs
+        #: whole, padded to its bucket.
         self.image_by_image = CUDA not in self.providers
         self.buckets = (1,) if self.image_by_image else batch_buckets(max(1, max_batch))
 

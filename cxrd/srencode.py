@@ -1,4 +1,5 @@
-"""SR content encoded once and spliced: what makes a study SR cheap to build and write.
+"""DICOM content encoded once and spliced: what makes a study SR and a lung SEG cheap to
+build and write.
 
 A TID 1500 SR of a four-image study is about 300 content items, nearly all of them the same
 in every SR one model writes (the observation context, the algorithm identification, the
@@ -9,6 +10,10 @@ encoding of them (Explicit VR Little Endian, the SR's character set) and, per SR
 only the elements that differ (a tracking UID, a probability, an image reference) and puts
 them in their places. A finished sequence is a ``RawDataElement``, which pydicom's writer
 copies as it is.
+
+``DatasetTemplate`` does the same for a whole data set written as a file (``cxrd.seg``:
+each lung SEG is its kind's first SEG, as highdicom built it and pydicom wrote it, with the
+source's elements, its own UIDs, clock and frames put in their places).
 
 Two headers are written here by hand, as pydicom writes them (``write_sequence_item``,
 ``write_data_element``; PS3.5 7.1.2 and 7.5): an item's, (FFFE,E000) and its length, and a

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 MIN_DICE = 0.95
 DEMO_SEG_NAME = "cxrd-demo-lungseg-phantom"
-DEMO_SEG_VERSION = "1.0.0"
+DEMO_SEG_VERSION = "1.1.0"
 DEMO_SEG_EPOCHS = 14
-INPUT_SIZE = 256
+INPUT_SIZE = 224
 
 
 class DemoSegBelowTarget(RuntimeError):

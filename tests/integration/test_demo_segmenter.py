@@ -91,10 +91,10 @@ def test_demo_segmenter_on_fresh_phantoms(tmp_path: Path) -> None:
 
 
 def test_demo_segmenter_recipe_inputs_are_the_same_under_v1_and_v2() -> None:
-    """The shipped segmenter was trained and evaluated under cxrd-gray8-stretch-v1 and then
-    declared v2 without retraining (as the demo classifier was). Its recipe's 610 x 500
-    phantoms are not box-averaged by v2 at 256 px, so every training and evaluation input
-    is the same under both; a recipe change that breaks this fails here."""
+    """The demo recipe's 610 x 500 phantoms are not box-averaged by v2 at the segmenter's
+    input size, so every training and evaluation input is the same under both contracts
+    (the shipped segmenter is trained under v2; its 1.0.0 was trained under v1 and
+    declared v2); a recipe change that breaks this fails here."""
     assert CONTRACTS[STRETCH_V2].reduce_factor(*PHANTOM_SIZE, INPUT_SIZE) == 1
     gray = np.random.default_rng(3).integers(0, 256, PHANTOM_SIZE, dtype=np.uint8)
     assert np.array_equal(gray8_to_model_input(gray, INPUT_SIZE, STRETCH_V1),
@@ -104,8 +104,8 @@ def test_demo_segmenter_recipe_inputs_are_the_same_under_v1_and_v2() -> None:
 def test_demo_segmenter_holds_its_dice_under_v2_on_full_size_images() -> None:
     """Where v2 does differ (a 2500 x 2048 image is box-averaged by 2 before the resize)
     the segmenter keeps Dice >= MIN_DICE per lung against the phantoms' own masks: the
-    condition on which it was declared v2 (bench/lung_gate.py dice measured 0.987 /
-    0.988 on 24 images under both contracts)."""
+    condition on which a segmenter trained on the small phantoms serves full-size
+    images."""
     from training.phantoms import make_phantom
 
     rows, cols = 2500, 2048
