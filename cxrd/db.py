@@ -25,6 +25,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
     create_engine,
     event,
     inspect,
@@ -83,7 +84,9 @@ class Instance(Base):
     photometric: Mapped[str] = mapped_column(String(16), default="")
     has_pixels: Mapped[bool] = mapped_column(default=True)
     frames: Mapped[int] = mapped_column(Integer, default=1)
-    path: Mapped[str] = mapped_column(Text)  # spool file
+    # The spool file's store key, spool/<study>/<sop>.dcm (cxrd.store; schema 7: an
+    # absolute path before).
+    path: Mapped[str] = mapped_column(Text)
     # Empty until needed: when the UID comes again, or before retention removes the file
     # (``cxrd.ingest`` ``_same_content``).
     sha256: Mapped[str] = mapped_column(String(64))
@@ -144,7 +147,7 @@ class Result(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(8))  # ResultKind
     generation: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # store key results/<uid>.dcm (schema 7)
     source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # SC: the radiograph
     supersedes: Mapped[str | None] = mapped_column(String(64))  # SR: the previous SR
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
@@ -309,9 +312,51 @@ def _v6(conn: Any) -> None:
         conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (kind, state, id)")
 
 
+def key_of_path(path: str, kind: str) -> str | None:
+    """The store key (``cxrd.store``) of an absolute path recorded before schema 7, or
+    None when it is not one the node wrote there. A spooled instance was always
+    ``<data_dir>/spool/<study>/<sop>.dcm`` -> ``spool/<study>/<sop>.dcm``; a result
+    ``<[results] folder>/<uid>.dcm`` -> ``results/<uid>.dcm`` (the default store maps
+    ``results/`` keys to ``[results] folder`` wherever it is, ``cxrd.store.NodeStore``)."""
+    from cxrd.errors import InvalidKey
+    from cxrd.store import RESULTS, SPOOL, check_key
+
+    if not path.startswith("/"):
+        return None
+    parts = Path(path).parts
+    try:
+        if kind == "instance":
+            if len(parts) < 4 or parts[-3] != SPOOL:
+                return None
+            return check_key(f"{SPOOL}/{parts[-2]}/{parts[-1]}")
+        if len(parts) < 2 or not parts[-1].endswith(".dcm"):
+            return None
+        return check_key(f"{RESULTS}/{parts[-1]}")
+    except InvalidKey:
+        return None
+
+
+def _v7(conn: Any) -> None:
+    """Keys, not absolute paths: ``instances.path`` and ``results.path`` become store keys
+    (``spool/<study>/<sop>.dcm``, ``results/<uid>.dcm``) relative to the node's store, so
+    that every host sharing the store finds the same object (``key_of_path``). A value
+    that is not a file the node wrote there stays an absolute path, which
+    ``cxrd.store.NodeStore`` still reads as a local file."""
+    tables: list[tuple[Any, str]] = [(Instance.__table__, "instance"),
+                                      (Result.__table__, "result")]
+    for table, kind in tables:
+        rows = conn.execute(select(table.c.id, table.c.path).where(
+            table.c.path.like("/%"))).all()
+        changes = [{"row_id": row.id, "key": key} for row in rows
+                   if (key := key_of_path(str(row.path), kind)) is not None]
+        for start in range(0, len(changes), 1000):
+            conn.execute(table.update().where(table.c.id == bindparam("row_id")).values(
+                path=bindparam("key")), changes[start:start + 1000])
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
 MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4),
-                                                       (5, _v5), (6, _v6)]
+                                                       (5, _v5), (6, _v6), (7, _v7)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
