@@ -421,6 +421,8 @@ class _GroupCommit:
             yield  # PostgreSQL locks rows and wakes waiters itself
             return
         if self._lock_fd is None:
+            # On S3 the local spool folder holds nothing but this lock: made when missing.
+            self._ingestor.spool_dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self._ingestor.spool_dir, os.O_RDONLY)
             weakref.finalize(self, os.close, self._lock_fd)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)

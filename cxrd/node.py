@@ -39,7 +39,7 @@ from cxrd.pool import WorkerPool, install_stop_signals
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
 from cxrd.space import is_resource_error, node_space
-from cxrd.store import open_node_store
+from cxrd.store import key_folders, open_node_store
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
 from cxrd.worker import settle_garbage_collector, spawn_context, worker_id_prefix
@@ -125,7 +125,7 @@ class Node:
             # before any child process starts
             enable_multiprocess(cfg.storage.data_dir, cfg.node.id)
             metrics()  # its files written now, while there is space (cxrd.space)
-        version = self.db.migrate()
+        version = self.db.migrate(key_folders(cfg))
         queue.release_dead_leases(self.db, worker_id_prefix(cfg.node.id))
         release_dead_delivery_leases(self.db, worker_id_prefix(cfg.node.id))
         # what this node's earlier processes were writing when they died

@@ -125,12 +125,13 @@ def check_database(config: Config) -> Problem | None:
     ``Node.prepare`` runs; migrating twice is a no-op)."""
     from cxrd.config import _mask_url
     from cxrd.db import Database
+    from cxrd.store import key_folders
 
     url = config.storage.database_url_resolved
     db = None
     try:
         db = Database(url)
-        db.migrate()
+        db.migrate(key_folders(config))
     except ImportError as exc:  # a postgresql:// URL without the driver
         return Problem("database", f"database {_mask_url(url)} needs a driver that is not "
                        f"installed: {_first_line(exc)}",

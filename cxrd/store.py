@@ -796,6 +796,17 @@ def local_folders(config: Config) -> tuple[Path | None, Path | None]:
     return root / SPOOL, root / RESULTS
 
 
+def key_folders(config: Config) -> dict[str, Path]:
+    """The folders in which the schema 7 migration recognises the absolute paths it turns
+    into keys (``cxrd.db.key_of_path``): with the default store, the spool and
+    ``[results] folder``, where the node always wrote. With a folder or S3 store none: an
+    older node's files are not in that store, and their rows keep their absolute paths,
+    which ``NodeStore`` reads as local files."""
+    if config.storage.store:
+        return {}
+    return {SPOOL: config.storage.spool_dir, RESULTS: config.results.results_dir}
+
+
 def open_node_store(config: Config) -> NodeStore:
     """The node's objects as ``[storage] store`` says (``open_store``): the default
     (``""``) keeps ``data_dir/spool`` and ``[results] folder`` (``data_dir/results``
