@@ -433,7 +433,8 @@ def test_truncated_data_set_is_cannot_understand(start_receiver: StartReceiver,
     # the whole file, on the same kind of association, is fine
     status, comment = send_raw(node.port, twenty[1].path, [CR], monkeypatch)
     assert status == STATUS_SUCCESS, comment
-    assert dataset_bytes(node.spool.parent / node.instances()[0].path) == dataset_bytes(twenty[1].path)
+    spooled = node.spool.parent / node.instances()[0].path
+    assert dataset_bytes(spooled) == dataset_bytes(twenty[1].path)
 
 
 def test_data_set_of_another_sop_class_is_refused(start_receiver: StartReceiver,

@@ -178,8 +178,9 @@ def test_after_a_reprocess_the_sr_reports_only_that_generation(node) -> None:
     _drain(loop)
     srs = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
     assert len(srs) == 2
+    second = pydicom.dcmread(loop.objects.local_path(srs[1].path))
     refs = {str(item.ReferencedSOPInstanceUID)
-            for series in pydicom.dcmread(loop.objects.local_path(srs[1].path)).CurrentRequestedProcedureEvidenceSequence[0]
+            for series in second.CurrentRequestedProcedureEvidenceSequence[0]
             .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
     assert refs == {a.sop_instance_uid}
 
