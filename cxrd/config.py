@@ -500,6 +500,9 @@ def describe(config: Config) -> dict[str, Any]:
     storage["incoming_dir"] = str(config.storage.incoming_dir)
     storage["spool_dir"] = str(config.storage.spool_dir)
     storage["rejected_dir"] = str(config.storage.rejected_dir)
+    from cxrd.store import store_location
+
+    storage["store_location"] = store_location(config)
     view["results"]["results_dir"] = str(config.results.results_dir)
     view["results"]["sr_sop_class_uid"] = config.results.sr_sop_class.uid
     view["model"]["uses_embedded_model"] = config.model.uses_embedded_model

@@ -49,7 +49,7 @@ from cxrd.errors import ObjectMissing, StoreError
 from cxrd.ingest import NO_DIGEST, object_digest
 from cxrd.outbox import result_may_go
 from cxrd.queue import study_finished_before
-from cxrd.store import NodeStore, open_node_store
+from cxrd.store import NodeStore, local_folders, open_node_store, store_location
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +372,9 @@ def storage_status(config: Config, s: Session) -> dict[str, Any]:
     been purged, and the last purge."""
     spool_bytes = int(s.scalar(select(func.coalesce(func.sum(Instance.size), 0)).where(
         Instance.purged_at.is_(None))) or 0)
-    results_dir = config.results.results_dir
-    folders = {"spool": config.storage.spool_dir, "results": results_dir}
+    spool_dir, results_dir = local_folders(config)
+    folders = {name: folder for name, folder in (("spool", spool_dir), ("results", results_dir))
+               if folder is not None} or {"data_dir": config.storage.data_dir}
     file_systems: dict[int, dict[str, Any]] = {}
     for name, folder in folders.items():
         probe = folder if folder.exists() else config.storage.data_dir
@@ -392,8 +393,10 @@ def storage_status(config: Config, s: Session) -> dict[str, Any]:
         Instance.purged_at.is_not(None))) or 0)
     purged["results"] = int(s.scalar(select(func.count()).select_from(Result).where(
         Result.purged_at.is_not(None))) or 0)
-    results_bytes, results_error = _folder_bytes(results_dir)
+    results_bytes, results_error = (_folder_bytes(results_dir) if results_dir is not None else
+                                    (None, "in the object store, not counted"))
     return {
+        "store": store_location(config),
         "retention_days": config.storage.retention_days,
         "spool_bytes": spool_bytes,
         "results_bytes": results_bytes,

@@ -404,6 +404,7 @@ def render(doc: dict[str, Any]) -> str:
     st = doc["storage"]
     results = (_size(st["results_bytes"]) if st["results_bytes"] is not None
                else f"unknown ({st['results_error']})")
+    lines.append(f"store: {st['store']}")
     lines.append(f"storage: spool {_size(st['spool_bytes'])}, results "
                  f"{results}; retention "
                  + (f"{st['retention_days']} days" if st["retention_days"] else "off (keep)"))

@@ -796,6 +796,18 @@ def local_folders(config: Config) -> tuple[Path | None, Path | None]:
     return root / SPOOL, root / RESULTS
 
 
+def store_location(config: Config) -> str:
+    """Where the node's objects are, for ``cxrd status`` and ``check-config``: the
+    folders, or the S3 URL and its endpoint (never a credential: none is in the
+    configuration, and ``s3_endpoint_url`` may not carry one)."""
+    store = config.storage.store
+    if not store:
+        return f"{config.storage.data_dir} (results: {config.results.results_dir})"
+    if store.startswith("s3://") and config.storage.s3_endpoint_url:
+        return f"{store} at {config.storage.s3_endpoint_url}"
+    return store
+
+
 def key_folders(config: Config) -> dict[str, Path]:
     """The folders in which the schema 7 migration recognises the absolute paths it turns
     into keys (``cxrd.db.key_of_path``): with the default store, the spool and
