@@ -179,7 +179,7 @@ port = {scp_port}
     return dirs
 
 
-def dicom_port(dirs: NodeDirs) -> int:
+def node_port(dirs: NodeDirs) -> int:
     """The ``[node] port`` of a node's config."""
     port = re.search(r"^port = (\d+)$", dirs.config.read_text(), re.M)
     assert port is not None
