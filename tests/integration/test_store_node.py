@@ -260,8 +260,33 @@ def test_workers_read_and_write_through_s3(
     assert not list(config.results.results_dir.glob("*.dcm"))  # no export configured
 
 
+def test_results_folder_is_a_local_export_beside_s3(tmp_path: Path, moto_endpoint: str
+                                                    ) -> None:
+    """With S3, ``[results] folder`` (when set) gets a copy of each result; the object in
+    the bucket is the one the node reads; ``delete`` leaves the export alone."""
+    bucket = new_bucket(moto_endpoint)
+    export = tmp_path / "export"
+    config = node_config(tmp_path, store=f"s3://{bucket}", endpoint=moto_endpoint,
+                         extra=f'[results]\nfolder = "{export}"\n')
+    objects = open_node_store(config)
+    ds = make_dataset("OT", rows=8, columns=8, seed=3)
+    key = f"results/{ds.SOPInstanceUID}.dcm"
+    objects.put(key, lambda fh: fh.write(part10_bytes(ds)))
+    assert objects.local_path(key) is None
+    assert objects.get(key) == part10_bytes(ds)
+    assert (export / f"{ds.SOPInstanceUID}.dcm").read_bytes() == part10_bytes(ds)
+    objects.put("spool/1.2/3.4.dcm", b"not exported")
+    assert sorted(p.name for p in export.iterdir()) == [f"{ds.SOPInstanceUID}.dcm"]
+    objects.delete(key)
+    assert objects.head(key) is None and (export / f"{ds.SOPInstanceUID}.dcm").exists()
+    assert object_keys(moto_endpoint, bucket) == ["spool/1.2/3.4.dcm"]
+
+
 def test_a_worker_that_cannot_reach_the_store_waits_without_spending_an_attempt(
         tmp_path: Path) -> None:
+    """The server stops after the instance was stored: the worker's read meets
+    StoreUnavailable, a resource error, so the job goes back to pending with its attempt
+    given back (as for a full disk or a database that is down), not towards failing."""
     proc, endpoint = start_moto()
     try:
         bucket = new_bucket(endpoint)
