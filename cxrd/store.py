@@ -213,9 +213,17 @@ class LocalStore:
         return self.root / check_key(key)
 
     def _error(self, action: str, key: str, exc: OSError) -> StoreError:
+        # A writer function's library may re-raise the OSError without its errno (pydicom
+        # wraps ENOSPC met while writing an element): the errno is then in the chain.
+        cause: BaseException | None = exc
+        for _ in range(8):
+            if cause is None or (isinstance(cause, OSError) and cause.errno):
+                break
+            cause = cause.__cause__ or cause.__context__
+        found = cause if isinstance(cause, OSError) else exc
         text = (f"{action} {key!r} in the folder {self.root}: "
-                f"{exc.strerror or exc} (errno {exc.errno})")
-        if exc.errno in _LOCAL_TRANSIENT:
+                f"{found.strerror or found} (errno {found.errno})")
+        if found.errno in _LOCAL_TRANSIENT:
             return StoreUnavailable(text)
         return StoreFailed(text)
 

@@ -19,6 +19,7 @@ the environment and the shared credentials file only.
 from __future__ import annotations
 
 import http.server
+import io
 import os
 import socket
 import threading
@@ -29,7 +30,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from dicomfactory import make_dataset, part10_bytes
 from dicompeers import free_port
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
 from s3peer import (
     FAKE_KEY_ID,
     FAKE_SECRET,
@@ -207,6 +211,12 @@ def test_local_full_disk_is_unavailable(tmpfs: Callable[[Path, int], Path],
     assert [p.name for p in (tmp_path / "small" / "spool" / "1").iterdir()] == []  # no temp
     store.put("spool/1/small.dcm", b"fits")  # space is there again for what fits
     assert store.get("spool/1/small.dcm") == b"fits"
+    # pydicom's writer re-raises ENOSPC as an OSError without an errno (the original is
+    # its context): still a full disk, so still StoreUnavailable
+    big = dcmread(io.BytesIO(part10_bytes(make_dataset("OT", rows=1024, columns=1024,
+                                                       seed=1))))
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        store.put("results/big.dcm", lambda fh: dcmwrite(fh, big, enforce_file_format=True))
 
 
 def test_local_root_that_is_a_file_is_a_permanent_error(tmp_path: Path) -> None:
