@@ -36,6 +36,7 @@ from nodehelpers import (
     NodeProcess,
     Nodes,
     PhantomSet,
+    cli_env,
     frontal_set,
     node_port,
     run_cli,
@@ -361,3 +362,28 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
     finally:
         db.dispose()
         scp.stop()
+
+
+def test_worker_node_refuses_an_s3_store_it_cannot_use(tmp_path: Path, shared_url: str
+                                                      ) -> None:
+    """``cxrd worker`` with an S3 store that does not answer exits 1 with one line naming
+    the store and its endpoint and saying what to do, never the secret; its data folder
+    is its own, so its absence is no problem."""
+    db = Database(shared_url)
+    try:
+        db.migrate()  # as the receiving node would
+    finally:
+        db.dispose()
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    dirs, _ = node_config(tmp_path / "wk", "wk", shared_url, 1, processes=1,
+                          storage=f'store = "s3://cxrd-nowhere/site"\n'
+                                  f's3_endpoint_url = "{endpoint}"')
+    env = {**cli_env(), **aws_environ(tmp_path),
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-printed"}
+    done = run_cli("worker", "--config", str(dirs.config), env=env)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "store s3://cxrd-nowhere/site cannot be used" in lines[0] and endpoint in lines[0]
+    assert "start the object store" in lines[0]
+    assert "s3cr3t-never-printed" not in done.stderr + done.stdout
