@@ -148,10 +148,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from cxrd.db import Database
     from cxrd.status import collect, render
+    from cxrd.store import key_folders
 
     config = _config(args)
     db = Database(config.storage.database_url_resolved)
-    db.migrate()
+    db.migrate(key_folders(config))
     doc = collect(config, db)
     print(json.dumps(doc, indent=2) if args.json else render(doc))
     return EXIT_OK if doc["healthy"] else EXIT_UNHEALTHY
@@ -160,10 +161,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reprocess(args: argparse.Namespace) -> int:
     from cxrd.admit import requeue_study, studies_to_reprocess
     from cxrd.db import Database
+    from cxrd.store import key_folders
 
     config = _config(args)
     db = Database(config.storage.database_url_resolved)
-    db.migrate()
+    db.migrate(key_folders(config))
     studies = studies_to_reprocess(db, args.since, args.until, args.study)
     if not studies:
         print("no stored studies match", file=sys.stderr)
@@ -196,11 +198,12 @@ def _mend_db(args: argparse.Namespace) -> tuple[Config, Database]:
     do) and the migrated database of a mending command."""
     from cxrd.db import Database
     from cxrd.logs import setup_logging
+    from cxrd.store import key_folders
 
     config = _config(args)
     setup_logging(config)
     db = Database(config.storage.database_url_resolved)
-    db.migrate()
+    db.migrate(key_folders(config))
     return config, db
 
 

@@ -150,8 +150,9 @@ class StorageConfig:
     min_free_mb: int = 1024  # DEFAULT_MIN_FREE_MB
     # Days spool files and delivered results are kept; 0 keeps them for ever.
     retention_days: int = 0
-    #: Where the scale-out roles keep objects (``cxrd.store.open_store``): "" = data_dir,
-    #: an absolute folder path, or "s3://bucket[/prefix]". The single node keeps data_dir.
+    #: Where instances and results are kept (``cxrd.store.open_node_store``): "" =
+    #: data_dir/spool and [results] folder, an absolute folder path, or
+    #: "s3://bucket[/prefix]"; the database records keys under it.
     store: str = ""
     #: The S3 endpoint for S3-compatible storage other than AWS (MinIO, Ceph, moto); ""
     #: = AWS's own endpoints.
@@ -500,6 +501,9 @@ def describe(config: Config) -> dict[str, Any]:
     storage["incoming_dir"] = str(config.storage.incoming_dir)
     storage["spool_dir"] = str(config.storage.spool_dir)
     storage["rejected_dir"] = str(config.storage.rejected_dir)
+    from cxrd.store import store_location
+
+    storage["store_location"] = store_location(config)
     view["results"]["results_dir"] = str(config.results.results_dir)
     view["results"]["sr_sop_class_uid"] = config.results.sr_sop_class.uid
     view["model"]["uses_embedded_model"] = config.model.uses_embedded_model

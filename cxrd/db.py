@@ -9,9 +9,10 @@ PostgreSQL for a queue shared by several nodes (jobs are then claimed with
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
     create_engine,
     event,
     inspect,
@@ -83,7 +85,9 @@ class Instance(Base):
     photometric: Mapped[str] = mapped_column(String(16), default="")
     has_pixels: Mapped[bool] = mapped_column(default=True)
     frames: Mapped[int] = mapped_column(Integer, default=1)
-    path: Mapped[str] = mapped_column(Text)  # spool file
+    # The spool file's store key, spool/<study>/<sop>.dcm (cxrd.store; schema 7: an
+    # absolute path before).
+    path: Mapped[str] = mapped_column(Text)
     # Empty until needed: when the UID comes again, or before retention removes the file
     # (``cxrd.ingest`` ``_same_content``).
     sha256: Mapped[str] = mapped_column(String(64))
@@ -144,7 +148,7 @@ class Result(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(8))  # ResultKind
     generation: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # store key results/<uid>.dcm (schema 7)
     source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # SC: the radiograph
     supersedes: Mapped[str | None] = mapped_column(String(64))  # SR: the previous SR
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
@@ -309,9 +313,62 @@ def _v6(conn: Any) -> None:
         conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_jobs_due ON jobs (kind, state, id)")
 
 
+#: Where ``_v7`` looks for the files of absolute paths: ``spool`` and ``results`` folders.
+Folders = Mapping[str, Path]
+
+
+def key_of_path(path: str, kind: str, folders: Folders | None = None) -> str | None:
+    """The store key (``cxrd.store``) of an absolute path recorded before schema 7, or
+    None when it is not a file the node wrote there. A spooled instance was always
+    ``<spool>/<study>/<sop>.dcm`` -> ``spool/<study>/<sop>.dcm``; a result
+    ``<[results] folder>/<uid>.dcm`` -> ``results/<uid>.dcm`` (the default store maps
+    ``results/`` keys to ``[results] folder`` wherever it is, ``cxrd.store.NodeStore``).
+    ``folders``: the node's ``spool`` and ``results`` folders, which the path must lie in
+    (a missing one: nothing of that kind is converted); None: any folder named ``spool``
+    or ``results``, the default layout."""
+    from cxrd.errors import InvalidKey
+    from cxrd.store import RESULTS, SPOOL, check_key
+
+    if not path.startswith("/"):
+        return None
+    file = Path(path)
+    name = SPOOL if kind == "instance" else RESULTS
+    top = file.parent.parent if kind == "instance" else file.parent
+    if folders is None:
+        if top.name != name:
+            return None
+    elif name not in folders or Path(os.path.abspath(folders[name])) != top:
+        return None
+    try:
+        if kind == "instance":
+            return check_key(f"{SPOOL}/{file.parent.name}/{file.name}")
+        return check_key(f"{RESULTS}/{file.name}")
+    except InvalidKey:
+        return None
+
+
+def _v7(conn: Any, folders: Folders | None = None) -> None:
+    """Keys, not absolute paths: ``instances.path`` and ``results.path`` become store keys
+    (``spool/<study>/<sop>.dcm``, ``results/<uid>.dcm``) relative to the node's store, so
+    that every host sharing the store finds the same object (``key_of_path``, with the
+    folders the node's configuration names). A value that is not a file the node wrote
+    there stays an absolute path, which ``cxrd.store.NodeStore`` still reads as a local
+    file."""
+    tables: list[tuple[Any, str]] = [(Instance.__table__, "instance"),
+                                      (Result.__table__, "result")]
+    for table, kind in tables:
+        rows = conn.execute(select(table.c.id, table.c.path).where(
+            table.c.path.like("/%"))).all()
+        changes = [{"row_id": row.id, "key": key} for row in rows
+                   if (key := key_of_path(str(row.path), kind, folders)) is not None]
+        for start in range(0, len(changes), 1000):
+            conn.execute(table.update().where(table.c.id == bindparam("row_id")).values(
+                path=bindparam("key")), changes[start:start + 1000])
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
 MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4),
-                                                       (5, _v5), (6, _v6)]
+                                                       (5, _v5), (6, _v6), (7, _v7)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
@@ -398,8 +455,10 @@ def _current_version(conn: Any) -> int:
         SchemaVersion.version.desc()).limit(1)).scalar() or 0)
 
 
-def migrate(engine: Engine) -> int:
-    """Apply pending migrations; returns the schema version.
+def migrate(engine: Engine, folders: Folders | None = None) -> int:
+    """Apply pending migrations; returns the schema version. ``folders``: the node's
+    local ``spool`` and ``results`` folders, in which schema 7 recognises the absolute
+    paths it turns into keys (``cxrd.store.local_folders``; ``_v7``).
 
     Safe when several processes or nodes start at once: each step re-reads the version
     inside its own locked transaction, so a step is applied exactly once.
@@ -413,7 +472,10 @@ def migrate(engine: Engine) -> int:
             _lock_for_migration(conn)
             if _current_version(conn) >= version:
                 continue
-            step(conn)
+            if step is _v7:
+                _v7(conn, folders)
+            else:
+                step(conn)
             conn.execute(SchemaVersion.__table__.insert().values(  # type: ignore[attr-defined]
                 version=version, applied_at=utcnow()))
     return SCHEMA_VERSION
@@ -457,8 +519,8 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
-    def migrate(self) -> int:
-        return migrate(self.engine)
+    def migrate(self, folders: Folders | None = None) -> int:
+        return migrate(self.engine, folders)
 
     def schema_version(self) -> int:
         """The schema version the database is at, without migrating it (0: none yet).

@@ -59,9 +59,11 @@ from cxrd import durable
 from cxrd.db import Database, Instance, Rejection, Study, utcnow
 from cxrd.dicom import ACCEPTED_SOP_CLASSES, DEFLATED
 from cxrd.domain import InstanceState, RejectReason, StudyState
+from cxrd.errors import ObjectMissing
 from cxrd.imagesize import deflated_too_large, too_large
 from cxrd.metrics import metrics
 from cxrd.space import FreeSpace
+from cxrd.store import LocalStore, NodeStore, spool_key
 from cxrd.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -232,7 +234,7 @@ def part10(dataset: Sequence[bytes | bytearray | memoryview], sop_class_uid: str
 
 
 #: The instance stored under a SOP Instance UID (built once: SQLAlchemy caches its
-#: compilation): its digest (empty until needed) and spool path.
+#: compilation): its digest (empty until needed) and spool key.
 _STORED = select(Instance.sha256, Instance.path).where(
     Instance.sop_instance_uid == bindparam("uid"))
 #: Records a stored copy's digest once computed (``_same_content``).
@@ -252,12 +254,27 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def object_digest(store: NodeStore, key: str) -> str:
+    """The SHA-256 of a spooled instance (hex): its local file read in pieces, or the
+    object's bytes. ObjectMissing when it is gone; StoreUnavailable / StoreFailed as the
+    store says."""
+    path = store.local_path(key)
+    if path is None:
+        return hashlib.sha256(store.get(key)).hexdigest()
+    try:
+        return file_digest(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise ObjectMissing(f"no file {path}") from exc
+
+
 @dataclass(frozen=True)
 class _Stored:
     """The row that holds a SOP Instance UID already (``_STORED``)."""
 
     sha256: str
-    path: str
+    path: str  # the spool key
+
+
 _INSERT_INSTANCE = insert(Instance)
 _UPSERT_STUDY: dict[str, Any] = {}
 
@@ -315,12 +332,15 @@ class _Origin:
 
 @dataclass(eq=False)
 class _Pending:
-    """An instance spooled to its temp file, waiting for the commit of its row."""
+    """An instance spooled to its temp file (a local store; renamed to ``spool`` at the
+    commit) or already put in the store (S3: ``tmp`` is None), waiting for the commit of
+    its row."""
 
     ds: Dataset
     uids: dict[str, str]
-    spool: Path
-    tmp: Path
+    key: str
+    spool: Path | None
+    tmp: Path | None
     size: int
     source: str
     done: bool = False
@@ -378,11 +398,12 @@ class _GroupCommit:
                     if existing is not None:
                         item.existing = existing
                         continue
-                    ingestor._add_rows(conn, item.ds, item.uids, item.spool, item.size,
+                    ingestor._add_rows(conn, item.ds, item.uids, item.key, item.size,
                                        item.source)
-                    os.replace(item.tmp, item.spool)
-                    taken[uid] = _Stored(NO_DIGEST, str(item.spool))
-                    folders[item.spool.parent] = None
+                    if item.tmp is not None and item.spool is not None:
+                        os.replace(item.tmp, item.spool)
+                        folders[item.spool.parent] = None
+                    taken[uid] = _Stored(NO_DIGEST, item.key)
                 for folder in folders:
                     durable.fsync_dir(folder)
         except BaseException as exc:
@@ -400,6 +421,8 @@ class _GroupCommit:
             yield  # PostgreSQL locks rows and wakes waiters itself
             return
         if self._lock_fd is None:
+            # On S3 the local spool folder holds nothing but this lock: made when missing.
+            self._ingestor.spool_dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self._ingestor.spool_dir, os.O_RDONLY)
             weakref.finalize(self, os.close, self._lock_fd)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
@@ -411,15 +434,28 @@ class _GroupCommit:
 
 class Ingestor:
     """Validates, spools and records objects. Thread-safe: the receiver stores from one
-    thread per association, and their rows are committed in groups (``_GroupCommit``)."""
+    thread per association, and their rows are committed in groups (``_GroupCommit``).
+
+    ``store``: where instances go (``cxrd.store.open_node_store``); by default the local
+    folder above ``spool_dir``, whose name must then be ``spool`` (the keys' layout). On
+    a local store the spool file is renamed into place inside the row's transaction; on
+    S3 the object is PUT first, then the row committed, then the instance acknowledged.
+    ``spool_dir`` also holds SQLite's inter-process lock file descriptor."""
 
     def __init__(self, db: Database, spool_dir: Path, rejected_dir: Path, *,
                  space: FreeSpace | None = None,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None,
+                 store: NodeStore | None = None) -> None:
         self.db = db
         #: Called after each new instance is committed (the node's scheduler wakes).
         self.on_stored = on_stored
-        self.spool_dir = spool_dir
+        if store is None:
+            if spool_dir.name != "spool":
+                raise ValueError(f"spool folder {spool_dir}: without a store, its name must "
+                                 "be 'spool' (the store keys' layout)")
+            store = NodeStore(LocalStore(spool_dir.parent))
+        self.objects = store
+        self.spool_dir = store.spool_dir or spool_dir
         self.rejected_dir = rejected_dir
         #: ``[storage] min_free_mb``; None: no check.
         self.space = space
@@ -559,7 +595,7 @@ class Ingestor:
         except Exception as exc:
             return self.reject(source, sop_uid, RejectReason.UNREADABLE,
                                f"cannot re-encode bare data set: {exc}")
-        spool = self.spool_dir / study_uid / f"{sop_uid}.dcm"
+        key = spool_key(study_uid, sop_uid)
         try:
             known = self._known(sop_uid, study_uid, part10, source)
             if known is not None:
@@ -567,14 +603,14 @@ class Ingestor:
             for attempt in range(2):
                 try:
                     outcome = self._spool_and_commit(
-                        ds, uids, spool, part10, source, origin if part10 is data else None)
+                        ds, uids, key, part10, source, origin if part10 is data else None)
                     break
                 except IntegrityError:
                     # A concurrent store of the same UID (or the first instance of the
                     # same new study) committed first; look again.
                     if attempt:
                         raise
-        except Exception as exc:  # disk full, database down: the sender may retry
+        except Exception as exc:  # disk full, database or store down: the sender may retry
             detail = f"{type(exc).__name__}: {exc}"
             log.error("action=store-failed sop_instance_uid=%s reason=%s error=%s",
                       sop_uid, RejectReason.STORAGE_FAILED.value, detail)
@@ -624,8 +660,8 @@ class Ingestor:
         stored = existing.sha256
         if stored == NO_DIGEST:
             try:
-                stored = file_digest(existing.path)
-            except FileNotFoundError:
+                stored = object_digest(self.objects, existing.path)
+            except ObjectMissing:
                 return None
             with self.db.engine.begin() as conn:
                 conn.execute(_RECORD_DIGEST, {"uid": sop_uid, "digest": stored})
@@ -649,7 +685,7 @@ class Ingestor:
             found = conn.execute(_STORED, {"uid": sop_uid}).first()
         return None if found is None else _Stored(str(found.sha256), str(found.path))
 
-    def _spool_and_commit(self, ds: Dataset, uids: dict[str, str], spool: Path, part10: bytes,
+    def _spool_and_commit(self, ds: Dataset, uids: dict[str, str], key: str, part10: bytes,
                           source: str, origin: _Origin | None = None) -> StoreOutcome | None:
         """Write the spool file and commit its row; None when stored, else the outcome
         for an instance a concurrent call stored first.
@@ -662,21 +698,34 @@ class Ingestor:
         committed together (``_GroupCommit``); Core statements on a connection, not an
         ORM session, since at hundreds of instances a second its bookkeeping was a third
         of the time.
+
+        On S3 (no local file) the object is PUT first, outside any transaction; the row is
+        committed after the PUT succeeded, so nothing is acknowledged before both. S3 has
+        no rename: a crash between the two leaves an object without a row (overwritten
+        when the instance comes again), and two first stores of one UID with other bytes
+        at the same moment leave the object of the later PUT under the row of the earlier
+        commit (the local store's rename inside the transaction rules that out).
         """
-        tmp = origin.link_temp(spool) if origin is not None else None
-        if tmp is None:
-            tmp = durable.write_temp(spool, part10)
-        item = _Pending(ds, uids, spool, tmp, len(part10), source)
-        try:
+        spool = self.objects.local_path(key)
+        if spool is None:
+            self.objects.put(key, part10)
+            item = _Pending(ds, uids, key, None, None, len(part10), source)
             self._group.commit(item)
-        finally:
-            tmp.unlink(missing_ok=True)
+        else:
+            tmp = origin.link_temp(spool) if origin is not None else None
+            if tmp is None:
+                tmp = durable.write_temp(spool, part10)
+            item = _Pending(ds, uids, key, spool, tmp, len(part10), source)
+            try:
+                self._group.commit(item)
+            finally:
+                tmp.unlink(missing_ok=True)
         if item.existing is not None:
             return self._known(uids["SOPInstanceUID"], uids["StudyInstanceUID"], part10,
                                source, item.existing)
         return None
 
-    def _add_rows(self, conn: Connection, ds: Dataset, uids: dict[str, str], spool: Path,
+    def _add_rows(self, conn: Connection, ds: Dataset, uids: dict[str, str], key: str,
                   size: int, source: str) -> None:
         now = utcnow()
         meta = getattr(ds, "file_meta", None)
@@ -699,7 +748,7 @@ class Ingestor:
             photometric=_text(ds, "PhotometricInterpretation")[:16],
             has_pixels=any(k in ds for k in PIXEL_KEYWORDS),
             frames=frames,
-            path=str(spool),
+            path=key,
             sha256=NO_DIGEST,  # computed when the UID comes again (``_same_content``)
             size=size,
             source=source[:256],

@@ -175,6 +175,10 @@ def setup_logging(config: Config | None = None, *, level: str | None = None) -> 
     # pynetdicom logs every PDU at INFO, with patient attributes at DEBUG; keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # boto3 (an S3 store) logs where it found credentials at INFO, in every process; the
+    # store's own errors say what matters.
+    for name in ("boto3", "botocore", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # pydicom checks values as it reads them and warns quoting the value itself (a birth
     # date written "1901-12-31", an over-long name), to the log and to stderr: patient
     # data. The values are kept as read either way; cxrd checks what it uses where it

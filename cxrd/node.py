@@ -38,7 +38,8 @@ from cxrd.outbox import release_dead_delivery_leases
 from cxrd.pool import WorkerPool, install_stop_signals
 from cxrd.receive import Receiver, receiver_main
 from cxrd.send import Sender
-from cxrd.space import is_resource_error, storage_space
+from cxrd.space import is_resource_error, node_space
+from cxrd.store import key_folders, open_node_store
 from cxrd.systemd import Notifier
 from cxrd.watch import FolderWatcher
 from cxrd.worker import settle_garbage_collector, spawn_context, worker_id_prefix
@@ -83,7 +84,9 @@ class Node:
         self._ctx = spawn_context()
         self.watcher: FolderWatcher | None = None
         self.receiver: Receiver | None = None
-        self.sender = Sender(config, self.db)
+        #: The spool and the results (``[storage] store``); each child process opens its own.
+        self.objects = open_node_store(config)
+        self.sender = Sender(config, self.db, self.objects)
         self._receivers: list[Any] = []
         self.destination_names = [d.name for d in config.destinations]
         self.notifier = Notifier()
@@ -105,8 +108,7 @@ class Node:
         self._arrival_round = False  # the loop woke for a stored instance
         self._stored = False  # an instance was stored since the last queue_arrivals
         self._next_arrival_check = 0.0
-        self.space = storage_space(config.storage.spool_dir, config.results.results_dir,
-                                   config.storage.min_free_mb)
+        self.space = node_space(config, self.objects)
         self._database_down_since: float | None = None
         self._next_purge = time.monotonic() + PURGE_FIRST_SECONDS
         self._purger: threading.Thread | None = None
@@ -114,24 +116,28 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------
     def prepare(self) -> None:
         cfg = self.config
+        local = [d for d in (self.objects.spool_dir, self.objects.results_dir, cfg.results.folder)
+                 if d is not None]
         for d in (cfg.storage.data_dir, cfg.storage.incoming_dir, cfg.storage.spool_dir,
-                  cfg.storage.rejected_dir, cfg.results.results_dir):
+                  cfg.storage.rejected_dir, *local):
             d.mkdir(parents=True, exist_ok=True)
         if cfg.metrics.enabled:
             # before any child process starts
             enable_multiprocess(cfg.storage.data_dir, cfg.node.id)
             metrics()  # its files written now, while there is space (cxrd.space)
-        version = self.db.migrate()
+        version = self.db.migrate(key_folders(cfg))
         queue.release_dead_leases(self.db, worker_id_prefix(cfg.node.id))
         release_dead_delivery_leases(self.db, worker_id_prefix(cfg.node.id))
         # what this node's earlier processes were writing when they died
-        remove_stale_temp_files(cfg.results.results_dir)
-        remove_stale_temp_files(cfg.storage.spool_dir, recursive=True)
+        if self.objects.results_dir is not None:
+            remove_stale_temp_files(self.objects.results_dir)
+        if self.objects.spool_dir is not None:
+            remove_stale_temp_files(self.objects.spool_dir, recursive=True)
         if cfg.model.require_cuda:
             check_cuda(cfg)  # before the receiver listens: a node that cannot infer exits
-        log.info("action=node-start node_id=%s ae_title=%s data_dir=%s schema=%d model=%s "
-                 "device_uid=%s demo=%s workers=%d", cfg.node.id, cfg.node.ae_title,
-                 cfg.storage.data_dir, version,
+        log.info("action=node-start node_id=%s ae_title=%s data_dir=%s store=%s schema=%d "
+                 "model=%s device_uid=%s demo=%s workers=%d", cfg.node.id, cfg.node.ae_title,
+                 cfg.storage.data_dir, self.objects.location, version,
                  self.model.display_name, self.model.device_uid, self.model.demo,
                  self.worker_count)
         if self.model.demo:
@@ -146,7 +152,7 @@ class Node:
             self._metrics_server = start_metrics(cfg.metrics.listen, self.db,
                                                  space=self.space, config=cfg)
         ingestor = Ingestor(self.db, cfg.storage.spool_dir, cfg.storage.rejected_dir,
-                            space=self.space,
+                            space=self.space, store=self.objects,
                             on_stored=self._on_stored if cfg.study.classify_on_arrival else None)
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
@@ -159,7 +165,8 @@ class Node:
             self._receivers.append(proc)
         folders = [cfg.storage.incoming_dir, *cfg.watch.folders]
         self.watcher = FolderWatcher(ingestor, folders, cfg.watch.settle_seconds,
-                                     exclude=[cfg.results.results_dir])
+                                     exclude=[d for d in (cfg.results.results_dir,
+                                                          self.objects.results_dir) if d])
         self.watcher.start()
         self.pool.start()
         self.sender.start()
@@ -247,7 +254,7 @@ class Node:
 
         try:
             purge(self.db, self.config, cutoff_for(self.config.storage.retention_days),
-                  trigger=TRIGGER_RETENTION, stop=self._stop)
+                  trigger=TRIGGER_RETENTION, stop=self._stop, objects=self.objects)
         except Exception:  # the next one tries again
             log.exception("action=purge-failed")
 

@@ -58,10 +58,11 @@ MAX_ERROR_CHARS = 2000
 
 
 def add_result(s: Session, *, kind: ResultKind, sop_instance_uid: str, study_instance_uid: str,
-               generation: int, path: Path, destinations: Sequence[str] = (),
+               generation: int, path: str | Path, destinations: Sequence[str] = (),
                source_sop_instance_uid: str | None = None,
                supersedes: str | None = None) -> bool:
-    """Record a written object and queue it for each destination; idempotent by UID."""
+    """Record a written object (``path``: its store key, ``cxrd.store.result_key``) and
+    queue it for each destination; idempotent by UID."""
     exists = s.scalars(select(Result.id).where(
         Result.sop_instance_uid == sop_instance_uid)).first()
     if exists is not None:
@@ -78,12 +79,12 @@ def add_result(s: Session, *, kind: ResultKind, sop_instance_uid: str, study_ins
 
 @dataclass(frozen=True)
 class DueDelivery:
-    """A pending delivery whose time has come, with its result object's file and UID, as
+    """A pending delivery whose time has come, with its result object's store key and UID, as
     read by ``due_deliveries`` (``attempts`` counts the attempts before this one)."""
 
     delivery_id: int
     destination: str
-    path: str
+    path: str  # the result's store key
     sop_instance_uid: str
     created_at: dt.datetime
     attempts: int

@@ -23,6 +23,7 @@ from cxrd import queue
 from cxrd.config import Config
 from cxrd.db import Database
 from cxrd.durable import remove_stale_temp_files
+from cxrd.store import local_folders
 from cxrd.worker import spawn_context, worker_id_prefix, worker_main
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ class WorkerPool:
                 self._restart_at[index] = now + delay
                 log.error("action=worker-died index=%d pid=%s exitcode=%s lived_s=%.0f "
                           "restart_in_s=%.0f", index, proc.pid, proc.exitcode, lived, delay)
-                remove_stale_temp_files(self.config.results.results_dir)  # its SC, if any
+                results_dir = local_folders(self.config)[1]
+                if results_dir is not None:
+                    remove_stale_temp_files(results_dir)  # its SC, if any
                 try:
                     queue.release_worker_leases(
                         self.db, f"{worker_id_prefix(self.config.node.id)}{proc.pid}:w{index}")

@@ -28,6 +28,7 @@ import errno
 import importlib.util
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from cxrd.config import Config, parse_listen
 from cxrd.errors import CxrdError
@@ -124,12 +125,13 @@ def check_database(config: Config) -> Problem | None:
     ``Node.prepare`` runs; migrating twice is a no-op)."""
     from cxrd.config import _mask_url
     from cxrd.db import Database
+    from cxrd.store import key_folders
 
     url = config.storage.database_url_resolved
     db = None
     try:
         db = Database(url)
-        db.migrate()
+        db.migrate(key_folders(config))
     except ImportError as exc:  # a postgresql:// URL without the driver
         return Problem("database", f"database {_mask_url(url)} needs a driver that is not "
                        f"installed: {_first_line(exc)}",
@@ -190,10 +192,48 @@ def check_worker_database(config: Config) -> Problem | None:
     return None
 
 
+def check_store(config: Config) -> Problem | None:
+    """An S3 store (``[storage] store = "s3://..."``) answers and its bucket may be used
+    (``S3Store.check``: one HEAD of the bucket); None for a local store, whose folders the
+    node makes. The message names the store and the endpoint, never a credential."""
+    from cxrd.errors import StoreError, StoreFailed
+    from cxrd.store import open_node_store
+
+    if not config.storage.store.startswith("s3://"):
+        return None
+    try:
+        objects = open_node_store(config)
+        objects.check()
+    except StoreError as exc:
+        fix = ("create the bucket, or correct [storage] store, and give this node's "
+               "credentials access to it (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+               "a profile in ~/.aws/credentials)" if isinstance(exc, StoreFailed) else
+               "start the object store, or correct [storage] s3_endpoint_url")
+        return Problem("storage", f"store {config.storage.store} cannot be used: "
+                       f"{_first_line(exc)}", fix)
+    except Exception as exc:  # boto3 missing, a bad region: not the store's answer
+        return Problem("storage", f"store {config.storage.store} cannot be opened: "
+                       f"{type(exc).__name__}: {_first_line(exc)}",
+                       "install boto3 (it comes with cxrd), or correct [storage] store")
+    return None
+
+
 def check_shared_folder(config: Config) -> Problem | None:
-    """``cxrd worker``: ``[storage] data_dir`` exists. It is the folder shared with the
-    receiving node, at the same path (the database records the spool's absolute paths);
-    a worker node that made a local one would fail every image it cannot find."""
+    """``cxrd worker``: the objects the receiving node stores are reachable. With the
+    default store (``[storage] store = ""``) ``[storage] data_dir`` is the folder shared
+    with the receiving node, at the same path; with a folder store, that folder (a shared
+    mount) must exist: a worker node that made a local one would fail every image it
+    cannot find. With S3 the bucket must answer (``check_store``) and ``data_dir`` is this
+    node's own (made when missing)."""
+    store = config.storage.store
+    if store.startswith("s3://"):
+        return check_store(config)
+    if store:
+        if Path(store).is_dir():
+            return None
+        return Problem("storage", f"[storage] store {store} does not exist",
+                       "mount the store folder shared with the receiving node, then start "
+                       "cxrd worker again")
     data_dir = config.storage.data_dir
     if data_dir.is_dir():
         return None
@@ -258,7 +298,7 @@ def check_ports(config: Config, *, dicom: bool = True) -> list[Problem]:
 def find_problems(config: Config) -> list[Problem]:
     """Every problem at once, in the order an operator would fix them."""
     found = [check_runtime(), check_model(config), check_segmenter(config),
-             check_database(config)]
+             check_database(config), check_store(config)]
     return [p for p in found if p is not None] + check_ports(config)
 
 

@@ -418,14 +418,17 @@ def check_decoded_size(ds: Dataset) -> None:
                               f"the header says {rows} x {cols}; not decoded.")
 
 
-def read_dicom(path: str | Path) -> Dataset:
+def read_dicom(path: str | Path | bytes) -> Dataset:
     """``pydicom.dcmread(path)``, except that the Pixel Data of a native (uncompressed,
     little-endian, not deflated) file stays in the file: :func:`decode_pixels` maps it
     read-only instead of reading a copy, which for a 10 MB radiograph saves the copy and
     the fresh pages it fills (about 1 ms). Reading ``ds.PixelData`` still gives its
     bytes: pydicom reads a deferred value on first use. Any other file is read whole (a
     deferred value is read back at its offset in the file, which a deflated file does
-    not keep). Errors are pydicom's."""
+    not keep). An object's bytes (a store without local files) are read as they are.
+    Errors are pydicom's."""
+    if isinstance(path, bytes):
+        return pydicom.dcmread(io.BytesIO(path))
     ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     meta = getattr(ds, "file_meta", None)
     if meta is None or meta.get("TransferSyntaxUID") not in _MAPPED_SYNTAXES:

@@ -62,7 +62,7 @@ class ClaimedJob:
     instance_id: int | None  # None for a report job
     sop_instance_uid: str  # "" for a report job
     study_instance_uid: str
-    path: str  # the spool file; "" for a report job
+    path: str  # the spool key (cxrd.store); "" for a report job
     generation: int
     attempts: int
     kind: JobKind = JobKind.CLASSIFY
@@ -340,12 +340,12 @@ def _leased(s: Session, job: ClaimedJob, owner: str) -> tuple[Job, Instance | No
 
 def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
              record: Mapping[str, object] | None, device_uid: str,
-             timings: Mapping[str, float], *, sc: tuple[str, Path] | None = None,
-             seg: tuple[str, Path] | None = None,
+             timings: Mapping[str, float], *, sc: tuple[str, str | Path] | None = None,
+             seg: tuple[str, str | Path] | None = None,
              destinations: Sequence[str] = ()) -> bool:
     """Mark a classify job done with its outputs: the probabilities and the findings
     record the SR is built from, and its result objects (the heatmap ``sc`` and the lung
-    ``seg``, each a SOP Instance UID and path) with a delivery per destination, all in
+    ``seg``, each a SOP Instance UID and store key) with a delivery per destination, all in
     one transaction. False when the lease was lost meanwhile (another worker owns the job
     now; its results have the same UIDs, so nothing is duplicated)."""
     now = utcnow()
@@ -387,7 +387,7 @@ class StudyFindings:
     study_instance_uid: str
     generation: int
     current_sr: str | None
-    current_sr_path: str | None
+    current_sr_path: str | None  # its store key
     jobs: list[tuple[int, str, str | None]]
 
     @property
@@ -424,7 +424,7 @@ ReportOutcome = Literal["done", "lost", "stale"]
 
 
 def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFindings, *,
-                    sr: tuple[str, Path] | None, seconds: float,
+                    sr: tuple[str, str | Path] | None, seconds: float,
                     destinations: Sequence[str] = ()) -> ReportOutcome:
     """End a report job: record the SR written from ``findings`` (None: nothing new to
     write) as the study's current SR, in the same transaction as the study's state.

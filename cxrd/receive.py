@@ -342,17 +342,18 @@ def receiver_main(config: Config, index: int, parent_pid: int,
     import os
 
     from cxrd.db import Database
-    from cxrd.space import storage_space
+    from cxrd.space import node_space
+    from cxrd.store import open_node_store
     from cxrd.worker import settle_garbage_collector, stop_on_signals
 
     stop = stop_on_signals()
     if setup_logging is not None:
         setup_logging(config)
     db = Database(config.storage.database_url_resolved)
-    space = storage_space(config.storage.spool_dir, config.results.results_dir,
-                          config.storage.min_free_mb)
+    objects = open_node_store(config)  # this process's own (an S3 client is not fork-safe)
     receiver = Receiver(config, Ingestor(db, config.storage.spool_dir,
-                                         config.storage.rejected_dir, space=space),
+                                         config.storage.rejected_dir,
+                                         space=node_space(config, objects), store=objects),
                         reuse_port=True)
     receiver.start()
     settle_garbage_collector()

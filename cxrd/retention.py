@@ -45,9 +45,11 @@ from sqlalchemy.orm import Session
 from cxrd.config import Config
 from cxrd.db import Database, Instance, Purge, Result, Study, utcnow
 from cxrd.durable import fsync_dir
-from cxrd.ingest import NO_DIGEST, file_digest
+from cxrd.errors import ObjectMissing, StoreError
+from cxrd.ingest import NO_DIGEST, object_digest
 from cxrd.outbox import result_may_go
 from cxrd.queue import study_finished_before
+from cxrd.store import NodeStore, local_folders, open_node_store, store_location
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +98,29 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _remove(path: Path) -> tuple[bool, int]:
-    """Unlink ``path``: (done, bytes freed). A file already gone counts as done, 0 bytes;
-    any other error is logged and leaves the row unmarked (the next purge tries again)."""
+def _remove(objects: NodeStore, key: str) -> tuple[bool, int, Path | None]:
+    """Remove the object under ``key``: (done, bytes freed, the local folder it was in, to
+    fsync once per batch). A local file is unlinked here (its folder synced by the caller,
+    once per batch); an S3 object deleted. One already gone counts as done, 0 bytes; any
+    other error is logged and leaves the row unmarked (the next purge tries again)."""
+    path = objects.local_path(key)
+    if path is None:
+        try:
+            size = objects.head(key) or 0
+            objects.delete(key)
+        except StoreError as exc:
+            log.error("action=purge-file-failed key=%s error=%s", key, exc)
+            return False, 0, None
+        return True, size, None
     try:
         size = path.stat().st_size
         path.unlink()
     except FileNotFoundError:
-        return True, 0
+        return True, 0, None
     except OSError as exc:
         log.error("action=purge-file-failed path=%s error=%s", path, exc)
-        return False, 0
-    return True, size
+        return False, 0, None
+    return True, size, path.parent
 
 
 def _sync(folders: Iterable[Path], spool_dir: Path) -> None:
@@ -134,7 +147,8 @@ def _fsync_all(folders: Iterable[Path]) -> None:
             fsync_dir(folder)
 
 
-def _record_digests(db: Database, before: dt.datetime, stop: threading.Event | None) -> int:
+def _record_digests(db: Database, objects: NodeStore, before: dt.datetime,
+                    stop: threading.Event | None) -> int:
     """Record the SHA-256 of every instance that the purge is about to remove and whose
     digest was never computed: read outside any transaction (a 10 MB file takes about
     8 ms), written in one short transaction per batch. Returns the number recorded."""
@@ -152,14 +166,14 @@ def _record_digests(db: Database, before: dt.datetime, stop: threading.Event | N
             return done
         last_id = rows[-1].id
         digests: dict[int, str] = {}
-        for instance_id, path in rows:
+        for instance_id, key in rows:
             try:
-                digests[instance_id] = file_digest(path)
-            except FileNotFoundError:
+                digests[instance_id] = object_digest(objects, key)
+            except ObjectMissing:
                 continue  # gone already: nothing to compare a resend with
-            except OSError as exc:
+            except (OSError, StoreError) as exc:
                 log.error("action=purge-digest-failed instance_id=%d error=%s", instance_id,
-                          exc.strerror or type(exc).__name__)
+                          getattr(exc, "strerror", None) or type(exc).__name__)
         if digests:
             with db.session() as s:
                 for instance_id, digest in digests.items():
@@ -170,10 +184,10 @@ def _record_digests(db: Database, before: dt.datetime, stop: threading.Event | N
     return done
 
 
-def _purge_spool(db: Database, config: Config, report: PurgeReport,
+def _purge_spool(db: Database, objects: NodeStore, report: PurgeReport,
                  stop: threading.Event | None) -> None:
-    spool_dir = config.storage.spool_dir
-    _record_digests(db, report.before, stop)
+    spool_dir = objects.spool_dir
+    _record_digests(db, objects, report.before, stop)
     last_id = 0
     while stop is None or not stop.is_set():
         now = utcnow()
@@ -194,18 +208,19 @@ def _purge_spool(db: Database, config: Config, report: PurgeReport,
                     Instance.purged_at.is_(None))).all()
                 count = freed = 0
                 for inst in instances:
-                    path = Path(inst.path)
-                    ok, size = _remove(path)
+                    ok, size, folder = _remove(objects, inst.path)
                     if not ok:
                         report.errors += 1
                         continue
                     inst.purged_at = now
-                    folders.add(path.parent)
+                    if folder is not None:
+                        folders.add(folder)
                     count += 1
                     freed += size
                 if count:
                     done.append((study.study_instance_uid, count, freed))
-            _sync(folders, spool_dir)
+            if spool_dir is not None:
+                _sync(folders, spool_dir)
         for uid, count, freed in done:  # committed
             report.studies += 1
             report.instances += count
@@ -219,7 +234,8 @@ def _old_results(before: dt.datetime) -> Any:
     return select(Result).where(Result.created_at < before, result_may_go())
 
 
-def _purge_results(db: Database, report: PurgeReport, stop: threading.Event | None) -> None:
+def _purge_results(db: Database, objects: NodeStore, report: PurgeReport,
+                   stop: threading.Event | None) -> None:
     last_id = 0
     while stop is None or not stop.is_set():
         now = utcnow()
@@ -232,13 +248,13 @@ def _purge_results(db: Database, report: PurgeReport, stop: threading.Event | No
             folders: set[Path] = set()
             done: list[tuple[str, str, int]] = []
             for result in results:
-                path = Path(result.path)
-                ok, size = _remove(path)
+                ok, size, folder = _remove(objects, result.path)
                 if not ok:
                     report.errors += 1
                     continue
                 result.purged_at = now
-                folders.add(path.parent)
+                if folder is not None:
+                    folders.add(folder)
                 done.append((result.sop_instance_uid, result.kind, size))
             _fsync_all(folders)
         for uid, kind, size in done:  # committed
@@ -255,7 +271,17 @@ def _kept_results(s: Session, before: dt.datetime) -> int:
         ~result_may_go())) or 0)
 
 
-def _dry_run(db: Database, report: PurgeReport) -> None:
+def _size_of(objects: NodeStore, key: str) -> int:
+    path = objects.local_path(key)
+    if path is not None:
+        return _size(path) or 0
+    try:
+        return objects.head(key) or 0
+    except StoreError:
+        return 0
+
+
+def _dry_run(db: Database, objects: NodeStore, report: PurgeReport) -> None:
     with db.session() as s:
         finished = select(Study.study_instance_uid).where(study_finished_before(report.before))
         studies, instances, size = s.execute(select(
@@ -267,23 +293,27 @@ def _dry_run(db: Database, report: PurgeReport) -> None:
         paths = s.scalars(select(Result.path).where(
             Result.created_at < report.before, result_may_go())).all()
         report.results = len(paths)
-        report.result_bytes = sum(_size(Path(p)) or 0 for p in paths)
+        report.result_bytes = sum(_size_of(objects, p) for p in paths)
         report.results_kept = _kept_results(s, report.before)
 
 
 def purge(db: Database, config: Config, before: dt.datetime, *, trigger: str,
           actor: str | None = None, dry_run: bool = False,
-          stop: threading.Event | None = None) -> PurgeReport:
+          stop: threading.Event | None = None,
+          objects: NodeStore | None = None) -> PurgeReport:
     """Remove the spool files and results that retention lets go before ``before`` (naive
     UTC), record the run in ``purges`` and log it; ``dry_run`` only counts (the spool's
     bytes as recorded at receipt) and records nothing. ``stop`` ends it between batches
-    (a node draining)."""
+    (a node draining). ``objects``: the node's store (``[storage] store``), opened here
+    when not given: a local file is unlinked, an S3 object deleted."""
+    if objects is None:
+        objects = open_node_store(config)
     report = PurgeReport(before=before, dry_run=dry_run)
     if dry_run:
-        _dry_run(db, report)
+        _dry_run(db, objects, report)
         return report
-    _purge_spool(db, config, report, stop)
-    _purge_results(db, report, stop)
+    _purge_spool(db, objects, report, stop)
+    _purge_results(db, objects, report, stop)
     with db.session() as s:
         report.results_kept = _kept_results(s, before)
         s.add(Purge(at=utcnow(), before=before, trigger=trigger, actor=actor,
@@ -342,8 +372,9 @@ def storage_status(config: Config, s: Session) -> dict[str, Any]:
     been purged, and the last purge."""
     spool_bytes = int(s.scalar(select(func.coalesce(func.sum(Instance.size), 0)).where(
         Instance.purged_at.is_(None))) or 0)
-    results_dir = config.results.results_dir
-    folders = {"spool": config.storage.spool_dir, "results": results_dir}
+    spool_dir, results_dir = local_folders(config)
+    folders = {name: folder for name, folder in (("spool", spool_dir), ("results", results_dir))
+               if folder is not None} or {"data_dir": config.storage.data_dir}
     file_systems: dict[int, dict[str, Any]] = {}
     for name, folder in folders.items():
         probe = folder if folder.exists() else config.storage.data_dir
@@ -362,8 +393,10 @@ def storage_status(config: Config, s: Session) -> dict[str, Any]:
         Instance.purged_at.is_not(None))) or 0)
     purged["results"] = int(s.scalar(select(func.count()).select_from(Result).where(
         Result.purged_at.is_not(None))) or 0)
-    results_bytes, results_error = _folder_bytes(results_dir)
+    results_bytes, results_error = (_folder_bytes(results_dir) if results_dir is not None else
+                                    (None, "in the object store, not counted"))
     return {
+        "store": store_location(config),
         "retention_days": config.storage.retention_days,
         "spool_bytes": spool_bytes,
         "results_bytes": results_bytes,

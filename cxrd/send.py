@@ -31,9 +31,11 @@ import datetime as dt
 import logging
 import os
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_file_meta_info
@@ -65,6 +67,7 @@ from cxrd.outbox import (
     release_leases,
     renew_leases,
 )
+from cxrd.store import NodeStore, open_node_store
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +171,11 @@ class Sender:
     """Sends due deliveries; ``run_once`` is one pass over every destination in turn (tests,
     one-shot), ``start`` runs a thread for each destination."""
 
-    def __init__(self, config: Config, db: Database) -> None:
+    def __init__(self, config: Config, db: Database, objects: NodeStore | None = None) -> None:
         self.config = config
         self.db = db
+        #: Where the result objects are (``[storage] store``); the node passes its own.
+        self.objects = objects if objects is not None else open_node_store(config)
         self.destinations = {d.name: d for d in config.destinations}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -316,50 +321,83 @@ class Sender:
                     item = items[i]
                 i += 1
                 try:
-                    sop_class, syntax = syntaxes_of(item.path)
-                except Exception as exc:
-                    self._fail([item], f"cannot read the result file: {type(exc).__name__}: "
-                                       f"{exc}")
+                    path, temporary = self._file_of(item)
+                except Exception as exc:  # StoreUnavailable: backed off like any failure
+                    self._fail([item], f"cannot read the result: {type(exc).__name__}: {exc}")
                     continue
-                if not any(a == sop_class for a, _ in accepted):
-                    self._fail([item], "PERMANENT: no presentation context accepted for SOP "
-                               f"class {sop_class}; check the destination's SOP classes for "
-                               "this node", at_max_backoff=True)
-                    continue
-                uncompressed = syntax in SEND_TRANSFER_SYNTAXES
-                if not uncompressed and (sop_class, syntax) not in accepted:
-                    self._fail([item], "PERMANENT: the destination does not accept SOP class "
-                               f"{sop_class} in transfer syntax {syntax}; accept JPEG "
-                               "Baseline there, or set [results] heatmap_compression = "
-                               '"none"', at_max_backoff=True)
-                    continue
-                t0 = time.perf_counter()
                 try:
-                    status = assoc.send_c_store(item.path)
-                except Exception as exc:
-                    self._fail([item], f"send failed: {type(exc).__name__}: {exc}")
-                    continue
-                elapsed = time.perf_counter() - t0
-                observe_stages({"send": elapsed})
-                code = int(getattr(status, "Status", NO_RESPONSE)) if status else NO_RESPONSE
-                if code == STATUS_STORED[0]:
-                    mark_delivered(self.db, item)
-                elif code in STATUS_STORED or stored_with_warning(code):
-                    mark_delivered(self.db, item, warning=warning_text(code, status))
-                elif code == NO_RESPONSE:
-                    wait_for_end(assoc)
-                    reason = no_response_error(elapsed, timeout, aborts)
-                    lost = f"the association ended on an earlier object ({reason})"
-                    self._fail([item], reason)
-                elif code in STATUS_OUT_OF_RESOURCES_RANGE:
-                    self._fail([item], f"destination out of resources (0x{code:04X})")
-                else:
-                    comment = getattr(status, "ErrorComment", "")
-                    self._fail([item], f"refused by destination: status 0x{code:04X} "
-                                       f"{comment}".strip(), permanent=True)
+                    lost = self._send_one(assoc, accepted, item, path, timeout, aborts, lost)
+                finally:
+                    if temporary:
+                        path.unlink(missing_ok=True)
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _file_of(self, item: DueDelivery) -> tuple[Path, bool]:
+        """The result's file: the store's own (a local store), or the object fetched into
+        a temp file, removed after the send (True). pynetdicom sends a file's data set as
+        it is, never decoding and encoding it again."""
+        local = self.objects.local_path(item.path)
+        if local is not None:
+            return local, False
+        data = self.objects.get(item.path)
+        fd, name = tempfile.mkstemp(prefix=".cxrd-send-", suffix=".dcm")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except BaseException:
+            os.unlink(name)
+            raise
+        return Path(name), True
+
+    def _send_one(self, assoc: Association, accepted: set[tuple[str, str]], item: DueDelivery,
+                  path: Path, timeout: float, aborts: list[Any], lost: str) -> str:
+        """C-STORE one result from ``path`` and record its outcome; returns what to say of
+        the objects left when the association ended on this one (``lost``)."""
+        try:
+            sop_class, syntax = syntaxes_of(str(path))
+        except Exception as exc:
+            self._fail([item], f"cannot read the result file: {type(exc).__name__}: "
+                               f"{exc}")
+            return lost
+        if not any(a == sop_class for a, _ in accepted):
+            self._fail([item], "PERMANENT: no presentation context accepted for SOP "
+                       f"class {sop_class}; check the destination's SOP classes for "
+                       "this node", at_max_backoff=True)
+            return lost
+        uncompressed = syntax in SEND_TRANSFER_SYNTAXES
+        if not uncompressed and (sop_class, syntax) not in accepted:
+            self._fail([item], "PERMANENT: the destination does not accept SOP class "
+                       f"{sop_class} in transfer syntax {syntax}; accept JPEG "
+                       "Baseline there, or set [results] heatmap_compression = "
+                       '"none"', at_max_backoff=True)
+            return lost
+        t0 = time.perf_counter()
+        try:
+            status = assoc.send_c_store(str(path))
+        except Exception as exc:
+            self._fail([item], f"send failed: {type(exc).__name__}: {exc}")
+            return lost
+        elapsed = time.perf_counter() - t0
+        observe_stages({"send": elapsed})
+        code = int(getattr(status, "Status", NO_RESPONSE)) if status else NO_RESPONSE
+        if code == STATUS_STORED[0]:
+            mark_delivered(self.db, item)
+        elif code in STATUS_STORED or stored_with_warning(code):
+            mark_delivered(self.db, item, warning=warning_text(code, status))
+        elif code == NO_RESPONSE:
+            wait_for_end(assoc)
+            reason = no_response_error(elapsed, timeout, aborts)
+            lost = f"the association ended on an earlier object ({reason})"
+            self._fail([item], reason)
+        elif code in STATUS_OUT_OF_RESOURCES_RANGE:
+            self._fail([item], f"destination out of resources (0x{code:04X})")
+        else:
+            comment = getattr(status, "ErrorComment", "")
+            self._fail([item], f"refused by destination: status 0x{code:04X} "
+                               f"{comment}".strip(), permanent=True)
+        return lost
 
     # -- threads -----------------------------------------------------------------------
     def start(self) -> None:

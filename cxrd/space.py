@@ -21,6 +21,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxrd.config import Config
+    from cxrd.store import NodeStore
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +146,32 @@ def storage_space(spool_dir: Path, results_dir: Path, min_free_mb: int) -> FreeS
     return FreeSpace([spool_dir, results_dir], min_free_mb)
 
 
+def node_space(config: Config, objects: NodeStore) -> FreeSpace:
+    """``[storage] min_free_mb`` for the node's store (``cxrd.store.NodeStore``): over the
+    spool's and the results' folders when they are local files; on S3 the check is off
+    (an object store has no free space to read; a PUT it cannot take is StoreUnavailable,
+    and waited out), and the gauges show ``data_dir``'s file system."""
+    spool, results = objects.spool_dir, objects.results_dir
+    if spool is not None and results is not None:
+        return storage_space(spool, results, config.storage.min_free_mb)
+    return FreeSpace([config.storage.data_dir], 0)
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """An OSError for a full disk or quota, here or anywhere in the exception's chain."""
     return any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in _chain(exc))
 
 
 def is_resource_error(exc: BaseException) -> bool:
-    """True when ``exc`` says a resource is missing (a full disk, or a database that is
-    full or unreachable: ``cxrd.db.unavailable``), not that the work itself is wrong: the
+    """True when ``exc`` says a resource is missing (a full disk, a database that is full
+    or unreachable: ``cxrd.db.unavailable``, a store that cannot be reached now:
+    ``cxrd.errors.StoreUnavailable``), not that the work itself is wrong: the
     work is to wait and resume."""
     from cxrd.db import unavailable
+    from cxrd.errors import StoreUnavailable
 
-    return is_disk_full(exc) or unavailable(exc)
+    return (is_disk_full(exc) or unavailable(exc)
+            or any(isinstance(e, StoreUnavailable) for e in _chain(exc)))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

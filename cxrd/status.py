@@ -18,7 +18,8 @@ from cxrd.infer import resolve_model_path, resolve_segmenter_path
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, read_model_info, read_segmentation_info
 from cxrd.queue import unresolved_failures
 from cxrd.retention import storage_status
-from cxrd.space import storage_space
+from cxrd.space import FreeSpace, storage_space
+from cxrd.store import local_folders
 
 RECENT = 10
 WORKER_STALE_SECONDS = 60
@@ -327,8 +328,10 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
 def disk_status(config: Config, refused: int) -> dict[str, Any]:
     """Free space on the spool's (and the results') file system against ``[storage]
     min_free_mb``; ``refused``: C-STOREs answered 0xA700 for it so far."""
-    space = storage_space(config.storage.spool_dir, config.results.results_dir,
-                          config.storage.min_free_mb)
+    spool_dir, results_dir = local_folders(config)
+    space = (storage_space(spool_dir, results_dir, config.storage.min_free_mb)
+             if spool_dir is not None and results_dir is not None
+             else FreeSpace([config.storage.data_dir], 0))  # S3: no check (cxrd.space)
     try:
         filesystems = [{"path": str(fs.path), "free_mb": fs.free_mb,
                         "total_mb": fs.total_bytes // (1024 * 1024)}
@@ -401,6 +404,7 @@ def render(doc: dict[str, Any]) -> str:
     st = doc["storage"]
     results = (_size(st["results_bytes"]) if st["results_bytes"] is not None
                else f"unknown ({st['results_error']})")
+    lines.append(f"store: {st['store']}")
     lines.append(f"storage: spool {_size(st['spool_bytes'])}, results "
                  f"{results}; retention "
                  + (f"{st['retention_days']} days" if st["retention_days"] else "off (keep)"))

@@ -1,10 +1,12 @@
 """Storage behind one small interface: a local folder, or S3-compatible object storage.
 
-Used by the scale-out roles; the single node keeps its files in ``data_dir`` (the spool,
-``[results] folder``) and absolute paths in the database. A store holds **objects** under
-**keys**, relative POSIX paths such as ``spool/<study>/<sop>.dcm`` and
-``results/<uid>.dcm``; the database is to record keys, never a backend's path or URL, so
-that every host sharing the store finds the same object under the same key.
+A store holds **objects** under **keys**, relative POSIX paths such as
+``spool/<study>/<sop>.dcm`` and ``results/<uid>.dcm``; the database records keys
+(``instances.path``, ``results.path``, schema 7), never a backend's path or URL, so that
+every host sharing the store finds the same object under the same key. The node reaches
+its objects through :class:`NodeStore` (``open_node_store``), the one home of the mapping
+from a key to a file: with the default store the spool is ``data_dir/spool`` and the
+results ``[results] folder``, as they always were.
 
 The interface (:class:`Store`):
 
@@ -56,6 +58,7 @@ loopback, whose own CPU is not counted): see docs/architecture.md, "Storage".
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -87,8 +90,12 @@ __all__ = [
     "StoreError",
     "StoreFailed",
     "StoreUnavailable",
+    "NodeStore",
     "check_key",
+    "open_node_store",
     "open_store",
+    "result_key",
+    "spool_key",
     "parse_s3_url",
 ]
 
@@ -206,9 +213,17 @@ class LocalStore:
         return self.root / check_key(key)
 
     def _error(self, action: str, key: str, exc: OSError) -> StoreError:
+        # A writer function's library may re-raise the OSError without its errno (pydicom
+        # wraps ENOSPC met while writing an element): the errno is then in the chain.
+        cause: BaseException | None = exc
+        for _ in range(8):
+            if cause is None or (isinstance(cause, OSError) and cause.errno):
+                break
+            cause = cause.__cause__ or cause.__context__
+        found = cause if isinstance(cause, OSError) else exc
         text = (f"{action} {key!r} in the folder {self.root}: "
-                f"{exc.strerror or exc} (errno {exc.errno})")
-        if exc.errno in _LOCAL_TRANSIENT:
+                f"{found.strerror or found} (errno {found.errno})")
+        if found.errno in _LOCAL_TRANSIENT:
             return StoreUnavailable(text)
         return StoreFailed(text)
 
@@ -635,3 +650,189 @@ def open_store(config: Config) -> Store:
         bucket, prefix = parse_s3_url(storage.store)
         return S3Store(bucket, prefix, endpoint_url=storage.s3_endpoint_url or None)
     return LocalStore(Path(storage.store) if storage.store else storage.data_dir)
+
+
+# ------------------------------------------------------------------------ the node's objects
+
+#: The first part of every key of a received instance, and of every result's key.
+SPOOL = "spool"
+RESULTS = "results"
+
+
+def spool_key(study_uid: str, sop_uid: str) -> str:
+    """The key of a received instance: ``spool/<Study UID>/<SOP UID>.dcm``."""
+    return check_key(f"{SPOOL}/{study_uid}/{sop_uid}.dcm")
+
+
+def result_key(sop_uid: str) -> str:
+    """The key of a result object (SR, SC, SEG): ``results/<SOP UID>.dcm``."""
+    return check_key(f"{RESULTS}/{sop_uid}.dcm")
+
+
+def is_legacy_path(ref: str) -> bool:
+    """Whether a ``path`` column's value is an absolute file path, not a key: a row written
+    before schema 7 that the migration could not turn into a key (``cxrd.db._v7``)."""
+    return ref.startswith("/")
+
+
+class NodeStore:
+    """The node's objects under their keys: the one home of key -> object.
+
+    ``main`` holds every key, except that with ``results`` (the default store: a
+    :class:`LocalStore` rooted at ``[results] folder``) the ``results/`` keys are that
+    folder's files, so that ``[results] folder`` outside ``data_dir`` keeps working.
+    ``export``: with an S3 or folder store, ``[results] folder`` when it is set, where each
+    result is also written (a local copy for other software; the store's object is the one
+    the node reads and sends).
+
+    A ``path`` value that is an absolute path (``is_legacy_path``) names a local file
+    directly: rows from before schema 7 that did not lie under the spool or the results
+    folder. Thread-safe as its stores are; open one per process (``open_node_store``).
+    """
+
+    def __init__(self, main: Store, *, results: LocalStore | None = None,
+                 export: Path | None = None) -> None:
+        self.main = main
+        self.results = results
+        self.export = LocalStore(export) if export is not None else None
+
+    @property
+    def location(self) -> str:
+        """Where the objects are, for logs and status (never a credential)."""
+        if self.results is not None:
+            return f"{self.main.location} (results: {self.results.location})"
+        return self.main.location
+
+    @property
+    def is_local(self) -> bool:
+        """Whether every object is a file on this host (a :class:`LocalStore`): the free
+        space check (``cxrd.space``) applies, and readers map files."""
+        return isinstance(self.main, LocalStore)
+
+    @property
+    def spool_dir(self) -> Path | None:
+        """The local folder of ``spool/`` keys; None on S3."""
+        return self.main.root / SPOOL if isinstance(self.main, LocalStore) else None
+
+    @property
+    def results_dir(self) -> Path | None:
+        """The local folder of ``results/`` keys; None on S3."""
+        if self.results is not None:
+            return self.results.root
+        return self.main.root / RESULTS if isinstance(self.main, LocalStore) else None
+
+    def _route(self, key: str) -> tuple[Store, str]:
+        if self.results is not None and key.startswith(RESULTS + "/"):
+            return self.results, key[len(RESULTS) + 1:]
+        return self.main, key
+
+    def put(self, key: str, content: Content) -> None:
+        """Store ``content`` durably under ``key`` (``Store.put``); a result is also
+        written to the export folder, when there is one, after the store took it."""
+        store, sub = self._route(key)
+        if self.export is None or not key.startswith(RESULTS + "/"):
+            store.put(sub, content)
+            return
+        if callable(content):  # encode once, write twice
+            buffer = io.BytesIO()
+            content(buffer)
+            content = buffer.getvalue()
+        store.put(sub, content)
+        self.export.put(key[len(RESULTS) + 1:], content)
+
+    def get(self, key: str) -> bytes:
+        if is_legacy_path(key):
+            return _legacy_file(key, "get", lambda p: p.read_bytes())
+        store, sub = self._route(key)
+        return store.get(sub)
+
+    def head(self, key: str) -> int | None:
+        if is_legacy_path(key):
+            try:
+                return _legacy_file(key, "head", lambda p: p.stat().st_size)
+            except ObjectMissing:
+                return None
+        store, sub = self._route(key)
+        return store.head(sub)
+
+    def delete(self, key: str) -> None:
+        """Remove the object (idempotent); a local file's emptied folders go too
+        (``LocalStore.delete``). The export folder's copy stays: it is not the node's."""
+        if is_legacy_path(key):
+            with contextlib.suppress(ObjectMissing):
+                _legacy_file(key, "delete", lambda p: p.unlink())
+            return
+        store, sub = self._route(key)
+        store.delete(sub)
+
+    def local_path(self, key: str) -> Path | None:
+        """The file holding the object on this host, or None (S3)."""
+        if is_legacy_path(key):
+            return Path(key)
+        store, sub = self._route(key)
+        return store.local_path(sub)
+
+    def check(self) -> None:
+        """Raise the store error an S3 bucket's state gives (``S3Store.check``); nothing
+        for a local store, whose errors come with each file."""
+        if isinstance(self.main, S3Store):
+            self.main.check()
+
+
+def _legacy_file(ref: str, action: str, fn: Callable[[Path], Any]) -> Any:
+    path = Path(ref)
+    try:
+        return fn(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ObjectMissing(f"no file {ref}") from exc
+    except OSError as exc:
+        text = f"{action} {ref}: {exc.strerror or exc} (errno {exc.errno})"
+        raise (StoreUnavailable(text) if exc.errno in _LOCAL_TRANSIENT
+               else StoreFailed(text)) from exc
+
+
+def local_folders(config: Config) -> tuple[Path | None, Path | None]:
+    """The local folders of ``spool/`` and ``results/`` keys under ``[storage] store``
+    (what ``open_node_store`` gives as ``spool_dir`` and ``results_dir``), without opening
+    a store: (None, None) on S3."""
+    store = config.storage.store
+    if not store:
+        return config.storage.spool_dir, config.results.results_dir
+    if store.startswith("s3://"):
+        return None, None
+    root = Path(os.path.abspath(store))
+    return root / SPOOL, root / RESULTS
+
+
+def store_location(config: Config) -> str:
+    """Where the node's objects are, for ``cxrd status`` and ``check-config``: the
+    folders, or the S3 URL and its endpoint (never a credential: none is in the
+    configuration, and ``s3_endpoint_url`` may not carry one)."""
+    store = config.storage.store
+    if not store:
+        return f"{config.storage.data_dir} (results: {config.results.results_dir})"
+    if store.startswith("s3://") and config.storage.s3_endpoint_url:
+        return f"{store} at {config.storage.s3_endpoint_url}"
+    return store
+
+
+def key_folders(config: Config) -> dict[str, Path]:
+    """The folders in which the schema 7 migration recognises the absolute paths it turns
+    into keys (``cxrd.db.key_of_path``): with the default store, the spool and
+    ``[results] folder``, where the node always wrote. With a folder or S3 store none: an
+    older node's files are not in that store, and their rows keep their absolute paths,
+    which ``NodeStore`` reads as local files."""
+    if config.storage.store:
+        return {}
+    return {SPOOL: config.storage.spool_dir, RESULTS: config.results.results_dir}
+
+
+def open_node_store(config: Config) -> NodeStore:
+    """The node's objects as ``[storage] store`` says (``open_store``): the default
+    (``""``) keeps ``data_dir/spool`` and ``[results] folder`` (``data_dir/results``
+    unless set) as today; a folder or S3 holds both, and ``[results] folder``, when set,
+    becomes a local export of the results. Sends no request; call it in each process."""
+    store = open_store(config)
+    if not config.storage.store:
+        return NodeStore(store, results=LocalStore(config.results.results_dir))
+    return NodeStore(store, export=config.results.folder)

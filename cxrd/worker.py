@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +37,7 @@ from cxrd.config import Config, worker_threads
 from cxrd.db import Database, unavailable
 from cxrd.dicom import CR
 from cxrd.domain import JobKind, SkipReason
-from cxrd.errors import DecodeError, UnsupportedImage
+from cxrd.errors import DecodeError, ObjectMissing, UnsupportedImage
 from cxrd.findings import ImageFindings, decide_class
 from cxrd.infer import Classifier, Segmenter
 from cxrd.lungs import lung_gate, lung_masks
@@ -55,7 +56,8 @@ from cxrd.preprocess import (
 )
 from cxrd.seg import LungSegEncoder
 from cxrd.space import is_resource_error
-from cxrd.uids import derived_uid
+from cxrd.store import NodeStore, open_node_store, result_key
+from cxrd.uids import derived_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class Prepared:
     lung_grid: npt.NDArray[np.bool_] | None = None
 
 
-def prepare(path: str | Path, model: ModelInfo) -> Prepared:
+def prepare(path: str | Path | bytes, model: ModelInfo) -> Prepared:
     """Read, decode, run the shared preprocessing under the model's contract;
     DecodeError / UnsupportedImage.
 
@@ -96,6 +98,7 @@ def prepare(path: str | Path, model: ModelInfo) -> Prepared:
     image is kept as it is for the SC, which downscales it to ``heatmap_max_side``; when
     the contract box-averages it first (``cxrd-gray8-stretch-v2``), that reduced image is
     kept too, and the SC starts from it when its own downscale would make the same one.
+    ``path`` is the spooled file, or the object's bytes (a store without local files).
     """
     size = model.input_size
     t0 = time.perf_counter()
@@ -133,15 +136,47 @@ def seg_uids(source_sop_uid: str, study_uid: str, generation: int,
             derived_uid("seg", source_sop_uid, generation, model.device_uid))
 
 
+def put_result(target: Path | NodeStore, sop_uid: str,
+               content: bytes | Callable[[BinaryIO], object]) -> str | Path:
+    """Write a result durably: into the folder ``target`` as ``<SOP UID>.dcm``
+    (``cxrd.durable.write_file``; returns the file), or into the node's store under
+    ``results/<SOP UID>.dcm`` (returns the key, which the result row records). A local
+    store without an export folder is written with ``cxrd.durable`` directly, its errors
+    as they come, as the single node always wrote. InvalidUID for a bad UID."""
+    from cxrd.durable import write_file
+
+    uid = validate_uid(sop_uid)
+    if isinstance(target, Path):
+        path = target / f"{uid}.dcm"
+        write_file(path, content)
+        return path
+    key = result_key(uid)
+    local = target.local_path(key)
+    if local is not None and target.export is None:
+        write_file(local, content)
+        return key
+    target.put(key, content)
+    return key
+
+
+def save_result(ds: Dataset, target: Path | NodeStore) -> str | Path:
+    """``put_result`` of a data set, written by pydicom as a Part 10 file."""
+    from pydicom.filewriter import dcmwrite
+
+    return put_result(target, str(ds.get("SOPInstanceUID", "")),
+                      lambda fh: dcmwrite(fh, ds, enforce_file_format=True))
+
+
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],
-                  model: ModelInfo, results_dir: Path, generation: int, *,
+                  model: ModelInfo, results_dir: Path | NodeStore, generation: int, *,
                   max_side: int = 1024, compression: str = "none",
-                  region: tuple[float, float, float, float] | None = None) -> tuple[str, Path]:
-    """Build and save the heatmap SC; returns its SOP Instance UID and path.
+                  region: tuple[float, float, float, float] | None = None
+                  ) -> tuple[str, str | Path]:
+    """Build and save the heatmap SC (``save_result``: a folder, or the node's store);
+    returns its SOP Instance UID and its path or key.
     ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
     ``heatmap_compression`` (see ``cxrd.heatmap``); ``region`` is the one the SR reports
     (``ImageFindings.region``), which the SC outlines."""
-    from cxrd.durable import save_dataset
     from cxrd.heatmap import ImageResult, build_heatmap_sc
 
     series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
@@ -154,7 +189,7 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
                           max_side=max_side, compression=compression)
     t1 = time.perf_counter()
-    path = save_dataset(sc, results_dir)
+    path = save_result(sc, results_dir)
     prep.timings["sc"] = t1 - t0
     prep.timings["write"] = time.perf_counter() - t1
     return sop_uid, path
@@ -182,13 +217,12 @@ def lung_fields(probs: npt.NDArray[np.float32], model: SegmentationInfo
 
 
 def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEncoder,
-              results_dir: Path, generation: int) -> tuple[str, Path]:
+              results_dir: Path | NodeStore, generation: int) -> tuple[str, str | Path]:
     """Build and save the lung-field SEG (``cxrd.seg``) of one image from the segmenter's
-    (h, w, 2) ``probs``; returns its SOP Instance UID and path. The masks are at the
-    source's Rows x Columns (``lung_masks``: thresholded on their grid, packed from it);
-    the SEG comes from ``encoder``'s template for the kind of source (``LungSegEncoder``)."""
-    from cxrd.durable import write_file
-
+    (h, w, 2) ``probs`` (``put_result``); returns its SOP Instance UID and its path or
+    key. The masks are at the source's Rows x Columns (``lung_masks``: thresholded on
+    their grid, packed from it); the SEG comes from ``encoder``'s template for the kind
+    of source (``LungSegEncoder``)."""
     model = encoder.model
     series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
                                    str(prep.dataset.StudyInstanceUID), generation, model)
@@ -198,8 +232,7 @@ def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEn
     encoded = encoder.encode(prep.dataset, masks, series_instance_uid=series_uid,
                              sop_instance_uid=sop_uid,
                              instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
-    path = Path(results_dir) / f"{sop_uid}.dcm"
-    write_file(path, encoded)
+    path = put_result(results_dir, sop_uid, encoded)
     prep.timings["seg"] = time.perf_counter() - t0
     return sop_uid, path
 
@@ -291,6 +324,10 @@ class WorkerLoop:
         self.seg_encoder = (LungSegEncoder(self.segmentation)
                             if self.segmentation is not None else None)
         self.processed = 0
+        #: The spool and the results (``[storage] store``), opened in this process.
+        self.objects = open_node_store(config)
+        #: ``[results] folder``: the results' files with the default store, a local
+        #: export (when set) with an S3 or folder store.
         self.results_dir = config.results.results_dir
         self.destinations = [d.name for d in config.destinations]
         seg = self.segmentation
@@ -373,7 +410,7 @@ class WorkerLoop:
         ready: list[tuple[queue.ClaimedJob, Prepared]] = []
         for job in jobs:
             try:
-                ready.append((job, prepare(job.path, self.model)))
+                ready.append((job, prepare(self._source(job), self.model)))
             except UnsupportedImage as exc:
                 queue.skip(self.db, job, self.worker_id, SkipReason.UNSUPPORTED_PHOTOMETRIC,
                            str(exc))
@@ -406,12 +443,12 @@ class WorkerLoop:
                                             margin=self.config.results.lung_margin)
                 record = findings.record()
                 prep.timings["record"] = time.perf_counter() - t1
-                sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.results_dir,
+                sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.objects,
                                     job.generation, max_side=self.config.results.heatmap_max_side,
                                     compression=self.config.results.heatmap_compression,
                                     region=findings.region)
                       if self.config.results.heatmap_secondary_capture else None)
-                seg = (write_seg(prep, lungs[i], self.seg_encoder, self.results_dir,
+                seg = (write_seg(prep, lungs[i], self.seg_encoder, self.objects,
                                  job.generation)
                        if lungs is not None and self.seg_encoder is not None
                        and self.config.results.segmentation else None)
@@ -430,6 +467,19 @@ class WorkerLoop:
                          "p_tb=%.3f p_ntb=%.3f p_norm=%.3f model=%s",
                          job.sop_instance_uid, job.study_instance_uid, *probs[i].tolist(),
                          self.model.display_name)
+
+    def _source(self, job: queue.ClaimedJob) -> Path | bytes:
+        """The spooled instance of a classify job: its local file (mapped by
+        ``read_dicom``), or the object's bytes. An object that is gone is a DecodeError
+        (skipped, as a spool file removed outside cxrd always was); a store that cannot
+        be reached raises StoreUnavailable (the job waits, ``is_resource_error``)."""
+        path = self.objects.local_path(job.path)
+        if path is not None:
+            return path
+        try:
+            return self.objects.get(job.path)
+        except ObjectMissing as exc:
+            raise DecodeError(f"cannot read the spooled object: {exc}") from exc
 
     def _segment(self, batch: list[Prepared]) -> npt.NDArray[np.float32] | None:
         """The segmenter's run over the batch the classifier ran, each input from the
@@ -482,7 +532,7 @@ class WorkerLoop:
             outcome = queue.complete_report(self.db, job, self.worker_id, findings, sr=sr,
                                             seconds=seconds, destinations=self.destinations)
             if outcome == "stale" and sr is not None:
-                sr[1].unlink(missing_ok=True)  # recorded nowhere; the rebuild supersedes it
+                self.objects.delete(str(sr[1]))  # recorded nowhere; the rebuild supersedes it
         except Exception as exc:
             self._retry(job, exc)
             return
@@ -493,8 +543,7 @@ class WorkerLoop:
                      sr[0] if sr else None, len(findings.jobs),
                      findings.current_sr if sr else None, self.model.display_name)
 
-    def _write_sr(self, findings: queue.StudyFindings, sr_uid: str) -> Path:
-        from cxrd.durable import save_dataset
+    def _write_sr(self, findings: queue.StudyFindings, sr_uid: str) -> str | Path:
         from cxrd.sr import build_sr
 
         images = []
@@ -503,14 +552,26 @@ class WorkerLoop:
                 raise ValueError(f"classify job {job_id} has no findings record (done before "
                                  "schema 2); run `cxrd reprocess --study` for this study")
             images.append(ImageFindings.from_record(json.loads(probs), json.loads(record)))
-        previous = findings.current_sr_path
-        predecessor = (pydicom.dcmread(previous, stop_before_pixels=True)
-                       if previous and Path(previous).exists() else None)
+        predecessor = self._previous_sr(findings.current_sr_path)
         sr = build_sr(images, self.model, sop_class=self.config.results.sr_sop_class.value,
                       predecessor=predecessor, sop_instance_uid=sr_uid,
                       series_instance_uid=derived_uid("sr-series", findings.study_instance_uid,
                                                       self.model.device_uid))
-        return save_dataset(sr, self.results_dir)
+        return save_result(sr, self.objects)
+
+    def _previous_sr(self, key: str | None) -> Dataset | None:
+        """The header of the study's current SR (its key), which the new SR names as its
+        predecessor; None when there is none or its object is gone (purged)."""
+        if not key:
+            return None
+        path = self.objects.local_path(key)
+        if path is not None:
+            return pydicom.dcmread(path, stop_before_pixels=True) if path.exists() else None
+        try:
+            data = self.objects.get(key)
+        except ObjectMissing:
+            return None
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
 
     def _retry(self, job: queue.ClaimedJob, exc: BaseException) -> None:
         """Back to the queue: with backoff, counting the attempt; or, when the disk is

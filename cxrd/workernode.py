@@ -37,7 +37,8 @@ from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.pool import WorkerPool, install_stop_signals
-from cxrd.space import storage_space
+from cxrd.space import FreeSpace, storage_space
+from cxrd.store import local_folders
 from cxrd.systemd import Notifier
 from cxrd.worker import settle_garbage_collector, worker_id_prefix
 
@@ -72,19 +73,26 @@ class WorkerNode:
         if version != SCHEMA_VERSION:  # the preflight said so too, unless it changed since
             raise CxrdError(f"database is at schema version {version}, this cxrd needs "
                             f"{SCHEMA_VERSION}; a worker node never migrates")
-        cfg.results.results_dir.mkdir(parents=True, exist_ok=True)
+        spool_dir, results_dir = local_folders(cfg)
+        if spool_dir is None:  # S3: data_dir is this node's own (metrics files)
+            cfg.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (results_dir, cfg.results.folder if cfg.storage.store else None):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
         if cfg.metrics.enabled:
             enable_multiprocess(cfg.storage.data_dir, cfg.node.id)  # before any worker
             metrics()
         # What this node's earlier processes held and were writing when they died; other
         # nodes' leases are theirs until they expire.
         queue.release_dead_leases(self.db, worker_id_prefix(cfg.node.id))
-        remove_stale_temp_files(cfg.results.results_dir)
+        if results_dir is not None:
+            remove_stale_temp_files(results_dir)
         if cfg.model.require_cuda:
             check_cuda(cfg)
-        log.info("action=node-start role=worker node_id=%s data_dir=%s schema=%d model=%s "
-                 "device_uid=%s demo=%s workers=%d", cfg.node.id, cfg.storage.data_dir,
-                 version, self.model.display_name, self.model.device_uid, self.model.demo,
+        log.info("action=node-start role=worker node_id=%s data_dir=%s store=%s schema=%d "
+                 "model=%s device_uid=%s demo=%s workers=%d", cfg.node.id,
+                 cfg.storage.data_dir, cfg.storage.store or "data_dir", version,
+                 self.model.display_name, self.model.device_uid, self.model.demo,
                  self.worker_count)
         if not cfg.destinations:
             # The worker that writes a result queues it for the destinations of its own
@@ -98,8 +106,10 @@ class WorkerNode:
     def start(self) -> None:
         cfg = self.config
         if cfg.metrics.enabled:
-            space = storage_space(cfg.storage.spool_dir, cfg.results.results_dir,
-                                  cfg.storage.min_free_mb)
+            spool_dir, results_dir = local_folders(cfg)
+            space = (storage_space(spool_dir, results_dir, cfg.storage.min_free_mb)
+                     if spool_dir is not None and results_dir is not None
+                     else FreeSpace([cfg.storage.data_dir], 0))
             self._metrics_server = start_metrics(cfg.metrics.listen, self.db, space=space,
                                                  config=cfg)
         self.pool.start()

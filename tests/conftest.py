@@ -36,6 +36,10 @@ class DataDirs:
     spool: Path
     rejected: Path
 
+    def file(self, key: str) -> Path:
+        """The file of a store key (``instances.path``) under this data folder."""
+        return self.root / key
+
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> DataDirs:

@@ -1,8 +1,9 @@
 """Fixtures of the acceptance tier (the helpers themselves are in ``nodehelpers``).
 
 ``nodes`` starts ``cxrd serve`` subprocesses and kills their process groups at teardown;
-``db_of`` opens read-only views of their databases; the phantom sets are generated once
-per session and copied into each test's watched folder.
+``db_of`` opens read-only views of their databases; ``shared_url`` makes a PostgreSQL
+database for nodes that share one; the phantom sets are generated once per session and
+copied into each test's watched folder.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from nodehelpers import DbView, NodeDirs, Nodes, PhantomSet, frontal_set, make_phantom_set
+from nodehelpers import (
+    DbView,
+    NodeDirs,
+    Nodes,
+    PhantomSet,
+    frontal_set,
+    make_phantom_set,
+    shared_database,
+)
 
 
 @pytest.fixture
@@ -47,3 +56,11 @@ def fifty(tmp_path_factory: pytest.TempPathFactory) -> PhantomSet:
 def dozen(tmp_path_factory: pytest.TempPathFactory) -> PhantomSet:
     """A dozen frontal chest images in four studies (every one is classified)."""
     return frontal_set(tmp_path_factory.mktemp("dozen"))
+
+
+@pytest.fixture
+def shared_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own on the local server, for nodes that share
+    it (``nodehelpers.shared_database``); dropped afterwards."""
+    with shared_database("cxrd_nodes") as url:
+        yield url

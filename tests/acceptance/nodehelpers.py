@@ -15,11 +15,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,6 +120,72 @@ def is_worker(pid: int) -> bool:
     return "spawn_main" in line and "resource_tracker" not in line
 
 
+# ------------------------------------------------------- nodes sharing PostgreSQL and a PACS
+
+#: The local PostgreSQL server's maintenance database; each test makes its own database.
+ADMIN_URL = os.environ.get("CXRD_TEST_POSTGRES_ADMIN_URL",
+                           "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql)
+
+
+@contextlib.contextmanager
+def shared_database(prefix: str) -> Iterator[str]:
+    """A database of this test's own on the local server (its URL); dropped afterwards.
+    The server missing fails the test, unless ``CXRD_SKIP_POSTGRES=1`` says to skip."""
+    if os.environ.get("CXRD_SKIP_POSTGRES") == "1":
+        pytest.skip("CXRD_SKIP_POSTGRES=1")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL at {ADMIN_URL} is unreachable ({exc}); set "
+                    "CXRD_SKIP_POSTGRES=1 on machines without it")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def shared_node_config(root: Path, node_id: str, url: str, scp_port: int, *,
+                       processes: int = 1, storage: str = "", extra: str = "") -> NodeDirs:
+    """The config of one node of several that share the PostgreSQL database ``url``: its
+    own ``[node] id`` and data folder, the destination ``storescp`` on ``scp_port`` (the
+    same on every node: a worker queues its results for its own config's destinations),
+    ``storage`` TOML lines added to ``[storage]`` (``store = ...``, or ``data_dir``
+    replaced by a shared one), and ``extra`` TOML appended."""
+    root.mkdir(parents=True)
+    dirs = write_config(root, processes=processes, extra=f"""
+[[destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {scp_port}
+{extra}""")
+    text = dirs.config.read_text()
+    text = text.replace("[node]\n", f'[node]\nid = "{node_id}"\n', 1)
+    text = text.replace("[storage]\n", f'[storage]\ndatabase_url = "{url}"\n', 1)
+    data_dir = re.search(r'^data_dir = "(.*)"$', storage, re.M)
+    if data_dir is not None:  # a shared data folder in place of this node's own
+        text = text.replace(f'data_dir = "{dirs.data_dir}"\n', "", 1)
+        dirs = NodeDirs(root, Path(data_dir[1]), dirs.config)
+    text = text.replace("[storage]\n", f"[storage]\n{storage.strip()}\n", 1)
+    dirs.config.write_text(text)
+    return dirs
+
+
+def node_port(dirs: NodeDirs) -> int:
+    """The ``[node] port`` of a node's config."""
+    port = re.search(r"^port = (\d+)$", dirs.config.read_text(), re.M)
+    assert port is not None
+    return int(port[1])
+
+
 # -------------------------------------------------------------------------------- nodes
 
 
@@ -176,6 +244,18 @@ listen = ""
 level = "{level}"
 {extra}""")
     return NodeDirs(root, data_dir, config)
+
+
+def local_file(dirs: NodeDirs, key: str) -> Path:
+    """The file of a store key (``instances.path``, ``results.path``) of a node with a
+    local store: found through the node's own ``cxrd.store.NodeStore``, which maps
+    ``results/`` keys to ``[results] folder``."""
+    from cxrd.config import load_config
+    from cxrd.store import open_node_store
+
+    path = open_node_store(load_config(dirs.config, env={})).local_path(key)
+    assert path is not None, f"{dirs.config}: not a local store"
+    return path
 
 
 def cli_env() -> dict[str, str]:
@@ -250,10 +330,12 @@ class Nodes:
     def __init__(self) -> None:
         self.started: list[NodeProcess] = []
 
-    def start(self, dirs: NodeDirs, processes: int = 1, command: str = "serve") -> NodeProcess:
+    def start(self, dirs: NodeDirs, processes: int = 1, command: str = "serve",
+              env: dict[str, str] | None = None) -> NodeProcess:
         """Start ``cxrd <command>`` and wait for its ``processes`` workers (with none, for
-        the node's start line)."""
-        node = NodeProcess(dirs, f"{command}-{len(self.started) + 1}", command=command)
+        the node's start line); ``env`` is added to ``cli_env()``."""
+        node = NodeProcess(dirs, f"{command}-{len(self.started) + 1}", command=command,
+                           env={**cli_env(), **env} if env else None)
         self.started.append(node)
         if processes:
             node.wait_ready(processes)
@@ -548,7 +630,7 @@ def check_outcome(dirs: NodeDirs, db: DbView, dropped: Iterable[Dropped]) -> dic
     files = sorted(p.name for p in dirs.results.iterdir()) if dirs.results.exists() else []
     assert not [f for f in files if f.endswith(".tmp") or f.startswith(".")], files
     assert sorted(files) == sorted(f"{r.sop_instance_uid}.dcm" for r in results)
-    assert all(Path(r.path) == dirs.results / f"{r.sop_instance_uid}.dcm" for r in results)
+    assert all(r.path == f"results/{r.sop_instance_uid}.dcm" for r in results)  # keys
 
     # SRs: one current per study with a done instance, naming exactly those instances
     srs = [r for r in results if r.kind == ResultKind.SR.value]

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from dicompeers import output, storescu
 from diskhelpers import fill
-from nodehelpers import DONE_TIMEOUT, PhantomSet, status_json, wait_until, write_config
+from nodehelpers import (
+    DONE_TIMEOUT,
+    PhantomSet,
+    local_file,
+    status_json,
+    wait_until,
+    write_config,
+)
 from sqlalchemy import select
 
 from cxrd.db import Instance, Job, Rejection, Result, Study
@@ -111,7 +117,8 @@ def test_full_disk_refuses_waits_and_recovers_by_itself(tmp_path, tmpfs, nodes, 
     for study in studies:
         assert study.sr_sop_instance_uid in srs
     for r in rows:
-        assert Path(r.path).parent == results and Path(r.path).stat().st_size > 0
+        assert local_file(dirs, r.path).parent == results
+        assert local_file(dirs, r.path).stat().st_size > 0
     doc = status_json(dirs)
     assert not doc["disk"]["low"] and doc["healthy"], doc
     assert "action=disk-low" in node.log() and "action=disk-ok" in node.log()

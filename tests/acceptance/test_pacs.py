@@ -95,9 +95,10 @@ def check_results(rows: list[dict[str, str]], study: list[SentFile]) -> None:
 
 
 def check_segs(orthanc: Orthanc, rows: list[dict[str, str]], study: list[SentFile],
-               results: dict[str, Result]) -> None:
+               results: dict[str, Result], data_dir: Path) -> None:
     """Each SEG the PACS holds reads back with highdicom, references one image of the
-    study (each image once), and is the object cxrd wrote, pixel for pixel."""
+    study (each image once), and is the object cxrd wrote, pixel for pixel (its store key
+    ``results/<uid>.dcm`` is a file under ``data_dir``, the default results folder)."""
     sources = []
     for row in rows:
         if row["sop_class_uid"] != SEG:
@@ -107,7 +108,7 @@ def check_segs(orthanc: Orthanc, rows: list[dict[str, str]], study: list[SentFil
         (source,) = [uid for _, _, uid in back.get_source_image_uids()]
         sources.append(source)
         assert back.get_segment_numbers() == [1, 2]
-        written = pydicom.dcmread(results[row["sop_instance_uid"]].path)
+        written = pydicom.dcmread(data_dir / results[row["sop_instance_uid"]].path)
         assert written.SOPClassUID == SEG and back.PixelData == written.PixelData
     assert sorted(sources) == sorted(f.sop_instance_uid for f in study)
 
@@ -160,7 +161,8 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
         assert orthanc.study_id(first[0].study_instance_uid) == orthanc_study
         assert len(rows) == 3 + 1 + 3 + 3  # the images, the SR, the heatmaps, the SEGs
         check_results([r for r in rows if r["sop_class_uid"] in (SR_3D, SC, SEG)], first)
-        check_segs(orthanc, rows, first, {r.sop_instance_uid: r for r in _results(db, first)})
+        check_segs(orthanc, rows, first, {r.sop_instance_uid: r for r in _results(db, first)},
+                   db.path.parent)
         assert {i.source for i in _instances(db)} == {"dicom:ORTHANC@127.0.0.1"}
 
         # 2. The PACS goes down; a modality sends a study compressed three ways.
@@ -198,7 +200,8 @@ def test_orthanc_round_trip_and_outage(tmp_path: Path, nodes: Nodes,
         rows = wait_until(lambda: results_in_pacs(orthanc, second[0].study_instance_uid, 3),
                           TIMEOUT, "the second study's SR, SCs and SEGs in Orthanc")
         check_results(rows, second)
-        check_segs(orthanc, rows, second, {r.sop_instance_uid: r for r in _results(db, second)})
+        check_segs(orthanc, rows, second,
+                   {r.sop_instance_uid: r for r in _results(db, second)}, db.path.parent)
         assert results_in_pacs(orthanc, first[0].study_instance_uid, 3), "first study lost"
 
         def delivered() -> dict[str, Any] | None:

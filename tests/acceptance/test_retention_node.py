@@ -45,7 +45,8 @@ def spool_files(dirs: NodeDirs) -> list[Path]:
 
 def result_paths(db: DbView, study_uid: str) -> list[Path]:
     with db.session() as s:
-        return [Path(p) for p in s.scalars(select(Result.path).where(
+        # keys (results/<uid>.dcm): the default results folder is data_dir/results
+        return [db.path.parent / p for p in s.scalars(select(Result.path).where(
             Result.study_instance_uid == study_uid))]
 
 

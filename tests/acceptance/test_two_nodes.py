@@ -1,7 +1,8 @@
 """Two ``cxrd serve`` nodes on one PostgreSQL database, one real ``storescp`` destination.
 
-Each node has its own ``[node] id``, data folder, watched folder and metrics endpoint; half
-of a dozen frontal images is dropped into each node's folder. Both nodes' workers and
+Each node has its own ``[node] id``, data folder, watched folder and metrics endpoint, and
+both keep their objects in one store folder (``[storage] store``, as a shared mount would
+be); half of a dozen frontal images is dropped into each node's folder. Both nodes' workers and
 senders share the queue and the outbox: every study is reported once, every result is
 stored by the destination exactly once (unique file names, so a second copy would show),
 the work's lease owners name the nodes, the gauges read from the database are exported by
@@ -11,17 +12,21 @@ the cluster's counts and its own id.
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from dicompeers import StoreSCP, free_port
-from nodehelpers import NodeDirs, Nodes, PhantomSet, status_json, wait_until, write_config
+from nodehelpers import (
+    NodeDirs,
+    Nodes,
+    PhantomSet,
+    shared_node_config,
+    status_json,
+    wait_until,
+)
 from pagehelpers import check_page_matches, status_page
 from sqlalchemy import func, select
 
@@ -30,45 +35,15 @@ from cxrd.domain import DeliveryState, StudyState
 
 pytestmark = pytest.mark.slow
 
-ADMIN_URL = os.environ.get("CXRD_TEST_POSTGRES_ADMIN_URL",
-                           "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def admin(sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql)
-
-
-@pytest.fixture
-def shared_url() -> Iterator[str]:
-    """A database of this test's own on the local server; dropped afterwards."""
-    if os.environ.get("CXRD_SKIP_POSTGRES") == "1":
-        pytest.skip("CXRD_SKIP_POSTGRES=1")
-    name = f"cxrd_two_nodes_{uuid.uuid4().hex[:12]}"
-    try:
-        admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL at {ADMIN_URL} is unreachable ({exc}); set "
-                    "CXRD_SKIP_POSTGRES=1 on machines without it")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-def node_dirs(root: Path, node_id: str, url: str, scp_port: int) -> tuple[NodeDirs, int]:
+def node_dirs(root: Path, node_id: str, url: str, scp_port: int,
+              store: Path) -> tuple[NodeDirs, int]:
+    """A node of its own data folder and metrics endpoint, on the shared database and
+    the shared store folder ``store`` (the database records keys, which every node must
+    find in the same store)."""
     metrics_port = free_port()
-    root.mkdir(parents=True)
-    dirs = write_config(root, extra=f"""
-[[destinations]]
-name = "pacs"
-ae_title = "STORESCP"
-host = "127.0.0.1"
-port = {scp_port}
-""")
+    dirs = shared_node_config(root, node_id, url, scp_port, storage=f'store = "{store}"',
+                              processes=1)
     text = dirs.config.read_text()
-    text = text.replace("[node]\n", f'[node]\nid = "{node_id}"\n', 1)
-    text = text.replace("[storage]\n", f'[storage]\ndatabase_url = "{url}"\n', 1)
     text = text.replace('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
     dirs.config.write_text(text)
     return dirs, metrics_port
@@ -86,8 +61,10 @@ def test_two_nodes_share_the_queue_and_deliver_each_result_once(
     scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
     db = Database(shared_url)
     try:
-        a, a_metrics = node_dirs(tmp_path / "a", "node-a", shared_url, scp.port)
-        b, b_metrics = node_dirs(tmp_path / "b", "node-b", shared_url, scp.port)
+        store = tmp_path / "store"  # a folder both nodes mount
+        store.mkdir()
+        a, a_metrics = node_dirs(tmp_path / "a", "node-a", shared_url, scp.port, store)
+        b, b_metrics = node_dirs(tmp_path / "b", "node-b", shared_url, scp.port, store)
         nodes.start(a)
         nodes.start(b)
         half = len(dozen.files) // 2

@@ -1,16 +1,20 @@
-"""One receiving node and two worker nodes on one PostgreSQL database and one data folder;
-one worker node is killed with its whole process group in mid-batch.
+"""One receiving node and two worker nodes on one PostgreSQL database, sharing their
+objects through one data folder or through S3 (moto's server); one worker node is killed
+with its whole process group in mid-batch.
 
 The receiving node runs ``cxrd serve`` with ``[workers] processes = 0`` (receiver,
-scheduler, sender, no worker); two ``cxrd worker`` nodes with their own ``[node] id``
-share its data folder (the same path) and do every classify and report job. 200 small
-frontal images in 50 studies arrive over 4 parallel ``storescu`` associations. While
-worker node A holds leased jobs, its process group is killed with SIGKILL; nothing is
-restarted, so its jobs come back only when their (5 s) leases expire, and node B does
-them. Counted from the database and from what ``storescp`` received: every instance has
-exactly one SC, every study exactly one current SR, every result is stored by the
-destination exactly once; the jobs A held were redone by B; ``cxrd status`` names both
-worker nodes' workers.
+scheduler, sender, no worker); two ``cxrd worker`` nodes with their own ``[node] id`` do
+every classify and report job. With a shared folder they mount the receiving node's data
+folder (the same path, ``[storage] store = ""``); with S3 every node has a data folder of
+its own and ``[storage] store = "s3://bucket/site"`` (credentials in the environment
+only). 200 small frontal images in 50 studies arrive over 4 parallel ``storescu``
+associations. While worker node A holds leased jobs, its process group is killed with
+SIGKILL; nothing is restarted, so its jobs come back only when their (5 s) leases expire,
+and node B does them. Counted from the database and from what ``storescp`` received:
+every instance has exactly one SC, every study exactly one current SR, every result is
+stored by the destination exactly once; the jobs A held were redone by B; ``cxrd status``
+names both worker nodes' workers. On S3 the bucket holds exactly the spooled instances and
+the results, under the keys the database records, and no node spooled a local file.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import os
 import re
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -32,13 +36,17 @@ from nodehelpers import (
     NodeProcess,
     Nodes,
     PhantomSet,
+    cli_env,
     frontal_set,
+    node_port,
     run_cli,
+    shared_node_config,
     status_json,
     wait_until,
     write_config,
 )
 from pagehelpers import page_keys, status_page
+from s3peer import aws_environ, new_bucket, object_keys, start_moto, stop
 from sqlalchemy import func, select
 
 from cxrd.db import SCHEMA_VERSION, Database, Delivery, Instance, Job, Result, Study
@@ -46,31 +54,7 @@ from cxrd.domain import DeliveryState, InstanceState, JobKind, JobState, ResultK
 
 pytestmark = pytest.mark.slow
 
-ADMIN_URL = os.environ.get("CXRD_TEST_POSTGRES_ADMIN_URL",
-                           "postgresql://postgres@127.0.0.1:5432/postgres")
 N_STUDIES, PER_STUDY, ASSOCIATIONS = 50, 4, 4
-
-
-def admin(sql: str) -> None:
-    import psycopg
-
-    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql)
-
-
-@pytest.fixture
-def shared_url() -> Iterator[str]:
-    """A database of this test's own on the local server; dropped afterwards."""
-    if os.environ.get("CXRD_SKIP_POSTGRES") == "1":
-        pytest.skip("CXRD_SKIP_POSTGRES=1")
-    name = f"cxrd_worker_nodes_{uuid.uuid4().hex[:12]}"
-    try:
-        admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL at {ADMIN_URL} is unreachable ({exc}); set "
-                    "CXRD_SKIP_POSTGRES=1 on machines without it")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
@@ -80,48 +64,73 @@ def two_hundred(tmp_path_factory: pytest.TempPathFactory) -> PhantomSet:
                        per_study=PER_STUDY)
 
 
+@dataclass
+class Sharing:
+    """How the nodes share their objects: ``storage(recv)`` is the ``[storage]`` lines of
+    a worker node (the receiving node's get ``receiving``), ``env`` the environment every
+    node gets."""
+
+    kind: str
+    receiving: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    endpoint: str = ""
+    bucket: str = ""
+
+    def storage(self, recv: NodeDirs) -> str:
+        if self.kind == "folder":
+            return f'data_dir = "{recv.data_dir}"'  # the receiving node's, mounted
+        return self.receiving
+
+
+@pytest.fixture(params=["folder", "s3"])
+def sharing(request: pytest.FixtureRequest, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Sharing]:
+    if request.param == "folder":
+        yield Sharing("folder")
+        return
+    env = aws_environ(tmp_path)
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():  # this process's boto3 reads the bucket
+        monkeypatch.setenv(name, value)
+    proc, endpoint = start_moto()
+    try:
+        bucket = new_bucket(endpoint)
+        yield Sharing("s3", f'store = "s3://{bucket}/site"\ns3_endpoint_url = "{endpoint}"',
+                      env, endpoint, bucket)
+    finally:
+        stop(proc)
+
+
 def node_config(root: Path, node_id: str, url: str, scp_port: int, *, processes: int,
-                data_dir: Path | None = None) -> tuple[NodeDirs, int]:
-    """A node's config: its id, the shared database, the destination (the same on every
-    node: a worker queues its results for its own config's destinations), the data folder
-    ``data_dir`` (the receiving node's, at the same path) when given. No segmenter: SCs
-    and SRs are what is counted here. Returns the dirs and the DICOM port."""
-    root.mkdir(parents=True)
-    dirs = write_config(root, processes=processes, extra=f"""
-[[destinations]]
-name = "pacs"
-ae_title = "STORESCP"
-host = "127.0.0.1"
-port = {scp_port}
-""")
-    text = dirs.config.read_text()
-    text = text.replace("[node]\n", f'[node]\nid = "{node_id}"\n', 1)
-    text = text.replace("[storage]\n", f'[storage]\ndatabase_url = "{url}"\n', 1)
-    text = text.replace("[model]\n", '[model]\nsegmenter = "off"\n', 1)
-    if data_dir is not None:
-        text = text.replace(f'data_dir = "{dirs.data_dir}"', f'data_dir = "{data_dir}"', 1)
-        dirs = NodeDirs(root, data_dir, dirs.config)
-    dirs.config.write_text(text)
-    port = re.search(r"^port = (\d+)$", text, re.M)
-    assert port is not None
-    return dirs, int(port[1])
+                storage: str = "") -> tuple[NodeDirs, int]:
+    """A node's config (``nodehelpers.shared_node_config``) without a segmenter: SCs and
+    SRs are what is counted here. Returns the dirs and the DICOM port."""
+    dirs = shared_node_config(root, node_id, url, scp_port, processes=processes,
+                              storage=storage)
+    dirs.config.write_text(dirs.config.read_text().replace(
+        "[model]\n", '[model]\nsegmenter = "off"\n', 1))
+    return dirs, node_port(dirs)
 
 
 def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
-        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str) -> None:
+        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str,
+        sharing: Sharing) -> None:
     t0 = time.monotonic()
     scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
     db = Database(shared_url)
     try:
         recv, dicom_port = node_config(tmp_path / "recv", "recv", shared_url, scp.port,
-                                       processes=0)
-        nodes.start(recv, processes=0)  # migrates the database, makes the data folder
+                                       processes=0, storage=sharing.receiving)
+        # migrates the database, makes the data folder
+        nodes.start(recv, processes=0, env=sharing.env)
         assert listening(dicom_port)
         workers = {}
         for node_id in ("wk-a", "wk-b"):
             dirs, _ = node_config(tmp_path / node_id, node_id, shared_url, scp.port,
-                                  processes=1, data_dir=recv.data_dir)
-            workers[node_id] = nodes.start(dirs, processes=1, command="worker")
+                                  processes=1, storage=sharing.storage(recv))
+            workers[node_id] = nodes.start(dirs, processes=1, command="worker",
+                                           env=sharing.env)
         victim = workers["wk-a"]
         started = time.monotonic() - t0
 
@@ -203,6 +212,15 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         assert all(j.attempts >= 2 for j in redone), redone
         assert {j.kind for j in redone} <= {JobKind.CLASSIFY.value, JobKind.REPORT.value}
         assert not owners, owners  # no lease left behind
+        if sharing.kind == "s3":  # the bucket holds what the rows name, and nothing else
+            with db.session() as s:
+                keys = sorted([*s.scalars(select(Instance.path)),
+                               *s.scalars(select(Result.path))])
+            assert object_keys(sharing.endpoint, sharing.bucket) == [
+                f"site/{k}" for k in keys]
+            assert all(k.startswith(("spool/", "results/")) for k in keys)
+            for node in (recv, *(w.dirs for w in workers.values())):
+                assert not [p for p in node.data_dir.rglob("*.dcm")], node.data_dir
         logs = {node_id: node.log() for node_id, node in workers.items()}
         assert re.search(r"action=lease-expired job_id=\d+ .*owner=wk-a:", logs["wk-b"]), \
             logs["wk-b"][-3000:]
@@ -221,7 +239,7 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         # SIGTERM drains the surviving worker node: exit 0
         assert workers["wk-b"].stop() == 0
         assert "action=drain-done role=worker node_id=wk-b" in workers["wk-b"].log()
-        print(f"\nstarted {started:.1f}s, killed wk-a at {killed_at:.1f}s holding "
+        print(f"\n{sharing.kind}: started {started:.1f}s, killed wk-a at {killed_at:.1f}s holding "
               f"{len(held)} jobs (lease {LEASE_SECONDS}s), all delivered at {done_at:.1f}s")
     finally:
         db.dispose()
@@ -284,7 +302,7 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
                                        processes=0)
         nodes.start(recv, processes=0)
         wk, _ = node_config(tmp_path / "wk-a", "wk-a", shared_url, scp.port, processes=1,
-                            data_dir=recv.data_dir)
+                            storage=f'data_dir = "{recv.data_dir}"')
         page_port = free_port()  # a worker node serves the status page too
         wk.config.write_text(wk.config.read_text().replace(
             f"lease_seconds = {LEASE_SECONDS}\n", "lease_seconds = 600\n").replace(
@@ -344,3 +362,28 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
     finally:
         db.dispose()
         scp.stop()
+
+
+def test_worker_node_refuses_an_s3_store_it_cannot_use(tmp_path: Path, shared_url: str
+                                                      ) -> None:
+    """``cxrd worker`` with an S3 store that does not answer exits 1 with one line naming
+    the store and its endpoint and saying what to do, never the secret; its data folder
+    is its own, so its absence is no problem."""
+    db = Database(shared_url)
+    try:
+        db.migrate()  # as the receiving node would
+    finally:
+        db.dispose()
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    dirs, _ = node_config(tmp_path / "wk", "wk", shared_url, 1, processes=1,
+                          storage=f'store = "s3://cxrd-nowhere/site"\n'
+                                  f's3_endpoint_url = "{endpoint}"')
+    env = {**cli_env(), **aws_environ(tmp_path),
+           "AWS_SECRET_ACCESS_KEY": "s3cr3t-never-printed"}
+    done = run_cli("worker", "--config", str(dirs.config), env=env)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "store s3://cxrd-nowhere/site cannot be used" in lines[0] and endpoint in lines[0]
+    assert "start the object store" in lines[0]
+    assert "s3cr3t-never-printed" not in done.stderr + done.stdout

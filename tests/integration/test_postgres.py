@@ -184,7 +184,7 @@ def test_concurrent_stores_of_one_uid_on_postgres(pgdb: Database, tmp_path: Path
     with pgdb.session() as s:
         (inst,) = s.scalars(select(Instance)).all()
         assert s.scalar(select(func.count()).select_from(Study)) == 1
-    assert hashlib.sha256(Path(inst.path).read_bytes()).hexdigest() == inst.sha256
+    assert hashlib.sha256((tmp_path / inst.path).read_bytes()).hexdigest() == inst.sha256
 
 
 def test_concurrent_first_instances_of_a_new_study_on_postgres(pgdb: Database, tmp_path: Path):

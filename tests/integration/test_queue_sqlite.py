@@ -65,7 +65,7 @@ def test_ingest_admit_claim_complete(db: Database, dirs):
     batch = queue.claim(db, "w", 8, 60, 3)
     assert len(batch) == 4 and {c.study_instance_uid for c in batch} == set(studies)
     for c in batch:
-        assert Path(c.path).is_file()
+        assert dirs.file(c.path).is_file()
         assert queue.complete(db, c, "w", [0.2, 0.3, 0.5], None, "1.2.3", {})
     with db.session() as s:
         assert set(s.scalars(select(Instance.state))) == {InstanceState.DONE.value}

@@ -303,7 +303,7 @@ def test_twenty_files_on_one_association_are_recorded_byte_for_byte(
         assert inst.state == InstanceState.RECEIVED.value
         assert inst.source == "dicom:STORESCU@127.0.0.1"
         assert inst.transfer_syntax_uid == ExplicitVRLittleEndian
-        spooled = Path(inst.path)
+        spooled = node.spool.parent / inst.path
         assert spooled.parent.parent == node.spool
         # the data set is spooled exactly as sent (the file meta is the receiver's own)
         assert dataset_bytes(spooled) == dataset_bytes(f.path), f.path.name
@@ -333,7 +333,7 @@ def test_four_storescu_in_parallel_lose_nothing(start_receiver: StartReceiver,
         caller, f = sent[inst.sop_instance_uid]
         assert inst.source == f"dicom:MODALITY{caller}@127.0.0.1"
         assert inst.study_instance_uid == f.study_instance_uid
-        assert dataset_bytes(Path(inst.path)) == dataset_bytes(f.path)
+        assert dataset_bytes(node.spool.parent / inst.path) == dataset_bytes(f.path)
     assert count(node.db, Study) == 4
     assert len(node.spool_files()) == 40
     assert not node.rejections()
@@ -433,7 +433,8 @@ def test_truncated_data_set_is_cannot_understand(start_receiver: StartReceiver,
     # the whole file, on the same kind of association, is fine
     status, comment = send_raw(node.port, twenty[1].path, [CR], monkeypatch)
     assert status == STATUS_SUCCESS, comment
-    assert dataset_bytes(Path(node.instances()[0].path)) == dataset_bytes(twenty[1].path)
+    spooled = node.spool.parent / node.instances()[0].path
+    assert dataset_bytes(spooled) == dataset_bytes(twenty[1].path)
 
 
 def test_data_set_of_another_sop_class_is_refused(start_receiver: StartReceiver,
@@ -521,7 +522,7 @@ def test_compressed_syntaxes_are_received_as_sent(start_receiver: StartReceiver,
     for f in files:
         inst = by_uid[f.sop_instance_uid]
         assert inst.transfer_syntax_uid == f.transfer_syntax_uid
-        spooled = Path(inst.path)
+        spooled = node.spool.parent / inst.path
         assert dataset_bytes(spooled) == dataset_bytes(f.path)
         # it decodes (the pylibjpeg plugins) to the same pixels
         assert (pydicom.dcmread(spooled).pixel_array

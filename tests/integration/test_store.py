@@ -19,59 +19,34 @@ the environment and the shared credentials file only.
 from __future__ import annotations
 
 import http.server
+import io
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+from dicomfactory import make_dataset, part10_bytes
 from dicompeers import free_port
+from pydicom import dcmread
+from pydicom.filewriter import dcmwrite
+from s3peer import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    REGION,
+    aws_environ,
+    new_bucket,
+    start_moto,
+    stop,
+)
 
 from cxrd.config import validate
 from cxrd.errors import InvalidKey, ObjectMissing, StoreFailed, StoreUnavailable
 from cxrd.store import LocalStore, S3Store, Store, open_store
-
-#: moto's server takes any access key unless it checks them; these name no real account.
-FAKE_KEY_ID = "testing"
-FAKE_SECRET = "testing"
-REGION = "us-east-1"  # moto's default region
-
-
-def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """moto's S3 server on a free loopback port, answering; (process, endpoint URL)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})})
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto's server did not start (is moto[server] "
-                                   "installed? it is in the [test] extra)") from None
-            time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +65,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def new_bucket(endpoint: str) -> str:
-    name = f"cxrd-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
-    return name
+    for name, value in aws_environ(tmp_path).items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -246,6 +211,12 @@ def test_local_full_disk_is_unavailable(tmpfs: Callable[[Path, int], Path],
     assert [p.name for p in (tmp_path / "small" / "spool" / "1").iterdir()] == []  # no temp
     store.put("spool/1/small.dcm", b"fits")  # space is there again for what fits
     assert store.get("spool/1/small.dcm") == b"fits"
+    # pydicom's writer re-raises ENOSPC as an OSError without an errno (the original is
+    # its context): still a full disk, so still StoreUnavailable
+    big = dcmread(io.BytesIO(part10_bytes(make_dataset("OT", rows=1024, columns=1024,
+                                                       seed=1))))
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        store.put("results/big.dcm", lambda fh: dcmwrite(fh, big, enforce_file_format=True))
 
 
 def test_local_root_that_is_a_file_is_a_permanent_error(tmp_path: Path) -> None:

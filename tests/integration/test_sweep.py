@@ -70,7 +70,7 @@ def test_every_shipped_file_is_accounted_for(ingestor: Ingestor, dirs, caplog):
 
     # exact duplicates, counted independently: files with the same bytes whose content
     # was stored (a Part 10 file is spooled byte for byte)
-    stored_digests = {hashlib.sha256(Path(i.path).read_bytes()).hexdigest() for i in instances}
+    stored_digests = {hashlib.sha256(dirs.file(i.path).read_bytes()).hexdigest() for i in instances}
     by_digest = Counter(hashlib.sha256(p.read_bytes()).hexdigest() for p in copies.values())
     duplicates = sum(n - 1 for d, n in by_digest.items() if d in stored_digests)
 
@@ -81,10 +81,11 @@ def test_every_shipped_file_is_accounted_for(ingestor: Ingestor, dirs, caplog):
         assert inst.state in (InstanceState.QUEUED.value, InstanceState.SKIPPED.value)
         if inst.state == InstanceState.SKIPPED.value:
             assert SkipReason(inst.reason)
-        assert Path(inst.path).is_file()
+        assert dirs.file(inst.path).is_file()
         # the digest is recorded once a second copy came (a duplicate), else empty
-        assert inst.sha256 in (NO_DIGEST, hashlib.sha256(Path(inst.path).read_bytes()).hexdigest())
-        assert Path(inst.path).is_relative_to(dirs.spool)
+        digest = hashlib.sha256(dirs.file(inst.path).read_bytes()).hexdigest()
+        assert inst.sha256 in (NO_DIGEST, digest)
+        assert dirs.file(inst.path).is_relative_to(dirs.spool)
     for row in rejections:
         reason = RejectReason(row.reason)
         assert reason is not RejectReason.STORAGE_FAILED, row.detail

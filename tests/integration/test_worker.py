@@ -108,7 +108,7 @@ def test_claim_infer_complete_report_in_process(node) -> None:
         assert sorted(r.kind for r in results) == ["sc", "sc", "sr"]
         (sr_row,) = [r for r in results if r.kind == ResultKind.SR.value]
         assert studies[study].sr_sop_instance_uid == sr_row.sop_instance_uid
-        sr = hd.sr.srread(sr_row.path)
+        sr = hd.sr.srread(loop.objects.local_path(sr_row.path))
         # the SR holds the classifier's probabilities and the sources' patient data, all
         # from the recorded findings (no spool read: see the next test)
         assert sr.PatientID == "P-42" and sr.AccessionNumber == "A1"
@@ -133,7 +133,7 @@ def test_the_report_job_reads_no_spool_file(node) -> None:
         path.unlink()  # the report job must not need them
     assert _drain(loop) == 1
     (sr_row,) = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
-    assert pydicom.dcmread(sr_row.path).Modality == "SR"
+    assert pydicom.dcmread(loop.objects.local_path(sr_row.path)).Modality == "SR"
 
 
 def test_reprocess_supersedes_and_a_redone_report_rewrites_the_same_sr(node) -> None:
@@ -146,7 +146,7 @@ def test_reprocess_supersedes_and_a_redone_report_rewrites_the_same_sr(node) -> 
     _drain(loop)
     srs = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
     assert len(srs) == 2 and srs[1].supersedes == first.sop_instance_uid
-    second = pydicom.dcmread(srs[1].path)
+    second = pydicom.dcmread(loop.objects.local_path(srs[1].path))
     assert second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
         .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.sop_instance_uid
     # A report job done again (a worker died after writing, before recording) makes the
@@ -173,13 +173,14 @@ def test_after_a_reprocess_the_sr_reports_only_that_generation(node) -> None:
         from cxrd.db import Instance
 
         a, b = s.scalars(select(Instance).order_by(Instance.id)).all()
-    Path(b.path).unlink()  # b cannot be decoded in generation 2
+    loop.objects.delete(b.path)  # b cannot be decoded in generation 2
     assert requeue_study(db, study) == 2
     _drain(loop)
     srs = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
     assert len(srs) == 2
+    second = pydicom.dcmread(loop.objects.local_path(srs[1].path))
     refs = {str(item.ReferencedSOPInstanceUID)
-            for series in pydicom.dcmread(srs[1].path).CurrentRequestedProcedureEvidenceSequence[0]
+            for series in second.CurrentRequestedProcedureEvidenceSequence[0]
             .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
     assert refs == {a.sop_instance_uid}
 

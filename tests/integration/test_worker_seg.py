@@ -132,13 +132,13 @@ def test_the_worker_writes_a_lung_seg_per_classified_image(node: Node) -> None:
     assert loop.segmenter is not None and loop.segmentation is not None
     for inst, row in zip(instances, segs, strict=True):
         assert row.source_sop_instance_uid == inst.sop_instance_uid and row.generation == 1
-        assert dciodvfy(Path(row.path)) == []
-        seg = hd.seg.segread(row.path)
+        assert dciodvfy(loop.objects.local_path(row.path)) == []
+        seg = hd.seg.segread(loop.objects.local_path(row.path))
         assert seg.SOPClassUID == SEGMENTATION and seg.SOPInstanceUID == row.sop_instance_uid
         assert seg.StudyInstanceUID == study
-        src = pydicom.dcmread(inst.path)
+        src = pydicom.dcmread(loop.objects.local_path(inst.path))
         # the masks are exactly those of the worker's segmenter output on that image
-        prep = prepare(inst.path, loop.model)
+        prep = prepare(loop.objects.local_path(inst.path), loop.model)
         (probs,) = loop._segment([prep])
         expected = probs_to_masks(probs, int(src.Rows), int(src.Columns),
                                   loop.segmentation.threshold)
@@ -189,8 +189,8 @@ def test_a_reprocess_writes_a_new_seg_and_keeps_the_first(node: Node) -> None:
     segs = _results(db, study, ResultKind.SEG)
     assert [r.generation for r in segs] == [1, 2]
     assert segs[0].sop_instance_uid != segs[1].sop_instance_uid
-    assert all(Path(r.path).exists() for r in segs)
-    first, second = (pydicom.dcmread(r.path) for r in segs)
+    assert all(loop.objects.local_path(r.path).exists() for r in segs)
+    first, second = (pydicom.dcmread(loop.objects.local_path(r.path)) for r in segs)
     assert first.SeriesInstanceUID != second.SeriesInstanceUID
 
 

@@ -100,7 +100,8 @@ def test_valid_cr_is_spooled_byte_for_byte_and_committed(ingestor, dirs, caplog)
     assert inst.transfer_syntax_uid == ExplicitVRLittleEndian
     assert (inst.modality, inst.body_part, inst.view_position) == ("CR", "CHEST", "PA")
     assert inst.photometric == "MONOCHROME2" and inst.has_pixels and inst.frames == 1
-    assert inst.path == str(target)
+    assert inst.path == f"spool/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"  # a key
+    assert dirs.file(inst.path) == target
     assert inst.sha256 == NO_DIGEST and inst.size == len(data)  # until a second copy comes
     assert inst.state == InstanceState.RECEIVED.value and inst.source == "watch:test"
     (study,) = rows(ingestor.db, Study)
@@ -182,7 +183,7 @@ def test_a_second_copy_records_the_stored_digest_and_a_third_reuses_it(ingestor,
     (inst,) = rows(ingestor.db, Instance)
     assert inst.sha256 == hashlib.sha256(data).hexdigest()
     # the third copy compares with the recorded digest: the spool file is not read again
-    Path(inst.path).rename(Path(inst.path).with_suffix(".moved"))
+    dirs.file(inst.path).rename(dirs.file(inst.path).with_suffix(".moved"))
     third = ingestor.store(data, "t")
     assert third.accepted and third.duplicate
 
@@ -195,7 +196,7 @@ def test_a_second_copy_whose_first_lost_its_file_unhashed_is_refused(ingestor, d
     data = part10_bytes(ds)
     assert ingestor.store(data, "t").accepted
     (inst,) = rows(ingestor.db, Instance)
-    Path(inst.path).unlink()
+    dirs.file(inst.path).unlink()
     outcome = ingestor.store(data, "t")
     assert not outcome.accepted and outcome.reason is RejectReason.CONFLICTING_DUPLICATE
     assert "cannot be compared" in outcome.detail
@@ -485,9 +486,9 @@ def test_concurrent_stores_of_one_uid_keep_one_consistent_copy(ingestor, dirs):
     assert len(fresh) == 1
     assert all(o.accepted or o.reason is RejectReason.CONFLICTING_DUPLICATE for o in outcomes)
     (inst,) = rows(ingestor.db, Instance)
-    on_disk = Path(inst.path).read_bytes()
+    on_disk = dirs.file(inst.path).read_bytes()
     assert hashlib.sha256(on_disk).hexdigest() == inst.sha256
-    assert all_files(dirs.spool) == [Path(inst.path)]
+    assert all_files(dirs.spool) == [dirs.file(inst.path)]
     assert count(ingestor.db, Study) == 1
 
 
@@ -529,7 +530,9 @@ def test_part10_framing_matches_pynetdicom_and_parses(syntax, sop_uid):
 
 def _spooled(ingestor: Ingestor, ds) -> Path:
     (row,) = [r for r in rows(ingestor.db, Instance) if r.sop_instance_uid == ds.SOPInstanceUID]
-    return Path(row.path)
+    path = ingestor.objects.local_path(row.path)
+    assert path is not None
+    return path
 
 
 def test_a_watched_file_is_spooled_as_a_link_not_a_copy(ingestor, dirs):
