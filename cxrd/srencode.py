@@ -23,6 +23,7 @@ Little Endian). Everything else is pydicom's.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -39,6 +40,8 @@ Charset = str | tuple[str, ...] | None
 
 _ITEM_HEADER = struct.Struct("<HHL")
 _SQ_HEADER = struct.Struct("<HH2sHL")
+#: An element of a 4-byte-length VR (OB, OW, SQ, ...): tag, VR, two zero bytes, length.
+_ELEMENT_HEADER = _SQ_HEADER
 
 
 def _buffer() -> DicomBytesIO:
@@ -239,3 +242,38 @@ def file_meta_bytes(meta: Dataset, preamble: bytes | None) -> bytes:
     fp.write(b"DICM")
     write_file_meta_info(fp, cast(Any, meta), enforce_standard=True)
     return fp.getvalue()
+
+
+_PIXEL_DATA = 0x7FE00010
+
+
+def part10_bytes(ds: Dataset) -> bytes:
+    """``ds`` as a DICOM file: what ``dcmwrite(fp, ds, enforce_file_format=True)`` writes,
+    byte for byte. Native Pixel Data (Explicit VR Little Endian) that ends the data set,
+    as a heatmap SC's 3 MB do, does not go through pydicom's writer, which copies it into a
+    buffer and the buffer into the file: pydicom writes everything before it, and the
+    element's header and bytes are joined to that here, one copy."""
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    fp = io.BytesIO()
+    pixel = ds.get_item(_PIXEL_DATA) if _PIXEL_DATA in ds else None
+    meta = getattr(ds, "file_meta", None)
+    value = None if pixel is None or pixel.is_raw else pixel.value
+    if (not isinstance(value, bytes | bytearray) or pixel is None or pixel.is_undefined_length
+            or meta is None or meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian
+            or max(int(t) for t in ds.keys()) != _PIXEL_DATA):  # noqa: SIM118
+        dcmwrite(fp, ds, enforce_file_format=True)
+        return fp.getvalue()
+    head = Dataset()
+    for elem in ds:
+        if int(elem.tag) != _PIXEL_DATA:
+            head.add(elem)
+    head.file_meta = meta
+    head.preamble = getattr(ds, "preamble", None)
+    dcmwrite(fp, head, enforce_file_format=True)
+    vr = pixel.VR if len(pixel.VR) == 2 else (
+        "OW" if int(ds.get("BitsAllocated", 8) or 8) > 8 else "OB")
+    pad = b"\0" if len(value) % 2 else b""
+    return b"".join((fp.getvalue(), _ELEMENT_HEADER.pack(0x7FE0, 0x0010, vr.encode(), 0,
+                                                         len(value) + len(pad)), value, pad))

@@ -160,11 +160,12 @@ def put_result(target: Path | NodeStore, sop_uid: str,
 
 
 def save_result(ds: Dataset, target: Path | NodeStore) -> str | Path:
-    """``put_result`` of a data set, written by pydicom as a Part 10 file."""
-    from pydicom.filewriter import dcmwrite
+    """``put_result`` of a data set as a Part 10 file (``cxrd.srencode.part10_bytes``:
+    pydicom's encoding, a heatmap's pixels joined in one copy; the bytes then go to the
+    device past the page cache, ``cxrd.durable``)."""
+    from cxrd.srencode import part10_bytes
 
-    return put_result(target, str(ds.get("SOPInstanceUID", "")),
-                      lambda fh: dcmwrite(fh, ds, enforce_file_format=True))
+    return put_result(target, str(ds.get("SOPInstanceUID", "")), part10_bytes(ds))
 
 
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],

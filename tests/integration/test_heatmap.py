@@ -7,6 +7,7 @@ fails rather than skips.
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import cxrd
 from cxrd import heatmap
 from cxrd.durable import save_dataset
 from cxrd.preprocess import CAM_CELL_SHIFT, dataset_to_gray8
+from cxrd.srencode import part10_bytes
 
 # --------------------------------------------------------------------------- SC
 
@@ -459,3 +461,33 @@ def test_sc_refuses_a_reduced_image_of_the_wrong_size() -> None:
     with pytest.raises(ValueError, match="reduced"):
         heatmap.ImageResult(ds, display, result.probs, result.cam,
                             Reduced(2, np.zeros((250, 199), np.uint8)))
+
+
+def _dcmwrite_bytes(ds: Dataset) -> bytes:
+    fp = BytesIO()
+    pydicom.dcmwrite(fp, ds, enforce_file_format=True)
+    return fp.getvalue()
+
+
+@pytest.mark.parametrize(("rows", "cols", "compression"), [
+    (1300, 1100, "none"), (301, 199, "none"), (1300, 1100, "jpeg-baseline")])
+def test_an_sc_is_encoded_as_pydicom_writes_it(rows: int, cols: int, compression: str) -> None:
+    """Results are written from ``part10_bytes``, which joins a native Pixel Data to what
+    pydicom writes before it; the file must be pydicom's, byte for byte (odd pixel counts
+    padded, encapsulated JPEG written by pydicom itself)."""
+    ds = make_source(rows, cols)
+    sc = heatmap.build_heatmap_sc(fake_result(ds, peak=(3, 3)), make_model(demo=True),
+                                  series_instance_uid=generate_uid(), compression=compression)
+    assert part10_bytes(sc) == _dcmwrite_bytes(sc)
+
+
+def test_part10_bytes_of_other_pixel_data_and_none() -> None:
+    grey = make_source(31, 17)  # 16-bit grey, odd length: OW, padded
+    grey.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert part10_bytes(grey) == _dcmwrite_bytes(grey)
+    trailing = make_source(20, 20)
+    trailing.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    trailing.add_new(0xFFFCFFFC, "OB", b"\0\0")  # an element after the pixels: pydicom's way
+    assert part10_bytes(trailing) == _dcmwrite_bytes(trailing)
+    del grey.PixelData
+    assert part10_bytes(grey) == _dcmwrite_bytes(grey)
