@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="only this Study Instance UID")
     p = sub.add_parser("status", parents=[common], help="queue, failures, deliveries, model")
     p.add_argument("--json", action="store_true")
-    sub.add_parser("check-config", parents=[common], help="validate the config, list problems")
+    p = sub.add_parser("check-config", parents=[common], help="validate the config, list problems")
+    p.add_argument("--worker", action="store_true",
+                   help="check it as `cxrd worker` would (a worker node: PostgreSQL at this "
+                        "schema, never migrated; the shared store), not as `cxrd serve`")
     p = sub.add_parser("deliveries", help="mend the outbox")
     mend = p.add_subparsers(dest="action", required=True)
     p = mend.add_parser("retry", parents=[common], help="send dead deliveries again")
@@ -127,19 +130,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from cxrd.preflight import find_problems
+    from cxrd.preflight import find_problems, find_worker_problems
 
     config = _config(args)
     print(json.dumps(describe(config), indent=2))
-    if config.node.port < 1024:
+    if config.node.port < 1024 and not args.worker:
         print(f"note: node.port {config.node.port} is below 1024; under systemd install "
               "deploy/cxrd.service.d/low-port.conf (CAP_NET_BIND_SERVICE)", file=sys.stderr)
-    # What `cxrd serve` checks before it listens (the database is migrated if it can be).
-    problems = find_problems(config)
+    # What `cxrd serve` checks before it listens (the database is migrated if it can be),
+    # or, with --worker, what `cxrd worker` checks (its database is never migrated).
+    problems = find_worker_problems(config) if args.worker else find_problems(config)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     if problems:
-        print(f"{len(problems)} problem(s): cxrd serve would refuse to start", file=sys.stderr)
+        print(f"{len(problems)} problem(s): cxrd {'worker' if args.worker else 'serve'} "
+              "would refuse to start", file=sys.stderr)
         return EXIT_ERROR
     print("configuration OK", file=sys.stderr)
     return EXIT_OK

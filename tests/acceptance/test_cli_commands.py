@@ -15,6 +15,7 @@ from nodehelpers import (
     frontal_set,
     run_cli,
     settled,
+    shared_database,
     sr_predecessors,
     sr_probabilities,
     sr_references,
@@ -199,3 +200,29 @@ def test_predict_skips_an_image_without_lung_fields_as_the_node_does(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"{path}: skipped (no-lung-fields)" in done.stdout, done.stdout
     assert not any(out.glob("*.dcm"))  # nothing written for it, no SR for its study
+
+
+def test_check_config_for_a_worker_node_checks_as_cxrd_worker_and_never_migrates(tmp_path):
+    """`check-config --worker` runs the checks of `cxrd worker`: SQLite is refused, and a
+    PostgreSQL database without cxrd's schema is reported, not migrated (a worker node never
+    migrates); once a receiving node's check has migrated it, the worker check passes."""
+    (tmp_path / "sqlite").mkdir()
+    (tmp_path / "pg").mkdir()
+    dirs = write_config(tmp_path / "sqlite")
+    done = run_cli("check-config", "--worker", "--config", str(dirs.config))
+    assert done.returncode != 0 and "SQLite" in done.stderr, done.stderr
+    assert "cxrd worker would refuse to start" in done.stderr
+    assert not dirs.data_dir.exists()  # no SQLite file made, nothing migrated
+    with shared_database("cxrd_check") as url:
+        dirs = write_config(tmp_path / "pg")
+        dirs.config.write_text(dirs.config.read_text().replace(
+            "[storage]\n", f'[storage]\ndatabase_url = "{url}"\n', 1))
+        dirs.data_dir.mkdir(parents=True, exist_ok=True)
+        worker = run_cli("check-config", "--worker", "--config", str(dirs.config))
+        assert worker.returncode != 0 and "schema" in worker.stderr, worker.stderr
+        assert run_cli("check-config", "--worker", "--config",
+                       str(dirs.config)).returncode != 0  # still not migrated
+        serve = run_cli("check-config", "--config", str(dirs.config))
+        assert serve.returncode == 0, serve.stderr
+        worker = run_cli("check-config", "--worker", "--config", str(dirs.config))
+        assert worker.returncode == 0, worker.stderr
