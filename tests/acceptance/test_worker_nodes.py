@@ -334,10 +334,21 @@ def test_a_restarted_worker_node_frees_its_own_leases_and_sigterm_drains(
 
         send(studies[:10])
         wait_until(held_by(first), 120, "worker node A to hold leased jobs", interval=0.05)
+        # Killed while it holds jobs: frozen first (SIGSTOP), so that what the database
+        # says it holds cannot change before the SIGKILL (between two batches it holds
+        # none for a moment: then it runs on and is frozen again).
+        held: list[int] = []
+        deadline = time.monotonic() + 60
+        while not held and time.monotonic() < deadline:
+            os.killpg(first.pid, signal.SIGSTOP)
+            held = running_of_a()
+            if not held:
+                os.killpg(first.pid, signal.SIGCONT)
+                time.sleep(0.02)
         os.killpg(first.pid, signal.SIGKILL)
         first.proc.wait(10)
-        held = running_of_a()  # what it held when it died
         assert held, "worker node A held no job when it was killed"
+        assert sorted(running_of_a()) == sorted(held)  # what it held when it died
 
         second = nodes.start(wk, processes=1, command="worker")
         assert re.search(r"action=released-leases reason=node-restart count=[1-9]",
