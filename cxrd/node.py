@@ -108,7 +108,7 @@ class Node:
         self._arrival_round = False  # the loop woke for a stored instance
         self._stored = False  # an instance was stored since the last queue_arrivals
         self._next_arrival_check = 0.0
-        self.space = node_space(config, self.objects)
+        self.space = node_space(config)
         self._database_down_since: float | None = None
         self._next_purge = time.monotonic() + PURGE_FIRST_SECONDS
         self._purger: threading.Thread | None = None

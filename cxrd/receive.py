@@ -353,7 +353,7 @@ def receiver_main(config: Config, index: int, parent_pid: int,
     objects = open_node_store(config)  # this process's own (an S3 client is not fork-safe)
     receiver = Receiver(config, Ingestor(db, config.storage.spool_dir,
                                          config.storage.rejected_dir,
-                                         space=node_space(config, objects), store=objects),
+                                         space=node_space(config), store=objects),
                         reuse_port=True)
     receiver.start()
     settle_garbage_collector()

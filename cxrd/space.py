@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cxrd.config import Config
-    from cxrd.store import NodeStore
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +145,15 @@ def storage_space(spool_dir: Path, results_dir: Path, min_free_mb: int) -> FreeS
     return FreeSpace([spool_dir, results_dir], min_free_mb)
 
 
-def node_space(config: Config, objects: NodeStore) -> FreeSpace:
-    """``[storage] min_free_mb`` for the node's store (``cxrd.store.NodeStore``): over the
-    spool's and the results' folders when they are local files; on S3 the check is off
-    (an object store has no free space to read; a PUT it cannot take is StoreUnavailable,
-    and waited out), and the gauges show ``data_dir``'s file system."""
-    spool, results = objects.spool_dir, objects.results_dir
+def node_space(config: Config) -> FreeSpace:
+    """``[storage] min_free_mb`` for the node's store (``[storage] store``): over the
+    spool's and the results' folders when they are local files
+    (``cxrd.store.local_folders``); on S3 the check is off (an object store has no free
+    space to read; a PUT it cannot take is StoreUnavailable, and waited out), and the
+    gauges and status show ``data_dir``'s file system."""
+    from cxrd.store import local_folders
+
+    spool, results = local_folders(config)
     if spool is not None and results is not None:
         return storage_space(spool, results, config.storage.min_free_mb)
     return FreeSpace([config.storage.data_dir], 0)

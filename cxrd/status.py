@@ -18,8 +18,7 @@ from cxrd.infer import resolve_model_path, resolve_segmenter_path
 from cxrd.modelinfo import CLASS_NAMES, ModelInfo, read_model_info, read_segmentation_info
 from cxrd.queue import unresolved_failures
 from cxrd.retention import storage_status
-from cxrd.space import FreeSpace, storage_space
-from cxrd.store import local_folders
+from cxrd.space import node_space
 
 RECENT = 10
 WORKER_STALE_SECONDS = 60
@@ -328,10 +327,7 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
 def disk_status(config: Config, refused: int) -> dict[str, Any]:
     """Free space on the spool's (and the results') file system against ``[storage]
     min_free_mb``; ``refused``: C-STOREs answered 0xA700 for it so far."""
-    spool_dir, results_dir = local_folders(config)
-    space = (storage_space(spool_dir, results_dir, config.storage.min_free_mb)
-             if spool_dir is not None and results_dir is not None
-             else FreeSpace([config.storage.data_dir], 0))  # S3: no check (cxrd.space)
+    space = node_space(config)  # S3: no check (cxrd.space)
     try:
         filesystems = [{"path": str(fs.path), "free_mb": fs.free_mb,
                         "total_mb": fs.total_bytes // (1024 * 1024)}
@@ -339,7 +335,7 @@ def disk_status(config: Config, refused: int) -> dict[str, Any]:
         low = space.low()
     except OSError as exc:
         filesystems, low = [], f"cannot look at the disk: {exc.strerror or exc}"
-    return {"min_free_mb": config.storage.min_free_mb, "filesystems": filesystems,
+    return {"min_free_mb": space.min_free_mb, "filesystems": filesystems,
             "low": low is not None, "low_reason": low, "refused": refused}
 
 

@@ -37,7 +37,7 @@ from cxrd.metrics import enable_multiprocess, metrics
 from cxrd.metrics import start_server as start_metrics
 from cxrd.modelinfo import ModelInfo, read_model_info
 from cxrd.pool import WorkerPool, install_stop_signals
-from cxrd.space import FreeSpace, storage_space
+from cxrd.space import node_space
 from cxrd.store import local_folders
 from cxrd.systemd import Notifier
 from cxrd.worker import settle_garbage_collector, worker_id_prefix
@@ -106,12 +106,8 @@ class WorkerNode:
     def start(self) -> None:
         cfg = self.config
         if cfg.metrics.enabled:
-            spool_dir, results_dir = local_folders(cfg)
-            space = (storage_space(spool_dir, results_dir, cfg.storage.min_free_mb)
-                     if spool_dir is not None and results_dir is not None
-                     else FreeSpace([cfg.storage.data_dir], 0))
-            self._metrics_server = start_metrics(cfg.metrics.listen, self.db, space=space,
-                                                 config=cfg)
+            self._metrics_server = start_metrics(cfg.metrics.listen, self.db,
+                                                 space=node_space(cfg), config=cfg)
         self.pool.start()
         settle_garbage_collector()
 

@@ -23,6 +23,7 @@ from cxrd.db import (
     Database,
     Instance,
     Job,
+    Result,
     SchemaVersion,
     Study,
     utcnow,
@@ -289,5 +290,41 @@ def test_schema_3_gains_retention_columns_on_postgres(pg_url: str):
         with db.session() as s:
             assert s.scalars(select(Instance)).one().purged_at == dt.datetime(2026, 1, 2, 3, 4, 5)
         assert db.migrate() == SCHEMA_VERSION  # again: nothing to do
+    finally:
+        db.dispose()
+
+
+def test_schema_7_turns_absolute_paths_into_keys_on_postgres(pg_url: str, tmp_path: Path):
+    """The keys migration on PostgreSQL: the absolute paths of spooled instances and
+    results in the node's folders become keys; any other path stays as it was."""
+    from sqlalchemy import text
+
+    spool, results = tmp_path / "data" / "spool", tmp_path / "out"
+    db = Database(pg_url)
+    db.migrate()
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM schema_version WHERE version >= 7"))
+        for n, path in enumerate((f"{spool}/1.2/1.2.3.dcm", "/elsewhere/spool/1.2/1.2.4.dcm")):
+            conn.execute(text(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, "
+                "series_instance_uid, sop_class_uid, transfer_syntax_uid, modality, body_part, "
+                "view_position, presentation_intent, photometric, has_pixels, frames, path, "
+                "sha256, size, source, received_at, state) VALUES (:uid, '1.2', '1.2.9', "
+                "'1.2.840.10008.5.1.4.1.1.1', '', 'CR', '', '', '', '', true, 1, :path, '', 1, "
+                "'t', now(), 'received')"), {"uid": f"1.2.{3 + n}", "path": path})
+        conn.execute(text(
+            "INSERT INTO results (sop_instance_uid, study_instance_uid, kind, generation, "
+            "path, created_at) VALUES ('1.2.7', '1.2', 'sc', 1, :path, now())"),
+            {"path": f"{results}/1.2.7.dcm"})
+    db.dispose()
+    db = Database(pg_url)
+    try:
+        assert db.migrate({"spool": spool, "results": results}) == SCHEMA_VERSION
+        with db.session() as s:
+            paths = dict(s.execute(select(Instance.sop_instance_uid, Instance.path)).all())
+            (result_path,) = s.scalars(select(Result.path)).all()
+        assert paths == {"1.2.3": "spool/1.2/1.2.3.dcm",
+                         "1.2.4": "/elsewhere/spool/1.2/1.2.4.dcm"}  # not the node's spool
+        assert result_path == "results/1.2.7.dcm"
     finally:
         db.dispose()

@@ -410,3 +410,38 @@ def test_credentials_from_the_shared_file(checking_moto: tuple[str, str, str, st
     store = quick(endpoint, bucket)
     store.put("spool/1/4.dcm", b"from the file")
     assert store.get("spool/1/4.dcm") == b"from the file"
+
+
+# ----------------------------------------------------------------- the node's objects
+
+
+def test_node_store_maps_results_keys_to_the_results_folder(tmp_path: Path) -> None:
+    """The default store (``open_node_store`` with ``[storage] store = ""``): ``spool/``
+    keys are files under ``data_dir``, ``results/`` keys files in ``[results] folder``
+    wherever it is; an absolute path (a row from before schema 7) is read as a file."""
+    from cxrd.store import open_node_store
+
+    outside = tmp_path / "elsewhere"
+    config = validate({"storage": {"data_dir": str(tmp_path / "data")},
+                       "results": {"folder": str(outside)}})
+    objects = open_node_store(config)
+    assert objects.is_local and objects.spool_dir == tmp_path / "data" / "spool"
+    assert objects.results_dir == outside
+    objects.put("spool/1.2/3.4.dcm", b"image")
+    objects.put("results/5.6.dcm", lambda fh: fh.write(b"result"))
+    assert (tmp_path / "data" / "spool" / "1.2" / "3.4.dcm").read_bytes() == b"image"
+    assert (outside / "5.6.dcm").read_bytes() == b"result"
+    assert objects.local_path("results/5.6.dcm") == outside / "5.6.dcm"
+    assert objects.head("results/5.6.dcm") == 6 and objects.get("results/5.6.dcm") == b"result"
+    objects.delete("results/5.6.dcm")
+    assert objects.head("results/5.6.dcm") is None and outside.is_dir()  # the folder stays
+    old = tmp_path / "old" / "x.dcm"
+    old.parent.mkdir()
+    old.write_bytes(b"old")
+    assert objects.get(str(old)) == b"old" and objects.head(str(old)) == 3
+    objects.delete(str(old))
+    assert not old.exists() and objects.head(str(old)) is None
+    with pytest.raises(ObjectMissing):
+        objects.get(str(old))
+    with pytest.raises(InvalidKey):
+        objects.put("results/../x.dcm", b"no")

@@ -234,6 +234,27 @@ def s3_node(tmp_path: Path, moto_endpoint: str
     db.dispose()
 
 
+def test_a_watched_file_goes_to_s3_and_is_removed_after_the_commit(
+        s3_node: tuple[Config, Database, Ingestor, WorkerLoop, str], moto_endpoint: str,
+        tmp_path: Path) -> None:
+    """A watched file on an S3 store: PUT (no hard link, no local spool file), row
+    committed, then the file removed; a second copy is a duplicate, compared with the
+    object's digest."""
+    config, db, ingestor, _, bucket = s3_node
+    ds = chest(uid(), 1)
+    dropped = write(tmp_path / "incoming" / "x.dcm", ds)
+    outcome = ingestor.ingest_file(dropped, "watch:test")
+    assert outcome.accepted and not outcome.duplicate and not dropped.exists()
+    key = f"spool/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    assert object_keys(moto_endpoint, bucket, "site/") == [f"site/{key}"]
+    assert ingestor.objects.get(key) == part10_bytes(ds)
+    again = ingestor.ingest_file(write(dropped, ds), "watch:test")
+    assert again.accepted and again.duplicate and not dropped.exists()
+    with db.session() as s:
+        (inst,) = s.scalars(select(Instance)).all()
+    assert inst.path == key and len(inst.sha256) == 64  # computed from the object
+
+
 def test_workers_read_and_write_through_s3(
         s3_node: tuple[Config, Database, Ingestor, WorkerLoop, str], moto_endpoint: str
         ) -> None:
