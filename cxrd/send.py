@@ -1,4 +1,5 @@
-"""The sender: the network side of the outbox, C-STORE of due deliveries.
+"""The sender: the network side of the outbox, C-STORE of due deliveries (STOW-RS for a
+destination with a ``url``: ``cxrd.stow`` says how, and what its answers mean).
 
 It owns associations, TLS, presentation contexts and DIMSE statuses, and decides what kind
 of failure an attempt met; ``cxrd.outbox`` owns the delivery rows: which are due, and each

@@ -167,6 +167,8 @@ def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
     file = write(tmp_path / "cxrd.toml", text)
     for name in ("cxrd.crt", "cxrd.key", "hospital-ca.pem", "cxrd-client.crt", "cxrd-client.key"):
         write(tmp_path / "tls" / name, "PEM\n")
+    for name in ("archive.token", "orthanc.password"):
+        write(tmp_path / "secrets" / name, "secret\n")
     config = load_config(file, env={})
     assert config.node.tls == TlsConfig(
         certificate=tmp_path / "tls/cxrd.crt",
@@ -174,10 +176,14 @@ def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
         ca=tmp_path / "tls/hospital-ca.pem",
         require_client_cert=True,
     )
-    assert [d.name for d in config.destinations] == ["pacs", "pacs-tls"]
+    assert [d.name for d in config.destinations] == ["pacs", "pacs-tls", "archive", "orthanc"]
     assert config.destinations[0].tls is None
     tls = config.destinations[1].tls
     assert tls is not None and tls.ca == tmp_path / "tls/hospital-ca.pem"
+    archive, orthanc = config.destinations[2:]
+    assert archive.is_stow and archive.token_file == tmp_path / "secrets/archive.token"
+    assert orthanc.url == "http://127.0.0.1:8042/dicom-web" and orthanc.username == "cxrd"
+    assert orthanc.password_file == tmp_path / "secrets/orthanc.password"
 
 
 # --------------------------------------------------------------------------- bad values
