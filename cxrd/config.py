@@ -1385,6 +1385,8 @@ def _dicomweb_url_problem(url: str) -> str | None:
                 "password_env)")
     if parts.query or parts.fragment:
         return f"a URL without query or fragment, {example}"
+    if ":" in parts.hostname:  # dicomweb-client's Host header would be "["
+        return f"a URL with a host name or an IPv4 address (not an IPv6 literal), {example}"
     if parts.path.rstrip("/").endswith("/studies"):
         return (f"the DICOMweb base URL, without /studies (cxrd adds it), {example}")
     return None

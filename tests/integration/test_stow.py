@@ -9,7 +9,9 @@ reported as such (``PERMANENT:``, retried only at the maximum backoff, an
 ``action=stow-refused`` line); Orthanc stopped then restarted: pending with a backoff,
 delivered afterwards; the bearer token sent as ``Authorization: Bearer TOKEN`` (the token
 file's trailing newline ignored); each failure reason and HTTP status with its outcome;
-a request of several refused as a whole sent again one instance per request.
+a request of several refused as a whole sent again one instance per request; on one
+PostgreSQL database, two nodes' senders deliver each result once, and a slow pass renews
+its leases between requests.
 """
 
 from __future__ import annotations
@@ -481,3 +483,108 @@ def test_a_hung_stow_destination_holds_back_only_its_own_deliveries(
 def _deliveries(db: Database) -> list[Delivery]:
     with db.session() as s:
         return list(s.scalars(select(Delivery)))
+
+
+# ---------------------------------------------------------------- two nodes, PostgreSQL
+
+
+@pytest.fixture
+def pg_pair() -> Iterator[tuple[Database, Database]]:
+    """One PostgreSQL schema through two engines: two nodes' connections."""
+    from pgschema import postgres_url
+
+    for url in postgres_url():
+        first, second = Database(url), Database(url)
+        first.migrate()
+        try:
+            yield first, second
+        finally:
+            first.dispose()
+            second.dispose()
+
+
+def test_two_nodes_deliver_each_result_exactly_once_by_stow_rs(
+        tmp_path: Path, pg_pair: tuple[Database, Database],
+        stow_server: Callable[..., StowServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrd import send
+
+    monkeypatch.setattr(send, "BATCH", 3)  # many small claims, so the two nodes interleave
+    server = stow_server(lambda uids: (200, stow_answer(stored=uids)))
+    pgdb, other = pg_pair
+    studies = queue_studies(pgdb, tmp_path / "results", [7, 6, 5, 4], ["web"])
+    senders = [Sender(validate({"node": {"id": f"node-{n}"},
+                                "storage": {"data_dir": str(tmp_path / n)},
+                                "destinations": [{"name": "web", "url": server.url}]}), db)
+               for n, db in (("a", pgdb), ("b", other))]
+    sent = [0, 0]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            for _ in range(200):
+                attempted = senders[i].run_destination_once(senders[i].config.destinations[0])
+                sent[i] += attempted
+                if not attempted and all(d.state != DeliveryState.PENDING.value
+                                         for d in _deliveries(pgdb)):
+                    return
+                if not attempted:
+                    threading.Event().wait(0.02)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    posted = [str(ds.SOPInstanceUID) for _, datasets in server.requests for ds in datasets]
+    assert sorted(posted) == sorted(u for uids in studies.values() for u in uids)  # each once
+    assert min(sent) > 0, sent  # both nodes sent
+    for _, datasets in server.requests:  # a request carries one study
+        assert len({str(ds.StudyInstanceUID) for ds in datasets}) == 1
+    assert {(d.state, d.attempts, d.lease_owner) for d in _deliveries(pgdb)} == {
+        (DeliveryState.DONE.value, 1, None)}
+
+
+def test_a_slow_stow_pass_renews_its_leases(
+        tmp_path: Path, pg_pair: tuple[Database, Database],
+        stow_server: Callable[..., StowServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six studies, one request each, 0.3 s per request against a 1.2 s lease: node-a
+    renews its leases between requests, so node-b, claiming all along, never gets one."""
+    from cxrd.outbox import claim_deliveries
+
+    def slow(uids: list[str]) -> tuple[int, dict[str, Any] | None]:
+        threading.Event().wait(0.3)
+        return 200, stow_answer(stored=uids)
+
+    server = stow_server(slow)
+    pgdb, other = pg_pair
+    queue_studies(pgdb, tmp_path / "results", [1] * 6, ["web"])
+    monkeypatch.setattr(Sender, "lease_seconds", property(lambda self: 1.2))
+    node_a = Sender(validate({"node": {"id": "node-a"},
+                              "storage": {"data_dir": str(tmp_path / "a")},
+                              "destinations": [{"name": "web", "url": server.url}]}), pgdb)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            node_a.run_destination_once(node_a.config.destinations[0])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    taken = []
+    while not done.is_set():
+        taken += claim_deliveries(other, 10, "node-b:1:send-web", 60).get("web", [])
+        threading.Event().wait(0.05)
+    thread.join(30)
+    assert errors == [] and taken == []
+    assert len(server.requests) == 6
+    assert {(d.state, d.attempts) for d in _deliveries(pgdb)} == {(DeliveryState.DONE.value, 1)}

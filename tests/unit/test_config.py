@@ -739,6 +739,7 @@ def test_stow_destination_problems(tmp_path: Path, extra: str, key: str,
     ("https://pacs.example/dicom-web/studies", "without /studies (cxrd adds it)"),
     ("https://pacs.example/dicom-web?x=1", "without query or fragment"),
     ("https://pacs.example:99999/dicom-web", "http:// or https://"),
+    ("http://[::1]:8042/dicom-web", "not an IPv6 literal"),
 ])
 def test_stow_url_problems(tmp_path: Path, url: str, fragment: str) -> None:
     problems = problems_of(f'[[destinations]]\nname = "web"\nurl = "{url}"\n', tmp_path)
