@@ -18,8 +18,9 @@ itself: dead at once.
 
 Without a per-instance answer the HTTP status decides: a connection refused or reset, no
 answer within ``[sender] dimse_timeout_seconds``, 408, 429 or 5xx are transient; 401 and
-403 (credentials), 404 and 405 (the url), 406 and 415 (the media types) and 413 (request
-size) are the destination's configuration (``PERMANENT:`` at the maximum backoff, logged as
+403 (credentials), 404 and 405 (the url), 406 and 415 (the media types), 413 (request
+size) and a redirect (3xx, never followed: requests would turn the POST into a GET) are
+the destination's configuration (``PERMANENT:`` at the maximum backoff, logged as
 ``action=stow-refused``); 400 or 409 for a request of several instances is sent again one
 instance per request, and for one instance refuses it (dead).
 """
@@ -160,6 +161,9 @@ class StowClient:
     def __init__(self, dest: DestinationConfig, creds: Credentials, *,
                  connect_timeout: float, read_timeout: float) -> None:
         self.session = requests.Session()
+        # requests would follow a 301/302 by a GET of /studies (a search, answered 200):
+        # a redirect is answered as such instead (``http_verdict``).
+        self.session.max_redirects = 0
         if creds.basic is not None:
             self.session.auth = creds.basic
         if dest.tls is not None:
@@ -188,11 +192,13 @@ class StowClient:
         self.responses.clear()
         try:
             self.client.store_instances(list(datasets))
-        except requests.HTTPError as exc:
+        except (requests.HTTPError, requests.TooManyRedirects) as exc:
             if exc.response is not None:
                 return exc.response
             raise
-        except ValueError:  # dicomweb-client's parse of an odd answer; ours follows
+        except requests.RequestException:
+            raise
+        except Exception:  # dicomweb-client's parse of an odd answer; ours follows
             if not self.responses:
                 raise
         if not self.responses:
@@ -271,6 +277,11 @@ def http_verdict(response: requests.Response, batch: int) -> Verdict:
     text = f"HTTP {status} {response.reason or ''}".strip()
     if 200 <= status < 300 and status != 202:
         return Verdict(delivered=True)
+    if 300 <= status < 400:
+        where = response.headers.get("Location", "elsewhere")
+        return Verdict(error=f"PERMANENT: STOW-RS {text}: the destination redirects to "
+                             f"{where}; set its url to the DICOMweb base there",
+                       at_max_backoff=True)
     if status in HTTP_CONFIGURATION:
         return Verdict(error=f"PERMANENT: STOW-RS {text}: {HTTP_CONFIGURATION[status]}",
                        at_max_backoff=True)
@@ -325,6 +336,8 @@ def refusal_logged(dest: DestinationConfig, response: requests.Response) -> None
     """An answer that says the destination's configuration keeps every object out (401,
     403, 404, ...): one line for the operator, with what to check."""
     status = response.status_code
-    if status in HTTP_CONFIGURATION:
+    location = response.headers.get("Location", "")
+    if status in HTTP_CONFIGURATION or 300 <= status < 400:
         log.error("action=stow-refused destination=%s url=%s http_status=%d error=%s",
-                  dest.name, dest.url, status, HTTP_CONFIGURATION[status])
+                  dest.name, dest.url, status,
+                  HTTP_CONFIGURATION.get(status, f"redirected to {location}"))

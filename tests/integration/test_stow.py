@@ -273,6 +273,8 @@ class StowServer:
                 status, doc = server.answer([str(ds.SOPInstanceUID) for ds in datasets])
                 data = json.dumps(doc).encode() if doc is not None else b""
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "https://127.0.0.1/dicom-web/studies")
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -430,6 +432,9 @@ def test_a_request_refused_as_a_whole_is_sent_again_one_instance_per_request(
     (415, DeliveryState.PENDING, "PERMANENT: STOW-RS HTTP 415"),
     (413, DeliveryState.PENDING, "PERMANENT: STOW-RS HTTP 413"),
     (409, DeliveryState.DEAD, "refused by destination: STOW-RS HTTP 409"),
+    (301, DeliveryState.PENDING, "PERMANENT: STOW-RS HTTP 301 Moved Permanently: the "
+     "destination redirects to https://127.0.0.1/dicom-web/studies"),
+    (307, DeliveryState.PENDING, "PERMANENT: STOW-RS HTTP 307"),
 ])
 def test_http_statuses_without_a_per_instance_answer(
         tmp_path: Path, db: Database, stow_server: Callable[..., StowServer], status: int,
