@@ -38,6 +38,7 @@ from cxrd.config import Config, validate
 from cxrd.db import Database, Delivery, Result, utcnow
 from cxrd.domain import DeliveryState, ResultKind
 from cxrd.send import Sender
+from cxrd.status import collect, render
 
 USER, PASSWORD = "cxrd", "s3cret-pw"
 
@@ -177,6 +178,9 @@ def test_wrong_password_is_reported_and_retried_only_at_the_maximum_backoff(
     assert refused and refused[0].levelno == logging.ERROR
     assert "http_status=401" in refused[0].getMessage()
     assert PASSWORD not in caplog.text and "wrong" not in caplog.text
+    # cxrd status shows it on the destination's line
+    text = render(collect(config, db))
+    assert "to web: pending 2; last error: PERMANENT: STOW-RS HTTP 401" in text, text
 
     # the operator corrects the password file: delivered at the next attempt
     Path(config.destinations[0].password_file or "").write_text(PASSWORD)
