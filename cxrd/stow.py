@@ -39,6 +39,7 @@ import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
+from requests.adapters import HTTPAdapter
 
 from cxrd.config import DestinationConfig
 from cxrd.dicom import STATUS_WARNING_MEANINGS
@@ -154,6 +155,26 @@ def credentials(dest: DestinationConfig) -> Credentials:
     return Credentials()
 
 
+class TlsAdapter(HTTPAdapter):
+    """The destination's ``tls``: its CA (else the system trust store) and our client
+    certificate, for every request. Set on the session instead, a CA would lose to
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` in the environment (requests prefers
+    them to a session's ``verify``), and the destination would be checked against the
+    wrong CAs."""
+
+    def __init__(self, ca: str | None, cert: tuple[str, str] | None) -> None:
+        super().__init__()
+        self.ca = ca
+        self.cert = cert
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.ca is not None:
+            kwargs["verify"] = self.ca
+        if self.cert is not None:
+            kwargs["cert"] = self.cert
+        return super().send(request, *args, **kwargs)
+
+
 class StowClient:
     """A DICOMweb client for one destination and pass (``dicomweb-client``, its retries
     off), which hands back every answer, whatever its HTTP status and media type."""
@@ -167,10 +188,11 @@ class StowClient:
         if creds.basic is not None:
             self.session.auth = creds.basic
         if dest.tls is not None:
-            if dest.tls.ca is not None:
-                self.session.verify = str(dest.tls.ca)
+            cert = None
             if dest.tls.certificate is not None and dest.tls.key is not None:
-                self.session.cert = (str(dest.tls.certificate), str(dest.tls.key))
+                cert = (str(dest.tls.certificate), str(dest.tls.key))
+            self.session.mount("https://", TlsAdapter(
+                None if dest.tls.ca is None else str(dest.tls.ca), cert))
         headers = {"Accept": ACCEPT}
         if creds.token is not None:
             headers["Authorization"] = f"Bearer {creds.token}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from email.parser import BytesParser
@@ -31,7 +32,7 @@ from typing import Any
 import pydicom
 import pytest
 from dicomfactory import make_dataset, uid, write
-from dicompeers import Orthanc, free_port
+from dicompeers import Orthanc, Pki, free_port, make_pki
 from sqlalchemy import select, update
 
 from cxrd.config import Config, validate
@@ -258,9 +259,10 @@ class StowServer:
     multipart/related body into data sets, records them and the request's headers, and
     answers ``answer(uids) -> (HTTP status, DICOM JSON or None)``."""
 
-    def __init__(self, answer: Callable[[list[str]], tuple[int, dict[str, Any] | None]]
-                 ) -> None:
+    def __init__(self, answer: Callable[[list[str]], tuple[int, dict[str, Any] | None]],
+                 tls: Pki | None = None) -> None:
         self.answer = answer
+        self.scheme = "https" if tls else "http"
         self.requests: list[tuple[dict[str, str], list[pydicom.Dataset]]] = []
         server = self
 
@@ -289,12 +291,17 @@ class StowServer:
 
         self.port = free_port()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if tls is not None:  # HTTPS; callers must show a certificate that the CA signed
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_cert_chain(str(tls.server_cert), str(tls.server_key))
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
+        return f"{self.scheme}://127.0.0.1:{self.port}/dicom-web"
 
     def stop(self) -> None:
         self.httpd.shutdown()
@@ -305,8 +312,9 @@ class StowServer:
 def stow_server() -> Iterator[Callable[..., StowServer]]:
     started: list[StowServer] = []
 
-    def start(answer: Callable[[list[str]], tuple[int, dict[str, Any] | None]]) -> StowServer:
-        started.append(StowServer(answer))
+    def start(answer: Callable[[list[str]], tuple[int, dict[str, Any] | None]],
+              tls: Pki | None = None) -> StowServer:
+        started.append(StowServer(answer, tls))
         return started[-1]
 
     yield start
@@ -597,3 +605,32 @@ def test_a_slow_stow_pass_renews_its_leases(
     assert errors == [] and taken == []
     assert len(server.requests) == 6
     assert {(d.state, d.attempts) for d in _deliveries(pgdb)} == {(DeliveryState.DONE.value, 1)}
+
+
+
+def test_https_destination_verified_with_its_ca_and_shown_our_certificate(
+        tmp_path: Path, db: Database, stow_server: Callable[..., StowServer]) -> None:
+    """An HTTPS STOW-RS server that requires a client certificate its CA signed: delivered
+    with the destination's ``tls`` (ca, certificate, key); not without our certificate, nor
+    when the CA we trust did not sign the server's (TLS errors, transient)."""
+    pki = make_pki(tmp_path / "pki")
+    server = stow_server(lambda uids: (200, stow_answer(stored=uids)), tls=pki)
+    ours = {"certificate": str(pki.client_cert), "key": str(pki.client_key)}
+    config = stow_config(tmp_path, [
+        {"name": "good", "url": server.url, "tls": {"ca": str(pki.ca), **ours}},
+        {"name": "anonymous", "url": server.url, "tls": {"ca": str(pki.ca)}},
+        {"name": "rogue", "url": server.url, "tls": {"ca": str(pki.rogue_ca), **ours}}])
+    [uids] = queue_studies(db, tmp_path / "results", [2],
+                           ["good", "anonymous", "rogue"]).values()
+    Sender(config, db).run_once()
+    assert [sorted(str(ds.SOPInstanceUID) for ds in datasets)
+            for _, datasets in server.requests] == [sorted(uids)]
+    for d in _deliveries(db):
+        if d.destination == "good":
+            assert d.state == DeliveryState.DONE.value, d.last_error
+        else:
+            assert d.state == DeliveryState.PENDING.value, d.destination
+            assert (d.last_error or "").startswith(("cannot connect", "not sent")), d.last_error
+    rogue = [d.last_error or "" for d in _deliveries(db) if d.destination == "rogue"]
+    assert any(e.startswith("cannot connect (TLS): ") and "CERTIFICATE_VERIFY_FAILED" in e
+               for e in rogue), rogue
