@@ -232,8 +232,8 @@ class StowClient:
 
 
 def read_dataset(data: bytes) -> Dataset:
-    """A result file's data set as dicomweb-client writes it back (elements not decoded:
-    the bytes sent are those written)."""
+    """A result file's data set for dicomweb-client, which encodes it again: pydicom
+    leaves the elements undecoded and writes them back as read (pixel data included)."""
     return pydicom.dcmread(BytesIO(data))
 
 
