@@ -345,8 +345,9 @@ class Sender:
                    claimed_at: float | None = None) -> None:
         """STOW-RS ``items`` to ``dest`` (``cxrd.stow``): one request per study (its due
         results, oldest first, up to ``stow.MAX_REQUEST_BYTES``), each instance's outcome
-        recorded from the answer. A request that got no answer fails its instances and
-        those not yet sent (the destination is down: no request each); instances of a
+        recorded from the answer. A request that got no answer, or 429 or 5xx, fails its
+        instances and those not yet sent (the destination is down or busy: no request
+        each); instances of a
         request refused as a whole are sent again one per request. Leases are renewed
         before a request once half has gone, as for C-STORE."""
         timeout = self.config.sender.dimse_timeout_seconds
@@ -409,6 +410,10 @@ class Sender:
                     else:
                         self._fail([item], verdict.error, permanent=verdict.permanent,
                                    at_max_backoff=verdict.at_max_backoff)
+                if stow.busy(response) and (alone or queue):
+                    self._fail(alone + queue, "not sent: an earlier STOW-RS request was "
+                               f"answered HTTP {response.status_code}")
+                    return
         finally:
             client.close()
 

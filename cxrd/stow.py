@@ -354,6 +354,12 @@ def verdicts(response: requests.Response, uids: Sequence[str]) -> dict[str, Verd
     return out
 
 
+def busy(response: requests.Response) -> bool:
+    """Whether the destination asks for time (429, 5xx): the rest of the pass waits for
+    the next attempt rather than meet the same answer request by request."""
+    return response.status_code == 429 or response.status_code >= 500
+
+
 def refusal_logged(dest: DestinationConfig, response: requests.Response) -> None:
     """An answer that says the destination's configuration keeps every object out (401,
     403, 404, ...): one line for the operator, with what to check."""

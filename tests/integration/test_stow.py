@@ -634,3 +634,16 @@ def test_https_destination_verified_with_its_ca_and_shown_our_certificate(
     rogue = [d.last_error or "" for d in _deliveries(db) if d.destination == "rogue"]
     assert any(e.startswith("cannot connect (TLS): ") and "CERTIFICATE_VERIFY_FAILED" in e
                for e in rogue), rogue
+
+
+def test_a_busy_destination_gets_one_request_per_pass(
+        tmp_path: Path, db: Database, stow_server: Callable[..., StowServer]) -> None:
+    server = stow_server(lambda uids: (503, None))
+    config = stow_config(tmp_path, [{"name": "web", "url": server.url}])
+    queue_studies(db, tmp_path / "results", [1, 1, 1], ["web"])
+    Sender(config, db).run_once()
+    assert len(server.requests) == 1  # not one per study: the rest waits for the backoff
+    errors = sorted(d.last_error or "" for d in _deliveries(db))
+    assert {d.state for d in _deliveries(db)} == {DeliveryState.PENDING.value}
+    assert errors[0].startswith("STOW-RS HTTP 503")
+    assert errors[1:] == ["not sent: an earlier STOW-RS request was answered HTTP 503"] * 2
