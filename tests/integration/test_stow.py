@@ -11,7 +11,8 @@ delivered afterwards; the bearer token sent as ``Authorization: Bearer TOKEN`` (
 file's trailing newline ignored); each failure reason and HTTP status with its outcome;
 a request of several refused as a whole sent again one instance per request; on one
 PostgreSQL database, two nodes' senders deliver each result once, and a slow pass renews
-its leases between requests.
+its leases between requests; results read from an S3 store (moto's server); HTTPS with the
+destination's CA and our client certificate.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -647,3 +649,48 @@ def test_a_busy_destination_gets_one_request_per_pass(
     assert {d.state for d in _deliveries(db)} == {DeliveryState.PENDING.value}
     assert errors[0].startswith("STOW-RS HTTP 503")
     assert errors[1:] == ["not sent: an earlier STOW-RS request was answered HTTP 503"] * 2
+
+
+def test_results_in_an_s3_store_reach_orthanc_by_stow_rs(
+        tmp_path: Path, db: Database, orthanc: Orthanc,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``[storage] store = "s3://..."`` (moto's S3 server) the sender reads each result
+    from the bucket; Orthanc holds the objects as written."""
+    from s3peer import aws_environ, new_bucket, start_moto, stop
+
+    from cxrd.store import open_node_store, result_key
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in aws_environ(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    proc, endpoint = start_moto()
+    try:
+        config = validate({
+            "storage": {"data_dir": str(tmp_path / "data"),
+                        "store": f"s3://{new_bucket(endpoint)}/site",
+                        "s3_endpoint_url": endpoint},
+            "destinations": [orthanc_destination(tmp_path, orthanc)]})
+        objects = open_node_store(config)
+        study = uid()
+        written = {}
+        with db.session() as s:
+            for i in range(2):
+                ds = make_dataset("OT", study_uid=study, rows=32, columns=32, seed=i)
+                data = write(tmp_path / "w" / f"{i}.dcm", ds).read_bytes()
+                key = result_key(str(ds.SOPInstanceUID))
+                objects.put(key, data)
+                row = Result(sop_instance_uid=ds.SOPInstanceUID, study_instance_uid=study,
+                             kind=ResultKind.SC.value, generation=1, path=key)
+                s.add(row)
+                s.flush()
+                s.add(Delivery(result_id=row.id, destination="web"))
+                written[str(ds.SOPInstanceUID)] = pydicom.dcmread(BytesIO(data))
+        assert Sender(config, db, objects).run_once() == 2
+        assert {d.state for d in _deliveries(db)} == {DeliveryState.DONE.value}
+        for row in orthanc.instances_of_study(orthanc.study_id(study) or ""):
+            back = pydicom.dcmread(BytesIO(orthanc.instance_file(row["id"])))
+            assert back.PixelData == written[row["sop_instance_uid"]].PixelData
+        assert in_orthanc(orthanc, study) == set(written)
+    finally:
+        stop(proc)
