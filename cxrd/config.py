@@ -29,7 +29,9 @@ from typing import Any, Literal, TypeVar
 
 from cxrd.errors import ConfigError
 
-#: The only environment variable cxrd reads for configuration: the config file's path.
+#: The only environment variable cxrd reads for configuration: the config file's path
+#: (secrets excepted: a STOW-RS destination's ``token_env`` or ``password_env`` names one,
+#: read by the sender, ``cxrd.stow.credentials``).
 ENV_CONFIG = "CXRD_CONFIG"
 
 #: Execution providers cxrd accepts in ``model.providers`` (onnxruntime's own names).
