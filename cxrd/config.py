@@ -29,7 +29,9 @@ from typing import Any, Literal, TypeVar
 
 from cxrd.errors import ConfigError
 
-#: The only environment variable cxrd reads for configuration: the config file's path.
+#: The only environment variable cxrd reads for configuration: the config file's path
+#: (secrets excepted: a STOW-RS destination's ``token_env`` or ``password_env`` names one,
+#: read by the sender, ``cxrd.stow.credentials``).
 ENV_CONFIG = "CXRD_CONFIG"
 
 #: Execution providers cxrd accepts in ``model.providers`` (onnxruntime's own names).
@@ -294,13 +296,34 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
-    """One ``[[destinations]]`` entry: a C-STORE SCP that receives every result."""
+    """One ``[[destinations]]`` entry, which receives every result: a C-STORE SCP
+    (``ae_title``, ``host``, ``port``) or, with ``url``, a DICOMweb STOW-RS service (the
+    DICOMweb base URL; cxrd posts to ``url + "/studies"``).
+
+    A STOW-RS destination may authenticate with a bearer token (``token_file`` or
+    ``token_env``) or HTTP basic auth (``username`` and ``password_file`` or
+    ``password_env``). The secret itself is never in the configuration: only the file or
+    the environment variable that holds it, read by the sender at each pass
+    (``cxrd.stow.credentials``), so a rotated token needs no reload. ``tls`` verifies an
+    https destination (``ca``) and presents a client certificate.
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: TlsConfig | None = None
+    url: str = ""
+    token_file: Path | None = None
+    token_env: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    password_env: str = ""
+
+    @property
+    def is_stow(self) -> bool:
+        """Whether results go by STOW-RS (``url``) rather than C-STORE."""
+        return bool(self.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1214,6 +1237,16 @@ def _read_sender(t: _Table, node_ae_title: str) -> SenderConfig:
     )
 
 
+#: The keys of a C-STORE destination and those of a STOW-RS one.
+_CSTORE_KEYS = ("ae_title", "host", "port")
+_STOW_KEYS = ("url", "token_file", "token_env", "username", "password_file", "password_env")
+#: Keys that would put a secret inline: refused with their own message, value never shown.
+_INLINE_SECRETS = {"token": "token_file or token_env", "password": "password_file or "
+                   "password_env", "bearer_token": "token_file or token_env",
+                   "access_token": "token_file or token_env"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _read_destinations(
     entries: list[Mapping[str, Any]], problems: list[str], base: Path
 ) -> tuple[DestinationConfig, ...]:
@@ -1233,16 +1266,129 @@ def _read_destinations(
                 )
             else:
                 first_use[name] = i
-        ae_title = t.string("ae_title", "", required=True)
-        if "ae_title" in entry and isinstance(entry["ae_title"], str):
-            _check_ae(t, "ae_title", ae_title)
-        host = t.string("host", "", required=True)
-        if "host" in entry and isinstance(entry["host"], str):
-            _check_host(t, "host", host)
-        port = t.integer("port", 104, low=1, high=65535, required=True)
-        tls = _read_tls(t, base, server=False)
+        if not any(key in entry for key in (*_CSTORE_KEYS, "url")):
+            t.problem("url", "missing; a destination needs url (STOW-RS: the DICOMweb base "
+                             "URL) or ae_title, host and port (C-STORE)")
+            t.known.extend(("url", *_CSTORE_KEYS))
+            dest = DestinationConfig(name=name)
+        elif "url" in entry:
+            dest = _read_stow_destination(t, entry, name, base)
+        else:
+            dest = _read_cstore_destination(t, entry, name, base)
         t.finish()
-        result.append(
-            DestinationConfig(name=name, ae_title=ae_title, host=host, port=port, tls=tls)
-        )
+        result.append(dest)
     return tuple(result)
+
+
+def _read_cstore_destination(t: _Table, entry: Mapping[str, Any], name: str,
+                             base: Path) -> DestinationConfig:
+    ae_title = t.string("ae_title", "", required=True)
+    if "ae_title" in entry and isinstance(entry["ae_title"], str):
+        _check_ae(t, "ae_title", ae_title)
+    host = t.string("host", "", required=True)
+    if "host" in entry and isinstance(entry["host"], str):
+        _check_host(t, "host", host)
+    port = t.integer("port", 104, low=1, high=65535, required=True)
+    tls = _read_tls(t, base, server=False)
+    _refuse_inline_secrets(t)
+    for key in _STOW_KEYS[1:]:
+        if key in entry:
+            t.known.append(key)
+            t.problem(key, f"applies only to a STOW-RS destination (one with url); "
+                           f"{t.prefix} is a C-STORE destination (ae_title, host, port)")
+    return DestinationConfig(name=name, ae_title=ae_title, host=host, port=port, tls=tls)
+
+
+def _read_stow_destination(t: _Table, entry: Mapping[str, Any], name: str,
+                           base: Path) -> DestinationConfig:
+    """A STOW-RS destination: ``url`` and its optional credentials, each named by a file
+    or an environment variable (whether the variable is set, and the file readable and not
+    empty, is checked by ``cxrd.preflight`` where the node sends)."""
+    both = [key for key in _CSTORE_KEYS if key in entry]
+    for key in both:
+        t.known.append(key)
+        t.problem(key, "not allowed with url: a destination is either STOW-RS (url) or "
+                       "C-STORE (ae_title, host, port), not both")
+    url = t.string("url", "", required=True)
+    if isinstance(entry.get("url"), str):
+        problem = _dicomweb_url_problem(url)
+        if problem:
+            t.bad("url", _mask_url(url), problem)
+            url = ""
+    url = url.rstrip("/")
+    tls = _read_tls(t, base, server=False)
+    if tls is not None and url.startswith("http://"):
+        t.problem("tls", f"applies to an https:// url; {t.name('url')} is http://")
+    secret = "an existing file that holds the secret (its trailing newline is ignored)"
+    token_file = t.path("token_file", base, expected=secret, kind="file", must_exist=True)
+    token_env = _env_name(t, "token_env")
+    username = t.string("username", "")
+    if "username" in entry and isinstance(entry["username"], str) and (
+            not username or ":" in username or not username.isprintable()):
+        t.bad("username", username, "a user name without ':' or control characters")
+    password_file = t.path("password_file", base, expected=secret, kind="file",
+                           must_exist=True)
+    password_env = _env_name(t, "password_env")
+    _refuse_inline_secrets(t)
+    if token_file is not None and token_env:
+        t.problem("token_env", f"not allowed with {t.name('token_file')}; name the token "
+                               "once, in a file or in an environment variable")
+    if password_file is not None and password_env:
+        t.problem("password_env", f"not allowed with {t.name('password_file')}; name the "
+                                  "password once, in a file or in an environment variable")
+    has_password = password_file is not None or bool(password_env)
+    if username and not has_password:
+        t.problem("username", f"needs {t.name('password_file')} or "
+                              f"{t.name('password_env')} (basic auth)")
+    elif has_password and not username:
+        t.problem("password_file" if password_file is not None else "password_env",
+                  f"needs {t.name('username')} (basic auth)")
+    if (token_file is not None or token_env) and (username or has_password):
+        t.problem("username", "not allowed with a bearer token (token_file, token_env); "
+                              "choose one: a bearer token or basic auth")
+    return DestinationConfig(name=name, url=url, tls=tls, token_file=token_file,
+                             token_env=token_env, username=username,
+                             password_file=password_file, password_env=password_env)
+
+
+def _env_name(t: _Table, key: str) -> str:
+    text = t.string(key, "")
+    if key in t.data and isinstance(t.data[key], str) and not _ENV_NAME.fullmatch(text):
+        t.bad(key, text, "the name of an environment variable (letters, digits and '_', "
+                         "not starting with a digit)")
+        return ""
+    return text
+
+
+def _refuse_inline_secrets(t: _Table) -> None:
+    """A token or password written in the file itself is refused, its value never shown:
+    the configuration is often world-readable and copied around."""
+    for key in t.data:
+        if key in _INLINE_SECRETS and key not in t.known:
+            t.known.append(key)
+            t.problem(key, "secrets are not written in the configuration file; name a file "
+                           f"or an environment variable that holds it ({_INLINE_SECRETS[key]})")
+
+
+def _dicomweb_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a DICOMweb base URL cxrd can post to, or None."""
+    from urllib.parse import urlsplit
+
+    example = 'e.g. "https://pacs.example/dicom-web"'
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        return f"an http:// or https:// DICOMweb base URL, {example}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"an http:// or https:// DICOMweb base URL with a host, {example}"
+    if parts.username or parts.password:
+        return ("a URL without user or password: set username and password_file (or "
+                "password_env)")
+    if parts.query or parts.fragment:
+        return f"a URL without query or fragment, {example}"
+    if ":" in parts.hostname:  # dicomweb-client's Host header would be "["
+        return f"a URL with a host name or an IPv4 address (not an IPv6 literal), {example}"
+    if parts.path.rstrip("/").endswith("/studies"):
+        return (f"the DICOMweb base URL, without /studies (cxrd adds it), {example}")
+    return None

@@ -179,6 +179,9 @@ def setup_logging(config: Config | None = None, *, level: str | None = None) -> 
     # store's own errors say what matters.
     for name in ("boto3", "botocore", "s3transfer"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # dicomweb-client logs each STOW-RS request at INFO; the sender's action=stow-rs line
+    # says more (destination, study, instances, HTTP status).
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
     # pydicom checks values as it reads them and warns quoting the value itself (a birth
     # date written "1901-12-31", an over-long name), to the log and to stderr: patient
     # data. The values are kept as read either way; cxrd checks what it uses where it

@@ -91,6 +91,8 @@ class DueDelivery:
     #: The lease this sender holds (``claim_deliveries`` on PostgreSQL); None: no lease
     #: (SQLite, or read by ``due_deliveries``), the outcome is recorded unconditionally.
     owner: str | None = None
+    #: The result's study (a STOW-RS request carries one study's results).
+    study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def _grouped(rows: Sequence[Any], owner: str | None) -> dict[str, list[DueDelive
     for d, r in rows:
         due[d.destination].append(DueDelivery(d.id, d.destination, r.path,
                                               r.sop_instance_uid, d.created_at, d.attempts,
-                                              owner))
+                                              owner, r.study_instance_uid))
     return due
 
 

@@ -9,6 +9,8 @@ fails; ``cxrd check-config`` runs the same checks and lists every problem at onc
 - the lung-field segmenter's file (unless ``[model] segmenter = "off"``) exists and is a
   segmentation model (``cxrd.kind``);
 - the database can be reached and migrated;
+- the credentials of each STOW-RS destination (a token or password file, an environment
+  variable) can be read;
 - the DICOM port (``[node] host``/``port``) and the metrics port (``[metrics] listen``) can
   be bound. The check binds a socket and closes it at once; the real listeners are opened
   later, metrics first, and a port taken in between still stops the node before its DICOM
@@ -242,6 +244,27 @@ def check_shared_folder(config: Config) -> Problem | None:
                    "(the data_dir of its cxrd serve), then start cxrd worker again")
 
 
+def check_destinations(config: Config) -> list[Problem]:
+    """The credentials of each STOW-RS destination can be read now: the file the
+    configuration names is readable and not empty, the environment variable is set (the
+    sender reads them again at each pass; one missing then holds that destination's
+    deliveries at the maximum backoff). The message names the key, never the secret."""
+    from cxrd.stow import SecretUnavailable, credentials
+
+    problems = []
+    for dest in config.destinations:
+        if not dest.is_stow:
+            continue
+        try:
+            credentials(dest)
+        except SecretUnavailable as exc:
+            problems.append(Problem("destinations", str(exc),
+                                    "make the file readable by this user, or set the "
+                                    "environment variable for cxrd serve (e.g. "
+                                    "Environment= or EnvironmentFile= in its systemd unit)"))
+    return problems
+
+
 def _bind_error(host: str, port: int, *, reuse_port: bool = False) -> OSError | None:
     """Bind (and close at once) a TCP socket as a listener on ``host:port`` would."""
     try:
@@ -299,7 +322,8 @@ def find_problems(config: Config) -> list[Problem]:
     """Every problem at once, in the order an operator would fix them."""
     found = [check_runtime(), check_model(config), check_segmenter(config),
              check_database(config), check_store(config)]
-    return [p for p in found if p is not None] + check_ports(config)
+    return ([p for p in found if p is not None] + check_destinations(config)
+            + check_ports(config))
 
 
 def find_worker_problems(config: Config) -> list[Problem]:

@@ -1,4 +1,5 @@
-"""The sender: the network side of the outbox, C-STORE of due deliveries.
+"""The sender: the network side of the outbox, C-STORE of due deliveries (STOW-RS for a
+destination with a ``url``: ``cxrd.stow`` says how, and what its answers mean).
 
 It owns associations, TLS, presentation contexts and DIMSE statuses, and decides what kind
 of failure an attempt met; ``cxrd.outbox`` owns the delivery rows: which are due, and each
@@ -43,6 +44,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 
+from cxrd import stow
 from cxrd.config import Config, DestinationConfig, TlsConfig
 from cxrd.db import Database, unavailable
 from cxrd.dicom import (
@@ -242,9 +244,13 @@ class Sender:
 
     def _send(self, dest: DestinationConfig, items: list[DueDelivery],
               claimed_at: float | None = None) -> None:
-        """C-STORE ``items`` to ``dest`` on one association, each outcome recorded.
-        ``claimed_at`` (``time.monotonic``): when their leases began, so that the first
-        renewal counts the association's set-up too."""
+        """C-STORE ``items`` to ``dest`` on one association, each outcome recorded
+        (STOW-RS for a destination with a ``url``: ``_send_stow``). ``claimed_at``
+        (``time.monotonic``): when their leases began, so that the first renewal counts the
+        association's set-up too."""
+        if dest.is_stow:
+            self._send_stow(dest, items, claimed_at)
+            return
         timeout = self.config.sender.dimse_timeout_seconds
         ae = AE(ae_title=self.config.sender.calling_ae)
         ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
@@ -333,6 +339,123 @@ class Sender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    # -- STOW-RS -------------------------------------------------------------------------
+    def _send_stow(self, dest: DestinationConfig, items: list[DueDelivery],
+                   claimed_at: float | None = None) -> None:
+        """STOW-RS ``items`` to ``dest`` (``cxrd.stow``): one request per study (its due
+        results, oldest first, up to ``stow.MAX_REQUEST_BYTES``), each instance's outcome
+        recorded from the answer. A request that got no answer, or 429 or 5xx, fails its
+        instances and those not yet sent (the destination is down or busy: no request
+        each); instances of a
+        request refused as a whole are sent again one per request. Leases are renewed
+        before a request once half has gone, as for C-STORE."""
+        timeout = self.config.sender.dimse_timeout_seconds
+        try:
+            creds = stow.credentials(dest)
+        except stow.SecretUnavailable as exc:
+            log.error("action=stow-credentials-unavailable destination=%s error=%s",
+                      dest.name, exc)
+            self._fail(items, f"PERMANENT: {exc}", at_max_backoff=True)
+            return
+        client = stow.StowClient(dest, creds, connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                                 read_timeout=timeout)
+        renewed = time.monotonic() if claimed_at is None else claimed_at
+        queue = list(items)
+        alone: list[DueDelivery] = []  # refused within a request of several: one by one
+        try:
+            while queue or alone:
+                if self._stop.is_set():  # what was not attempted is due again for any node
+                    release_leases(self.db, alone + queue)
+                    return
+                if time.monotonic() - renewed > self.lease_seconds / 2:
+                    kept = {d.delivery_id for d in renew_leases(self.db, alone + queue,
+                                                                self.lease_seconds)}
+                    alone = [d for d in alone if d.delivery_id in kept]
+                    queue = [d for d in queue if d.delivery_id in kept]
+                    renewed = time.monotonic()
+                    continue
+                if alone:
+                    batch, datasets, _ = self._stow_batch(alone[:1])
+                    alone = alone[1:]
+                else:
+                    batch, datasets, taken = self._stow_batch(queue)
+                    queue = [d for d in queue if d.delivery_id not in taken]
+                if not batch:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    response = client.store(datasets)
+                except Exception as exc:  # no answer: connection, timeout, TLS
+                    reason = stow.no_response_error(exc, timeout)
+                    self._fail(batch, reason)
+                    if alone or queue:
+                        self._fail(alone + queue, f"not sent: an earlier STOW-RS request "
+                                   f"got no answer ({reason})")
+                    return
+                elapsed = time.perf_counter() - t0
+                observe_stages({"send": elapsed})
+                log.info("action=stow-rs destination=%s study_instance_uid=%s instances=%d "
+                         "http_status=%d elapsed_s=%.3f", dest.name,
+                         batch[0].study_instance_uid, len(batch), response.status_code,
+                         elapsed)
+                stow.refusal_logged(dest, response)
+                outcomes = stow.verdicts(response, [d.sop_instance_uid for d in batch])
+                for item in batch:
+                    verdict = outcomes[item.sop_instance_uid]
+                    if verdict.delivered:
+                        mark_delivered(self.db, item, warning=verdict.warning)
+                    elif verdict.split:
+                        alone.append(item)
+                    else:
+                        self._fail([item], verdict.error, permanent=verdict.permanent,
+                                   at_max_backoff=verdict.at_max_backoff)
+                if stow.busy(response) and (alone or queue):
+                    self._fail(alone + queue, "not sent: an earlier STOW-RS request was "
+                               f"answered HTTP {response.status_code}")
+                    return
+        finally:
+            client.close()
+
+    def _stow_batch(self, queue: Sequence[DueDelivery]
+                    ) -> tuple[list[DueDelivery], list[Any], set[int]]:
+        """The next STOW-RS request: the first item's study's items in ``queue``, in order,
+        read from the store, up to ``stow.MAX_REQUEST_BYTES`` (always one), with their data
+        sets; an item whose result cannot be read is failed (backed off, as for C-STORE)
+        and left out. Also the delivery ids taken from ``queue`` (sent or failed)."""
+        batch: list[DueDelivery] = []
+        datasets: list[Any] = []
+        taken: set[int] = set()
+        size = 0
+        study = None
+        for item in queue:
+            if study is not None and item.study_instance_uid != study:
+                continue
+            try:
+                data = self._bytes_of(item)
+            except Exception as exc:  # StoreUnavailable: backed off like any failure
+                self._fail([item], f"cannot read the result: {type(exc).__name__}: {exc}")
+                taken.add(item.delivery_id)
+                continue
+            if batch and size + len(data) > stow.MAX_REQUEST_BYTES:
+                break
+            taken.add(item.delivery_id)
+            try:
+                dataset = stow.read_dataset(data)
+            except Exception as exc:
+                self._fail([item], f"cannot read the result file: {type(exc).__name__}: "
+                                   f"{exc}")
+                continue
+            study = item.study_instance_uid
+            batch.append(item)
+            datasets.append(dataset)
+            size += len(data)
+        return batch, datasets, taken
+
+    def _bytes_of(self, item: DueDelivery) -> bytes:
+        """The result's bytes, from the store (a local file, or an S3 object)."""
+        local = self.objects.local_path(item.path)
+        return local.read_bytes() if local is not None else self.objects.get(item.path)
 
     def _file_of(self, item: DueDelivery) -> tuple[Path, bool]:
         """The result's file: the store's own (a local store), or the object fetched into

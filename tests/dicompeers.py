@@ -12,6 +12,7 @@ environment (each DIMSE message then waits about 50 ms), so every peer started h
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -37,6 +38,8 @@ from pynetdicom.dsutils import split_dataset
 from training.phantoms import DicomOptions, make_phantom, random_patient_study, to_dataset
 
 ORTHANC = "/usr/sbin/Orthanc"  # Debian installs it outside a normal user's PATH
+#: Debian's orthanc-dicomweb: the DICOMweb plugin (STOW-RS at ``/dicom-web/studies``).
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PEER_TIMEOUT = 60.0
 
 
@@ -333,9 +336,14 @@ class Orthanc:
     """An Orthanc subprocess with its storage and index in ``root``, on free ports. It can
     be stopped and started again on the same storage."""
 
-    def __init__(self, root: Path, *, aet: str = "ORTHANC") -> None:
+    def __init__(self, root: Path, *, aet: str = "ORTHANC", dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
         self.root = root
         self.aet = aet
+        #: the DICOMweb plugin loaded (``dicomweb_url``); ``users``: HTTP basic auth
+        #: required of every REST and DICOMweb request (user name -> password)
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.config = root / "orthanc.json"
@@ -355,8 +363,10 @@ class Orthanc:
             "DicomAet": self.aet,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
+            "Plugins": [plugin(ORTHANC_DICOMWEB)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "DicomCheckCalledAet": True,
             "DicomCheckModalityHost": False,
             "DicomAlwaysAllowStore": True,
@@ -386,6 +396,11 @@ class Orthanc:
 
         wait_for(up, timeout, "Orthanc to start")
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL (a STOW-RS destination's ``url``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def log(self) -> str:
         return (self.root / f"orthanc-{self.starts}.log").read_text(errors="replace")
 
@@ -404,10 +419,19 @@ class Orthanc:
     def _request(self, method: str, path: str, body: bytes | None = None,
                  content_type: str = "application/json", timeout: float = 60.0) -> Any:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
-                                     method=method, headers={"Content-Type": content_type})
+                                     method=method, headers={"Content-Type": content_type,
+                                                             **self._auth()})
         with urllib.request.urlopen(req, timeout=timeout) as rsp:
             data = rsp.read()
         return json.loads(data) if data else None
+
+    def _auth(self) -> dict[str, str]:
+        """The test's own requests authenticate as the first registered user."""
+        if not self.users:
+            return {}
+        user, password = next(iter(self.users.items()))
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
 
     def get(self, path: str) -> Any:
         return self._request("GET", path)
@@ -415,7 +439,8 @@ class Orthanc:
     def instance_file(self, orthanc_instance: str) -> bytes:
         """The Part 10 file Orthanc stores for an instance (its Orthanc ID)."""
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/instances/{orthanc_instance}/file")
+            f"http://127.0.0.1:{self.http_port}/instances/{orthanc_instance}/file",
+            headers=self._auth())
         with urllib.request.urlopen(req, timeout=60) as rsp:
             data: bytes = rsp.read()
         return data
@@ -445,6 +470,14 @@ class Orthanc:
                          "modality": tags.get("Modality", ""),
                          "study_instance_uid": tags.get("StudyInstanceUID", "")})
         return rows
+
+
+def plugin(path: str) -> str:
+    """An Orthanc plugin's library; the test fails (not skips) when it is not installed."""
+    if not os.path.isfile(path):
+        pytest.fail(f"{path} is not installed: the DICOMweb tests need Debian's "
+                    "orthanc-dicomweb (scripts/test installs it)")
+    return path
 
 
 def http_error_text(exc: urllib.error.HTTPError) -> str:

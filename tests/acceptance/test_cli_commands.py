@@ -143,6 +143,36 @@ def test_check_config_names_each_bad_key(tmp_path, toml, keys):
         assert key in done.stderr, done.stderr
 
 
+def test_check_config_names_each_bad_stow_destination_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[destinations]]\nname = "web"\nurl = "http://h/dicom-web/studies"\n'
+                   'ae_title = "PACS"\ntoken = "s3cret"\n')
+    done = run_cli("check-config", "--config", str(bad))
+    assert done.returncode != 0
+    for text in ('destinations[0].url: "http://h/dicom-web/studies" is not allowed; expected '
+                 "the DICOMweb base URL, without /studies (cxrd adds it)",
+                 "destinations[0].ae_title: not allowed with url",
+                 "destinations[0].token: secrets are not written in the configuration file"):
+        assert text in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+
+
+def test_check_config_reports_a_stow_secret_it_cannot_read(tmp_path):
+    dirs = write_config(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("\n")  # empty once its newline is dropped
+    with dirs.config.open("a") as fh:
+        fh.write('\n[[destinations]]\nname = "web"\nurl = "http://127.0.0.1:9/dicom-web"\n'
+                 f'token_file = "{token}"\n[[destinations]]\nname = "env"\n'
+                 'url = "http://127.0.0.1:9/dicom-web"\nusername = "u"\n'
+                 'password_env = "CXRD_TEST_UNSET_PASSWORD"\n')
+    done = run_cli("check-config", "--config", str(dirs.config))
+    assert done.returncode != 0, done.stderr
+    assert f"problem: destinations 'web' token_file {token} is empty" in done.stderr
+    assert ("problem: destinations 'env' password_env: the environment variable "
+            "CXRD_TEST_UNSET_PASSWORD is not set or empty") in done.stderr
+
+
 def test_check_config_accepts_a_good_config(tmp_path):
     dirs = write_config(tmp_path)
     done = run_cli("check-config", "--config", str(dirs.config))

@@ -167,6 +167,8 @@ def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
     file = write(tmp_path / "cxrd.toml", text)
     for name in ("cxrd.crt", "cxrd.key", "hospital-ca.pem", "cxrd-client.crt", "cxrd-client.key"):
         write(tmp_path / "tls" / name, "PEM\n")
+    for name in ("archive.token", "orthanc.password"):
+        write(tmp_path / "secrets" / name, "secret\n")
     config = load_config(file, env={})
     assert config.node.tls == TlsConfig(
         certificate=tmp_path / "tls/cxrd.crt",
@@ -174,10 +176,14 @@ def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
         ca=tmp_path / "tls/hospital-ca.pem",
         require_client_cert=True,
     )
-    assert [d.name for d in config.destinations] == ["pacs", "pacs-tls"]
+    assert [d.name for d in config.destinations] == ["pacs", "pacs-tls", "archive", "orthanc"]
     assert config.destinations[0].tls is None
     tls = config.destinations[1].tls
     assert tls is not None and tls.ca == tmp_path / "tls/hospital-ca.pem"
+    archive, orthanc = config.destinations[2:]
+    assert archive.is_stow and archive.token_file == tmp_path / "secrets/archive.token"
+    assert orthanc.url == "http://127.0.0.1:8042/dicom-web" and orthanc.username == "cxrd"
+    assert orthanc.password_file == tmp_path / "secrets/orthanc.password"
 
 
 # --------------------------------------------------------------------------- bad values
@@ -674,3 +680,84 @@ def test_endpoint_with_user_and_password_is_refused_and_masked(tmp_path: Path) -
     mine = [p for p in problems if p.startswith("storage.s3_endpoint_url:")]
     assert mine and "without user or password" in mine[0]
     assert all("hunter22" not in p for p in problems)
+
+
+# ------------------------------------------------------------------ STOW-RS destinations
+
+STOW = '[[destinations]]\nname = "web"\nurl = "https://pacs.example/dicom-web"\n'
+
+
+def test_stow_destination(tmp_path: Path) -> None:
+    token = write(tmp_path / "token", "abc\n")
+    text = (STOW + 'token_file = "token"\n[[destinations]]\nname = "basic"\n'
+            'url = "http://127.0.0.1:8042/dicom-web/"\nusername = "cxrd"\n'
+            'password_env = "PACS_PASSWORD"\n[[destinations]]\nname = "dimse"\n'
+            'ae_title = "PACS"\nhost = "h"\nport = 104\n')
+    config = validate(tomllib.loads(text), base_dir=tmp_path)
+    web, basic, dimse = config.destinations
+    assert web.is_stow and web.url == "https://pacs.example/dicom-web"
+    assert web.token_file == token and not web.ae_title and not web.port
+    assert basic.url == "http://127.0.0.1:8042/dicom-web"  # the trailing / dropped
+    assert basic.username == "cxrd" and basic.password_env == "PACS_PASSWORD"
+    assert not dimse.is_stow and dimse.port == 104
+    # check-config shows where the secrets are, never a secret
+    view = json.dumps(describe(config))
+    assert str(token) in view and "abc" not in view
+
+
+@pytest.mark.parametrize(("extra", "key", "fragment"), [
+    ('ae_title = "P"\nhost = "h"\nport = 104\n', "destinations[0].ae_title",
+     "either STOW-RS (url) or C-STORE (ae_title, host, port), not both"),
+    ('port = 104\n', "destinations[0].port", "not both"),
+    ('token = "abc"\n', "destinations[0].token",
+     "secrets are not written in the configuration file"),
+    ('password = "abc"\nusername = "u"\n', "destinations[0].password",
+     "password_file or password_env"),
+    ('token_file = "missing"\n', "destinations[0].token_file", "does not exist"),
+    ('token_env = "1BAD NAME"\n', "destinations[0].token_env", "environment variable"),
+    ('token_env = "T"\nusername = "u"\npassword_env = "P"\n', "destinations[0].username",
+     "choose one: a bearer token or basic auth"),
+    ('username = "u"\n', "destinations[0].username", "needs destinations[0].password_file"),
+    ('password_env = "P"\n', "destinations[0].password_env", "needs destinations[0].username"),
+    ('password_env = "P"\npassword_file = "token"\nusername = "u"\n',
+     "destinations[0].password_env", "not allowed with destinations[0].password_file"),
+])
+def test_stow_destination_problems(tmp_path: Path, extra: str, key: str,
+                                   fragment: str) -> None:
+    write(tmp_path / "token", "abc\n")
+    problems = problems_of(STOW + extra, tmp_path)
+    matching = [p for p in problems if p.startswith(f"{key}:")]
+    assert matching, f"no problem names {key}: {problems}"
+    assert any(fragment in p for p in matching), f"{fragment!r} not in {matching}"
+    assert "abc" not in " ".join(problems)  # an inline secret is never shown
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("pacs.example/dicom-web", "http:// or https://"),
+    ("ftp://pacs.example/dicom-web", "http:// or https://"),
+    ("https://user:pw@pacs.example/dicom-web", "without user or password"),
+    ("https://pacs.example/dicom-web/studies", "without /studies (cxrd adds it)"),
+    ("https://pacs.example/dicom-web?x=1", "without query or fragment"),
+    ("https://pacs.example:99999/dicom-web", "http:// or https://"),
+    ("http://[::1]:8042/dicom-web", "not an IPv6 literal"),
+])
+def test_stow_url_problems(tmp_path: Path, url: str, fragment: str) -> None:
+    problems = problems_of(f'[[destinations]]\nname = "web"\nurl = "{url}"\n', tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("destinations[0].url:"), problems
+    assert fragment in problems[0]
+    assert "pw@" not in problems[0]  # a password in the URL is masked
+
+
+def test_destination_without_url_or_address_and_stow_keys_on_c_store(tmp_path: Path) -> None:
+    problems = problems_of('[[destinations]]\nname = "p"\n', tmp_path)
+    assert problems == ["destinations[0].url: missing; a destination needs url (STOW-RS: "
+                        "the DICOMweb base URL) or ae_title, host and port (C-STORE)"]
+    problems = problems_of('[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\n'
+                           'port = 104\ntoken_env = "T"\n', tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("destinations[0].token_env: applies "
+                                                         "only to a STOW-RS destination")
+    write(tmp_path / "ca.pem", "x")
+    problems = problems_of(STOW.replace("https", "http") + 'tls = { ca = "ca.pem" }\n',
+                           tmp_path)
+    assert problems == ["destinations[0].tls: applies to an https:// url; "
+                        "destinations[0].url is http://"]

@@ -89,7 +89,10 @@ def test_due_deliveries_are_pending_and_due_grouped_by_destination_oldest_first(
     last = due["a"][-1]
     assert last == DueDelivery(delivery_id=8, destination="a",
                                path=f"/results/{uids[3]}.dcm", sop_instance_uid=uids[3],
-                               created_at=NOW, attempts=2)
+                               created_at=NOW, attempts=2,
+                               study_instance_uid=last.study_instance_uid)
+    assert last.study_instance_uid and {x.study_instance_uid for x in due["b"]} == {
+        last.study_instance_uid}  # the result's study, which a STOW-RS request groups by
     assert all(x.destination == name for name, xs in due.items() for x in xs)
     assert due_deliveries(memdb, 100, now=NOW - SECOND) == {}
 
