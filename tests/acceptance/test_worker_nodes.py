@@ -15,6 +15,16 @@ every instance has exactly one SC, every study exactly one current SR, every res
 stored by the destination exactly once; the jobs A held were redone by B; ``cxrd status``
 names both worker nodes' workers. On S3 the bucket holds exactly the spooled instances and
 the results, under the keys the database records, and no node spooled a local file.
+
+Each worker node runs as a host of its own where the machine allows it (root and ``ip
+netns``; ``netns.Hosts``): in a network namespace joined by a veth pair, where PostgreSQL
+and moto's server, which listen on this machine's loopback, are reached only through
+relays on the host side of the link (shown: the loopback port does not answer there, and
+each relay carried the node's connections). The receiving node, ``storescu`` and
+``storescp`` stay in this machine's namespace; the shared folder is shared through the
+file system, as a mount would be. Elsewhere the worker nodes are separate processes of
+this machine with their own ``[node] id``; the test prints which (``worker_hosts=``) and
+records it as the property ``worker_hosts``.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +41,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicompeers import StoreSCP, free_port, listening, start_dcmtk, storescu_args
+from netns import Host, Hosts
 from nodehelpers import (
     LEASE_SECONDS,
     NodeDirs,
@@ -37,6 +49,7 @@ from nodehelpers import (
     Nodes,
     PhantomSet,
     cli_env,
+    cmdline,
     frontal_set,
     node_port,
     run_cli,
@@ -66,20 +79,26 @@ def two_hundred(tmp_path_factory: pytest.TempPathFactory) -> PhantomSet:
 
 @dataclass
 class Sharing:
-    """How the nodes share their objects: ``storage(recv)`` is the ``[storage]`` lines of
-    a worker node (the receiving node's get ``receiving``), ``env`` the environment every
-    node gets."""
+    """How the nodes share their objects: ``storage(recv, host)`` is the ``[storage]``
+    lines of a worker node on ``host`` (the receiving node's are ``receiving``), ``env``
+    the environment every node gets."""
 
     kind: str
-    receiving: str = ""
     env: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""
     bucket: str = ""
 
-    def storage(self, recv: NodeDirs) -> str:
+    @property
+    def receiving(self) -> str:
+        if self.kind == "folder":
+            return ""
+        return f'store = "s3://{self.bucket}/site"\ns3_endpoint_url = "{self.endpoint}"'
+
+    def storage(self, recv: NodeDirs, host: Host) -> str:
         if self.kind == "folder":
             return f'data_dir = "{recv.data_dir}"'  # the receiving node's, mounted
-        return self.receiving
+        return (f'store = "s3://{self.bucket}/site"\n'
+                f's3_endpoint_url = "{host.reach(self.endpoint)}"')
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -96,8 +115,7 @@ def sharing(request: pytest.FixtureRequest, tmp_path: Path,
     proc, endpoint = start_moto()
     try:
         bucket = new_bucket(endpoint)
-        yield Sharing("s3", f'store = "s3://{bucket}/site"\ns3_endpoint_url = "{endpoint}"',
-                      env, endpoint, bucket)
+        yield Sharing("s3", env, endpoint, bucket)
     finally:
         stop(proc)
 
@@ -114,8 +132,16 @@ def node_config(root: Path, node_id: str, url: str, scp_port: int, *, processes:
 
 
 def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
-        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str,
-        sharing: Sharing) -> None:
+        tmp_path: Path, nodes: Nodes, hosts: Hosts, two_hundred: PhantomSet, shared_url: str,
+        sharing: Sharing, record_property: Callable[[str, object], None]) -> None:
+    record_property("worker_hosts", hosts.mode)
+    mode = (f"worker_hosts={hosts.mode}: the worker nodes run in network namespaces of their "
+            "own" if hosts.mode == "netns" else f"worker_hosts={hosts.mode}: the worker nodes "
+            "run as separate processes of this machine (no network namespaces: they need "
+            "root and ip netns, and CXRD_TEST_NETNS=0 turns them off)")
+    print(f"\n{mode}")
+    if hosts.mode == "processes":  # in pytest's summary too, not only with -s
+        warnings.warn(mode, stacklevel=1)
     t0 = time.monotonic()
     scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
     db = Database(shared_url)
@@ -125,13 +151,20 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         # migrates the database, makes the data folder
         nodes.start(recv, processes=0, env=sharing.env)
         assert listening(dicom_port)
-        workers = {}
+        workers, where = {}, {}
         for node_id in ("wk-a", "wk-b"):
-            dirs, _ = node_config(tmp_path / node_id, node_id, shared_url, scp.port,
-                                  processes=1, storage=sharing.storage(recv))
+            host = where[node_id] = hosts.new(node_id)
+            dirs, _ = node_config(tmp_path / node_id, node_id, host.reach(shared_url),
+                                  scp.port, processes=1, storage=sharing.storage(recv, host))
+            if hosts.mode == "netns":  # a host of its own: this machine's loopback is not its
+                for port in host.relays:  # PostgreSQL, and moto's server on S3
+                    assert not host.can_connect("127.0.0.1", port), (node_id, port)
+                    assert host.can_connect(host.address, port), (node_id, port)
             workers[node_id] = nodes.start(dirs, processes=1, command="worker",
-                                           env=sharing.env)
+                                           env=sharing.env, prefix=host.prefix)
         victim = workers["wk-a"]
+        # ip netns exec execs the node: the pid signalled below is cxrd's own
+        assert "cxrd.cli worker" in cmdline(victim.pid), cmdline(victim.pid)
         started = time.monotonic() - t0
 
         studies = two_hundred.studies()
@@ -156,6 +189,8 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its worker: nothing drains
         killed_at = time.monotonic() - t0
         victim.proc.wait(10)
+        wait_until(lambda: not where["wk-a"].pids(), 10,
+                   "nothing of worker node A left in its namespace")
         held = running_of_a()  # what it held when it died (its batch may have changed since)
         assert held, "worker node A held no job when it was killed"
         for proc in senders:
@@ -212,6 +247,10 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         assert all(j.attempts >= 2 for j in redone), redone
         assert {j.kind for j in redone} <= {JobKind.CLASSIFY.value, JobKind.REPORT.value}
         assert not owners, owners  # no lease left behind
+        if hosts.mode == "netns":  # each worker node came through its link
+            relayed = {node_id: {port: relay.accepted for port, relay in h.relays.items()}
+                       for node_id, h in where.items()}
+            assert all(counts and all(counts.values()) for counts in relayed.values()), relayed
         if sharing.kind == "s3":  # the bucket holds what the rows name, and nothing else
             with db.session() as s:
                 keys = sorted([*s.scalars(select(Instance.path)),
@@ -239,8 +278,9 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         # SIGTERM drains the surviving worker node: exit 0
         assert workers["wk-b"].stop() == 0
         assert "action=drain-done role=worker node_id=wk-b" in workers["wk-b"].log()
-        print(f"\n{sharing.kind}: started {started:.1f}s, killed wk-a at {killed_at:.1f}s holding "
-              f"{len(held)} jobs (lease {LEASE_SECONDS}s), all delivered at {done_at:.1f}s")
+        print(f"\n{sharing.kind} ({hosts.mode}): started {started:.1f}s, killed wk-a at "
+              f"{killed_at:.1f}s holding {len(held)} jobs (lease {LEASE_SECONDS}s), all "
+              f"delivered at {done_at:.1f}s")
     finally:
         db.dispose()
         scp.stop()
