@@ -220,7 +220,7 @@ def _free_network() -> str:
 def isolated_host(name: str = "probe") -> Iterator[Host]:
     """A network namespace ``cxrd-<hex>`` joined to this one by a veth pair, a /30 on it
     (this side ``.1``, the namespace ``.2``), both ends and the namespace's loopback up.
-    On exit the relays stop, processes left in the namespace are killed, and the
+    On exit processes left in the namespace are killed, the relays stop, and the
     namespace and the host end of the pair are deleted, whatever happened inside."""
     tag = uuid.uuid4().hex[:8]
     namespace, outside, inside = f"cxrd-{tag}", f"cxh{tag}", f"cxn{tag}"
@@ -237,9 +237,9 @@ def isolated_host(name: str = "probe") -> Iterator[Host]:
         ip("-n", namespace, "link", "set", "lo", "up")
         yield host
     finally:
+        _kill_all(host)
         for relay in host.relays.values():
             relay.close()
-        _kill_all(host)
         ip("netns", "delete", namespace, check=False)
         ip("link", "delete", outside, check=False)  # gone with the namespace, normally
 
