@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 import pytest
@@ -157,6 +158,7 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
             dirs, _ = node_config(tmp_path / node_id, node_id, host.reach(shared_url),
                                   scp.port, processes=1, storage=sharing.storage(recv, host))
             if hosts.mode == "netns":  # a host of its own: this machine's loopback is not its
+                assert urlsplit(shared_url).port in host.relays, host.relays
                 for port in host.relays:  # PostgreSQL, and moto's server on S3
                     assert not host.can_connect("127.0.0.1", port), (node_id, port)
                     assert host.can_connect(host.address, port), (node_id, port)
