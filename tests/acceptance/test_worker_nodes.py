@@ -8,7 +8,8 @@ every classify and report job. With a shared folder they mount the receiving nod
 folder (the same path, ``[storage] store = ""``); with S3 every node has a data folder of
 its own and ``[storage] store = "s3://bucket/site"`` (credentials in the environment
 only). 200 small frontal images in 50 studies arrive over 4 parallel ``storescu``
-associations. While worker node A holds leased jobs, its process group is killed with
+associations. While worker node A holds leased jobs, its process group is stopped
+(SIGSTOP: it cannot end its batch between the look and the kill) and killed with
 SIGKILL; nothing is restarted, so its jobs come back only when their (5 s) leases expire,
 and node B does them. Counted from the database and from what ``storescp`` received:
 every instance has exactly one SC, every study exactly one current SR, every result is
@@ -23,8 +24,8 @@ relays on the host side of the link (shown: the loopback port does not answer th
 each relay carried the node's connections). The receiving node, ``storescu`` and
 ``storescp`` stay in this machine's namespace; the shared folder is shared through the
 file system, as a mount would be. Elsewhere the worker nodes are separate processes of
-this machine with their own ``[node] id``; the test prints which (``worker_hosts=``) and
-records it as the property ``worker_hosts``.
+this machine with their own ``[node] id``; the test prints which (``worker_hosts=``),
+warns when it falls back to processes, and records it as the property ``worker_hosts``.
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         tmp_path: Path, nodes: Nodes, hosts: Hosts, two_hundred: PhantomSet, shared_url: str,
         sharing: Sharing, record_property: Callable[[str, object], None]) -> None:
     record_property("worker_hosts", hosts.mode)
-    mode = (f"worker_hosts={hosts.mode}: the worker nodes run in network namespaces of their "
-            "own" if hosts.mode == "netns" else f"worker_hosts={hosts.mode}: the worker nodes "
-            "run as separate processes of this machine (no network namespaces: they need "
-            "root and ip netns, and CXRD_TEST_NETNS=0 turns them off)")
+    how = ("in network namespaces of their own" if hosts.mode == "netns" else
+           "as separate processes of this machine (no network namespaces: they need root "
+           "and ip netns, and CXRD_TEST_NETNS=0 turns them off)")
+    mode = f"worker_hosts={hosts.mode}: the worker nodes run {how}"
     print(f"\n{mode}")
     if hosts.mode == "processes":  # in pytest's summary too, not only with -s
         warnings.warn(mode, stacklevel=1)
@@ -182,18 +183,27 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
                 return list(s.scalars(select(Job.id).where(
                     Job.state == JobState.RUNNING.value, Job.lease_owner.startswith("wk-a:"))))
 
-        def held_by_a() -> list[int]:
+        def stopped_holding() -> bool:
+            """Worker node A stopped (SIGSTOP, its whole group) while it holds leased jobs,
+            after its first batch. Frozen, it cannot finish its batch between the look and
+            the kill (with an empty queue it would then hold nothing); it stays frozen only
+            well within its lease, and is let go again when it held nothing."""
             if "action=classified" not in victim.log():
-                return []  # after its first batch, in a later one
-            return running_of_a()
+                return False
+            os.killpg(victim.pid, signal.SIGSTOP)
+            time.sleep(0.2)  # what it had already sent (a commit) reaches the database
+            if running_of_a():
+                return True
+            os.killpg(victim.pid, signal.SIGCONT)
+            return False
 
-        wait_until(held_by_a, 120, "worker node A to hold leased jobs", interval=0.05)
+        wait_until(stopped_holding, 120, "worker node A to hold leased jobs", interval=0.05)
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its worker: nothing drains
         killed_at = time.monotonic() - t0
         victim.proc.wait(10)
         wait_until(lambda: not where["wk-a"].pids(), 10,
                    "nothing of worker node A left in its namespace")
-        held = running_of_a()  # what it held when it died (its batch may have changed since)
+        held = running_of_a()  # what it held when it died
         assert held, "worker node A held no job when it was killed"
         for proc in senders:
             out, _ = proc.communicate(timeout=120)
