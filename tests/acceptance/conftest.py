@@ -1,6 +1,7 @@
 """Fixtures of the acceptance tier (the helpers themselves are in ``nodehelpers``).
 
 ``nodes`` starts ``cxrd serve`` subprocesses and kills their process groups at teardown;
+``hosts`` gives nodes hosts of their own (network namespaces, ``netns``) and deletes them;
 ``db_of`` opens read-only views of their databases; ``shared_url`` makes a PostgreSQL
 database for nodes that share one; the phantom sets are generated once per session and
 copied into each test's watched folder.
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+from netns import Hosts
 from nodehelpers import (
     DbView,
     NodeDirs,
@@ -27,6 +29,15 @@ def nodes() -> Iterator[Nodes]:
     n = Nodes()
     yield n
     n.close()
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Hosts for nodes (``netns.Hosts``): a network namespace each where this machine
+    allows it, else this machine's own; every namespace is deleted at teardown."""
+    h = Hosts()
+    yield h
+    h.close()
 
 
 @pytest.fixture

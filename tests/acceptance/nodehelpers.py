@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -267,16 +267,19 @@ def cli_env() -> dict[str, str]:
 
 class NodeProcess:
     """One ``cxrd serve`` (or ``cxrd worker``: ``command``) subprocess; its stdout and
-    stderr go to a log file."""
+    stderr go to a log file. ``prefix`` goes before the command line: ``ip netns exec NS``
+    runs the node in a network namespace (``netns.Host``); ip execs the node in its own
+    place, so ``pid`` is still the node's and its process group the node's tree."""
 
     def __init__(self, dirs: NodeDirs, name: str, env: dict[str, str] | None = None,
-                 command: str = "serve") -> None:
+                 command: str = "serve", prefix: Sequence[str] = ()) -> None:
         self.dirs = dirs
         self.command = command
         self.log_path = dirs.root / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*CLI, command, "--config", str(dirs.config)], cwd=dirs.root, env=env or cli_env(),
+            [*prefix, *CLI, command, "--config", str(dirs.config)], cwd=dirs.root,
+            env=env or cli_env(),
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.pid = self.proc.pid
@@ -331,11 +334,12 @@ class Nodes:
         self.started: list[NodeProcess] = []
 
     def start(self, dirs: NodeDirs, processes: int = 1, command: str = "serve",
-              env: dict[str, str] | None = None) -> NodeProcess:
+              env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> NodeProcess:
         """Start ``cxrd <command>`` and wait for its ``processes`` workers (with none, for
-        the node's start line); ``env`` is added to ``cli_env()``."""
+        the node's start line); ``env`` is added to ``cli_env()``, ``prefix`` goes before
+        the command line (``NodeProcess``)."""
         node = NodeProcess(dirs, f"{command}-{len(self.started) + 1}", command=command,
-                           env={**cli_env(), **env} if env else None)
+                           env={**cli_env(), **env} if env else None, prefix=prefix)
         self.started.append(node)
         if processes:
             node.wait_ready(processes)

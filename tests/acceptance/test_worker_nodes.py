@@ -8,13 +8,24 @@ every classify and report job. With a shared folder they mount the receiving nod
 folder (the same path, ``[storage] store = ""``); with S3 every node has a data folder of
 its own and ``[storage] store = "s3://bucket/site"`` (credentials in the environment
 only). 200 small frontal images in 50 studies arrive over 4 parallel ``storescu``
-associations. While worker node A holds leased jobs, its process group is killed with
+associations. While worker node A holds leased jobs, its process group is stopped
+(SIGSTOP: it cannot end its batch between the look and the kill) and killed with
 SIGKILL; nothing is restarted, so its jobs come back only when their (5 s) leases expire,
 and node B does them. Counted from the database and from what ``storescp`` received:
 every instance has exactly one SC, every study exactly one current SR, every result is
 stored by the destination exactly once; the jobs A held were redone by B; ``cxrd status``
 names both worker nodes' workers. On S3 the bucket holds exactly the spooled instances and
 the results, under the keys the database records, and no node spooled a local file.
+
+Each worker node runs as a host of its own where the machine allows it (root and ``ip
+netns``; ``netns.Hosts``): in a network namespace joined by a veth pair, where PostgreSQL
+and moto's server, which listen on this machine's loopback, are reached only through
+relays on the host side of the link (shown: the loopback port does not answer there, and
+each relay carried the node's connections). The receiving node, ``storescu`` and
+``storescp`` stay in this machine's namespace; the shared folder is shared through the
+file system, as a mount would be. Elsewhere the worker nodes are separate processes of
+this machine with their own ``[node] id``; the test prints which (``worker_hosts=``),
+warns when it falls back to processes, and records it as the property ``worker_hosts``.
 """
 
 from __future__ import annotations
@@ -23,13 +34,16 @@ import os
 import re
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 import pytest
 from dicompeers import StoreSCP, free_port, listening, start_dcmtk, storescu_args
+from netns import Host, Hosts
 from nodehelpers import (
     LEASE_SECONDS,
     NodeDirs,
@@ -37,6 +51,7 @@ from nodehelpers import (
     Nodes,
     PhantomSet,
     cli_env,
+    cmdline,
     frontal_set,
     node_port,
     run_cli,
@@ -66,20 +81,26 @@ def two_hundred(tmp_path_factory: pytest.TempPathFactory) -> PhantomSet:
 
 @dataclass
 class Sharing:
-    """How the nodes share their objects: ``storage(recv)`` is the ``[storage]`` lines of
-    a worker node (the receiving node's get ``receiving``), ``env`` the environment every
-    node gets."""
+    """How the nodes share their objects: ``storage(recv, host)`` is the ``[storage]``
+    lines of a worker node on ``host`` (the receiving node's are ``receiving``), ``env``
+    the environment every node gets."""
 
     kind: str
-    receiving: str = ""
     env: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""
     bucket: str = ""
 
-    def storage(self, recv: NodeDirs) -> str:
+    @property
+    def receiving(self) -> str:
+        if self.kind == "folder":
+            return ""
+        return f'store = "s3://{self.bucket}/site"\ns3_endpoint_url = "{self.endpoint}"'
+
+    def storage(self, recv: NodeDirs, host: Host) -> str:
         if self.kind == "folder":
             return f'data_dir = "{recv.data_dir}"'  # the receiving node's, mounted
-        return self.receiving
+        return (f'store = "s3://{self.bucket}/site"\n'
+                f's3_endpoint_url = "{host.reach(self.endpoint)}"')
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -96,8 +117,7 @@ def sharing(request: pytest.FixtureRequest, tmp_path: Path,
     proc, endpoint = start_moto()
     try:
         bucket = new_bucket(endpoint)
-        yield Sharing("s3", f'store = "s3://{bucket}/site"\ns3_endpoint_url = "{endpoint}"',
-                      env, endpoint, bucket)
+        yield Sharing("s3", env, endpoint, bucket)
     finally:
         stop(proc)
 
@@ -114,8 +134,16 @@ def node_config(root: Path, node_id: str, url: str, scp_port: int, *, processes:
 
 
 def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
-        tmp_path: Path, nodes: Nodes, two_hundred: PhantomSet, shared_url: str,
-        sharing: Sharing) -> None:
+        tmp_path: Path, nodes: Nodes, hosts: Hosts, two_hundred: PhantomSet, shared_url: str,
+        sharing: Sharing, record_property: Callable[[str, object], None]) -> None:
+    record_property("worker_hosts", hosts.mode)
+    how = ("in network namespaces of their own" if hosts.mode == "netns" else
+           "as separate processes of this machine (no network namespaces: they need root "
+           "and ip netns, and CXRD_TEST_NETNS=0 turns them off)")
+    mode = f"worker_hosts={hosts.mode}: the worker nodes run {how}"
+    print(f"\n{mode}")
+    if hosts.mode == "processes":  # in pytest's summary too, not only with -s
+        warnings.warn(mode, stacklevel=1)
     t0 = time.monotonic()
     scp = StoreSCP(tmp_path / "pacs", options=["+uf"])
     db = Database(shared_url)
@@ -125,13 +153,21 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         # migrates the database, makes the data folder
         nodes.start(recv, processes=0, env=sharing.env)
         assert listening(dicom_port)
-        workers = {}
+        workers, where = {}, {}
         for node_id in ("wk-a", "wk-b"):
-            dirs, _ = node_config(tmp_path / node_id, node_id, shared_url, scp.port,
-                                  processes=1, storage=sharing.storage(recv))
+            host = where[node_id] = hosts.new(node_id)
+            dirs, _ = node_config(tmp_path / node_id, node_id, host.reach(shared_url),
+                                  scp.port, processes=1, storage=sharing.storage(recv, host))
+            if hosts.mode == "netns":  # a host of its own: this machine's loopback is not its
+                assert urlsplit(shared_url).port in host.relays, host.relays
+                for port in host.relays:  # PostgreSQL, and moto's server on S3
+                    assert not host.can_connect("127.0.0.1", port), (node_id, port)
+                    assert host.can_connect(host.address, port), (node_id, port)
             workers[node_id] = nodes.start(dirs, processes=1, command="worker",
-                                           env=sharing.env)
+                                           env=sharing.env, prefix=host.prefix)
         victim = workers["wk-a"]
+        # ip netns exec execs the node: the pid signalled below is cxrd's own
+        assert "cxrd.cli worker" in cmdline(victim.pid), cmdline(victim.pid)
         started = time.monotonic() - t0
 
         studies = two_hundred.studies()
@@ -147,16 +183,27 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
                 return list(s.scalars(select(Job.id).where(
                     Job.state == JobState.RUNNING.value, Job.lease_owner.startswith("wk-a:"))))
 
-        def held_by_a() -> list[int]:
+        def stopped_holding() -> bool:
+            """Worker node A stopped (SIGSTOP, its whole group) while it holds leased jobs,
+            after its first batch. Frozen, it cannot finish its batch between the look and
+            the kill (with an empty queue it would then hold nothing); it stays frozen only
+            well within its lease, and is let go again when it held nothing."""
             if "action=classified" not in victim.log():
-                return []  # after its first batch, in a later one
-            return running_of_a()
+                return False
+            os.killpg(victim.pid, signal.SIGSTOP)
+            time.sleep(0.2)  # what it had already sent (a commit) reaches the database
+            if running_of_a():
+                return True
+            os.killpg(victim.pid, signal.SIGCONT)
+            return False
 
-        wait_until(held_by_a, 120, "worker node A to hold leased jobs", interval=0.05)
+        wait_until(stopped_holding, 120, "worker node A to hold leased jobs", interval=0.05)
         os.killpg(victim.pid, signal.SIGKILL)  # the node and its worker: nothing drains
         killed_at = time.monotonic() - t0
         victim.proc.wait(10)
-        held = running_of_a()  # what it held when it died (its batch may have changed since)
+        wait_until(lambda: not where["wk-a"].pids(), 10,
+                   "nothing of worker node A left in its namespace")
+        held = running_of_a()  # what it held when it died
         assert held, "worker node A held no job when it was killed"
         for proc in senders:
             out, _ = proc.communicate(timeout=120)
@@ -212,6 +259,10 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         assert all(j.attempts >= 2 for j in redone), redone
         assert {j.kind for j in redone} <= {JobKind.CLASSIFY.value, JobKind.REPORT.value}
         assert not owners, owners  # no lease left behind
+        if hosts.mode == "netns":  # each worker node came through its link
+            relayed = {node_id: {port: relay.accepted for port, relay in h.relays.items()}
+                       for node_id, h in where.items()}
+            assert all(counts and all(counts.values()) for counts in relayed.values()), relayed
         if sharing.kind == "s3":  # the bucket holds what the rows name, and nothing else
             with db.session() as s:
                 keys = sorted([*s.scalars(select(Instance.path)),
@@ -239,8 +290,9 @@ def test_worker_nodes_share_the_queue_and_a_killed_one_loses_nothing(
         # SIGTERM drains the surviving worker node: exit 0
         assert workers["wk-b"].stop() == 0
         assert "action=drain-done role=worker node_id=wk-b" in workers["wk-b"].log()
-        print(f"\n{sharing.kind}: started {started:.1f}s, killed wk-a at {killed_at:.1f}s holding "
-              f"{len(held)} jobs (lease {LEASE_SECONDS}s), all delivered at {done_at:.1f}s")
+        print(f"\n{sharing.kind} ({hosts.mode}): started {started:.1f}s, killed wk-a at "
+              f"{killed_at:.1f}s holding {len(held)} jobs (lease {LEASE_SECONDS}s), all "
+              f"delivered at {done_at:.1f}s")
     finally:
         db.dispose()
         scp.stop()
