@@ -33,6 +33,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_sequence_item
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 #: A character set as a data set's Specific Character Set gives it (None: the default).
@@ -157,6 +158,8 @@ class DatasetTemplate:
         self.charset = charset
         self._by_value = {(keyword, _comparable(value)): name
                           for name, (keyword, value) in values.items()}
+        if len(self._by_value) != len(values):
+            raise ValueError("two slots name the same keyword and prototype value")
         self._elements = {int(tag) for tag in elements}
         self._met: set[str] = set()
         ds = Dataset()
@@ -172,6 +175,8 @@ class DatasetTemplate:
         parts: list[_Part] = []
         for elem in ds:
             tag = int(elem.tag)
+            if tag & 0xFFFF == 0 and tag >> 16 > 6:
+                continue  # a retired Group Length: pydicom's writer leaves it out too
             if top and tag in self._elements:
                 parts.append(("element", tag))
                 continue
@@ -222,8 +227,9 @@ class DatasetTemplate:
 
 
 def _comparable(value: object) -> object:
-    """A value as a dictionary key: a multi-valued one as a tuple, anything else as is."""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    """A value as a dictionary key: a multi-valued one as a tuple of strings, any other as
+    its string."""
+    if isinstance(value, list | tuple | MultiValue):
         return tuple(str(v) for v in cast(Iterable[object], value))
     try:
         hash(value)
