@@ -2,10 +2,11 @@
 
 Written by the worker for each classified image (``cxrd.worker.write_seg``), through a
 ``LungSegEncoder``: highdicom builds the first SEG of each kind of source, the encoder
-makes the others from it (see the class), identical element for element.
+makes the others from its encoding (see the class), byte for byte what pydicom would write
+for highdicom's.
 
 What it holds. The segmenter's two masks at the source's own size (``cxrd.lungs``
-``probs_to_masks``), as a BINARY Segmentation (1.2.840.10008.5.1.4.1.1.66.4) with one
+``lung_masks``), as a BINARY Segmentation (1.2.840.10008.5.1.4.1.1.66.4) with one
 segment per channel of ``SegmentationInfo.segments`` (the patient's left lung, then the
 right; SNOMED CT codes, category Anatomical Structure), each segment one frame. Both
 frames are always written, an empty mask as an empty frame (a frame of zeros costs
@@ -298,9 +299,10 @@ class LungSegEncoder:
     own UIDs, instance number, Patient Orientation, clock and Pixel Data (``_OWN_ELEMENTS``),
     and, inside the sequences, every reference to the source image and its series and the
     Contribution DateTime. For the next source of that kind it encodes only those and packs
-    the masks: about 1 ms in all. A kind of source is everything highdicom reads other than
-    by copying an element: its SOP class, character set, size, Frame of Reference, lossy
-    compression (and ratio), the set of elements present, and whether the masks overlap.
+    the masks: about 2.5-3.5 ms of CPU for a 2500 x 2048 image. A kind of source is
+    everything highdicom reads other than by copying an element: its SOP class, character
+    set, size, Frame of Reference, lossy compression (and ratio), the set of elements
+    present, and whether the masks overlap.
     The tests compare, for each kind of source the project generates, the encoder's bytes
     with what pydicom writes for highdicom's SEG of the same source (the clock set alike),
     and its decoded output with highdicom's element by element.
