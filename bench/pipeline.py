@@ -696,7 +696,6 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     then one SR per study built from the records, as a worker's report job builds it."""
     import pydicom
 
-    from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings
     from cxrd.infer import Classifier, Segmenter
     from cxrd.preprocess import decode_min_side, decode_pixels
@@ -706,6 +705,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     from cxrd.worker import (
         lung_fields,
         prepare,
+        save_result,
         segmenter_input,
         warm_up_results,
         write_heatmap,
@@ -778,7 +778,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         images = [ImageFindings.from_record(pr, json.loads(rec)) for pr, rec in items]
         sr = build_sr(images, clf.info, sop_instance_uid=derived_uid("bench-sr", study_uid),
                       series_instance_uid=derived_uid("bench-sr-series", study_uid))
-        save_dataset(sr, results_dir)
+        save_result(sr, results_dir)
         sr_seconds.append(time.perf_counter() - t)
         sr_per_image.append(sr_seconds[-1] / len(items))
     wall = time.perf_counter() - t0
