@@ -17,6 +17,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import boto3
 from dicompeers import free_port
@@ -67,6 +68,15 @@ def aws_environ(home: Path) -> dict[str, str]:
             "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
             "AWS_CONFIG_FILE": str(home / "no-config"),
             "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def use_fake_aws(monkeypatch: Any, home: Path) -> None:
+    """Put :func:`aws_environ` in this test's environment, every other ``AWS_*`` variable
+    out (``monkeypatch``: pytest's, which restores them)."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in aws_environ(home).items():
+        monkeypatch.setenv(name, value)
 
 
 def new_bucket(endpoint: str) -> str:

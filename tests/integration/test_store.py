@@ -38,7 +38,6 @@ from s3peer import (
     FAKE_KEY_ID,
     FAKE_SECRET,
     REGION,
-    aws_environ,
     new_bucket,
     start_moto,
     stop,
@@ -48,25 +47,8 @@ from cxrd.config import validate
 from cxrd.errors import InvalidKey, ObjectMissing, StoreFailed, StoreUnavailable
 from cxrd.store import LocalStore, S3Store, Store, open_store
 
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    proc, endpoint = start_moto()
-    try:
-        yield endpoint
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Credentials from the environment only: no profile, no shared files of the host's,
-    no instance metadata lookups."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in aws_environ(tmp_path).items():
-        monkeypatch.setenv(name, value)
+#: Credentials from the environment only (``fake_aws``, tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("fake_aws")
 
 
 @pytest.fixture(params=["local", "s3"])

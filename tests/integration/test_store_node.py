@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
-import os
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import pydicom
 import pytest
 from dicomfactory import make_dataset, part10_bytes, uid, write
 from dicompeers import StoreSCP, dataset_bytes, output, storescu
-from s3peer import aws_environ, new_bucket, object_keys, start_moto, stop
+from s3peer import new_bucket, object_keys, start_moto, stop
 from sqlalchemy import select
 from test_worker import FakeClassifier  # tests/integration is on sys.path
 
@@ -55,23 +54,8 @@ from cxrd.space import is_resource_error
 from cxrd.store import NodeStore, key_folders, open_node_store
 from cxrd.worker import WorkerLoop
 
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in aws_environ(tmp_path).items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    proc, endpoint = start_moto()
-    try:
-        yield endpoint
-    finally:
-        stop(proc)
+#: Credentials from the environment only (``fake_aws``, tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("fake_aws")
 
 
 def node_config(tmp_path: Path, *, store: str = "", endpoint: str = "",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -656,14 +655,11 @@ def test_results_in_an_s3_store_reach_orthanc_by_stow_rs(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``[storage] store = "s3://..."`` (moto's S3 server) the sender reads each result
     from the bucket; Orthanc holds the objects as written."""
-    from s3peer import aws_environ, new_bucket, start_moto, stop
+    from s3peer import new_bucket, start_moto, stop, use_fake_aws
 
     from cxrd.store import open_node_store, result_key
 
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    for name, value in aws_environ(tmp_path).items():
-        monkeypatch.setenv(name, value)
+    use_fake_aws(monkeypatch, tmp_path)
     proc, endpoint = start_moto()
     try:
         config = validate({
