@@ -576,6 +576,10 @@ def run_node(inputs: Inputs, run_dir: Path, args: argparse.Namespace, tree: Tree
         d.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(inputs.files):
         shutil.copyfile(f, staging / f"{i:04d}_{f.name}")
+    # The copies are written back before the clock starts: the files are at rest when they
+    # are dropped, as the reference arms' inputs are, so the node's fsync of each one
+    # measures cxrd, not the writeback of the bench's own copy.
+    os.sync()
     config = run_dir / "cxrd.toml"
     write_config(config, data_dir, args, processes, tree)
     log_path = run_dir / "cxrd-serve.log"
