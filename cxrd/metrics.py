@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -97,7 +97,7 @@ def metrics() -> _Metrics:
     return _metrics
 
 
-def observe_stages(timings: dict[str, float]) -> None:
+def observe_stages(timings: Mapping[str, float]) -> None:
     hist = metrics().stage_seconds
     for stage, seconds in timings.items():
         hist.labels(stage).observe(seconds)

@@ -338,45 +338,77 @@ def _leased(s: Session, job: ClaimedJob, owner: str) -> tuple[Job, Instance | No
     return row, inst
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A classify job's outputs, for ``complete_batch``: the probabilities and the
+    findings record the SR is built from, its timings, and its result objects (the heatmap
+    ``sc`` and the lung ``seg``, each a SOP Instance UID and store key)."""
+
+    job: ClaimedJob
+    probs: Sequence[float]
+    record: Mapping[str, object] | None
+    timings: Mapping[str, float]
+    sc: tuple[str, str | Path] | None = None
+    seg: tuple[str, str | Path] | None = None
+
+
 def complete(db: Database, job: ClaimedJob, owner: str, probs: Sequence[float],
              record: Mapping[str, object] | None, device_uid: str,
              timings: Mapping[str, float], *, sc: tuple[str, str | Path] | None = None,
              seg: tuple[str, str | Path] | None = None,
              destinations: Sequence[str] = ()) -> bool:
-    """Mark a classify job done with its outputs: the probabilities and the findings
-    record the SR is built from, and its result objects (the heatmap ``sc`` and the lung
-    ``seg``, each a SOP Instance UID and store key) with a delivery per destination, all in
-    one transaction. False when the lease was lost meanwhile (another worker owns the job
-    now; its results have the same UIDs, so nothing is duplicated)."""
+    """``complete_batch`` of one job."""
+    (done,) = complete_batch(db, [Completion(job, probs, record, timings, sc, seg)], owner,
+                             device_uid, destinations=destinations)
+    return done
+
+
+def complete_batch(db: Database, completions: Sequence[Completion], owner: str,
+                   device_uid: str, *, destinations: Sequence[str] = ()) -> list[bool]:
+    """Mark classify jobs done with their outputs (``Completion``), each result object
+    with a delivery per destination, all in one transaction: a worker ends its batch with
+    one commit, not one per image. Per job, False when its lease was lost meanwhile
+    (another worker owns the job now; its results have the same UIDs, so nothing is
+    duplicated); the others are done. The studies' report jobs are then considered in
+    the order of their UIDs, so that two workers ending batches of the same studies lock
+    those studies in the same order."""
     now = utcnow()
+    done: list[bool] = []
     with db.session() as s:
-        leased = _leased(s, job, owner)
-        if leased is None:
-            log.warning("action=lease-lost job_id=%d sop_instance_uid=%s", job.job_id,
-                        job.sop_instance_uid)
-            return False
-        row, inst = leased
-        assert inst is not None, "complete() is for classify jobs"
-        row.state = JobState.DONE.value
-        row.probs = json.dumps([float(p) for p in probs])
-        row.record = json.dumps(record, separators=(",", ":")) if record is not None else None
-        row.model_device_uid = device_uid
-        row.timings = json.dumps(dict(timings))
-        row.finished_at = now
-        row.lease_owner = None
-        row.error = None
-        inst.state = InstanceState.DONE.value
-        inst.reason = None
-        inst.detail = None
-        for kind, result in ((ResultKind.SC, sc), (ResultKind.SEG, seg)):
-            if result is not None:
-                add_result(s, kind=kind, sop_instance_uid=result[0],
-                           study_instance_uid=job.study_instance_uid,
-                           generation=job.generation, path=result[1],
-                           destinations=destinations,
-                           source_sop_instance_uid=job.sop_instance_uid)
-        study_progress(s, job.study_instance_uid, now)
-    return True
+        for c in completions:
+            job = c.job
+            leased = _leased(s, job, owner)
+            if leased is None:
+                log.warning("action=lease-lost job_id=%d sop_instance_uid=%s", job.job_id,
+                            job.sop_instance_uid)
+                done.append(False)
+                continue
+            row, inst = leased
+            assert inst is not None, "complete_batch() is for classify jobs"
+            row.state = JobState.DONE.value
+            row.probs = json.dumps([float(p) for p in c.probs])
+            row.record = (json.dumps(c.record, separators=(",", ":"))
+                          if c.record is not None else None)
+            row.model_device_uid = device_uid
+            row.timings = json.dumps(dict(c.timings))
+            row.finished_at = now
+            row.lease_owner = None
+            row.error = None
+            inst.state = InstanceState.DONE.value
+            inst.reason = None
+            inst.detail = None
+            for kind, result in ((ResultKind.SC, c.sc), (ResultKind.SEG, c.seg)):
+                if result is not None:
+                    add_result(s, kind=kind, sop_instance_uid=result[0],
+                               study_instance_uid=job.study_instance_uid,
+                               generation=job.generation, path=result[1],
+                               destinations=destinations,
+                               source_sop_instance_uid=job.sop_instance_uid)
+            done.append(True)
+        for study_uid in sorted({c.job.study_instance_uid
+                                 for c, ok in zip(completions, done, strict=True) if ok}):
+            study_progress(s, study_uid, now)
+    return done
 
 
 @dataclass(frozen=True)

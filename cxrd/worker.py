@@ -431,6 +431,7 @@ class WorkerLoop:
                 self._retry(job, exc)
             return
         threshold = self.model.operating_point.tb_threshold
+        finished: list[queue.Completion] = []
         for i, (job, prep) in enumerate(ready):
             try:
                 prep.timings["infer"] = infer
@@ -453,21 +454,38 @@ class WorkerLoop:
                                  job.generation)
                        if lungs is not None and self.seg_encoder is not None
                        and self.config.results.segmentation else None)
-                done = queue.complete(self.db, job, self.worker_id, probs[i].tolist(), record,
-                                      self.model.device_uid, prep.timings, sc=sc, seg=seg,
-                                      destinations=self.destinations)
             except Exception as exc:
                 self._retry(job, exc)
                 continue
-            if done:
-                self.processed += 1
-                observe_stages(prep.timings)
-                metrics().images_classified.labels(
-                    CLASS_NAMES[decide_class(probs[i], threshold)]).inc()
-                log.info("action=classified sop_instance_uid=%s study_instance_uid=%s "
-                         "p_tb=%.3f p_ntb=%.3f p_norm=%.3f model=%s",
-                         job.sop_instance_uid, job.study_instance_uid, *probs[i].tolist(),
-                         self.model.display_name)
+            finished.append(queue.Completion(job, probs[i].tolist(), record, prep.timings,
+                                             sc, seg))
+        self._complete(finished)
+
+    def _complete(self, finished: list[queue.Completion]) -> None:
+        """End the batch's classify jobs whose results are written, in one transaction
+        (``queue.complete_batch``); when it fails, each job is retried as a failure of its
+        own would be."""
+        if not finished:
+            return
+        threshold = self.model.operating_point.tb_threshold
+        try:
+            done = queue.complete_batch(self.db, finished, self.worker_id,
+                                        self.model.device_uid, destinations=self.destinations)
+        except Exception as exc:
+            for c in finished:
+                self._retry(c.job, exc)
+            return
+        for c, ok in zip(finished, done, strict=True):
+            if not ok:
+                continue
+            self.processed += 1
+            observe_stages(c.timings)
+            k = decide_class(np.asarray(c.probs, dtype=np.float32), threshold)
+            metrics().images_classified.labels(CLASS_NAMES[k]).inc()
+            log.info("action=classified sop_instance_uid=%s study_instance_uid=%s "
+                     "p_tb=%.3f p_ntb=%.3f p_norm=%.3f model=%s",
+                     c.job.sop_instance_uid, c.job.study_instance_uid, *c.probs,
+                     self.model.display_name)
 
     def _source(self, job: queue.ClaimedJob) -> Path | bytes:
         """The spooled instance of a classify job: its local file (mapped by

@@ -160,6 +160,38 @@ def test_complete_with_a_lost_lease_returns_false(memdb):
     assert queue.complete(memdb, new, "w2", [1, 0, 0], None, "1.2", {}) is False  # once
 
 
+def test_complete_batch_ends_a_batch_in_one_transaction(memdb, tmp_path):
+    """A batch across studies: each job done with its own outputs, a job whose lease was
+    lost left to its new owner, and the report job of each study whose last classify job
+    ended (and only of those) enqueued."""
+    make_jobs(memdb, studies=2, per_study=2)
+    first, second, third, fourth = claim(memdb, "w1", batch=4)
+    assert first.study_instance_uid == second.study_instance_uid != third.study_instance_uid
+    with memdb.session() as s:  # the fourth job's lease passes to another worker
+        s.get(Job, fourth.job_id).lease_owner = "w2"
+    completions = [queue.Completion(c, [0.1 * n, 0.2, 0.7 - 0.1 * n], {"n": n}, {"infer": n},
+                                    sc=(f"1.2.9.{n}", tmp_path / f"sc{n}.dcm"),
+                                    seg=(f"1.2.8.{n}", tmp_path / f"seg{n}.dcm"))
+                   for n, c in enumerate((first, second, third, fourth))]
+
+    done = queue.complete_batch(memdb, completions, "w1", "1.2.3", destinations=["pacs"])
+
+    assert done == [True, True, True, False]
+    for n, c in enumerate((first, second, third)):
+        row = get_job(memdb, c.job_id)
+        assert row.state == JobState.DONE.value and json.loads(row.record) == {"n": n}
+        assert json.loads(row.timings) == {"infer": n} and row.model_device_uid == "1.2.3"
+    assert get_job(memdb, fourth.job_id).state == JobState.RUNNING.value
+    with memdb.session() as s:
+        results = s.scalars(select(Result)).all()
+        assert sorted(r.sop_instance_uid for r in results) == [
+            "1.2.8.0", "1.2.8.1", "1.2.8.2", "1.2.9.0", "1.2.9.1", "1.2.9.2"]
+        assert len(s.scalars(select(Delivery)).all()) == 6
+        reports = s.scalars(select(Job).where(Job.kind == JobKind.REPORT.value)).all()
+        # the first study's jobs all ended; the second's fourth job is still running
+        assert [r.study_instance_uid for r in reports] == [first.study_instance_uid]
+
+
 def test_skip_is_permanent(memdb):
     (job_id,) = make_jobs(memdb, studies=1, per_study=1)
     (c,) = claim(memdb, "w")
