@@ -319,3 +319,19 @@ def test_v8_adds_results_summary_in_place(tmp_path: Path) -> None:
         row.summary = json.dumps(SUMMARY)
     assert db.migrate() == SCHEMA_VERSION
     db.dispose()
+
+
+def test_check_config_reads_a_webhook_token_it_names(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxrd.preflight import check_destinations
+
+    monkeypatch.delenv("CXRD_TEST_HOOK_TOKEN", raising=False)
+    config = validate({"notifications": [{"name": "worklist", "kind": "webhook",
+                                          "url": "http://x", "token_env":
+                                          "CXRD_TEST_HOOK_TOKEN"}]})
+    [problem] = check_destinations(config)
+    assert problem.check == "notifications"
+    assert problem.cause == ("notifications 'worklist' token_env: the environment variable "
+                             "CXRD_TEST_HOOK_TOKEN is not set or empty")
+    monkeypatch.setenv("CXRD_TEST_HOOK_TOKEN", "t0k")
+    assert check_destinations(config) == []
