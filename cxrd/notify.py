@@ -355,14 +355,17 @@ def ack_outcome(ack: hl7.Message, control_id: str) -> Outcome:
         msa = ack.segment("MSA")
     except KeyError:
         return Outcome(error="HL7 answer without an MSA segment (not an ACK)", answer="no MSA")
-    code = str(msa(1)).strip().upper()
-    answered = str(msa(2)).strip()
-    comment = str(msa(3)).strip() if len(msa) > 3 else ""
     try:
-        err = str(ack.segment("ERR")(8)).strip()
+        code, answered = str(msa(1)).strip().upper(), str(msa(2)).strip()
+    except IndexError:
+        return Outcome(error="HL7 ACK without an acknowledgment code and message control ID",
+                       answer="short MSA")
+    # Only the coded error (ERR-3, HL7 table 0357): the free texts (MSA-3, ERR-8) may quote
+    # the message's patient data, and the error is logged.
+    try:
+        detail = str(ack.segment("ERR")(3)).strip()
     except (KeyError, IndexError):
-        err = ""
-    detail = "; ".join(t for t in (comment, err) if t)
+        detail = ""
     answer = f"ACK {code}"
     if answered != control_id:
         return Outcome(error=f"HL7 ACK for message {answered!r}, not {control_id!r}",

@@ -210,6 +210,16 @@ def test_ack_codes() -> None:
     assert ar.at_max_backoff and ar.error.startswith("PERMANENT:") and not ar.permanent
     other = ack_outcome(message.create_ack("AA"), "CXRD41")  # another message's ACK
     assert not other.delivered and "CXRD42" in other.error
+    # the coded error is kept; the free texts, which may quote patient data, are not
+    answer = hl7.parse("MSH|^~\\&|RIS||cxrd||20261206||ACK^R01^ACK|9|P|2.5.1\r"
+                       "MSA|AE|CXRD42|unknown patient PID-9\r"
+                       "ERR|||204^Unknown key identifier^HL70357||E||||patient PID-9")
+    coded = ack_outcome(answer, "CXRD42")
+    assert coded.error == "HL7 ACK AE: 204^Unknown key identifier^HL70357 (application error)"
+    assert "PID-9" not in coded.error
+    short = ack_outcome(hl7.parse("MSH|^~\\&|RIS||cxrd||20261206||ACK|9|P|2.5.1\rMSA|AA"),
+                        "CXRD42")
+    assert not short.delivered
 
 
 def _response(status: int, body: bytes = b"", **headers: str) -> requests.Response:
