@@ -218,9 +218,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
     config, db = _mend_db(args)
     name = args.destination
-    if name is not None and name not in {d.name for d in config.destinations}:
-        print(f"note: {name!r} is not a configured destination; its deliveries would fail "
-              "again", file=sys.stderr)
+    if name is not None and name not in config.endpoint_names:
+        print(f"note: {name!r} is not a configured destination or notification; its "
+              "deliveries would fail again", file=sys.stderr)
     count = retry_dead(db, actor=current_actor(), destination=name)
     print(f"re-queued {count} dead deliveries" + (f" to {name}" if name else ""))
     return EXIT_OK

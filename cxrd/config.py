@@ -30,8 +30,9 @@ from typing import Any, Literal, TypeVar
 from cxrd.errors import ConfigError
 
 #: The only environment variable cxrd reads for configuration: the config file's path
-#: (secrets excepted: a STOW-RS destination's ``token_env`` or ``password_env`` names one,
-#: read by the sender, ``cxrd.stow.credentials``).
+#: (secrets excepted: a STOW-RS destination's ``token_env`` or ``password_env``, or a
+#: webhook notification's ``token_env``, names one, read by the sender,
+#: ``cxrd.stow.credentials``).
 ENV_CONFIG = "CXRD_CONFIG"
 
 #: Execution providers cxrd accepts in ``model.providers`` (onnxruntime's own names).
@@ -325,6 +326,51 @@ class DestinationConfig:
         """Whether results go by STOW-RS (``url``) rather than C-STORE."""
         return bool(self.url)
 
+    @property
+    def section(self) -> str:
+        """The array of tables it comes from, as messages name it."""
+        return "destinations"
+
+
+class NotificationKind(StrEnum):
+    """How an urgent-finding notification is sent (``notifications[i].kind``)."""
+
+    WEBHOOK = "webhook"  # HTTP POST of a JSON document to ``url``
+    HL7 = "hl7"  # HL7 v2.5.1 ORU^R01 over MLLP to ``host``:``port``
+
+
+#: The study-level findings a notification may be sent for (NORM is never urgent).
+URGENT_FINDINGS: tuple[str, ...] = ("TB", "NTB")
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationConfig:
+    """One ``[[notifications]]`` entry: told of each study whose SR reports one of
+    ``findings`` (``cxrd.outbox.add_result`` decides, ``cxrd.notify`` sends). A webhook
+    (``url``, an optional bearer token named by ``token_file`` or ``token_env``) or an HL7
+    v2 receiver over MLLP (``host``, ``port``, the MSH's receiving application and
+    facility). ``connect_timeout_seconds`` bounds the TCP connection, ``timeout_seconds``
+    the wait for the answer (the HTTP response, the HL7 ACK)."""
+
+    name: str
+    kind: NotificationKind = NotificationKind.WEBHOOK
+    findings: tuple[str, ...] = ("TB",)
+    url: str = ""
+    token_file: Path | None = None
+    token_env: str = ""
+    host: str = ""
+    port: int = 0
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    sending_facility: str = ""
+    connect_timeout_seconds: float = 10.0
+    timeout_seconds: float = 30.0
+
+    @property
+    def section(self) -> str:
+        """The array of tables it comes from, as messages name it."""
+        return "notifications"
+
 
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
@@ -356,6 +402,14 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     source: Path | None
     base_dir: Path
+    #: ``[[notifications]]``: urgent findings, by webhook or HL7 v2 (``cxrd.notify``).
+    notifications: tuple[NotificationConfig, ...] = ()
+
+    @property
+    def endpoint_names(self) -> tuple[str, ...]:
+        """Every name a delivery row may carry: destinations and notifications (one
+        namespace)."""
+        return (*(d.name for d in self.destinations), *(n.name for n in self.notifications))
 
 
 # --------------------------------------------------------------------------- loading
@@ -438,6 +492,11 @@ def validate(
     logging_ = _read_logging(root.section("logging"))
     sender = _read_sender(root.section("sender"), node.ae_title)
     destinations = _read_destinations(root.array("destinations"), problems, base)
+    notifications = _read_notifications(root.array("notifications"), problems, base,
+                                        {d.name: i for i, d in enumerate(destinations)})
+    if notifications and not results.structured_report:
+        problems.append("notifications: need results.structured_report = true (a "
+                        "notification is queued with the study's SR, and names it)")
     root.finish()
 
     if problems:
@@ -459,6 +518,7 @@ def validate(
         destinations=destinations,
         source=src,
         base_dir=base,
+        notifications=notifications,
     )
 
 
@@ -781,6 +841,7 @@ class _Root:
         "logging",
         "sender",
         "destinations",
+        "notifications",
     )
 
     def __init__(self, problems: list[str], data: Mapping[str, Any]) -> None:
@@ -1349,6 +1410,163 @@ def _read_stow_destination(t: _Table, entry: Mapping[str, Any], name: str,
     return DestinationConfig(name=name, url=url, tls=tls, token_file=token_file,
                              token_env=token_env, username=username,
                              password_file=password_file, password_env=password_env)
+
+
+#: The keys of each kind of notification, beside name, kind, findings and the timeouts.
+_NOTIFY_KEYS: dict[NotificationKind, tuple[str, ...]] = {
+    NotificationKind.WEBHOOK: ("url", "token_file", "token_env"),
+    NotificationKind.HL7: ("host", "port", "receiving_application", "receiving_facility",
+                           "sending_facility"),
+}
+#: HL7 v2 HD components (MSH-4 to MSH-6): no delimiter, no control character.
+_HL7_DELIMITERS = set("|^~\\&\r\n")
+
+
+def _read_notifications(entries: list[Mapping[str, Any]], problems: list[str], base: Path,
+                        destination_names: Mapping[str, int]
+                        ) -> tuple[NotificationConfig, ...]:
+    """``[[notifications]]``: each one's kind and the keys of that kind; names unique
+    among notifications and destinations together (a delivery row names either)."""
+    result: list[NotificationConfig] = []
+    first_use: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        t = _Table(problems, f"notifications[{i}]", entry)
+        name = t.string("name", "", required=True)
+        if "name" in entry and isinstance(entry["name"], str):
+            if not name.strip():
+                t.bad("name", name, "a non-empty name")
+            elif name in destination_names:
+                t.bad("name", name, "a name no destination has (destinations"
+                                    f"[{destination_names[name]}] has it already; "
+                                    "notifications and destinations share one namespace)")
+            elif name in first_use:
+                t.bad("name", name,
+                      f"a unique name (notifications[{first_use[name]}] has it already)")
+            else:
+                first_use[name] = i
+        allowed = " or ".join(f'"{k.value}"' for k in NotificationKind)
+        kind_text = t.string("kind", "")
+        kind: NotificationKind | None = None
+        if "kind" not in entry:
+            t.problem("kind", 'missing; a notification needs kind "webhook" (with url) or '
+                              '"hl7" (with host and port)')
+        if "kind" in entry and isinstance(entry["kind"], str):
+            try:
+                kind = NotificationKind(kind_text)
+            except ValueError:
+                hint = _suggest(kind_text, [k.value for k in NotificationKind])
+                t.bad("kind", kind_text, f"{allowed}" + (f'; did you mean "{hint}"?'
+                                                         if hint else ""))
+        findings = _notification_findings(t)
+        d = NotificationConfig(name=name)
+        connect = t.number("connect_timeout_seconds", d.connect_timeout_seconds, low=0,
+                           strict=True)
+        timeout = t.number("timeout_seconds", d.timeout_seconds, low=0, strict=True)
+        _refuse_inline_secrets(t)
+        common = {"name": name, "findings": findings, "connect_timeout_seconds": connect,
+                  "timeout_seconds": timeout}
+        if kind is None:
+            t.known.extend(k for keys in _NOTIFY_KEYS.values() for k in keys)
+            t.finish()
+            continue
+        for other, keys in _NOTIFY_KEYS.items():
+            if other is kind:
+                continue
+            for key in keys:
+                if key in entry and key not in _NOTIFY_KEYS[kind]:
+                    t.known.append(key)
+                    t.problem(key, f'applies only to kind "{other.value}"; {t.prefix} is '
+                                   f'kind "{kind.value}"')
+        if kind is NotificationKind.WEBHOOK:
+            result.append(_read_webhook(t, entry, base, common))
+        else:
+            result.append(_read_hl7(t, entry, common))
+        t.finish()
+    return tuple(result)
+
+
+def _notification_findings(t: _Table) -> tuple[str, ...]:
+    default = NotificationConfig(name="").findings
+    present, value = t._typed("findings", "an array of strings", False, list)
+    if not present:
+        return default
+    allowed = ", ".join(f'"{f}"' for f in URGENT_FINDINGS)
+    if not value:
+        t.bad("findings", value, f"one or more of {allowed}")
+        return default
+    found: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or item not in URGENT_FINDINGS:
+            why = " (a NORM study is never urgent)" if item == "NORM" else ""
+            t.bad("findings", value, f"one or more of {allowed}{why}")
+            return default
+        if item not in found:
+            found.append(item)
+    return tuple(found)
+
+
+def _read_webhook(t: _Table, entry: Mapping[str, Any], base: Path,
+                  common: Mapping[str, Any]) -> NotificationConfig:
+    url = t.string("url", "")
+    if "url" not in entry:
+        t.problem("url", 'missing; a kind "webhook" notification needs url (where the JSON '
+                         'document is posted)')
+    elif isinstance(entry.get("url"), str):
+        problem = _webhook_url_problem(url)
+        if problem:
+            t.bad("url", _mask_url(url), problem)
+            url = ""
+    secret = "an existing file that holds the token (its trailing newline is ignored)"
+    token_file = t.path("token_file", base, expected=secret, kind="file", must_exist=True)
+    token_env = _env_name(t, "token_env")
+    if token_file is not None and token_env:
+        t.problem("token_env", f"not allowed with {t.name('token_file')}; name the token "
+                               "once, in a file or in an environment variable")
+    return NotificationConfig(kind=NotificationKind.WEBHOOK, url=url, token_file=token_file,
+                              token_env=token_env, **common)
+
+
+def _read_hl7(t: _Table, entry: Mapping[str, Any],
+              common: Mapping[str, Any]) -> NotificationConfig:
+    host = t.string("host", "")
+    if "host" in entry and isinstance(entry["host"], str):
+        _check_host(t, "host", host)
+    port = t.integer("port", 0, low=1, high=65535)
+    for key in ("host", "port"):
+        if key not in entry:
+            t.problem(key, 'missing; a kind "hl7" notification needs host and port (its MLLP '
+                           "listener)")
+    names: dict[str, str] = {}
+    for key in ("receiving_application", "receiving_facility", "sending_facility"):
+        names[key] = t.string(key, "")
+        if len(names[key]) > 180 or any(c in _HL7_DELIMITERS or not c.isprintable()
+                                        for c in names[key]):
+            t.bad(key, names[key], "up to 180 printable characters without the HL7 "
+                                   "delimiters | ^ ~ \\ &")
+            names[key] = ""
+    return NotificationConfig(kind=NotificationKind.HL7, host=host, port=port,
+                              receiving_application=names["receiving_application"],
+                              receiving_facility=names["receiving_facility"],
+                              sending_facility=names["sending_facility"], **common)
+
+
+def _webhook_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a URL a webhook can be posted to, or None."""
+    from urllib.parse import urlsplit
+
+    example = 'e.g. "https://ris.example/hooks/cxrd"'
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        return f"an http:// or https:// URL, {example}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"an http:// or https:// URL with a host, {example}"
+    if parts.username or parts.password:
+        return "a URL without user or password: name a bearer token with token_file or token_env"
+    if parts.fragment:
+        return f"a URL without fragment, {example}"
+    return None
 
 
 def _env_name(t: _Table, key: str) -> str:

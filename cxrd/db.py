@@ -151,6 +151,11 @@ class Result(Base):
     path: Mapped[str] = mapped_column(Text)  # store key results/<uid>.dcm (schema 7)
     source_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # SC: the radiograph
     supersedes: Mapped[str | None] = mapped_column(String(64))  # SR: the previous SR
+    # SR: the study-level finding it reports, JSON {"finding", "probability", "threshold",
+    # "images", "model": {"name", "version", "demo", "device_uid"}} (schema 8; NULL for
+    # other results and older SRs): what a notification says, and what a superseding SR
+    # is compared with (``cxrd.outbox.add_result``). No patient data.
+    summary: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     # When retention removed the file (``cxrd.retention``); the row stays.
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -366,9 +371,17 @@ def _v7(conn: Any, folders: Folders | None = None) -> None:
                 path=bindparam("key")), changes[start:start + 1000])
 
 
+def _v8(conn: Any) -> None:
+    """Notifications: ``results.summary``, an SR's study-level finding. A plain nullable
+    column, which SQLite adds in place. A database created at an earlier version by this
+    code's models already has it."""
+    if "summary" not in {c["name"] for c in inspect(conn).get_columns(Result.__tablename__)}:
+        conn.exec_driver_sql(f"ALTER TABLE {Result.__tablename__} ADD COLUMN summary TEXT")
+
+
 #: Numbered migrations; append, never edit. Each runs in its own transaction.
 MIGRATIONS: list[tuple[int, Callable[[Any], None]]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4),
-                                                       (5, _v5), (6, _v6), (7, _v7)]
+                                                       (5, _v5), (6, _v6), (7, _v7), (8, _v8)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

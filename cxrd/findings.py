@@ -61,6 +61,21 @@ def decide_class(probs: F32 | Sequence[float], tb_threshold: float) -> int:
     return NTB if p[NTB] >= p[NORM] else NORM
 
 
+def study_finding(probs: Sequence[Sequence[float]], tb_threshold: float) -> tuple[int, float]:
+    """A study's finding from its images' probabilities, by :func:`decide_class` per image:
+    TB when any image is reported TB (its SR says Tuberculosis Present), with the highest
+    P(TB); else NTB when any image is, with the highest P(NTB) of those; else NORM, with
+    the lowest P(NORM) (the least normal image). Returns (class index, probability)."""
+    if not probs:
+        raise ValueError("study_finding needs the probabilities of at least one image.")
+    rows = np.asarray(probs, dtype=np.float32).reshape(len(probs), len(CLASS_NAMES))
+    decided = np.array([decide_class(p, tb_threshold) for p in rows])
+    for k in (TB, NTB):
+        if np.any(decided == k):
+            return k, float(rows[decided == k, k].max())
+    return NORM, float(rows[:, NORM].min())
+
+
 def upsample_cam(cam2d: npt.NDArray[np.floating], rows: int, cols: int) -> F32:
     """Bilinearly resize one CAM channel (h, w) to (rows, cols), each cell at its receptive
     field's centre (``cxrd.preprocess.cam_matrix``); two small matrix products."""

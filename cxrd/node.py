@@ -354,7 +354,7 @@ class Node:
             log.error("action=reload-failed error=%s", exc)
             return
         old_view, new_view = describe(self.config), describe(new)
-        live = {"destinations", "sender"}
+        live = {"destinations", "notifications", "sender"}
         changed = sorted(k for k in new_view if new_view[k] != old_view.get(k))
         node_old, node_new = dict(old_view.get("node", {})), dict(new_view.get("node", {}))
         if node_old.get("allowed_callers") != node_new.get("allowed_callers"):
@@ -365,12 +365,16 @@ class Node:
         if "destinations" in changed:
             self.sender.set_destinations(new.destinations)
             self.destination_names = [d.name for d in new.destinations]
+        if "notifications" in changed:
+            # The sender's side; this node's workers queue for those they started with.
+            self.sender.set_notifications(new.notifications)
         restart = [k for k in changed if k not in live and k != "node"]
         if node_old != node_new:
             restart.append("node (except allowed_callers)")
         if "sender" in changed:
             restart.append("sender")
-        log.info("action=reloaded applied=allowed_callers,destinations restart_needed_for=%s",
+        log.info("action=reloaded applied=allowed_callers,destinations,notifications "
+                 "restart_needed_for=%s",
                  ",".join(restart) or "nothing")
 
     def stop(self) -> None:

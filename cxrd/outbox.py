@@ -2,6 +2,10 @@
 
 A result row for every object written, and one delivery row per result and destination,
 in the same transaction as the state change that produced the object (``add_result``).
+A study's SR also gets one delivery row per ``[[notifications]]`` endpoint whose
+``findings`` hold the study-level finding it reports (``notifications_for``), in the same
+transaction; a notification is a delivery of the SR to the notification's name, with the
+same retries, dead letter, status and metrics as a destination's.
 Then the delivery's state changes: which deliveries are due (``due_deliveries``), done
 (``mark_delivered``; a warning status the destination answered stays in ``last_error``),
 and, after a failure, retried with exponential backoff or dead (``mark_failed`` under a
@@ -31,9 +35,10 @@ thread per destination) the claim is the plain read it always was: no lease is w
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,7 @@ from sqlalchemy import ColumnElement, and_, exists, select, update
 from sqlalchemy.orm import Session
 
 from cxrd.actions import DELIVERIES_RETRY, log_action, record
-from cxrd.config import SenderConfig
+from cxrd.config import NotificationConfig, SenderConfig
 from cxrd.db import Database, Delivery, Result, utcnow
 from cxrd.domain import DeliveryState, ResultKind
 from cxrd.durable import pid_alive
@@ -60,21 +65,52 @@ MAX_ERROR_CHARS = 2000
 def add_result(s: Session, *, kind: ResultKind, sop_instance_uid: str, study_instance_uid: str,
                generation: int, path: str | Path, destinations: Sequence[str] = (),
                source_sop_instance_uid: str | None = None,
-               supersedes: str | None = None) -> bool:
+               supersedes: str | None = None, summary: Mapping[str, Any] | None = None,
+               notifications: Sequence[NotificationConfig] = ()) -> bool:
     """Record a written object (``path``: its store key, ``cxrd.store.result_key``) and
-    queue it for each destination; idempotent by UID."""
+    queue it for each destination; idempotent by UID, so that a transaction run again
+    (a report job redone after a crash writes the same SR UID) queues nothing twice.
+
+    An SR's ``summary`` (its study-level finding, ``cxrd.db.Result.summary``) is kept on
+    its row, and the SR is queued for each of ``notifications`` that ``notifications_for``
+    names."""
     exists = s.scalars(select(Result.id).where(
         Result.sop_instance_uid == sop_instance_uid)).first()
     if exists is not None:
         return False
     row = Result(sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid,
                  kind=kind.value, generation=generation, path=str(path),
-                 source_sop_instance_uid=source_sop_instance_uid, supersedes=supersedes)
+                 source_sop_instance_uid=source_sop_instance_uid, supersedes=supersedes,
+                 summary=None if summary is None else json.dumps(dict(summary),
+                                                                 separators=(",", ":")))
     s.add(row)
     s.flush()
     for name in destinations:
         s.add(Delivery(result_id=row.id, destination=name))
+    if summary is not None:
+        for name in notifications_for(s, str(summary["finding"]), supersedes, notifications):
+            s.add(Delivery(result_id=row.id, destination=name))
+            log.info("action=notification-queued sr_sop_instance_uid=%s "
+                     "study_instance_uid=%s notification=%s finding=%s", sop_instance_uid,
+                     study_instance_uid, name, summary["finding"])
     return True
+
+
+def notifications_for(s: Session, finding: str, supersedes: str | None,
+                      notifications: Sequence[NotificationConfig]) -> list[str]:
+    """The notifications an SR reporting ``finding`` is queued for: each one whose
+    ``findings`` hold it (NORM is in none), unless the SR supersedes one (``supersedes``:
+    a reprocess, or a late image) that reported the same finding, whose notification was
+    queued then. A superseded SR whose finding is not known (written before schema 8)
+    counts as a different one: told twice rather than not at all."""
+    wanted = [n.name for n in notifications if finding in n.findings]
+    if not wanted or supersedes is None:
+        return wanted
+    previous = s.scalars(select(Result.summary).where(
+        Result.sop_instance_uid == supersedes)).first()
+    if previous and json.loads(previous).get("finding") == finding:
+        return []
+    return wanted
 
 
 @dataclass(frozen=True)
@@ -93,6 +129,10 @@ class DueDelivery:
     owner: str | None = None
     #: The result's study (a STOW-RS request carries one study's results).
     study_instance_uid: str = ""
+    #: An SR's study-level finding (``Result.summary``, JSON), which a notification says.
+    summary: str | None = None
+    #: The SR it supersedes, if any.
+    supersedes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +181,8 @@ def _grouped(rows: Sequence[Any], owner: str | None) -> dict[str, list[DueDelive
     for d, r in rows:
         due[d.destination].append(DueDelivery(d.id, d.destination, r.path,
                                               r.sop_instance_uid, d.created_at, d.attempts,
-                                              owner, r.study_instance_uid))
+                                              owner, r.study_instance_uid, r.summary,
+                                              r.supersedes))
     return due
 
 

@@ -32,7 +32,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxrd.config import Config, parse_listen
+from cxrd.config import Config, DestinationConfig, NotificationConfig, parse_listen
 from cxrd.errors import CxrdError
 
 RUNTIME_MODULE = "onnxruntime"
@@ -245,20 +245,23 @@ def check_shared_folder(config: Config) -> Problem | None:
 
 
 def check_destinations(config: Config) -> list[Problem]:
-    """The credentials of each STOW-RS destination can be read now: the file the
+    """The credentials of each STOW-RS destination and webhook notification can be read
+    now: the file the
     configuration names is readable and not empty, the environment variable is set (the
     sender reads them again at each pass; one missing then holds that destination's
     deliveries at the maximum backoff). The message names the key, never the secret."""
     from cxrd.stow import SecretUnavailable, credentials
 
     problems = []
-    for dest in config.destinations:
-        if not dest.is_stow:
+    holders: list[DestinationConfig | NotificationConfig] = [*config.destinations,
+                                                             *config.notifications]
+    for dest in holders:
+        if isinstance(dest, DestinationConfig) and not dest.is_stow:
             continue
         try:
             credentials(dest)
         except SecretUnavailable as exc:
-            problems.append(Problem("destinations", str(exc),
+            problems.append(Problem(dest.section, str(exc),
                                     "make the file readable by this user, or set the "
                                     "environment variable for cxrd serve (e.g. "
                                     "Environment= or EnvironmentFile= in its systemd unit)"))

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
 from cxrd.actions import JOBS_RETRY, log_action, record
+from cxrd.config import NotificationConfig
 from cxrd.db import Database, Instance, Job, Result, Study, Worker, utcnow
 from cxrd.domain import InstanceState, JobKind, JobState, ResultKind, SkipReason, StudyState
 from cxrd.durable import pid_alive
@@ -457,9 +458,15 @@ ReportOutcome = Literal["done", "lost", "stale"]
 
 def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFindings, *,
                     sr: tuple[str, str | Path] | None, seconds: float,
-                    destinations: Sequence[str] = ()) -> ReportOutcome:
+                    destinations: Sequence[str] = (),
+                    summary: Mapping[str, Any] | None = None,
+                    notifications: Sequence[NotificationConfig] = ()) -> ReportOutcome:
     """End a report job: record the SR written from ``findings`` (None: nothing new to
-    write) as the study's current SR, in the same transaction as the study's state.
+    write) as the study's current SR, in the same transaction as the study's state, with
+    its deliveries: one per destination and, by its study-level finding ``summary``, one
+    per notification it is urgent for (``cxrd.outbox.add_result``). A crash before the
+    commit records none of it, and the job redone writes the same SR UID; a transaction
+    run again after the commit finds the SR recorded and queues nothing.
 
     When a classify job of the study finished after ``findings`` was read (a late
     instance), the SR is stale: the job goes back to pending and is rebuilt ("stale": the
@@ -488,7 +495,8 @@ def complete_report(db: Database, job: ClaimedJob, owner: str, findings: StudyFi
         if sr is not None:
             add_result(s, kind=ResultKind.SR, sop_instance_uid=sr[0],
                        study_instance_uid=job.study_instance_uid, generation=job.generation,
-                       path=sr[1], destinations=destinations, supersedes=findings.current_sr)
+                       path=sr[1], destinations=destinations, supersedes=findings.current_sr,
+                       summary=summary, notifications=notifications)
             study.sr_sop_instance_uid = sr[0]
         if study.state == StudyState.ADMITTED.value:
             # A study reopened by a late instance meanwhile stays collecting; its next

@@ -19,6 +19,11 @@ the object's SOP class (it does not store that class, and will not on the next t
 is reported with a ``PERMANENT:`` error and retried only at the maximum backoff, never
 hammered. Everything is in the database, so a restart resumes every pending delivery.
 
+Urgent-finding notifications (``[[notifications]]``: a webhook, or HL7 v2 over MLLP) are
+deliveries too, of a study's SR to the notification's name: each has a sender thread of
+its own, the same claims, leases, backoff and dead letter, and ``cxrd.notify`` says how
+each is sent and what its answer means.
+
 Several nodes on one PostgreSQL database each run these threads: a pass claims its
 destination's due deliveries with a lease (``cxrd.outbox.claim_deliveries``; owner
 ``node-id:pid:send-NAME``) long enough for the association and one C-STORE at the DIMSE
@@ -44,8 +49,14 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 
-from cxrd import stow
-from cxrd.config import Config, DestinationConfig, TlsConfig
+from cxrd import notify, stow
+from cxrd.config import (
+    Config,
+    DestinationConfig,
+    NotificationConfig,
+    NotificationKind,
+    TlsConfig,
+)
 from cxrd.db import Database, unavailable
 from cxrd.dicom import (
     REJECT_PERMANENT,
@@ -89,6 +100,8 @@ NO_RESPONSE = -1
 TIMEOUT_SHARE = 0.95
 #: How long to wait for pynetdicom to take note of an abort that ended a C-STORE.
 ABORT_NOTICE_SECONDS = 1.0
+#: Where deliveries go: a destination (C-STORE, STOW-RS) or a notification.
+Endpoint = DestinationConfig | NotificationConfig
 #: The ACSE timeout (association request and release) is this, or the DIMSE timeout if
 #: shorter; the idle network timeout never comes before the DIMSE timeout.
 ACSE_TIMEOUT_SECONDS = 30.0
@@ -179,6 +192,7 @@ class Sender:
         #: Where the result objects are (``[storage] store``); the node passes its own.
         self.objects = objects if objects is not None else open_node_store(config)
         self.destinations = {d.name: d for d in config.destinations}
+        self.notifications = {n.name: n for n in config.notifications}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._threads: dict[str, threading.Thread] = {}
@@ -187,6 +201,16 @@ class Sender:
         """SIGHUP reload: takes effect at the next pass (a new destination gets its thread
         within a second; the thread of one removed ends after its pass)."""
         self.destinations = {d.name: d for d in destinations}
+
+    def set_notifications(self, notifications: Sequence[NotificationConfig]) -> None:
+        """SIGHUP reload of ``[[notifications]]``, as ``set_destinations``."""
+        self.notifications = {n.name: n for n in notifications}
+
+    def _endpoint(self, name: str) -> Endpoint | None:
+        return self.destinations.get(name) or self.notifications.get(name)
+
+    def _endpoints(self) -> list[Endpoint]:
+        return [*self.destinations.values(), *self.notifications.values()]
 
     # -- outbox ----------------------------------------------------------------------
     @property
@@ -200,6 +224,14 @@ class Sender:
     @property
     def lease_seconds(self) -> float:
         return delivery_lease_seconds(self.config.sender.dimse_timeout_seconds)
+
+    def lease_of(self, dest: Endpoint) -> float:
+        """How long a delivery to ``dest`` stays claimed: ``lease_seconds`` for a
+        destination; for a notification its connection and answer timeouts, twice over
+        (renewed, as for a destination, once half has gone)."""
+        if isinstance(dest, NotificationConfig):
+            return 2 * (dest.connect_timeout_seconds + dest.timeout_seconds)
+        return self.lease_seconds
 
     def owner(self, destination: str) -> str:
         """The lease owner of this node's sender thread for ``destination``."""
@@ -215,17 +247,17 @@ class Sender:
         of deliveries attempted."""
         self._fail_unconfigured()
         attempted = 0
-        for dest in list(self.destinations.values()):
+        for dest in self._endpoints():
             if self._stop.is_set():
                 break
             attempted += self.run_destination_once(dest)
         return attempted
 
-    def run_destination_once(self, dest: DestinationConfig) -> int:
+    def run_destination_once(self, dest: Endpoint) -> int:
         """Send what is due to ``dest`` (up to ``BATCH``, on one association); returns the
         number of deliveries attempted."""
         claimed_at = time.monotonic()
-        items = claim_deliveries(self.db, BATCH, self.owner(dest.name), self.lease_seconds,
+        items = claim_deliveries(self.db, BATCH, self.owner(dest.name), self.lease_of(dest),
                                  destination=dest.name).get(dest.name, [])
         if items and self._stop.is_set():
             release_leases(self.db, items)
@@ -238,16 +270,20 @@ class Sender:
         """Deliveries to a destination no longer configured wait at the maximum backoff
         (a reload may bring it back)."""
         for name, items in claim_deliveries(self.db, BATCH, self.owner(""), self.lease_seconds,
-                                            exclude=list(self.destinations)).items():
+                                            exclude=[e.name for e in self._endpoints()]
+                                            ).items():
             self._fail(items, f"destination {name!r} is no longer configured",
                        permanent=False, at_max_backoff=True)
 
-    def _send(self, dest: DestinationConfig, items: list[DueDelivery],
+    def _send(self, dest: Endpoint, items: list[DueDelivery],
               claimed_at: float | None = None) -> None:
         """C-STORE ``items`` to ``dest`` on one association, each outcome recorded
-        (STOW-RS for a destination with a ``url``: ``_send_stow``). ``claimed_at``
-        (``time.monotonic``): when their leases began, so that the first renewal counts the
-        association's set-up too."""
+        (STOW-RS for a destination with a ``url``: ``_send_stow``; a notification:
+        ``_send_notifications``). ``claimed_at`` (``time.monotonic``): when their leases
+        began, so that the first renewal counts the association's set-up too."""
+        if isinstance(dest, NotificationConfig):
+            self._send_notifications(dest, items, claimed_at)
+            return
         if dest.is_stow:
             self._send_stow(dest, items, claimed_at)
             return
@@ -417,6 +453,73 @@ class Sender:
         finally:
             client.close()
 
+    # -- notifications -----------------------------------------------------------------
+    def _send_notifications(self, dest: NotificationConfig, items: list[DueDelivery],
+                            claimed_at: float | None = None) -> None:
+        """Notify ``dest`` of each of ``items`` (SRs with an urgent finding), one message
+        at a time (``cxrd.notify``), each outcome recorded. An endpoint that does not
+        answer, or is busy (429, 5xx), fails the rest of the pass as well: they wait for
+        their next attempt. Leases are renewed before a message once half has gone."""
+        lease = self.lease_of(dest)
+        client: notify.WebhookClient | notify.MllpClient
+        if dest.kind is NotificationKind.WEBHOOK:
+            try:
+                creds = stow.credentials(dest)
+            except stow.SecretUnavailable as exc:
+                log.error("action=notify-credentials-unavailable notification=%s error=%s",
+                          dest.name, exc)
+                self._fail(items, f"PERMANENT: {exc}", at_max_backoff=True)
+                return
+            client = notify.WebhookClient(dest, creds)
+        else:
+            client = notify.MllpClient(dest)
+        renewed = time.monotonic() if claimed_at is None else claimed_at
+        queue = list(items)
+        try:
+            while queue:
+                if self._stop.is_set():  # what was not attempted is due again for any node
+                    release_leases(self.db, queue)
+                    return
+                if time.monotonic() - renewed > lease / 2:
+                    queue = renew_leases(self.db, queue, lease)
+                    renewed = time.monotonic()
+                    continue
+                item = queue.pop(0)
+                try:
+                    data = self._bytes_of(item)
+                except Exception as exc:  # StoreUnavailable: backed off like any failure
+                    self._fail([item], f"cannot read the result: {type(exc).__name__}: {exc}")
+                    continue
+                try:
+                    notice = notify.read_notice(item, data)
+                except Exception as exc:  # not a notified SR, or an SR that does not parse
+                    self._fail([item], f"cannot notify: {type(exc).__name__}: {exc}",
+                               permanent=True)
+                    continue
+                t0 = time.perf_counter()
+                if isinstance(client, notify.WebhookClient):
+                    outcome = client.send(notice)
+                else:
+                    outcome = client.send(notify.hl7_message(notice, dest), notice.control_id)
+                elapsed = time.perf_counter() - t0
+                observe_stages({"send": elapsed})
+                log.info("action=notify notification=%s kind=%s study_instance_uid=%s "
+                         "sr_sop_instance_uid=%s finding=%s answer=%s elapsed_s=%.3f",
+                         dest.name, dest.kind.value, notice.study_instance_uid,
+                         notice.sr_sop_instance_uid, notice.finding, outcome.answer.replace(
+                             " ", "-"), elapsed)
+                if outcome.delivered:
+                    mark_delivered(self.db, item)
+                    continue
+                self._fail([item], outcome.error, permanent=outcome.permanent,
+                           at_max_backoff=outcome.at_max_backoff)
+                if outcome.hold and queue:
+                    self._fail(queue, f"not sent: an earlier notification failed "
+                               f"({outcome.error})")
+                    return
+        finally:
+            client.close()
+
     def _stow_batch(self, queue: Sequence[DueDelivery]
                     ) -> tuple[list[DueDelivery], list[Any], set[int]]:
         """The next STOW-RS request: the first item's study's items in ``queue``, in order,
@@ -527,17 +630,18 @@ class Sender:
         """The supervisor thread (``cxrd-send``), which starts a thread for each destination
         (``cxrd-send-NAME``) and waits out deliveries to destinations no longer
         configured."""
-        if not self.destinations:
+        if not self.destinations and not self.notifications:
             return
         self._thread = threading.Thread(target=self._supervise, name="cxrd-send",
                                         daemon=True)
         self._thread.start()
-        log.info("action=send-start destinations=%s", ",".join(self.destinations))
+        log.info("action=send-start destinations=%s notifications=%s",
+                 ",".join(self.destinations), ",".join(self.notifications))
 
     def _supervise(self) -> None:
         while not self._stop.is_set():
             try:
-                for name in list(self.destinations):
+                for name in [e.name for e in self._endpoints()]:
                     thread = self._threads.get(name)
                     if thread is None or not thread.is_alive():
                         thread = threading.Thread(target=self._run, args=(name,),
@@ -556,7 +660,7 @@ class Sender:
         """One destination's loop: a pass whenever something is due; ends when the
         destination is no longer configured."""
         while not self._stop.is_set():
-            dest = self.destinations.get(name)
+            dest = self._endpoint(name)
             if dest is None:
                 return
             try:

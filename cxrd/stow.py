@@ -41,7 +41,7 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 from requests.adapters import HTTPAdapter
 
-from cxrd.config import DestinationConfig
+from cxrd.config import DestinationConfig, NotificationConfig
 from cxrd.dicom import STATUS_WARNING_MEANINGS
 
 log = logging.getLogger(__name__)
@@ -108,47 +108,53 @@ class Verdict:
     split: bool = False
 
 
-def _secret_file(dest: DestinationConfig, key: str) -> str:
+#: What holds credentials: a STOW-RS destination, or a webhook notification (a bearer
+#: token only).
+Authenticated = DestinationConfig | NotificationConfig
+
+
+def _secret_file(dest: Authenticated, key: str) -> str:
     path = getattr(dest, key)
     try:
         text: str = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SecretUnavailable(f"destinations {dest.name!r} {key} {path} cannot be read: "
+        raise SecretUnavailable(f"{dest.section} {dest.name!r} {key} {path} cannot be read: "
                                 f"{getattr(exc, 'strerror', None) or type(exc).__name__}"
                                 ) from exc
     secret = text.rstrip("\r\n")
     if not secret:
-        raise SecretUnavailable(f"destinations {dest.name!r} {key} {path} is empty")
+        raise SecretUnavailable(f"{dest.section} {dest.name!r} {key} {path} is empty")
     return _checked(dest, key, secret)
 
 
-def _checked(dest: DestinationConfig, key: str, secret: str) -> str:
+def _checked(dest: Authenticated, key: str, secret: str) -> str:
     """A secret that can go in an HTTP header: no line break or control character (a
     token with one would fail every request the same way)."""
     if not secret.isprintable() or (key.startswith("token") and any(c.isspace()
                                                                     for c in secret)):
-        raise SecretUnavailable(f"destinations {dest.name!r} {key}: the secret contains "
+        raise SecretUnavailable(f"{dest.section} {dest.name!r} {key}: the secret contains "
                                 "white space or control characters")
     return secret
 
 
-def _secret_env(dest: DestinationConfig, key: str) -> str:
+def _secret_env(dest: Authenticated, key: str) -> str:
     name = getattr(dest, key)
     secret = os.environ.get(name, "")
     if not secret:
-        raise SecretUnavailable(f"destinations {dest.name!r} {key}: the environment "
+        raise SecretUnavailable(f"{dest.section} {dest.name!r} {key}: the environment "
                                 f"variable {name} is not set or empty")
     return _checked(dest, key, secret)
 
 
-def credentials(dest: DestinationConfig) -> Credentials:
-    """Read the destination's secret now (at each pass: a rotated token file is read
-    again); raises ``SecretUnavailable``. A token file's trailing newline is ignored."""
+def credentials(dest: Authenticated) -> Credentials:
+    """Read the destination's (or the webhook's) secret now (at each pass: a rotated token
+    file is read again); raises ``SecretUnavailable``. A token file's trailing newline is
+    ignored."""
     if dest.token_file is not None:
         return Credentials(token=_secret_file(dest, "token_file"))
     if dest.token_env:
         return Credentials(token=_secret_env(dest, "token_env"))
-    if dest.username:
+    if isinstance(dest, DestinationConfig) and dest.username:
         password = (_secret_file(dest, "password_file") if dest.password_file is not None
                     else _secret_env(dest, "password_env"))
         return Credentials(basic=(dest.username, password))

@@ -38,7 +38,7 @@ from cxrd.db import Database, unavailable
 from cxrd.dicom import CR
 from cxrd.domain import JobKind, SkipReason
 from cxrd.errors import DecodeError, ObjectMissing, UnsupportedImage
-from cxrd.findings import ImageFindings, decide_class
+from cxrd.findings import ImageFindings, decide_class, study_finding
 from cxrd.infer import Classifier, Segmenter
 from cxrd.lungs import lung_gate, lung_masks
 from cxrd.metrics import metrics, observe_stages
@@ -331,6 +331,8 @@ class WorkerLoop:
         #: export (when set) with an S3 or folder store.
         self.results_dir = config.results.results_dir
         self.destinations = [d.name for d in config.destinations]
+        #: ``[[notifications]]``: each SR is queued for those urgent for its finding.
+        self.notifications = config.notifications
         seg = self.segmentation
         log.info("action=worker-start worker=%s model=%s device_uid=%s providers=%s demo=%s "
                  "segmenter=%s segmenter_device_uid=%s segmenter_demo=%s",
@@ -540,6 +542,7 @@ class WorkerLoop:
         t0 = time.perf_counter()
         try:
             sr = None
+            summary = None
             findings = queue.study_findings(self.db, job.study_instance_uid)
             latest = findings.latest_job
             if latest is not None and self.config.results.structured_report:
@@ -547,9 +550,12 @@ class WorkerLoop:
                                      self.model.device_uid)
                 if sr_uid != findings.current_sr:
                     sr = (sr_uid, self._write_sr(findings, sr_uid))
+                    summary = self._summary(findings)
             seconds = time.perf_counter() - t0
             outcome = queue.complete_report(self.db, job, self.worker_id, findings, sr=sr,
-                                            seconds=seconds, destinations=self.destinations)
+                                            seconds=seconds, destinations=self.destinations,
+                                            summary=summary,
+                                            notifications=self.notifications)
             if outcome == "stale" and sr is not None:
                 self.objects.delete(str(sr[1]))  # recorded nowhere; the rebuild supersedes it
         except Exception as exc:
@@ -561,6 +567,18 @@ class WorkerLoop:
                      "images=%d supersedes=%s model=%s", job.study_instance_uid,
                      sr[0] if sr else None, len(findings.jobs),
                      findings.current_sr if sr else None, self.model.display_name)
+
+    def _summary(self, findings: queue.StudyFindings) -> dict[str, object]:
+        """The study-level finding of the SR written from ``findings``
+        (``cxrd.db.Result.summary``): what its notifications say, no patient data."""
+        threshold = self.model.operating_point.tb_threshold
+        k, probability = study_finding([json.loads(probs) for _, probs, _ in findings.jobs],
+                                       threshold)
+        # As the SR writes it: the shortest decimal that reads back as the same float32.
+        return {"finding": CLASS_NAMES[k], "probability": float(str(np.float32(probability))),
+                "threshold": threshold, "images": len(findings.jobs),
+                "model": {"name": self.model.name, "version": self.model.version,
+                          "demo": self.model.demo, "device_uid": self.model.device_uid}}
 
     def _write_sr(self, findings: queue.StudyFindings, sr_uid: str) -> str | Path:
         from cxrd.sr import build_sr

@@ -117,13 +117,13 @@ def test_schema_7_turns_absolute_paths_into_keys(tmp_path: Path) -> None:
     conn = sqlite3.connect(config.storage.data_dir / "cxrd.sqlite3")
     conn.execute("UPDATE instances SET path = ? || '/' || path",
                  (str(config.storage.data_dir),))
-    conn.execute("DELETE FROM schema_version WHERE version = 7")
+    conn.execute("DELETE FROM schema_version WHERE version >= 7")
     conn.commit()
     conn.close()
 
     db = Database(config.storage.database_url_resolved)
     assert db.schema_version() == 6
-    assert db.migrate(key_folders(config)) == SCHEMA_VERSION == 7
+    assert db.migrate(key_folders(config)) == SCHEMA_VERSION
     objects = open_node_store(config)
     with db.session() as s:
         instances = {i.sop_instance_uid: i.path for i in s.scalars(select(Instance))}

@@ -162,12 +162,13 @@ def test_example_file_loads_clean_and_matches_defaults() -> None:
 
 
 def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
-    """Uncommenting the TLS, calling_ae and destination examples gives a valid file."""
+    """Uncommenting the TLS, calling_ae, destination and notification examples gives a
+    valid file."""
     text = re.sub(r"(?m)^# (?=\[|\w+ = )", "", EXAMPLE.read_text(encoding="utf-8"))
     file = write(tmp_path / "cxrd.toml", text)
     for name in ("cxrd.crt", "cxrd.key", "hospital-ca.pem", "cxrd-client.crt", "cxrd-client.key"):
         write(tmp_path / "tls" / name, "PEM\n")
-    for name in ("archive.token", "orthanc.password"):
+    for name in ("archive.token", "orthanc.password", "worklist.token"):
         write(tmp_path / "secrets" / name, "secret\n")
     config = load_config(file, env={})
     assert config.node.tls == TlsConfig(
@@ -184,6 +185,10 @@ def test_example_commented_blocks_are_valid(tmp_path: Path) -> None:
     assert archive.is_stow and archive.token_file == tmp_path / "secrets/archive.token"
     assert orthanc.url == "http://127.0.0.1:8042/dicom-web" and orthanc.username == "cxrd"
     assert orthanc.password_file == tmp_path / "secrets/orthanc.password"
+    worklist, ris = config.notifications
+    assert worklist.kind.value == "webhook" and worklist.findings == ("TB",)
+    assert worklist.token_file == tmp_path / "secrets/worklist.token"
+    assert ris.kind.value == "hl7" and (ris.port, ris.findings) == (2575, ("TB", "NTB"))
 
 
 # --------------------------------------------------------------------------- bad values
