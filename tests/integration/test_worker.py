@@ -292,3 +292,39 @@ def test_a_ring_never_blocks_the_scheduler_on_a_busy_worker(tmp_path) -> None:
     threading.Thread(target=ring_a_lot, daemon=True).start()
     assert done.wait(30), "ring() blocked on a full pipe"
     assert bell_in.poll(0)
+
+
+def test_a_failed_write_retries_its_own_job_and_the_batch_ends_without_it(node) -> None:
+    """The SCs of a batch are written on the writer threads and the batch's jobs end in
+    one transaction after them: an object that cannot be written (here its final path is
+    a folder) sends its job back to the queue; the others end with their results."""
+    from cxrd.db import Instance, utcnow
+    from cxrd.store import result_key
+    from cxrd.worker import heatmap_uids
+
+    loop, ingestor, db, _ = node
+    study = _store_study(ingestor, 3, bright=True)
+    assert admit_stable_studies(db, 0) == 1
+    with db.session() as s:
+        sops = list(s.scalars(select(Instance.sop_instance_uid).order_by(Instance.id)))
+    _, blocked_sc = heatmap_uids(sops[1], study, 1, loop.model)
+    blocker = loop.objects.local_path(result_key(blocked_sc))
+    assert blocker is not None
+    blocker.mkdir(parents=True)
+
+    assert loop.run_once() == 3
+
+    with db.session() as s:
+        jobs = {j.instance_id: j for j in s.scalars(select(Job).where(
+            Job.kind == JobKind.CLASSIFY.value))}
+        by_sop = {i.sop_instance_uid: jobs[i.id] for i in s.scalars(select(Instance))}
+        assert [by_sop[sop].state for sop in sops] == ["done", "pending", "done"]
+        assert "IsADirectoryError" in (by_sop[sops[1]].error or "")
+    assert sorted(r.source_sop_instance_uid for r in _results(db, study)) == sorted(
+        [sops[0], sops[2]])
+    blocker.rmdir()
+    with db.session() as s:
+        s.get(Job, by_sop[sops[1]].id).not_before = utcnow()
+    _drain(loop)
+    results = _results(db, study)
+    assert sorted(r.kind for r in results) == ["sc", "sc", "sc", "sr"]
