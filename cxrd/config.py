@@ -1550,23 +1550,32 @@ def _read_hl7(t: _Table, entry: Mapping[str, Any],
                               sending_facility=names["sending_facility"], **common)
 
 
-def _webhook_url_problem(url: str) -> str | None:
-    """Why ``url`` is not a URL a webhook can be posted to, or None."""
+def _http_url_problem(url: str, what: str, example: str, no_user: str, *,
+                      no_query: bool) -> str | None:
+    """Why ``url`` is not an http(s) URL with a host (``what``, e.g. "URL"), without user
+    or password (``no_user`` says where credentials go instead), fragment or (with
+    ``no_query``) query; or None. The problems end with ``example``."""
     from urllib.parse import urlsplit
 
-    example = 'e.g. "https://ris.example/hooks/cxrd"'
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a bad port
     except ValueError:
-        return f"an http:// or https:// URL, {example}"
+        return f"an http:// or https:// {what}, {example}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"an http:// or https:// URL with a host, {example}"
+        return f"an http:// or https:// {what} with a host, {example}"
     if parts.username or parts.password:
-        return "a URL without user or password: name a bearer token with token_file or token_env"
-    if parts.fragment:
-        return f"a URL without fragment, {example}"
+        return f"a URL without user or password: {no_user}"
+    if parts.fragment or (no_query and parts.query):
+        return f"a URL without {'query or ' if no_query else ''}fragment, {example}"
     return None
+
+
+def _webhook_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a URL a webhook can be posted to, or None."""
+    return _http_url_problem(url, "URL", 'e.g. "https://ris.example/hooks/cxrd"',
+                             "name a bearer token with token_file or token_env",
+                             no_query=False)
 
 
 def _env_name(t: _Table, key: str) -> str:
@@ -1593,18 +1602,13 @@ def _dicomweb_url_problem(url: str) -> str | None:
     from urllib.parse import urlsplit
 
     example = 'e.g. "https://pacs.example/dicom-web"'
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError for a bad port
-    except ValueError:
-        return f"an http:// or https:// DICOMweb base URL, {example}"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"an http:// or https:// DICOMweb base URL with a host, {example}"
-    if parts.username or parts.password:
-        return ("a URL without user or password: set username and password_file (or "
-                "password_env)")
-    if parts.query or parts.fragment:
-        return f"a URL without query or fragment, {example}"
+    problem = _http_url_problem(url, "DICOMweb base URL", example,
+                                "set username and password_file (or password_env)",
+                                no_query=True)
+    if problem is not None:
+        return problem
+    parts = urlsplit(url)
+    assert parts.hostname is not None
     if ":" in parts.hostname:  # dicomweb-client's Host header would be "["
         return f"a URL with a host name or an IPv4 address (not an IPv6 literal), {example}"
     if parts.path.rstrip("/").endswith("/studies"):

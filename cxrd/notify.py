@@ -50,7 +50,7 @@ from cxrd.config import NotificationConfig
 from cxrd.findings import CLASS_LABELS
 from cxrd.modelinfo import CLASS_NAMES
 from cxrd.outbox import DueDelivery
-from cxrd.stow import Credentials
+from cxrd.stow import Credentials, body_hint
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +202,9 @@ def http_outcome(response: requests.Response) -> Outcome:
         return Outcome(error=f"PERMANENT: {text}: it redirects to {where}; set the "
                              "notification's url there", at_max_backoff=True, answer=answer)
     if status in HTTP_TRANSIENT or status >= 500:
-        return Outcome(error=text + _body_hint(response), hold=True, answer=answer)
-    return Outcome(error=f"refused by the webhook: {text}{_body_hint(response)}",
+        return Outcome(error=text + body_hint(response), hold=True, answer=answer)
+    return Outcome(error=f"refused by the webhook: {text}{body_hint(response)}",
                    permanent=True, answer=answer)
-
-
-def _body_hint(response: requests.Response) -> str:
-    ctype = response.headers.get("Content-Type", "")
-    if response.content and ("text" in ctype or "json" in ctype or not ctype):
-        words = response.content[:200].decode("utf-8", "replace").split()
-        return ": " + " ".join(words) if words else ""
-    return ""
 
 
 class WebhookClient:

@@ -316,14 +316,16 @@ def http_verdict(response: requests.Response, batch: int) -> Verdict:
     if status in HTTP_CONTENT or (400 <= status < 500 and status not in HTTP_TRANSIENT):
         if batch > 1:
             return Verdict(error=f"STOW-RS {text} for a request of {batch}", split=True)
-        return Verdict(error=f"refused by destination: STOW-RS {text}{_body_hint(response)}",
+        return Verdict(error=f"refused by destination: STOW-RS {text}{body_hint(response)}",
                        permanent=True)
     if status == 202:
         return Verdict(error="STOW-RS HTTP 202: the answer does not name this instance")
-    return Verdict(error=f"STOW-RS {text}{_body_hint(response)}")
+    return Verdict(error=f"STOW-RS {text}{body_hint(response)}")
 
 
-def _body_hint(response: requests.Response) -> str:
+def body_hint(response: requests.Response) -> str:
+    """": " and the first 200 bytes of a textual (or untyped) answer's body, words joined
+    by single spaces, for an error line; "" for none or a binary one."""
     ctype = response.headers.get("Content-Type", "")
     if response.content and ("text" in ctype or "json" in ctype or not ctype):
         body = response.content[:200].decode("utf-8", "replace").split()
