@@ -9,15 +9,19 @@ the lung-field segmenter (:class:`SegmentationInfo`, ``cxrd.kind`` = ``segmentat
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxrd.errors import ModelError
 from cxrd.preprocess import CURRENT_PREPROCESSING, contract
+
+if TYPE_CHECKING:
+    import highdicom
 
 INPUT_NAME = "input_image"
 OUTPUT_PROBS = "probs"
@@ -267,6 +271,45 @@ def software_versions(model: ModelInfo | SegmentationInfo) -> list[str]:
     from cxrd import __version__
 
     return [model.version, f"cxrd {__version__}"]
+
+
+def equipment(model: ModelInfo | SegmentationInfo) -> dict[str, object]:
+    """The model as equipment, as every result names it in General Equipment, in its
+    Contributing Equipment item (IHE AIR) and, in the SR, as device observer (TID 1004):
+    Manufacturer, Manufacturer's Model Name (the model's name), Software Versions
+    (``software_versions``), Device Serial Number and Device UID (both the model's device
+    UID, which identifies one trained model). By keyword."""
+    return {
+        "Manufacturer": model.manufacturer,
+        "ManufacturerModelName": model.name,
+        "SoftwareVersions": software_versions(model),
+        "DeviceSerialNumber": model.device_uid,
+        "DeviceUID": model.device_uid,
+    }
+
+
+def contributing_equipment(model: ModelInfo | SegmentationInfo, when: datetime.datetime
+                           ) -> highdicom.ContributingEquipment:
+    """The model's item of Contributing Equipment Sequence (IHE AIR 6.5.3.1): ``equipment``
+    with the Purpose of Reference ``cxrd.dicom.EQUIPMENT_PROCESSING``, Contribution
+    DateTime ``when`` and Contribution Description. A highdicom item, which the SR's and the
+    SEG's constructors take as it is; Device UID is added to what highdicom sets."""
+    import highdicom as hd
+
+    from cxrd.dicom import EQUIPMENT_MODEL_CONTRIBUTION, EQUIPMENT_PROCESSING
+
+    fields = equipment(model)
+    item = hd.ContributingEquipment(
+        manufacturer=model.manufacturer,
+        purpose_of_reference=EQUIPMENT_PROCESSING,
+        manufacturer_model_name=model.name,
+        software_versions=software_versions(model),
+        device_serial_number=model.device_uid,
+        contribution_datetime=when,
+        contribution_description=EQUIPMENT_MODEL_CONTRIBUTION,
+    )
+    item.DeviceUID = fields["DeviceUID"]
+    return item
 
 
 def labelled(text: str, model: ModelInfo | SegmentationInfo) -> str:

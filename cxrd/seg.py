@@ -49,7 +49,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from cxrd import __version__
 from cxrd.headers import header_view
 from cxrd.lungs import LungMasks, Mask
-from cxrd.modelinfo import SegmentationInfo, labelled, software_versions
+from cxrd.modelinfo import (
+    SegmentationInfo,
+    contributing_equipment,
+    labelled,
+    software_versions,
+)
 from cxrd.srencode import DatasetTemplate, file_meta_bytes
 from cxrd.uids import validate_uid
 
@@ -185,8 +190,10 @@ def _highdicom_seg(src: Dataset, source_header: Dataset, masks: Masks,
         series_description=labelled(SEG_SERIES_DESCRIPTION, model),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
+        contributing_equipment=[contributing_equipment(model, dt.datetime.now())],
     )
     seg.add_new("SoftwareVersions", "LO", software_versions(model))
+    seg.add_new("DeviceUID", "UI", model.device_uid)  # General Equipment, as the SR and SC
     # From a source with Pixel Spacing (many CR images have it) highdicom writes a Pixel
     # Measures item without Slice Thickness, which its own reader (hd.seg.segread)
     # then refuses. Without a Frame of Reference the frames are the source's pixels, so

@@ -128,6 +128,12 @@ def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
             derived_uid("sc", source_sop_uid, generation, model.device_uid))
 
 
+def sr_series_uid(study_uid: str, model: ModelInfo) -> str:
+    """The series of a study's SRs (every generation's, each superseding the last): a
+    function of the study and the model, so that an SC names it before the SR exists."""
+    return derived_uid("sr-series", study_uid, model.device_uid)
+
+
 def seg_uids(source_sop_uid: str, study_uid: str, generation: int,
              model: SegmentationInfo) -> tuple[str, str]:
     """(series, instance) UIDs of a lung SEG (``cxrd.seg``), made as :func:`heatmap_uids`
@@ -171,24 +177,27 @@ def save_result(ds: Dataset, target: Path | NodeStore) -> str | Path:
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],
                   model: ModelInfo, results_dir: Path | NodeStore, generation: int, *,
                   max_side: int = 1024, compression: str = "none",
-                  region: tuple[float, float, float, float] | None = None
-                  ) -> tuple[str, str | Path]:
+                  region: tuple[float, float, float, float] | None = None,
+                  report: bool = False) -> tuple[str, str | Path]:
     """Build and save the heatmap SC (``save_result``: a folder, or the node's store);
     returns its SOP Instance UID and its path or key.
     ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
     ``heatmap_compression`` (see ``cxrd.heatmap``); ``region`` is the one the SR reports
-    (``ImageFindings.region``), which the SC outlines."""
+    (``ImageFindings.region``), which the SC outlines. ``report``: the study gets an SR
+    (``[results] structured_report``), whose series the SC names (``sr_series_uid``)."""
     from cxrd.heatmap import ImageResult, build_heatmap_sc
 
-    series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
-                                       str(prep.dataset.StudyInstanceUID), generation, model)
+    study_uid = str(prep.dataset.StudyInstanceUID)
+    series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID), study_uid,
+                                       generation, model)
     t0 = time.perf_counter()
     sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam, prep.reduced,
                                       region),
                           model,
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
-                          max_side=max_side, compression=compression)
+                          max_side=max_side, compression=compression,
+                          report_series_uid=sr_series_uid(study_uid, model) if report else None)
     t1 = time.perf_counter()
     path = save_result(sc, results_dir)
     prep.timings["sc"] = t1 - t0
@@ -450,7 +459,8 @@ class WorkerLoop:
                 sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.objects,
                                     job.generation, max_side=self.config.results.heatmap_max_side,
                                     compression=self.config.results.heatmap_compression,
-                                    region=findings.region)
+                                    region=findings.region,
+                                    report=self.config.results.structured_report)
                       if self.config.results.heatmap_secondary_capture else None)
                 seg = (write_seg(prep, lungs[i], self.seg_encoder, self.objects,
                                  job.generation)
@@ -592,9 +602,30 @@ class WorkerLoop:
         predecessor = self._previous_sr(findings.current_sr_path)
         sr = build_sr(images, self.model, sop_class=self.config.results.sr_sop_class.value,
                       predecessor=predecessor, sop_instance_uid=sr_uid,
-                      series_instance_uid=derived_uid("sr-series", findings.study_instance_uid,
-                                                      self.model.device_uid))
+                      series_instance_uid=sr_series_uid(findings.study_instance_uid,
+                                                        self.model),
+                      related=self._related(images, findings))
         return save_result(sr, self.objects)
+
+    def _related(self, images: list[ImageFindings], findings: queue.StudyFindings
+                 ) -> list[tuple[str, str, str]]:
+        """The heatmap SCs and lung SEGs the classify jobs of ``images`` wrote, which the
+        SR lists as evidence: their UIDs are functions of the source, the study's
+        generation (that of every job an SR reports) and the model (``heatmap_uids``,
+        ``seg_uids``), named when this node's configuration writes them."""
+        from cxrd.dicom import SECONDARY_CAPTURE, SEGMENTATION
+
+        related: list[tuple[str, str, str]] = []
+        study, generation = findings.study_instance_uid, findings.generation
+        for image in images:
+            source = str(image.header.SOPInstanceUID)
+            if self.config.results.heatmap_secondary_capture:
+                related.append((SECONDARY_CAPTURE,
+                                *heatmap_uids(source, study, generation, self.model)))
+            if self.seg_encoder is not None and self.config.results.segmentation:
+                related.append((SEGMENTATION, *seg_uids(source, study, generation,
+                                                        self.seg_encoder.model)))
+        return related
 
     def _previous_sr(self, key: str | None) -> Dataset | None:
         """The header of the study's current SR (its key), which the new SR names as its
