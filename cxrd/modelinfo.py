@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cxrd.errors import ModelError
 from cxrd.preprocess import CURRENT_PREPROCESSING, contract
@@ -278,7 +278,7 @@ def equipment(model: ModelInfo | SegmentationInfo) -> dict[str, object]:
     Contributing Equipment item (IHE AIR) and, in the SR, as device observer (TID 1004):
     Manufacturer, Manufacturer's Model Name (the model's name), Software Versions
     (``software_versions``), Device Serial Number and Device UID (both the model's device
-    UID, which identifies one trained model). By keyword."""
+    UID, which identifies one trained model), by keyword."""
     return {
         "Manufacturer": model.manufacturer,
         "ManufacturerModelName": model.name,
@@ -300,11 +300,11 @@ def contributing_equipment(model: ModelInfo | SegmentationInfo, when: datetime.d
 
     fields = equipment(model)
     item = hd.ContributingEquipment(
-        manufacturer=model.manufacturer,
+        manufacturer=str(fields["Manufacturer"]),
         purpose_of_reference=EQUIPMENT_PROCESSING,
-        manufacturer_model_name=model.name,
-        software_versions=software_versions(model),
-        device_serial_number=model.device_uid,
+        manufacturer_model_name=str(fields["ManufacturerModelName"]),
+        software_versions=cast(list[str], fields["SoftwareVersions"]),
+        device_serial_number=str(fields["DeviceSerialNumber"]),
         contribution_datetime=when,
         contribution_description=EQUIPMENT_MODEL_CONTRIBUTION,
     )
