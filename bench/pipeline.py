@@ -773,9 +773,11 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         for i, p in enumerate(preps):
             p.timings["infer"] = infer
             study_uid = str(p.dataset.StudyInstanceUID)
+            report = sr_series_uid(study_uid, clf.info)
             sc_uid, _ = write_heatmap(p, probs[i], cams[i], clf.info, results_dir, 1,
-                                      report=True)
-            seg_uid, _ = write_seg(p, lungs[i], encoder, results_dir, 1)
+                                      report_series_uid=report)
+            seg_uid, _ = write_seg(p, lungs[i], encoder, results_dir, 1,
+                                   report_series_uid=report)
             source = str(p.dataset.SOPInstanceUID)
             related.setdefault(study_uid, []).extend([  # the SR's evidence, as a worker's
                 (SECONDARY_CAPTURE, heatmap_uids(source, study_uid, 1, clf.info)[0], sc_uid),

@@ -84,12 +84,12 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
                 findings = ImageFindings.of(
                     prep.dataset, probs[0], cam[0], model.operating_point.tb_threshold,
                     lungs=prep.lung_grid, margin=config.results.lung_margin)
+                study = str(prep.dataset.StudyInstanceUID)
                 sc_uid, sc_path = write_heatmap(
                     prep, probs[0], cam[0], model, out, 1,
                     max_side=config.results.heatmap_max_side,
                     compression=config.results.heatmap_compression, region=findings.region,
-                    report=True)
-                study = str(prep.dataset.StudyInstanceUID)
+                    report_series_uid=sr_series_uid(study, model))
                 by_study[study].append(findings)
                 source = str(prep.dataset.SOPInstanceUID)
                 related[study].append(
@@ -97,7 +97,9 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
                 dicom = True
                 row["sc"] = str(sc_path)
                 if encoder is not None and seg_probs is not None:
-                    seg_uid, seg_path = write_seg(prep, seg_probs, encoder, out, 1)
+                    seg_uid, seg_path = write_seg(
+                        prep, seg_probs, encoder, out, 1,
+                        report_series_uid=sr_series_uid(study, model))
                     related[study].append((SEGMENTATION, seg_uids(source, study, 1,
                                                                   encoder.model)[0], seg_uid))
                     row["seg"] = str(seg_path)

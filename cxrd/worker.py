@@ -178,18 +178,18 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
                   model: ModelInfo, results_dir: Path | NodeStore, generation: int, *,
                   max_side: int = 1024, compression: str = "none",
                   region: tuple[float, float, float, float] | None = None,
-                  report: bool = False) -> tuple[str, str | Path]:
+                  report_series_uid: str | None = None) -> tuple[str, str | Path]:
     """Build and save the heatmap SC (``save_result``: a folder, or the node's store);
     returns its SOP Instance UID and its path or key.
     ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
     ``heatmap_compression`` (see ``cxrd.heatmap``); ``region`` is the one the SR reports
-    (``ImageFindings.region``), which the SC outlines. ``report``: the study gets an SR
-    (``[results] structured_report``), whose series the SC names (``sr_series_uid``)."""
+    (``ImageFindings.region``), which the SC outlines. ``report_series_uid``: the series
+    of the study's SR (``sr_series_uid``; when ``[results] structured_report``), which the
+    SC names."""
     from cxrd.heatmap import ImageResult, build_heatmap_sc
 
-    study_uid = str(prep.dataset.StudyInstanceUID)
-    series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID), study_uid,
-                                       generation, model)
+    series_uid, sop_uid = heatmap_uids(str(prep.dataset.SOPInstanceUID),
+                                       str(prep.dataset.StudyInstanceUID), generation, model)
     t0 = time.perf_counter()
     sc = build_heatmap_sc(ImageResult(prep.dataset, prep.display, probs, cam, prep.reduced,
                                       region),
@@ -197,7 +197,7 @@ def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArr
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
                           max_side=max_side, compression=compression,
-                          report_series_uid=sr_series_uid(study_uid, model) if report else None)
+                          report_series_uid=report_series_uid)
     t1 = time.perf_counter()
     path = save_result(sc, results_dir)
     prep.timings["sc"] = t1 - t0
@@ -227,12 +227,14 @@ def lung_fields(probs: npt.NDArray[np.float32], model: SegmentationInfo
 
 
 def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEncoder,
-              results_dir: Path | NodeStore, generation: int) -> tuple[str, str | Path]:
+              results_dir: Path | NodeStore, generation: int, *,
+              report_series_uid: str | None = None) -> tuple[str, str | Path]:
     """Build and save the lung-field SEG (``cxrd.seg``) of one image from the segmenter's
     (h, w, 2) ``probs`` (``put_result``); returns its SOP Instance UID and its path or
     key. The masks are at the source's Rows x Columns (``lung_masks``: thresholded on
     their grid, packed from it); the SEG comes from ``encoder``'s template for the kind
-    of source (``LungSegEncoder``)."""
+    of source (``LungSegEncoder``). ``report_series_uid``: the series of the study's SR
+    (``sr_series_uid``), which the SEG names, as the SC does."""
     model = encoder.model
     series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
                                    str(prep.dataset.StudyInstanceUID), generation, model)
@@ -241,7 +243,8 @@ def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEn
                        model.threshold)
     encoded = encoder.encode(prep.dataset, masks, series_instance_uid=series_uid,
                              sop_instance_uid=sop_uid,
-                             instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
+                             instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
+                             report_series_uid=report_series_uid)
     path = put_result(results_dir, sop_uid, encoded)
     prep.timings["seg"] = time.perf_counter() - t0
     return sop_uid, path
@@ -456,14 +459,16 @@ class WorkerLoop:
                                             margin=self.config.results.lung_margin)
                 record = findings.record()
                 prep.timings["record"] = time.perf_counter() - t1
+                # The SC and the SEG name the series of the SR the study's report job writes.
+                report = (sr_series_uid(job.study_instance_uid, self.model)
+                          if self.config.results.structured_report else None)
                 sc = (write_heatmap(prep, probs[i], cams[i], self.model, self.objects,
                                     job.generation, max_side=self.config.results.heatmap_max_side,
                                     compression=self.config.results.heatmap_compression,
-                                    region=findings.region,
-                                    report=self.config.results.structured_report)
+                                    region=findings.region, report_series_uid=report)
                       if self.config.results.heatmap_secondary_capture else None)
                 seg = (write_seg(prep, lungs[i], self.seg_encoder, self.objects,
-                                 job.generation)
+                                 job.generation, report_series_uid=report)
                        if lungs is not None and self.seg_encoder is not None
                        and self.config.results.segmentation else None)
             except Exception as exc:

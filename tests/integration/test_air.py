@@ -59,7 +59,8 @@ def _analysis(tmp_path: Path, model: ModelInfo, segmenter: SegmentationInfo
         path = tmp_path / f"{seg_uid}.dcm"
         path.write_bytes(encoder.encode(src, _masks(int(src.Rows), int(src.Columns)),
                                         series_instance_uid=seg_series,
-                                        sop_instance_uid=seg_uid, instance_number=number))
+                                        sop_instance_uid=seg_uid, instance_number=number,
+                                        report_series_uid=sr_series_uid(study, model)))
         segs.append(path)
         related += [(SECONDARY_CAPTURE, sc_series, sc_uid), (SEGMENTATION, seg_series, seg_uid)]
         findings.append(ImageFindings.of(src, result.probs, result.cam,
@@ -128,7 +129,7 @@ def test_sr_sc_and_seg_name_their_model_alike(tmp_path: Path) -> None:
                      "111003": {item.SoftwareVersions[0]}}
 
 
-def test_the_sr_lists_the_scs_and_segs_and_each_sc_names_the_sr_series(tmp_path: Path) -> None:
+def test_the_sr_lists_the_scs_and_segs_and_each_names_the_sr_series(tmp_path: Path) -> None:
     model, segmenter = make_model(demo=False), _segmenter()
     sources, sr_path, scs, segs = _analysis(tmp_path, model, segmenter)
     sr = hd.sr.srread(sr_path)
@@ -137,9 +138,8 @@ def test_the_sr_lists_the_scs_and_segs_and_each_sc_names_the_sr_series(tmp_path:
     expected = {(str(ds.SeriesInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
                 for ds in [*sources, *(pydicom.dcmread(p) for p in (*scs, *segs))]}
     assert evidence == expected
-    for path in scs:
-        sc = pydicom.dcmread(path)
-        (related,) = sc.RelatedSeriesSequence
+    for path in (*scs, *segs):  # the second SEG from the first one's template
+        (related,) = pydicom.dcmread(path).RelatedSeriesSequence
         assert related.StudyInstanceUID == sr.StudyInstanceUID
         assert related.SeriesInstanceUID == sr.SeriesInstanceUID
         assert list(related.PurposeOfReferenceCodeSequence) == []

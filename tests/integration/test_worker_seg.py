@@ -180,11 +180,11 @@ def test_the_worker_writes_a_lung_seg_per_classified_image(node: Node) -> None:
     assert all('"segment"' in t and '"seg"' in t for t in timings)
 
 
-def test_the_sr_lists_the_scs_and_segs_the_worker_wrote_and_each_sc_names_its_series(
+def test_the_sr_lists_the_scs_and_segs_the_worker_wrote_and_each_names_its_series(
         node: Node) -> None:
     """IHE AIR: the report job, which runs after the classify jobs, lists as evidence the
     very SCs and SEGs they wrote (their UIDs are known in advance, not looked up); each SC
-    names the SR's series, which the classify job knew before any SR existed."""
+    and SEG names the SR's series, which the classify job knew before any SR existed."""
     loop, ingestor, db = node
     study = _store(ingestor, [_chest(1), _chest(2)])
     assert admit_stable_studies(db, 0) == 1
@@ -203,9 +203,8 @@ def test_the_sr_lists_the_scs_and_segs_the_worker_wrote_and_each_sc_names_its_se
         (item,) = [i for i in ds.ContributingEquipmentSequence
                    if i.get("DeviceUID") == model.device_uid]
         assert item.ManufacturerModelName == ds.ManufacturerModelName == model.name
-        if row.kind == ResultKind.SC.value:
-            (related,) = ds.RelatedSeriesSequence
-            assert related.SeriesInstanceUID == sr.SeriesInstanceUID
+        (related,) = ds.RelatedSeriesSequence
+        assert related.SeriesInstanceUID == sr.SeriesInstanceUID
     assert _model_device_uid(sr) == loop.model.device_uid
 
 
