@@ -700,6 +700,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     then one SR per study built from the records, as a worker's report job builds it."""
     import pydicom
 
+    from cxrd.dicom import SECONDARY_CAPTURE, SEGMENTATION
     from cxrd.findings import ImageFindings
     from cxrd.infer import Classifier, Segmenter
     from cxrd.preprocess import decode_min_side, decode_pixels
@@ -707,10 +708,13 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     from cxrd.sr import build_sr
     from cxrd.uids import derived_uid
     from cxrd.worker import (
+        heatmap_uids,
         lung_fields,
         prepare,
         save_result,
+        seg_uids,
         segmenter_input,
+        sr_series_uid,
         warm_up_results,
         write_heatmap,
         write_seg,
@@ -758,6 +762,7 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
     warm_up = time.perf_counter() - t
     stage_values: dict[str, list[float]] = {k: [] for k in STAGES}
     records: dict[str, list[tuple[list[float], str]]] = {}
+    related: dict[str, list[tuple[str, str, str]]] = {}
     t0 = time.perf_counter()
     for start in range(0, len(inputs.files), bs):
         preps = [prepare(f, clf.info) for f in inputs.files[start:start + bs]]
@@ -767,8 +772,16 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         lungs = segment(preps)
         for i, p in enumerate(preps):
             p.timings["infer"] = infer
-            write_heatmap(p, probs[i], cams[i], clf.info, results_dir, 1)
-            write_seg(p, lungs[i], encoder, results_dir, 1)
+            study_uid = str(p.dataset.StudyInstanceUID)
+            report = sr_series_uid(study_uid, clf.info)
+            sc_uid, _ = write_heatmap(p, probs[i], cams[i], clf.info, results_dir, 1,
+                                      report_series_uid=report)
+            seg_uid, _ = write_seg(p, lungs[i], encoder, results_dir, 1,
+                                   report_series_uid=report)
+            source = str(p.dataset.SOPInstanceUID)
+            related.setdefault(study_uid, []).extend([  # the SR's evidence, as a worker's
+                (SECONDARY_CAPTURE, heatmap_uids(source, study_uid, 1, clf.info)[0], sc_uid),
+                (SEGMENTATION, seg_uids(source, study_uid, 1, seg.info)[0], seg_uid)])
             t = time.perf_counter()
             record = ImageFindings.of(p.dataset, probs[i], cams[i], threshold).record()
             p.timings["record"] = time.perf_counter() - t
@@ -781,7 +794,8 @@ def run_stages(inputs: Inputs, run_dir: Path, args: argparse.Namespace) -> dict[
         t = time.perf_counter()
         images = [ImageFindings.from_record(pr, json.loads(rec)) for pr, rec in items]
         sr = build_sr(images, clf.info, sop_instance_uid=derived_uid("bench-sr", study_uid),
-                      series_instance_uid=derived_uid("bench-sr-series", study_uid))
+                      series_instance_uid=sr_series_uid(study_uid, clf.info),
+                      related=related[study_uid])
         save_result(sr, results_dir)
         sr_seconds.append(time.perf_counter() - t)
         sr_per_image.append(sr_seconds[-1] / len(items))

@@ -60,8 +60,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from cxrd import __version__
-from cxrd.dicom import SECONDARY_CAPTURE
+from cxrd.dicom import EQUIPMENT_ACQUISITION, SECONDARY_CAPTURE
 from cxrd.findings import (
     CLASS_LABELS,
     NORM,
@@ -74,7 +73,14 @@ from cxrd.findings import (
     upsample_cam,
 )
 from cxrd.headers import DATE_TIME_VRS, TYPE2_PATIENT_STUDY, parses
-from cxrd.modelinfo import CLASS_NAMES, ModelInfo, labelled, software_versions
+from cxrd.modelinfo import (
+    CLASS_NAMES,
+    ModelInfo,
+    contributing_equipment,
+    equipment,
+    labelled,
+    software_versions,
+)
 from cxrd.preprocess import Reduced
 from cxrd.uids import new_uid, validate_uid
 
@@ -92,8 +98,6 @@ COMPRESSIONS = ("none", "jpeg-baseline")
 #: Pillow's JPEG quality for "jpeg-baseline".
 JPEG_QUALITY = 90
 _SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
-_ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
-_PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 _HEATMAP_MAX_ALPHA = 0.6
 _LEGEND_LINE_HEIGHT = 13  # the default bitmap font is 11 px high
 _PATIENT_SEXES = ("M", "F", "O")
@@ -399,8 +403,9 @@ def _long_string(text: str, what: str) -> str:
 
 def _equipment(src: Dataset, model: ModelInfo, now: datetime.datetime) -> list[Dataset]:
     """Contributing Equipment: the source's acquisition equipment (when it names its
-    Manufacturer) and cxrd, the processing equipment that made this object."""
-    items = []
+    Manufacturer) and the model that made this object (``cxrd.modelinfo``
+    ``contributing_equipment``, as the SR and the SEG name it: IHE AIR)."""
+    items: list[Dataset] = []
     manufacturer = _source_value(src, "Manufacturer")
     if manufacturer:
         acquisition = Dataset()
@@ -413,16 +418,9 @@ def _equipment(src: Dataset, model: ModelInfo, now: datetime.datetime) -> list[D
         if when:
             acquisition.ContributionDateTime = when
         acquisition.ContributionDescription = "Acquisition equipment of the source image(s)"
-        acquisition.PurposeOfReferenceCodeSequence = [_code_item(_ACQUISITION_EQUIPMENT)]
+        acquisition.PurposeOfReferenceCodeSequence = [_code_item(EQUIPMENT_ACQUISITION)]
         items.append(acquisition)
-    cxrd = Dataset()
-    cxrd.Manufacturer = model.manufacturer
-    cxrd.ManufacturerModelName = "cxrd"
-    cxrd.SoftwareVersions = __version__
-    cxrd.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
-    cxrd.ContributionDescription = "Software that created this instance"
-    cxrd.PurposeOfReferenceCodeSequence = [_code_item(_PROCESSING_EQUIPMENT)]
-    items.append(cxrd)
+    items.append(contributing_equipment(model, now))
     return items
 
 
@@ -455,13 +453,17 @@ def build_heatmap_sc(
     sop_instance_uid: str | None = None,
     max_side: int = DISPLAY_MAX_SIDE,
     compression: str = "none",
+    report_series_uid: str | None = None,
 ) -> Dataset:
     """Build the heatmap Secondary Capture for one image, in the source study.
 
     RGB 8-bit (``compression="none"``, Explicit VR Little Endian) or JPEG Baseline
     (``"jpeg-baseline"``, YBR_FULL_422), ImageType DERIVED\\SECONDARY, Source Image
     Sequence pointing at the radiograph, the radiograph at most ``max_side`` on its long
-    side with the overlay of the module docstring, the legend burned in below. Raises
+    side with the overlay of the module docstring, the legend burned in below.
+    ``report_series_uid``, when given, is the series of the study's SR (``cxrd.worker``
+    ``sr_series_uid``), named in Related Series Sequence: the SR is written later, by the
+    study's report job, and lists this SC among its evidence. Raises
     ValueError for an unknown ``compression``, a ``max_side``, series or instance number
     below 1, or a model name too long for the header, and InvalidUID for a malformed UID.
     """
@@ -474,6 +476,8 @@ def build_heatmap_sc(
     src = result.dataset
     series_uid = validate_uid(series_instance_uid)
     sop_uid = validate_uid(sop_instance_uid) if sop_instance_uid else new_uid()
+    report_series = (validate_uid(report_series_uid, "report_series_uid")
+                     if report_series_uid else None)
     k = decide_class(result.probs, model.operating_point.tb_threshold)
     image = _render(result, model, max_side)
     cols, rows = image.size
@@ -510,9 +514,18 @@ def build_heatmap_sc(
     laterality = str(src.get("Laterality", "") or "")
     if laterality in ("R", "L"):
         sc.Laterality = laterality
-    # General Equipment, SC Equipment
-    sc.Manufacturer = _long_string(model.manufacturer, "The model's manufacturer")
-    sc.ManufacturerModelName = _long_string(model.name, "The model's name")
+    if report_series:
+        related = Dataset()
+        related.StudyInstanceUID = src.StudyInstanceUID
+        related.SeriesInstanceUID = report_series
+        related.PurposeOfReferenceCodeSequence = []  # CID 7210 has no code for a report
+        sc.RelatedSeriesSequence = [related]
+    # General Equipment (the model, as in the SR and the SEG), SC Equipment
+    _long_string(model.manufacturer, "The model's manufacturer")
+    _long_string(model.name, "The model's name")
+    for keyword, value in equipment(model).items():
+        if keyword != "SoftwareVersions":  # set above, in SOP Common's place
+            setattr(sc, keyword, value)
     sc.ConversionType = "WSD"  # produced by software on a workstation
     # General Image, SC Image. The pixels are the source's, downscaled without flips, so
     # its Patient Orientation holds (Type 2: empty when the source has none).

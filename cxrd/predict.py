@@ -33,6 +33,7 @@ def _is_dicom(path: Path) -> bool:
 
 def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool = False) -> int:
     """Classify ``files``; returns the exit code (1 if any file could not be classified)."""
+    from cxrd.dicom import SECONDARY_CAPTURE, SEGMENTATION
     from cxrd.durable import save_dataset
     from cxrd.findings import ImageFindings, decide_class
     from cxrd.infer import Segmenter
@@ -40,9 +41,12 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
     from cxrd.seg import LungSegEncoder
     from cxrd.sr import build_sr
     from cxrd.worker import (
+        heatmap_uids,
         lung_fields,
         prepare,
+        seg_uids,
         segmenter_input,
+        sr_series_uid,
         write_heatmap,
         write_seg,
     )
@@ -58,6 +62,8 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
         print("DEMO model: trained on synthetic phantoms, not for clinical use", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     by_study: dict[str, list[ImageFindings]] = defaultdict(list)
+    #: Each study's SCs and SEGs, which its SR lists as evidence (SOP class, series, instance).
+    related: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     failed = 0
     for path in files:
         row: dict[str, object] = {"file": str(path)}
@@ -78,15 +84,25 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
                 findings = ImageFindings.of(
                     prep.dataset, probs[0], cam[0], model.operating_point.tb_threshold,
                     lungs=prep.lung_grid, margin=config.results.lung_margin)
+                study = str(prep.dataset.StudyInstanceUID)
                 sc_uid, sc_path = write_heatmap(
                     prep, probs[0], cam[0], model, out, 1,
                     max_side=config.results.heatmap_max_side,
-                    compression=config.results.heatmap_compression, region=findings.region)
-                by_study[str(prep.dataset.StudyInstanceUID)].append(findings)
+                    compression=config.results.heatmap_compression, region=findings.region,
+                    report_series_uid=sr_series_uid(study, model))
+                by_study[study].append(findings)
+                source = str(prep.dataset.SOPInstanceUID)
+                related[study].append(
+                    (SECONDARY_CAPTURE, heatmap_uids(source, study, 1, model)[0], sc_uid))
                 dicom = True
                 row["sc"] = str(sc_path)
                 if encoder is not None and seg_probs is not None:
-                    row["seg"] = str(write_seg(prep, seg_probs, encoder, out, 1)[1])
+                    seg_uid, seg_path = write_seg(
+                        prep, seg_probs, encoder, out, 1,
+                        report_series_uid=sr_series_uid(study, model))
+                    related[study].append((SEGMENTATION, seg_uids(source, study, 1,
+                                                                  encoder.model)[0], seg_uid))
+                    row["seg"] = str(seg_path)
             else:
                 probs, cam = clf.run(preprocess_file(
                     path, clf.input_size, preprocessing=model.preprocessing)[None])
@@ -120,7 +136,8 @@ def predict_files(config: Config, files: list[Path], out: Path, *, as_json: bool
             sop_instance_uid=derived_uid(
                 "predict-sr", study_uid, *[r.header.SOPInstanceUID for r in results]
             ),
-            series_instance_uid=derived_uid("sr-series", study_uid, model.device_uid),
+            series_instance_uid=sr_series_uid(study_uid, model),
+            related=related[study_uid],
         )
         path = save_dataset(sr, out)
         print(f"SR for study {study_uid}: {path}", file=sys.stderr)

@@ -49,7 +49,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from cxrd import __version__
 from cxrd.headers import header_view
 from cxrd.lungs import LungMasks, Mask
-from cxrd.modelinfo import SegmentationInfo, labelled, software_versions
+from cxrd.modelinfo import (
+    SegmentationInfo,
+    contributing_equipment,
+    labelled,
+    software_versions,
+)
 from cxrd.srencode import DatasetTemplate, file_meta_bytes
 from cxrd.uids import validate_uid
 
@@ -147,24 +152,34 @@ def build_lung_seg(
     sop_instance_uid: str,
     instance_number: int,
     series_number: int = SEG_SERIES_NUMBER,
+    report_series_uid: str | None = None,
 ) -> hd.seg.Segmentation:
     """Build the lung-field SEG of one source image (see the module docstring).
 
     ``source_header`` is the source's header (Pixel Data may be absent); ``masks`` are
     boolean arrays of its Rows x Columns (or ``LungMasks`` of that size), in
-    ``model.segments`` order (left lung, then right). Raises ValueError for masks of the
-    wrong number, type or size or a multi-frame source, and InvalidUID for a malformed UID.
+    ``model.segments`` order (left lung, then right). ``report_series_uid``, when given,
+    is the series of the study's SR (``cxrd.worker.sr_series_uid``), named in Related
+    Series Sequence as the heatmap SC names it (IHE AIR; the SR lists the SEG as
+    evidence). Raises ValueError for masks of the wrong number, type or size or a
+    multi-frame source, and InvalidUID for a malformed UID.
     """
     _check_masks(masks, source_header, model)
     series_uid = validate_uid(series_instance_uid, "series_instance_uid")
     sop_uid = validate_uid(sop_instance_uid, "sop_instance_uid")
+    report = _report_series(report_series_uid)
     return _highdicom_seg(header_view(source_header), source_header, masks, model,
-                          series_uid, sop_uid, instance_number, series_number)
+                          series_uid, sop_uid, instance_number, series_number, report)
+
+
+def _report_series(uid: str | None) -> str | None:
+    return validate_uid(uid, "report_series_uid") if uid else None
 
 
 def _highdicom_seg(src: Dataset, source_header: Dataset, masks: Masks,
                    model: SegmentationInfo, series_uid: str, sop_uid: str,
-                   instance_number: int, series_number: int) -> hd.seg.Segmentation:
+                   instance_number: int, series_number: int,
+                   report_series: str | None) -> hd.seg.Segmentation:
     """``build_lung_seg``'s object from checked arguments; ``src`` is the source's
     ``header_view``."""
     seg = hd.seg.Segmentation(
@@ -185,8 +200,16 @@ def _highdicom_seg(src: Dataset, source_header: Dataset, masks: Masks,
         series_description=labelled(SEG_SERIES_DESCRIPTION, model),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
+        contributing_equipment=[contributing_equipment(model, dt.datetime.now())],
     )
     seg.add_new("SoftwareVersions", "LO", software_versions(model))
+    seg.add_new("DeviceUID", "UI", model.device_uid)  # General Equipment, as the SR and SC
+    if report_series:
+        related = Dataset()
+        related.StudyInstanceUID = src.StudyInstanceUID
+        related.SeriesInstanceUID = report_series
+        related.PurposeOfReferenceCodeSequence = []  # CID 7210 has no code for a report
+        seg.RelatedSeriesSequence = [related]
     # From a source with Pixel Spacing (many CR images have it) highdicom writes a Pixel
     # Measures item without Slice Thickness, which its own reader (hd.seg.segread)
     # then refuses. Without a Frame of Reference the frames are the source's pixels, so
@@ -297,12 +320,13 @@ class LungSegEncoder:
     what differs from one source to the next: the elements highdicom copied from the first
     source (found by identity: highdicom adds the source's own element objects), the SEG's
     own UIDs, instance number, Patient Orientation, clock and Pixel Data (``_OWN_ELEMENTS``),
-    and, inside the sequences, every reference to the source image and its series and the
-    Contribution DateTime. For the next source of that kind it encodes only those and packs
-    the masks: about 2.5-3.5 ms of CPU for a 2500 x 2048 image. A kind of source is
-    everything highdicom reads other than by copying an element: its SOP class, character
-    set, size, Frame of Reference, lossy compression (and ratio), the set of elements
-    present, and whether the masks overlap.
+    and, inside the sequences, every reference to the source image and its series, the
+    Contribution DateTime and the SR's series and study (Related Series Sequence). For the
+    next source of that kind it encodes only those and packs the masks: about 2.5-3.5 ms
+    of CPU for a 2500 x 2048 image. A kind of source is everything highdicom reads other
+    than by copying an element: its SOP class, character set, size, Frame of Reference,
+    lossy compression (and ratio), the set of elements present, whether the masks overlap,
+    and whether the SEG names the SR's series.
     The tests compare, for each kind of source the project generates, the encoder's bytes
     with what pydicom writes for highdicom's SEG of the same source (the clock set alike),
     and its decoded output with highdicom's element by element.
@@ -316,21 +340,23 @@ class LungSegEncoder:
 
     def encode(self, source_header: Dataset, masks: Masks, *, series_instance_uid: str,
                sop_instance_uid: str, instance_number: int,
-               now: dt.datetime | None = None) -> bytes:
+               now: dt.datetime | None = None, report_series_uid: str | None = None
+               ) -> bytes:
         """The lung SEG of one source image as a DICOM file's bytes (what pydicom writes
         for ``build_lung_seg``'s object with the same arguments; same errors), its clock
         set to ``now`` (default: the current time)."""
         _check_masks(masks, source_header, self.model)
         series_uid = validate_uid(series_instance_uid, "series_instance_uid")
         sop_uid = validate_uid(sop_instance_uid, "sop_instance_uid")
+        report = _report_series(report_series_uid)
         view = header_view(source_header)
         frames, overlap = _frames(masks)
-        key = _template_key(view, overlap)
+        key = (*_template_key(view, overlap), report is not None)
         now = now or dt.datetime.now()
         template = self._templates.get(key)
         if template is None:
             return self._first(key, view, source_header, masks, series_uid, sop_uid,
-                               instance_number, now)
+                               instance_number, now, report)
         meta = FileMetaDataset()
         for elem in template.file_meta:
             meta.add(elem)  # shared: the one changed is replaced, not modified
@@ -341,6 +367,9 @@ class LungSegEncoder:
             elements[int(elem.tag)] = elem
         values: dict[str, object] = {"source": str(view.SOPInstanceUID),
                                      "source series": str(view.SeriesInstanceUID)}
+        if report is not None:
+            values["report series"] = report
+            values["report study"] = str(view.StudyInstanceUID)
         if template.contributed:
             values["contribution"] = _contribution(now)
         return (file_meta_bytes(meta, template.preamble)
@@ -348,17 +377,19 @@ class LungSegEncoder:
 
     def build(self, source_header: Dataset, masks: Masks, *, series_instance_uid: str,
               sop_instance_uid: str, instance_number: int,
-              now: dt.datetime | None = None) -> Dataset:
+              now: dt.datetime | None = None, report_series_uid: str | None = None
+              ) -> Dataset:
         """:meth:`encode`'s SEG read back as a data set."""
         return dcmread(io.BytesIO(self.encode(
             source_header, masks, series_instance_uid=series_instance_uid,
-            sop_instance_uid=sop_instance_uid, instance_number=instance_number, now=now)))
+            sop_instance_uid=sop_instance_uid, instance_number=instance_number, now=now,
+            report_series_uid=report_series_uid)))
 
     def _first(self, key: tuple[object, ...], view: Dataset, source_header: Dataset,
                masks: Masks, series_uid: str, sop_uid: str, instance_number: int,
-               now: dt.datetime) -> bytes:
+               now: dt.datetime, report: str | None) -> bytes:
         seg = _highdicom_seg(view, source_header, masks, self.model, series_uid, sop_uid,
-                             instance_number, self.series_number)
+                             instance_number, self.series_number, report)
         copied = tuple(BaseTag(tag) for tag in seg.keys()  # noqa: SIM118
                        if tag in view and seg.get_item(tag) is view.get_item(tag))
         contributed = False
@@ -379,6 +410,9 @@ class LungSegEncoder:
             "source series": ("SeriesInstanceUID", str(view.SeriesInstanceUID))}
         if contributed:
             values["contribution"] = ("ContributionDateTime", _contribution(now))
+        if report is not None:  # Related Series Sequence's item
+            values["report series"] = ("SeriesInstanceUID", report)
+            values["report study"] = ("StudyInstanceUID", str(view.StudyInstanceUID))
         encoded = DatasetTemplate(
             seg, values=values,
             elements=[*copied, *(Tag(k) for k in _OWN_ELEMENTS)],

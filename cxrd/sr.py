@@ -22,6 +22,7 @@ Coding choices, so that readers of the SR know what to look for:
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 from collections.abc import Mapping, Sequence
@@ -47,7 +48,13 @@ from cxrd.findings import (
     decide_class,
 )
 from cxrd.headers import header_view, library_view
-from cxrd.modelinfo import CLASS_NAMES, ModelInfo, labelled, software_versions
+from cxrd.modelinfo import (
+    CLASS_NAMES,
+    ModelInfo,
+    contributing_equipment,
+    equipment,
+    labelled,
+)
 from cxrd.srencode import Charset, ItemTemplate, encode_items, sequence
 from cxrd.uids import new_uid, validate_uid
 
@@ -133,13 +140,17 @@ def _algorithm(model: ModelInfo, *, with_parameters: bool) -> hd.sr.AlgorithmIde
 
 
 def _observation_context(model: ModelInfo) -> hd.sr.ObservationContext:
+    """The model as device observer (TID 1004), named as the SR's General Equipment and its
+    Contributing Equipment item name it (``cxrd.modelinfo.equipment``)."""
+    fields = equipment(model)
     return hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid,
+            uid=str(fields["DeviceUID"]),
             name=model.name,
-            manufacturer_name=model.manufacturer,
-            model_name=model.display_name,
+            manufacturer_name=str(fields["Manufacturer"]),
+            model_name=str(fields["ManufacturerModelName"]),
+            serial_number=str(fields["DeviceSerialNumber"]),
         ),
     ))
 
@@ -499,6 +510,7 @@ def build_sr(
     predecessor: Dataset | None = None,
     sop_instance_uid: str | None = None,
     include_region: bool = True,
+    related: Sequence[tuple[str, str, str]] = (),
 ) -> Dataset:
     """Build the one TID 1500 SR for a study from the recorded findings of its images.
 
@@ -510,6 +522,12 @@ def build_sr(
     ``include_region`` is False, the recorded hottest CAM region as a closed polyline box.
     Nothing here reads a file: the findings carry the source headers' recorded part.
     ``predecessor`` is the earlier cxrd SR of the study that this one supersedes.
+    ``related`` are the other results of the same analysis in the study (the heatmap SCs
+    and lung SEGs of its images), as (SOP Class UID, Series Instance UID, SOP Instance
+    UID): they are listed in Current Requested Procedure Evidence with the source images,
+    so that a reader finds them from the SR (IHE AIR). The model is named in General
+    Equipment, in Contributing Equipment and as device observer alike
+    (``cxrd.modelinfo.equipment``).
     Raises ValueError when the results are empty, span several studies or repeat an
     image, and InvalidUID for a malformed UID.
     """
@@ -546,6 +564,14 @@ def build_sr(
         previous = [predecessor]
 
     views = [header_view(r.header) for r in results]
+    evidence = list(views)
+    for sop_class_uid, series_uid_, instance_uid in related:
+        reference = Dataset()
+        reference.StudyInstanceUID = study_uid
+        reference.SeriesInstanceUID = validate_uid(series_uid_, "related series UID")
+        reference.SOPClassUID = validate_uid(sop_class_uid, "related SOP Class UID")
+        reference.SOPInstanceUID = validate_uid(instance_uid, "related SOP Instance UID")
+        evidence.append(reference)
     # The IOD is built around a stub of the root container: highdicom's SR constructor
     # deep-copies the content tree, parses it back and searches it for references, none of
     # which changes the document. The evidence (Current Requested Procedure Evidence
@@ -554,7 +580,7 @@ def build_sr(
                                       template_id="1500")
     stub.add_new("ContentSequence", "SQ", [])
     built = iod(
-        evidence=views,
+        evidence=evidence,
         content=stub,
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -566,11 +592,15 @@ def build_sr(
         previous_versions=previous,
         series_description=labelled(SR_SERIES_DESCRIPTION, model),
         manufacturer_model_name=model.name,
+        contributing_equipment=[contributing_equipment(model, datetime.datetime.now())],
     )
     sr = Dataset()
     sr.update(built)
     sr.file_meta = built.file_meta
-    sr.add_new("SoftwareVersions", "LO", software_versions(model))
+    fields = equipment(model)
+    sr.add_new("SoftwareVersions", "LO", fields["SoftwareVersions"])
+    sr.add_new("DeviceSerialNumber", "LO", fields["DeviceSerialNumber"])
+    sr.add_new("DeviceUID", "UI", fields["DeviceUID"])
     _encode_as_built(sr)
     # The content tree, spliced from the model's encoded templates (cxrd.srencode); it is
     # added after _encode_as_built, whose pass would decode it again. The result is a plain

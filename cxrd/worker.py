@@ -131,6 +131,12 @@ def heatmap_uids(source_sop_uid: str, study_uid: str, generation: int,
             derived_uid("sc", source_sop_uid, generation, model.device_uid))
 
 
+def sr_series_uid(study_uid: str, model: ModelInfo) -> str:
+    """The series of a study's SRs (every generation's, each superseding the last): a
+    function of the study and the model, so that an SC names it before the SR exists."""
+    return derived_uid("sr-series", study_uid, model.device_uid)
+
+
 def seg_uids(source_sop_uid: str, study_uid: str, generation: int,
              model: SegmentationInfo) -> tuple[str, str]:
     """(series, instance) UIDs of a lung SEG (``cxrd.seg``), made as :func:`heatmap_uids`
@@ -174,13 +180,15 @@ def save_result(ds: Dataset, target: Path | NodeStore) -> str | Path:
 def heatmap_object(prep: Prepared, probs: npt.NDArray[np.float32],
                    cam: npt.NDArray[np.float32], model: ModelInfo, generation: int, *,
                    max_side: int = 1024, compression: str = "none",
-                   region: tuple[float, float, float, float] | None = None
-                   ) -> tuple[str, bytes]:
+                   region: tuple[float, float, float, float] | None = None,
+                   report_series_uid: str | None = None) -> tuple[str, bytes]:
     """The heatmap SC of one image, built and encoded as a Part 10 file
     (``cxrd.srencode.part10_bytes``; timed as ``sc``): its SOP Instance UID and bytes.
     ``max_side`` and ``compression`` are ``[results] heatmap_max_side`` and
     ``heatmap_compression`` (see ``cxrd.heatmap``); ``region`` is the one the SR reports
-    (``ImageFindings.region``), which the SC outlines."""
+    (``ImageFindings.region``), which the SC outlines. ``report_series_uid``: the series
+    of the study's SR (``sr_series_uid``; when ``[results] structured_report``), which the
+    SC names."""
     from cxrd.heatmap import ImageResult, build_heatmap_sc
     from cxrd.srencode import part10_bytes
 
@@ -192,7 +200,8 @@ def heatmap_object(prep: Prepared, probs: npt.NDArray[np.float32],
                           model,
                           series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
-                          max_side=max_side, compression=compression)
+                          max_side=max_side, compression=compression,
+                          report_series_uid=report_series_uid)
     data = part10_bytes(sc)
     prep.timings["sc"] = time.perf_counter() - t0
     return sop_uid, data
@@ -201,12 +210,13 @@ def heatmap_object(prep: Prepared, probs: npt.NDArray[np.float32],
 def write_heatmap(prep: Prepared, probs: npt.NDArray[np.float32], cam: npt.NDArray[np.float32],
                   model: ModelInfo, results_dir: Path | NodeStore, generation: int, *,
                   max_side: int = 1024, compression: str = "none",
-                  region: tuple[float, float, float, float] | None = None
-                  ) -> tuple[str, str | Path]:
+                  region: tuple[float, float, float, float] | None = None,
+                  report_series_uid: str | None = None) -> tuple[str, str | Path]:
     """``heatmap_object``, saved (``put_result``: a folder, or the node's store; timed as
     ``write``); returns its SOP Instance UID and its path or key."""
     sop_uid, data = heatmap_object(prep, probs, cam, model, generation, max_side=max_side,
-                                   compression=compression, region=region)
+                                   compression=compression, region=region,
+                                   report_series_uid=report_series_uid)
     t0 = time.perf_counter()
     path = put_result(results_dir, sop_uid, data)
     prep.timings["write"] = time.perf_counter() - t0
@@ -235,12 +245,13 @@ def lung_fields(probs: npt.NDArray[np.float32], model: SegmentationInfo
 
 
 def seg_object(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEncoder,
-               generation: int) -> tuple[str, bytes]:
+               generation: int, *, report_series_uid: str | None = None) -> tuple[str, bytes]:
     """The lung-field SEG (``cxrd.seg``) of one image from the segmenter's (h, w, 2)
     ``probs``, encoded (timed as ``seg``): its SOP Instance UID and bytes. The masks are at
     the source's Rows x Columns (``lung_masks``: thresholded on their grid, packed from
     it); the SEG comes from ``encoder``'s template for the kind of source
-    (``LungSegEncoder``)."""
+    (``LungSegEncoder``). ``report_series_uid``: the series of the study's SR
+    (``sr_series_uid``), which the SEG names, as the SC does."""
     model = encoder.model
     series_uid, sop_uid = seg_uids(str(prep.dataset.SOPInstanceUID),
                                    str(prep.dataset.StudyInstanceUID), generation, model)
@@ -249,16 +260,19 @@ def seg_object(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegE
                        model.threshold)
     encoded = encoder.encode(prep.dataset, masks, series_instance_uid=series_uid,
                              sop_instance_uid=sop_uid,
-                             instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1))
+                             instance_number=int(prep.dataset.get("InstanceNumber", 1) or 1),
+                             report_series_uid=report_series_uid)
     prep.timings["seg"] = time.perf_counter() - t0
     return sop_uid, encoded
 
 
 def write_seg(prep: Prepared, probs: npt.NDArray[np.float32], encoder: LungSegEncoder,
-              results_dir: Path | NodeStore, generation: int) -> tuple[str, str | Path]:
+              results_dir: Path | NodeStore, generation: int, *,
+              report_series_uid: str | None = None) -> tuple[str, str | Path]:
     """``seg_object``, saved (``put_result``; its time added to ``seg``); returns its SOP
     Instance UID and its path or key."""
-    sop_uid, encoded = seg_object(prep, probs, encoder, generation)
+    sop_uid, encoded = seg_object(prep, probs, encoder, generation,
+                                  report_series_uid=report_series_uid)
     t0 = time.perf_counter()
     path = put_result(results_dir, sop_uid, encoded)
     prep.timings["seg"] += time.perf_counter() - t0
@@ -499,16 +513,20 @@ class WorkerLoop:
                 record = findings.record()
                 prep.timings["record"] = time.perf_counter() - t1
                 results = _Written(job, prep, probs[i].tolist(), record)
+                # The SC and the SEG name the series of the SR the study's report job writes.
+                report = (sr_series_uid(job.study_instance_uid, self.model)
+                          if self.config.results.structured_report else None)
                 if self.config.results.heatmap_secondary_capture:
                     results.sc = self._put(prep.timings, "write", *heatmap_object(
                         prep, probs[i], cams[i], self.model, job.generation,
                         max_side=self.config.results.heatmap_max_side,
                         compression=self.config.results.heatmap_compression,
-                        region=findings.region))
+                        region=findings.region, report_series_uid=report))
                 if (lungs is not None and self.seg_encoder is not None
                         and self.config.results.segmentation):
                     results.seg = self._put(prep.timings, "seg", *seg_object(
-                        prep, lungs[i], self.seg_encoder, job.generation))
+                        prep, lungs[i], self.seg_encoder, job.generation,
+                        report_series_uid=report))
             except Exception as exc:
                 self._retry(job, exc)
                 continue
@@ -664,9 +682,30 @@ class WorkerLoop:
         predecessor = self._previous_sr(findings.current_sr_path)
         sr = build_sr(images, self.model, sop_class=self.config.results.sr_sop_class.value,
                       predecessor=predecessor, sop_instance_uid=sr_uid,
-                      series_instance_uid=derived_uid("sr-series", findings.study_instance_uid,
-                                                      self.model.device_uid))
+                      series_instance_uid=sr_series_uid(findings.study_instance_uid,
+                                                        self.model),
+                      related=self._related(images, findings))
         return save_result(sr, self.objects)
+
+    def _related(self, images: list[ImageFindings], findings: queue.StudyFindings
+                 ) -> list[tuple[str, str, str]]:
+        """The heatmap SCs and lung SEGs the classify jobs of ``images`` wrote, which the
+        SR lists as evidence: their UIDs are functions of the source, the study's
+        generation (that of every job an SR reports) and the model (``heatmap_uids``,
+        ``seg_uids``), named when this node's configuration writes them."""
+        from cxrd.dicom import SECONDARY_CAPTURE, SEGMENTATION
+
+        related: list[tuple[str, str, str]] = []
+        study, generation = findings.study_instance_uid, findings.generation
+        for image in images:
+            source = str(image.header.SOPInstanceUID)
+            if self.config.results.heatmap_secondary_capture:
+                related.append((SECONDARY_CAPTURE,
+                                *heatmap_uids(source, study, generation, self.model)))
+            if self.seg_encoder is not None and self.config.results.segmentation:
+                related.append((SEGMENTATION, *seg_uids(source, study, generation,
+                                                        self.seg_encoder.model)))
+        return related
 
     def _previous_sr(self, key: str | None) -> Dataset | None:
         """The header of the study's current SR (its key), which the new SR names as its

@@ -525,14 +525,31 @@ PHI_BIRTH_DATE_MALFORMED = "1901-12-31"
 # ------------------------------------------------------------------------------- results
 
 
-def sr_references(path: Path) -> tuple[str, set[str]]:
-    """(StudyInstanceUID, the SOP Instance UIDs an SR names as its evidence)."""
+#: The SOP classes of cxrd's own results that an SR lists as evidence beside its source
+#: images (the heatmap SCs and lung SEGs: IHE AIR). The acceptance tests' sources are CR
+#: and DX, so these never name a source.
+RESULT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.66.4")
+
+
+def _sr_evidence(path: Path) -> tuple[str, set[tuple[str, str]]]:
     ds = pydicom.dcmread(path)
-    refs = {str(sop.ReferencedSOPInstanceUID)
+    refs = {(str(sop.ReferencedSOPClassUID), str(sop.ReferencedSOPInstanceUID))
             for item in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
             for series in item.get("ReferencedSeriesSequence", [])
             for sop in series.get("ReferencedSOPSequence", [])}
     return str(ds.StudyInstanceUID), refs
+
+
+def sr_references(path: Path) -> tuple[str, set[str]]:
+    """(StudyInstanceUID, the SOP Instance UIDs of the source images an SR names as its
+    evidence)."""
+    study, refs = _sr_evidence(path)
+    return study, {uid for sop_class, uid in refs if sop_class not in RESULT_SOP_CLASSES}
+
+
+def sr_results(path: Path) -> set[str]:
+    """The SOP Instance UIDs of the SCs and SEGs an SR names as its evidence."""
+    return {uid for sop_class, uid in _sr_evidence(path)[1] if sop_class in RESULT_SOP_CLASSES}
 
 
 def sr_predecessors(path: Path) -> set[str]:

@@ -19,6 +19,7 @@ from nodehelpers import (
     sr_predecessors,
     sr_probabilities,
     sr_references,
+    sr_results,
     status_json,
     wait_until,
     write_config,
@@ -69,6 +70,11 @@ def test_predict_prints_classes_and_writes_an_sc_and_a_seg_per_file_and_one_sr(t
     study_uid, refs = sr_references(srs[0])
     assert study_uid == inputs.files[0].study_instance_uid
     assert refs == set(printed)
+    # ... and its SCs and SEGs (IHE AIR), each naming the SR's series
+    assert sr_results(srs[0]) == {str(headers[p].SOPInstanceUID) for p in (*scs, *segs)}
+    for p in (*scs, *segs):
+        assert headers[p].RelatedSeriesSequence[0].SeriesInstanceUID == (
+            headers[srs[0]].SeriesInstanceUID)
     in_sr = sr_probabilities(srs[0])
     assert in_sr.keys() == printed.keys()
     for uid, probs in printed.items():  # printed with 3 decimals

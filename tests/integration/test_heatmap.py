@@ -113,20 +113,22 @@ def test_sparse_source(tmp_path: Path) -> None:
     assert back.PatientOrientation in (None, "")
     assert back.PatientBirthDate in (None, "") and back.PatientName in (None, "")
     assert "PatientName" in back and "StudyTime" in back  # Type 2: present, empty
-    # no source Manufacturer: cxrd is the only contributing equipment
+    # no source Manufacturer: the model is the only contributing equipment
     (equipment,) = back.ContributingEquipmentSequence
-    assert equipment.ManufacturerModelName == "cxrd"
+    assert equipment.ManufacturerModelName == "cxrd-mnv2-035"
 
 
-def test_contributing_equipment_names_the_source_and_cxrd() -> None:
+def test_contributing_equipment_names_the_source_and_the_model() -> None:
     ds = make_source()
-    sc = heatmap.build_heatmap_sc(fake_result(ds), make_model(demo=False),
-                                  series_instance_uid=generate_uid())
+    model = make_model(demo=False)
+    sc = heatmap.build_heatmap_sc(fake_result(ds), model, series_instance_uid=generate_uid())
     acquisition, processing = sc.ContributingEquipmentSequence
     assert acquisition.Manufacturer == "ACME Radiography"
     assert acquisition.InstitutionName == "General Hospital"
     assert acquisition.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
     assert processing.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert processing.ManufacturerModelName == "cxrd-mnv2-035"
+    assert processing.DeviceUID == model.device_uid == sc.DeviceUID == sc.DeviceSerialNumber
     assert list(sc.SoftwareVersions) == ["2024.05.1", f"cxrd {cxrd.__version__}"]
     assert sc.Manufacturer == "cxrd" and sc.ManufacturerModelName == "cxrd-mnv2-035"
     assert sc.Modality == "OT" and sc.ConversionType == "WSD"

@@ -346,6 +346,8 @@ def test_the_encoder_makes_what_highdicom_makes_for_each_kind_of_source(tmp_path
                                            str(src.StudyInstanceUID), 1, model)
             kwargs = dict(series_instance_uid=series_uid, sop_instance_uid=sop_uid,
                           instance_number=int(src.InstanceNumber))
+            if overlapping:  # naming the SR's series (another template), of its own study
+                kwargs["report_series_uid"] = str(generate_uid())
             now = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901)
             ours = encoder.encode(src, masks, now=now, **kwargs)
             reference = seg.build_lung_seg(src, masks, model, **kwargs)

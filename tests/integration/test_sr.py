@@ -33,6 +33,7 @@ from resultfactory import (
 
 from cxrd import findings, heatmap
 from cxrd import sr as report
+from cxrd.dicom import SECONDARY_CAPTURE, SEGMENTATION
 from cxrd.durable import save_dataset
 from cxrd.errors import InvalidUID
 from cxrd.findings import ImageFindings
@@ -408,8 +409,13 @@ def test_build_sr_rejects_bad_input() -> None:
 def test_pixelmed_sr_validator(tmp_path: Path) -> None:
     # scripts/test installs libpixelmed-java; a missing validator is a failure, not a skip.
     assert PIXELMED.exists(), f"{PIXELMED} missing: apt-get install libpixelmed-java"
-    path = save_dataset(build_sr([fake_result(make_source())],
-                                               make_model(demo=False)), tmp_path)
+    # with a heatmap SC and a lung SEG in its evidence, as the worker writes it
+    related = [(str(SECONDARY_CAPTURE), str(generate_uid()), str(generate_uid())),
+               (str(SEGMENTATION), str(generate_uid()), str(generate_uid()))]
+    path = save_dataset(build_sr([fake_result(make_source())], make_model(demo=False),
+                                 related=related), tmp_path)
+    assert {uid for _, _, uid, _ in hd.sr.srread(path).get_evidence()} >= {
+        uid for _, _, uid in related}
     proc = subprocess.run(
         [tool("java"), "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0",
          "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(PIXELMED),

@@ -17,10 +17,11 @@ from sqlalchemy import select
 from cxrd.admit import admit_stable_studies, requeue_study
 from cxrd.config import load_config
 from cxrd.db import Database, Job, Result, Study
+from cxrd.dicom import CR, SECONDARY_CAPTURE
 from cxrd.domain import JobKind, JobState, ResultKind, StudyState
 from cxrd.ingest import Ingestor
 from cxrd.modelinfo import ModelInfo, OperatingPoint
-from cxrd.worker import WorkerLoop
+from cxrd.worker import WorkerLoop, heatmap_uids
 
 F32 = npt.NDArray[np.float32]
 
@@ -179,10 +180,14 @@ def test_after_a_reprocess_the_sr_reports_only_that_generation(node) -> None:
     srs = [r for r in _results(db, study) if r.kind == ResultKind.SR.value]
     assert len(srs) == 2
     second = pydicom.dcmread(loop.objects.local_path(srs[1].path))
-    refs = {str(item.ReferencedSOPInstanceUID)
+    refs = {(str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
             for series in second.CurrentRequestedProcedureEvidenceSequence[0]
             .ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
-    assert refs == {a.sop_instance_uid}
+    # the source and the heatmap SC of its generation-2 job (IHE AIR), nothing of b's
+    (sc_row,) = [r for r in _results(db, study)
+                 if r.kind == ResultKind.SC.value and r.generation == 2]
+    assert sc_row.sop_instance_uid == heatmap_uids(a.sop_instance_uid, study, 2, loop.model)[1]
+    assert refs == {(CR, a.sop_instance_uid), (SECONDARY_CAPTURE, sc_row.sop_instance_uid)}
 
 
 def test_a_findings_record_is_checked_like_the_results_it_feeds() -> None:

@@ -15,6 +15,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from resultfactory import dciodvfy
 from sqlalchemy import select
@@ -177,6 +178,39 @@ def test_the_worker_writes_a_lung_seg_per_classified_image(node: Node) -> None:
     assert sorted(kinds) == sorted([("sc", "pacs")] * 3 + [("seg", "pacs")] * 3
                                    + [("sr", "pacs")])
     assert all('"segment"' in t and '"seg"' in t for t in timings)
+
+
+def test_the_sr_lists_the_scs_and_segs_the_worker_wrote_and_each_names_its_series(
+        node: Node) -> None:
+    """IHE AIR: the report job, which runs after the classify jobs, lists as evidence the
+    very SCs and SEGs they wrote (their UIDs are known in advance, not looked up); each SC
+    and SEG names the SR's series, which the classify job knew before any SR existed."""
+    loop, ingestor, db = node
+    study = _store(ingestor, [_chest(1), _chest(2)])
+    assert admit_stable_studies(db, 0) == 1
+    _drain(loop)
+    (sr_row,) = _results(db, study, ResultKind.SR)
+    sr = hd.sr.srread(loop.objects.local_path(sr_row.path))
+    evidence = {uid for _, _, uid, _ in sr.get_evidence()}
+    written = [r for kind in (ResultKind.SC, ResultKind.SEG) for r in _results(db, study, kind)]
+    assert len(written) == 4
+    sources = {i.sop_instance_uid for i in _instances(db, study)}
+    assert evidence == sources | {r.sop_instance_uid for r in written}
+    assert loop.segmentation is not None
+    for row in written:
+        ds = pydicom.dcmread(loop.objects.local_path(row.path), stop_before_pixels=True)
+        model = loop.model if row.kind == ResultKind.SC.value else loop.segmentation
+        (item,) = [i for i in ds.ContributingEquipmentSequence
+                   if i.get("DeviceUID") == model.device_uid]
+        assert item.ManufacturerModelName == ds.ManufacturerModelName == model.name
+        (related,) = ds.RelatedSeriesSequence
+        assert related.SeriesInstanceUID == sr.SeriesInstanceUID
+    assert _model_device_uid(sr) == loop.model.device_uid
+
+
+def _model_device_uid(sr: hd.sr.Comprehensive3DSR) -> str:
+    (observer,) = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    return str(observer.observer_identifying_attributes.uid)
 
 
 def test_a_reprocess_writes_a_new_seg_and_keeps_the_first(node: Node) -> None:
