@@ -1324,7 +1324,8 @@ def _read_dicomweb(t: _Table, base: Path, node: NodeConfig,
                 t.bad("listen", listen, f"a port other than metrics.listen's "
                                         f"({metrics.listen})")
     secret = "an existing file that holds the bearer token (its trailing newline is ignored)"
-    token_file = t.path("token_file", base, expected=secret, kind="file", must_exist=True)
+    # Whether it exists, is readable and holds a token: cxrd.preflight (one line, at start).
+    token_file = t.path("token_file", base, expected=secret, kind="file")
     if listen and token_file is None and isinstance(t.data.get("token_file", ""), str):
         t.problem("token_file", "missing or empty; required while dicomweb.listen is set (callers "
                                 "must present this bearer token: no token, no entry)")
