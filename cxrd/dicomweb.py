@@ -75,6 +75,8 @@ _JSON_RANGES = (DICOM_JSON, "application/json", "application/*", "*/*")
 PART_IN_MEMORY = 16 * 1024 * 1024
 #: What ``Retry-After`` asks of a client refused for want of resources.
 RETRY_AFTER_SECONDS = 60
+#: The server's thread gets this long to start serving the bound socket.
+START_SECONDS = 30.0
 #: A drain waits this long for the requests in flight.
 DRAIN_SECONDS = 30.0
 #: At most this many connections at once; more are answered 503 by uvicorn.
@@ -497,6 +499,13 @@ class DicomwebReceiver:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                         name="cxrd-dicomweb", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + START_SECONDS
+        while not self.server.started:  # serving, or the node must not go on without it
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.drain(timeout=0)
+                raise RuntimeError("the STOW-RS server did not start ([dicomweb] listen "
+                                   f"{cfg.dicomweb.listen})")
+            time.sleep(0.01)
         log.info("action=dicomweb-start listen=%s port=%d tls=%s max_request_mb=%d",
                  cfg.dicomweb.listen, self.port, context is not None,
                  cfg.dicomweb.max_request_mb)
