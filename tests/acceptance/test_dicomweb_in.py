@@ -19,7 +19,15 @@ import pytest
 import requests
 from dicompeers import StoreSCP, free_port, phantom_study, wait_for
 from dicomweb_client import DICOMwebClient
-from nodehelpers import IMAGE_SIZE, DbView, Nodes, cli_env, run_cli, write_config
+from nodehelpers import (
+    IMAGE_SIZE,
+    DbView,
+    Nodes,
+    cli_env,
+    node_port,
+    run_cli,
+    write_config,
+)
 
 from cxrd.db import Instance
 
@@ -34,6 +42,8 @@ SR_3D = "1.2.840.10008.5.1.4.1.1.88.34"
 
 def dicomweb_node(root: Path, scp_port: int, token_file: Path) -> tuple[Any, int]:
     port = free_port()
+    while port == scp_port:
+        port = free_port()
     dirs = write_config(root, extra=f"""
 [dicomweb]
 listen = "127.0.0.1:{port}"
@@ -49,6 +59,8 @@ ae_title = "STORESCP"
 host = "127.0.0.1"
 port = {scp_port}
 """)
+    if node_port(dirs) == port:  # free_port() twice gave the same port: try again
+        return dicomweb_node(root, scp_port, token_file)
     return dirs, port
 
 
