@@ -26,6 +26,7 @@ from nodehelpers import (
     cli_env,
     node_port,
     run_cli,
+    status_json,
     write_config,
 )
 
@@ -113,6 +114,7 @@ def test_a_study_posted_by_stow_rs_is_classified_and_its_results_delivered(
                         if e.keyword == "ReferencedSOPInstanceUID"} for ds in group]
             assert set().union(*sources) >= {f.sop_instance_uid for f in study}
 
+        assert status_json(dirs)["node"]["dicomweb"] == f"127.0.0.1:{port}"
         db: DbView = db_of(dirs)
         assert db.count(Instance, Instance.source == "dicomweb:127.0.0.1") == 2
         log = node.log()

@@ -486,3 +486,29 @@ def test_tls_context_is_the_receivers(start: Start, tmp_path: Path) -> None:
             raise ConnectionError("closed without an answer")
     response = r.client(ca=pki.ca, cert=(pki.client_cert, pki.client_key)).store([])
     assert response.status_code == 400  # an empty multipart: through TLS, to the app
+
+
+def test_a_token_file_gone_while_running_refuses_everyone_with_503(
+        start: Start, study: list[SentFile]) -> None:
+    r = start()
+    assert r.config.dicomweb.token_file is not None
+    r.config.dicomweb.token_file.unlink()
+    response = r.client().store(read(study[:1]))
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+    assert not r.instances() and not r.rejections()
+
+
+def test_no_patient_data_in_the_log(start: Start, study: list[SentFile],
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    r = start()
+    ds = pydicom.dcmread(study[0].path)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "PHI^SENTINEL", "PID-SENTINEL", "19011231"
+    caplog.set_level(logging.DEBUG)
+    assert r.client().store([ds], study=study[0].study_instance_uid).status_code == 200
+    other = pydicom.dcmread(study[1].path)
+    other.PatientName, other.StudyInstanceUID = "PHI^SENTINEL", "1.2.3.4"
+    assert r.client().store([other], study=study[0].study_instance_uid).status_code == 409
+    text = "\n".join(rec.getMessage() for rec in caplog.records if rec.levelno >= logging.INFO)
+    assert "action=stow-rs-request" in text
+    for sentinel in ("SENTINEL", "19011231", TOKEN):
+        assert sentinel not in text
