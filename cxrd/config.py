@@ -287,6 +287,35 @@ class MetricsConfig:
         return bool(self.listen)
 
 
+#: ``[dicomweb] max_request_mb`` when the file does not set it: 2 GiB, room for a study of
+#: large radiographs in one request.
+DEFAULT_MAX_REQUEST_MB = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class DicomwebConfig:
+    """``[dicomweb]``: the STOW-RS receiver (``cxrd.dicomweb``), off while ``listen`` is "".
+
+    Callers authenticate with a bearer token, the one ``token_file`` holds (required when
+    ``listen`` is set: no token, no entry). The server speaks HTTPS with ``[node.tls]``'s
+    certificate and key when that is set, plain HTTP otherwise. A request whose body is
+    larger than ``max_request_mb`` is answered 413 (Payload Too Large).
+    """
+
+    listen: str = ""
+    token_file: Path | None = None
+    max_request_mb: int = DEFAULT_MAX_REQUEST_MB
+
+    @property
+    def enabled(self) -> bool:
+        """False when ``listen`` is empty."""
+        return bool(self.listen)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_request_mb * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """``[logging]``."""
@@ -404,6 +433,8 @@ class Config:
     base_dir: Path
     #: ``[[notifications]]``: urgent findings, by webhook or HL7 v2 (``cxrd.notify``).
     notifications: tuple[NotificationConfig, ...] = ()
+    #: ``[dicomweb]``: the STOW-RS receiver (``cxrd.dicomweb``).
+    dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
 
     @property
     def endpoint_names(self) -> tuple[str, ...]:
@@ -489,6 +520,7 @@ def validate(
     workers = _read_workers(root.section("workers"))
     results = _read_results(root.section("results"), base, storage.data_dir)
     metrics = _read_metrics(root.section("metrics"))
+    dicomweb = _read_dicomweb(root.section("dicomweb"), base, node, metrics)
     logging_ = _read_logging(root.section("logging"))
     sender = _read_sender(root.section("sender"), node.ae_title)
     destinations = _read_destinations(root.array("destinations"), problems, base)
@@ -519,6 +551,7 @@ def validate(
         source=src,
         base_dir=base,
         notifications=notifications,
+        dicomweb=dicomweb,
     )
 
 
@@ -594,6 +627,7 @@ def describe(config: Config) -> dict[str, Any]:
     view["workers"]["processes_resolved"] = worker_processes(config)
     view["workers"]["intra_op_threads_resolved"] = worker_threads(config)
     view["metrics"]["enabled"] = config.metrics.enabled
+    view["dicomweb"]["enabled"] = config.dicomweb.enabled
     return view
 
 
@@ -838,6 +872,7 @@ class _Root:
         "workers",
         "results",
         "metrics",
+        "dicomweb",
         "logging",
         "sender",
         "destinations",
@@ -1258,6 +1293,44 @@ def _read_metrics(t: _Table) -> MetricsConfig:
             t.bad("listen", listen, str(exc))
             listen = d.listen
     return MetricsConfig(listen=listen)
+
+
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
+
+
+def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two listeners would take the same port (same host, or either on all)."""
+    return a[1] == b[1] and (a[0] == b[0] or a[0] in _WILDCARD_HOSTS
+                             or b[0] in _WILDCARD_HOSTS)
+
+
+def _read_dicomweb(t: _Table, base: Path, node: NodeConfig,
+                   metrics: MetricsConfig) -> DicomwebConfig:
+    """``[dicomweb]``: ``listen`` as ``[metrics] listen``; a token file required while it
+    is set (whether the file is readable and not empty is ``cxrd.preflight``'s check)."""
+    d = DicomwebConfig()
+    listen = t.string("listen", d.listen)
+    if listen:
+        try:
+            where = parse_listen(listen)
+        except ValueError as exc:
+            t.bad("listen", listen, str(exc))
+            listen = d.listen
+        else:
+            if _same_socket(where, (node.host, node.port)):
+                t.bad("listen", listen, f"a port other than the DICOM port (node.port "
+                                        f"{node.port})")
+            elif metrics.listen and _same_socket(where, parse_listen(metrics.listen)):
+                t.bad("listen", listen, f"a port other than metrics.listen's "
+                                        f"({metrics.listen})")
+    secret = "an existing file that holds the bearer token (its trailing newline is ignored)"
+    # Whether it exists, is readable and holds a token: cxrd.preflight (one line, at start).
+    token_file = t.path("token_file", base, expected=secret, kind="file")
+    if listen and token_file is None and isinstance(t.data.get("token_file", ""), str):
+        t.problem("token_file", "missing or empty; required while dicomweb.listen is set (callers "
+                                "must present this bearer token: no token, no entry)")
+    max_mb = t.integer("max_request_mb", d.max_request_mb, low=1, high=1024 * 1024)
+    return DicomwebConfig(listen=listen, token_file=token_file, max_request_mb=max_mb)
 
 
 def _read_logging(t: _Table) -> LoggingConfig:

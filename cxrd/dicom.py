@@ -1,8 +1,10 @@
-"""DICOM vocabulary shared by the receiver, the ingest, admission, the report writer and the
-sender: SOP classes, transfer syntaxes, DIMSE status codes and association-reject codes.
+"""DICOM vocabulary shared by the receivers (C-STORE and STOW-RS), the ingest, admission, the
+report writer and the sender: SOP classes, transfer syntaxes, DIMSE status codes, STOW-RS
+failure reasons, which of them answers each ingest refusal, and association-reject codes.
 
-Only pydicom is imported (no pynetdicom), so that modules which do not talk DICOM over the
-network (the ingest of the watched folder, admission) stay as light as they are.
+Only pydicom and ``cxrd.domain`` are imported (no pynetdicom), so that modules which do not
+talk DICOM over the network (the ingest of the watched folder, admission) stay as light as
+they are.
 
 The codes that every result (SR, heatmap SC, lung SEG) uses to name the equipment that made
 it, as IHE AI Results (AIR) asks, are here too (``EQUIPMENT_*``).
@@ -35,6 +37,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
+
+from cxrd.domain import RejectReason
 
 # ------------------------------------------------------------------------- SOP classes
 
@@ -125,6 +129,49 @@ def stored_with_warning(code: int) -> bool:
     return code == STATUS_WARNING_OTHER or code in STATUS_WARNING_RANGE
 #: 0xA7xx: out of resources; the object itself is fine, so a sender may retry it.
 STATUS_OUT_OF_RESOURCES_RANGE = range(0xA700, 0xA800)
+
+#: The C-STORE status of each ingest refusal (``cxrd.ingest``); any other reason is
+#: 0xC000, cannot understand. An unsupported SOP class is a data set that does not match
+#: the presentation context it came in (the context itself was negotiated).
+_STORE_STATUS = {
+    RejectReason.STORAGE_FAILED: STATUS_OUT_OF_RESOURCES,
+    RejectReason.DISK_LOW: STATUS_OUT_OF_RESOURCES,
+    RejectReason.SOP_CLASS_MISMATCH: STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    RejectReason.UNSUPPORTED_SOP_CLASS: STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+}
+
+
+def store_status(reason: RejectReason | None) -> int:
+    """The C-STORE status for an ingest outcome: success, out of resources, SOP class, or
+    cannot understand."""
+    if reason is None:
+        return STATUS_SUCCESS
+    return _STORE_STATUS.get(reason, STATUS_CANNOT_UNDERSTAND)
+
+
+# ------------------------------------------------ STOW-RS failure reasons (PS3.18 I.2.2)
+
+#: Processing failure: something went wrong in cxrd itself (the client may retry).
+FAILURE_PROCESSING = 0x0110
+#: Referenced SOP Class not supported: with no presentation context negotiated, a SOP
+#: class cxrd does not store is refused per instance.
+FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: An instance posted to ``/studies/{uid}`` of another study: the data set does not fit
+#: the resource it was sent to (A9xx, "does not match").
+FAILURE_STUDY_MISMATCH = STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+
+#: Where STOW-RS answers an ingest refusal otherwise than C-STORE does.
+_STOW_FAILURE = {
+    RejectReason.UNSUPPORTED_SOP_CLASS: FAILURE_SOP_CLASS_NOT_SUPPORTED,
+    RejectReason.STUDY_MISMATCH: FAILURE_STUDY_MISMATCH,
+}
+
+
+def stow_failure_reason(reason: RejectReason) -> int:
+    """The Failure Reason (0008,1197) of a STOW-RS response for an ingest refusal: the
+    C-STORE status (``store_status``: 0xA700, 0xA900, 0xC000), except for what only STOW-RS
+    can meet (``_STOW_FAILURE``)."""
+    return _STOW_FAILURE.get(reason) or store_status(reason)
 
 # ------------------------------------------------------------- A-ASSOCIATE-RJ (PS3.8 9.3.4)
 

@@ -80,3 +80,5 @@ class RejectReason(StrEnum):
     IMAGE_TOO_LARGE = "image-too-large"  # decoded, it would exceed imagesize.MAX_DECODED_BYTES
     #: Free space below ``[storage] min_free_mb``: refused before anything was written.
     DISK_LOW = "disk-low"
+    #: STOW-RS to ``/studies/{uid}``: the instance belongs to another study.
+    STUDY_MISMATCH = "study-mismatch"

@@ -88,6 +88,8 @@ class StoreOutcome:
     sop_instance_uid: str = ""
     study_instance_uid: str = ""
     rejection_id: int | None = None
+    #: Once the header was read and its UIDs found valid (a STOW-RS response names it).
+    sop_class_uid: str = ""
 
 
 class IncompleteFile(ValueError):
@@ -527,13 +529,15 @@ class Ingestor:
         """Why nothing may be stored now (free space below the threshold), or None."""
         return self.space.low() if self.space is not None else None
 
-    def refuse_if_low(self, source: str, name: str) -> StoreOutcome | None:
-        """The receiver's first step: below the threshold, a ``disk-low`` refusal (logged,
-        recorded, counted) before the data set is read or written; else None."""
+    def refuse_if_low(self, source: str, name: str, *, via: str = "dicom"
+                      ) -> StoreOutcome | None:
+        """A receiver's first step: below the threshold, a ``disk-low`` refusal (logged,
+        recorded, counted) before the data set is read or written; else None. ``via``: the
+        receiver, as the refusal is counted (``dicom``: C-STORE, ``dicomweb``: STOW-RS)."""
         reason = self.space_low()
         if reason is None:
             return None
-        metrics().instances_refused.labels(RejectReason.DISK_LOW.value, "dicom").inc()
+        metrics().instances_refused.labels(RejectReason.DISK_LOW.value, via).inc()
         metrics().instances_received.labels(RejectReason.DISK_LOW.value).inc()
         return self.reject(source, name, RejectReason.DISK_LOW, reason)
 
@@ -619,14 +623,18 @@ class Ingestor:
     # -- shared by the folder and the receiver ---------------------------------------
     def store(self, data: bytes | _Content, source: str, *, name: str = "",
               expected_sop_class: str | None = None, command_sop_class: str | None = None,
+              expected_study_uid: str | None = None,
               origin: _Origin | None = None) -> StoreOutcome:
         """Validate, spool and commit one object given as bytes (Part 10 or bare).
         ``expected_sop_class``: the SOP class of the presentation context it came in;
         ``command_sop_class``: the one its C-STORE command names (the data set's must be
-        both). ``origin``: the watched file ``data`` was read from (see ``_Origin``)."""
+        both). ``expected_study_uid``: the study it was posted to (STOW-RS
+        ``/studies/{uid}``); an instance of another is refused (``study-mismatch``).
+        ``origin``: the watched file ``data`` was read from (see ``_Origin``)."""
         content = data if isinstance(data, _Content) else _Content.of(data)
         outcome = self._store(content, source, name=name, expected_sop_class=expected_sop_class,
-                              command_sop_class=command_sop_class, origin=origin)
+                              command_sop_class=command_sop_class,
+                              expected_study_uid=expected_study_uid, origin=origin)
         label = ("duplicate" if outcome.duplicate else "stored") if outcome.accepted else (
             str(outcome.reason.value) if outcome.reason else "rejected")
         metrics().instances_received.labels(label).inc()
@@ -636,7 +644,7 @@ class Ingestor:
 
     def _store(self, content: _Content, source: str, *, name: str,
                expected_sop_class: str | None, command_sop_class: str | None,
-               origin: _Origin | None) -> StoreOutcome:
+               expected_study_uid: str | None, origin: _Origin | None) -> StoreOutcome:
         if not content.size:
             return self.reject(source, name, RejectReason.NOT_DICOM, "empty file")
         bomb = deflated_too_large(content.head)  # a header read alone is never deflated
@@ -659,8 +667,25 @@ class Ingestor:
             # The value itself is not echoed: it could be anything, a name included.
             return self.reject(source, name, RejectReason.INVALID_UID,
                                f"invalid {', '.join(bad)}")
+        outcome = self._store_valid(ds, content, uids, source,
+                                    expected_sop_class=expected_sop_class,
+                                    command_sop_class=command_sop_class,
+                                    expected_study_uid=expected_study_uid, origin=origin)
+        return replace(outcome, sop_class_uid=uids["SOPClassUID"],
+                       sop_instance_uid=uids["SOPInstanceUID"],
+                       study_instance_uid=uids["StudyInstanceUID"])
+
+    def _store_valid(self, ds: Dataset, content: _Content, uids: dict[str, str], source: str, *,
+                     expected_sop_class: str | None, command_sop_class: str | None,
+                     expected_study_uid: str | None, origin: _Origin | None
+                     ) -> StoreOutcome:
+        """``_store`` once the header is read and its four UIDs are valid."""
         sop_class, sop_uid, study_uid = (uids["SOPClassUID"], uids["SOPInstanceUID"],
                                          uids["StudyInstanceUID"])
+        if expected_study_uid is not None and study_uid != expected_study_uid:
+            return self.reject(source, sop_uid, RejectReason.STUDY_MISMATCH,
+                               f"Study Instance UID {study_uid}, posted to study "
+                               f"{expected_study_uid}")
         if expected_sop_class and sop_class != expected_sop_class:
             return self.reject(source, sop_uid, RejectReason.SOP_CLASS_MISMATCH,
                                f"data set SOP class {sop_class} sent as {expected_sop_class}")

@@ -64,12 +64,21 @@ class _Metrics:
         self.instances_refused = Counter(
             "cxrd_instances_refused_total",
             "Instances refused or left waiting for a resource, by reason (disk-low: free "
-            "space below storage.min_free_mb) and source (dicom: answered 0xA700; watch: "
-            "a watched file left in place).", ["reason", "source"])
-        for source in ("dicom", "watch"):
+            "space below storage.min_free_mb) and source (dicom: answered 0xA700; dicomweb: "
+            "answered 503; watch: a watched file left in place).", ["reason", "source"])
+        for source in ("dicom", "dicomweb", "watch"):
             # Created now, not on the first refusal: in multiprocess mode a new series is
             # written into a file under data_dir, which is then short of space.
             self.instances_refused.labels("disk-low", source)
+        self.dicomweb_instances = Counter(
+            "cxrd_dicomweb_instances_total",
+            "Instances posted to the STOW-RS receiver, by route (/studies, "
+            "/studies/{study}) and outcome (stored, duplicate, or the refusal's reason, as "
+            "cxrd_instances_received_total counts them).", ["route", "outcome"])
+        self.dicomweb_requests = Counter(
+            "cxrd_dicomweb_requests_total",
+            "Requests to the STOW-RS receiver, by route and HTTP status.",
+            ["route", "status"])
         self.images_classified = Counter(
             "cxrd_images_classified_total", "Images classified, by the class shown.",
             ["label"])

@@ -1,4 +1,5 @@
-"""``cxrd serve``: receiver, watcher, scheduler, worker processes and sender in one service.
+"""``cxrd serve``: receivers (C-STORE; STOW-RS with ``[dicomweb] listen``), watcher,
+scheduler, worker processes and sender in one service.
 
 The main process never decodes, infers or builds a result. It ingests (receiver, watch),
 admits stable studies, runs the outbox (sender) and supervises the worker processes,
@@ -27,6 +28,7 @@ from cxrd import queue
 from cxrd.admit import admission_round, queue_arrivals
 from cxrd.config import Config, worker_processes
 from cxrd.db import Database, unavailable
+from cxrd.dicomweb import DicomwebReceiver
 from cxrd.durable import remove_stale_temp_files
 from cxrd.infer import check_cuda, resolve_model_path
 from cxrd.ingest import Ingestor
@@ -84,6 +86,8 @@ class Node:
         self._ctx = spawn_context()
         self.watcher: FolderWatcher | None = None
         self.receiver: Receiver | None = None
+        #: The STOW-RS receiver (``[dicomweb] listen``), a thread of this process.
+        self.dicomweb: DicomwebReceiver | None = None
         #: The spool and the results (``[storage] store``); each child process opens its own.
         self.objects = open_node_store(config)
         self.sender = Sender(config, self.db, self.objects)
@@ -157,6 +161,10 @@ class Node:
         shared = cfg.node.receivers > 1
         self.receiver = Receiver(cfg, ingestor, reuse_port=shared)
         self.receiver.start()
+        if cfg.dicomweb.enabled:
+            # The same ingest as C-STORE; a port taken since the preflight stops the node.
+            self.dicomweb = DicomwebReceiver(cfg, ingestor)
+            self.dicomweb.start()
         for index in range(1, cfg.node.receivers):
             proc = self._ctx.Process(
                 target=receiver_main, name=f"cxrd-receiver-{index}",
@@ -390,8 +398,16 @@ class Node:
         self.pool.terminate()  # SIGTERM: finish the current batch, then exit
         for proc in self._receivers:
             proc.terminate()  # SIGTERM: they finish their associations in flight
+        # The STOW-RS server stops accepting at once and finishes its requests while the
+        # C-STORE receiver finishes its associations.
+        stow = threading.Thread(target=self.dicomweb.drain, name="cxrd-dicomweb-drain",
+                                daemon=True) if self.dicomweb is not None else None
+        if stow is not None:
+            stow.start()
         if self.receiver is not None:
             self.receiver.drain()
+        if stow is not None:
+            stow.join(40)
         for proc in self._receivers:
             proc.join(35)
         if self.watcher is not None:
@@ -423,6 +439,8 @@ class Node:
         steps: list[Any] = [p.terminate for p in procs if p.is_alive()]
         if self.receiver is not None:
             steps.append(lambda: self.receiver.drain(timeout=0) if self.receiver else None)
+        if self.dicomweb is not None:
+            steps.append(lambda: self.dicomweb.drain(timeout=0) if self.dicomweb else None)
         if self.watcher is not None:
             steps.append(self.watcher.stop)
         steps.append(lambda: self.sender.stop(timeout=ABORT_SECONDS))

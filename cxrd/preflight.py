@@ -10,11 +10,12 @@ fails; ``cxrd check-config`` runs the same checks and lists every problem at onc
   segmentation model (``cxrd.kind``);
 - the database can be reached and migrated;
 - the credentials of each STOW-RS destination (a token or password file, an environment
-  variable) can be read;
-- the DICOM port (``[node] host``/``port``) and the metrics port (``[metrics] listen``) can
-  be bound. The check binds a socket and closes it at once; the real listeners are opened
-  later, metrics first, and a port taken in between still stops the node before its DICOM
-  port listens (``Node.run`` closes whatever it opened).
+  variable) can be read, and so can the STOW-RS receiver's token (``[dicomweb]
+  token_file``);
+- the DICOM port (``[node] host``/``port``), the metrics port (``[metrics] listen``) and
+  the STOW-RS port (``[dicomweb] listen``) can be bound. The check binds a socket and
+  closes it at once; the real listeners are opened later, metrics first, and a port taken
+  in between still stops the node (``Node.run`` closes whatever it opened).
 
 ``cxrd worker`` (``find_worker_problems``) runs the runtime and model checks and the
 metrics port's; its database must be PostgreSQL at this cxrd's schema (a worker node never
@@ -42,7 +43,7 @@ RUNTIME_MODULE = "onnxruntime"
 class Problem:
     """One reason the node cannot start: what is wrong and what to do about it."""
 
-    check: str  # runtime, model, database, dicom-port, metrics-port
+    check: str  # runtime, model, database, dicomweb, dicom-port, metrics-port, ...
     cause: str
     fix: str
 
@@ -268,6 +269,24 @@ def check_destinations(config: Config) -> list[Problem]:
     return problems
 
 
+def check_dicomweb(config: Config) -> Problem | None:
+    """With ``[dicomweb] listen`` set, the bearer token can be read now: the token file is
+    readable and holds a token (the receiver reads it again when it changes). The message
+    names the file, never the token."""
+    from cxrd.dicomweb import TokenUnavailable, read_token
+
+    token_file = config.dicomweb.token_file
+    if not config.dicomweb.enabled or token_file is None:
+        return None
+    try:
+        read_token(token_file)
+    except TokenUnavailable as exc:
+        return Problem("dicomweb", str(exc),
+                       "write the token into the file, make it readable by this user, or "
+                       'set [dicomweb] listen = "" to turn the STOW-RS receiver off')
+    return None
+
+
 def _bind_error(host: str, port: int, *, reuse_port: bool = False) -> OSError | None:
     """Bind (and close at once) a TCP socket as a listener on ``host:port`` would."""
     try:
@@ -304,8 +323,8 @@ def _port_problem(check: str, what: str, key: str, host: str, port: int,
 
 
 def check_ports(config: Config, *, dicom: bool = True) -> list[Problem]:
-    """The DICOM port (unless ``dicom`` is false: ``cxrd worker`` listens on none) and the
-    metrics port can be bound now."""
+    """The DICOM and STOW-RS ports (unless ``dicom`` is false: ``cxrd worker`` listens on
+    neither) and the metrics port can be bound now."""
     problems = []
     node = config.node
     exc = _bind_error(node.host, node.port, reuse_port=node.receivers > 1) if dicom else None
@@ -318,13 +337,20 @@ def check_ports(config: Config, *, dicom: bool = True) -> list[Problem]:
         if exc is not None:
             problems.append(_port_problem("metrics-port", "metrics port", "[metrics] listen",
                                           host, port, exc, ' ("" turns the endpoint off)'))
+    if dicom and config.dicomweb.enabled:
+        host, port = parse_listen(config.dicomweb.listen)
+        exc = _bind_error(host, port)
+        if exc is not None:
+            problems.append(_port_problem("dicomweb-port", "STOW-RS port",
+                                          "[dicomweb] listen", host, port, exc,
+                                          ' ("" turns the STOW-RS receiver off)'))
     return problems
 
 
 def find_problems(config: Config) -> list[Problem]:
     """Every problem at once, in the order an operator would fix them."""
     found = [check_runtime(), check_model(config), check_segmenter(config),
-             check_database(config), check_store(config)]
+             check_database(config), check_store(config), check_dicomweb(config)]
     return ([p for p in found if p is not None] + check_destinations(config)
             + check_ports(config))
 

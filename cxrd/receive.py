@@ -31,11 +31,10 @@ from cxrd.dicom import (
     REJECT_REASON_CALLING_AE_NOT_RECOGNISED,
     REJECT_REASON_NO_REASON_GIVEN,
     REJECT_SOURCE_SERVICE_USER,
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     VERIFICATION,
+    store_status,
 )
 from cxrd.domain import RejectReason
 from cxrd.ingest import Ingestor, part10
@@ -46,19 +45,8 @@ log = logging.getLogger(__name__)
 #: accept loop, where one silent client would block every other caller).
 TLS_HANDSHAKE_SECONDS = 30.0
 
-_STATUS_FOR_REASON = {
-    RejectReason.STORAGE_FAILED: STATUS_OUT_OF_RESOURCES,
-    RejectReason.DISK_LOW: STATUS_OUT_OF_RESOURCES,
-    RejectReason.SOP_CLASS_MISMATCH: STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    RejectReason.UNSUPPORTED_SOP_CLASS: STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-}
-
-
-def status_for(reason: RejectReason | None) -> int:
-    """The C-STORE status for a refusal: resources, SOP class, or cannot understand."""
-    if reason is None:
-        return STATUS_SUCCESS
-    return _STATUS_FOR_REASON.get(reason, STATUS_CANNOT_UNDERSTAND)
+#: The C-STORE status for an ingest refusal (one home: ``cxrd.dicom.store_status``).
+status_for = store_status
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

@@ -233,6 +233,8 @@ def collect(config: Config, db: Database) -> dict[str, Any]:
                 "ae_title": config.node.ae_title,
                 "port": config.node.port,
                 "data_dir": str(config.storage.data_dir),
+                # the STOW-RS receiver's "host:port" ([dicomweb] listen); null: off
+                "dicomweb": config.dicomweb.listen or None,
             },
             "model": {
                 "name": info.name,

@@ -766,3 +766,44 @@ def test_destination_without_url_or_address_and_stow_keys_on_c_store(tmp_path: P
                            tmp_path)
     assert problems == ["destinations[0].tls: applies to an https:// url; "
                         "destinations[0].url is http://"]
+
+
+def test_dicomweb_is_off_by_default_and_needs_a_token_file_when_on(tmp_path: Path) -> None:
+    from cxrd.config import DEFAULT_MAX_REQUEST_MB
+
+    config = default_config(tmp_path)
+    assert not config.dicomweb.enabled and config.dicomweb.token_file is None
+    assert config.dicomweb.max_request_mb == DEFAULT_MAX_REQUEST_MB
+    token = write(tmp_path / "stow.token", "t0ken\n")
+    file = write(tmp_path / "cxrd.toml", '[dicomweb]\nlisten = "127.0.0.1:8443"\n'
+                 'token_file = "stow.token"\nmax_request_mb = 64\n')
+    config = load_config(file, env={})
+    assert config.dicomweb.enabled and config.dicomweb.token_file == token
+    assert config.dicomweb.max_request_bytes == 64 * 1024 * 1024
+    assert describe(config)["dicomweb"]["enabled"] is True
+
+
+@pytest.mark.parametrize(("toml_text", "key", "fragment"), [
+    ('[dicomweb]\nlisten = "127.0.0.1:8443"', "dicomweb.token_file", "no token, no entry"),
+    ('[dicomweb]\nlisten = "127.0.0.1:8443"\ntoken_file = ""', "dicomweb.token_file",
+     "required"),
+    ('[dicomweb]\nlisten = "127.0.0.1:8443"\ntoken_file = "."',
+     "dicomweb.token_file", "is not a file"),
+    ('[dicomweb]\nlisten = "8443"\ntoken_file = "t"', "dicomweb.listen", "host:port"),
+    ('[dicomweb]\nlisten = "0.0.0.0:11112"\ntoken_file = "t"', "dicomweb.listen",
+     "DICOM port"),
+    ('[dicomweb]\nlisten = "127.0.0.1:9464"\ntoken_file = "t"', "dicomweb.listen",
+     "metrics.listen"),
+    ('[dicomweb]\nlisten = "127.0.0.1:8443"\ntoken_file = "t"\nmax_request_mb = 0',
+     "dicomweb.max_request_mb", "from 1 to"),
+    ('[dicomweb]\ntoken = "inline"', "dicomweb.token", "token_file"),
+])
+def test_bad_dicomweb_values_name_the_key(tmp_path: Path, toml_text: str, key: str,
+                                          fragment: str) -> None:
+    write(tmp_path / "t", "token\n")
+    file = write(tmp_path / "cxrd.toml", toml_text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(file, env={})
+    [line] = [p for p in err.value.problems if p.startswith(key)]
+    assert fragment in line, line
+    assert "inline" not in str(err.value)
