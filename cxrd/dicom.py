@@ -12,7 +12,8 @@ it, as IHE AI Results (AIR) asks, are here too (``EQUIPMENT_*``).
 
 from __future__ import annotations
 
-from pydicom.sr.coding import Code
+from typing import NamedTuple
+
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -69,15 +70,27 @@ SR_SOP_CLASSES: dict[str, UID] = {
 
 # --------------------------------------------------- equipment (IHE AIR, PS3.3 C.12.1)
 
+
+class CodeTerm(NamedTuple):
+    """A coded concept, named as pydicom's ``Code`` names its parts; ``Code(*term)`` makes
+    one. Not pydicom's class itself: importing ``pydicom.sr`` loads its code dictionaries
+    (a quarter of a second), which every command and process that imports this module
+    would pay."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+
 #: Purpose of Reference (CID 7005) of the item of Contributing Equipment Sequence
 #: (0018,A001) that names the model that made a result. IHE AIR Rev. 1.1 (6.5.3.1) asks for
 #: a "Processing Algorithm" code that it lists as a placeholder, (Newcode1, 99IHE); DICOM
 #: has not assigned it, and CID 7005 names the equipment that made a new instance from
 #: others "Processing Equipment". (109103 "Modifying Equipment" is for equipment that
 #: changed an existing instance, which no result is.)
-EQUIPMENT_PROCESSING = Code("109102", "DCM", "Processing Equipment")
+EQUIPMENT_PROCESSING = CodeTerm("109102", "DCM", "Processing Equipment")
 #: The source image's equipment, when a result names it (CID 7005).
-EQUIPMENT_ACQUISITION = Code("109101", "DCM", "Acquisition Equipment")
+EQUIPMENT_ACQUISITION = CodeTerm("109101", "DCM", "Acquisition Equipment")
 #: Contribution Description (0018,A003) of the model's item.
 EQUIPMENT_MODEL_CONTRIBUTION = "AI model that created this instance"
 

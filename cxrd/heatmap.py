@@ -60,7 +60,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from cxrd.dicom import EQUIPMENT_ACQUISITION, SECONDARY_CAPTURE
+from cxrd.dicom import EQUIPMENT_ACQUISITION, SECONDARY_CAPTURE, CodeTerm
 from cxrd.findings import (
     CLASS_LABELS,
     NORM,
@@ -374,7 +374,7 @@ def render_heatmap(result: ImageResult, model: ModelInfo,
 # --------------------------------------------------------------------------- header
 
 
-def _code_item(code: Code) -> Dataset:
+def _code_item(code: Code | CodeTerm) -> Dataset:
     item = Dataset()
     item.CodeValue = code.value
     item.CodingSchemeDesignator = code.scheme_designator

@@ -314,13 +314,14 @@ def contributing_equipment(model: ModelInfo | SegmentationInfo, when: datetime.d
 def _equipment_prototype(key: tuple[tuple[str, object], ...]
                          ) -> highdicom.ContributingEquipment:
     import highdicom as hd
+    from pydicom.sr.coding import Code
 
     from cxrd.dicom import EQUIPMENT_MODEL_CONTRIBUTION, EQUIPMENT_PROCESSING
 
     fields = dict(key)
     item = hd.ContributingEquipment(
         manufacturer=str(fields["Manufacturer"]),
-        purpose_of_reference=EQUIPMENT_PROCESSING,
+        purpose_of_reference=Code(*EQUIPMENT_PROCESSING),
         manufacturer_model_name=str(fields["ManufacturerModelName"]),
         software_versions=[str(v) for v in cast(tuple[str, ...], fields["SoftwareVersions"])],
         device_serial_number=str(fields["DeviceSerialNumber"]),
