@@ -356,6 +356,7 @@ def check(db: Any, results_dir: Path, acked: set[str]) -> dict[str, Any]:
         failed = s.scalars(select(Job).where(Job.state == JobState.FAILED.value)).all()
     scs = [r for r in results if r.kind == ResultKind.SC.value]
     srs = [r for r in results if r.kind == ResultKind.SR.value]
+    result_uids = {r.sop_instance_uid for r in results}
     superseded = {r.supersedes for r in srs if r.supersedes}
     sc_of: dict[str, list[Any]] = {}
     for r in scs:
@@ -399,8 +400,16 @@ def check(db: Any, results_dir: Path, acked: set[str]) -> dict[str, Any]:
             continue
         done = {u for u, i in instances.items() if i.study_instance_uid == study_uid
                 and i.state == InstanceState.DONE.value}
-        if sr_evidence(results_dir / f"{head.sop_instance_uid}.dcm") != done:
+        # Its evidence: the study's done images, and (IHE AIR) the SCs and SEGs of its
+        # generation, which are result rows too.
+        named = sr_evidence(results_dir / f"{head.sop_instance_uid}.dcm")
+        made = {r.sop_instance_uid for r in results if r.study_instance_uid == study_uid
+                and r.generation == head.generation
+                and r.kind in (ResultKind.SC.value, ResultKind.SEG.value)}
+        if named - result_uids != done:
             problems.append(f"study {study_uid}: the SR does not name exactly its done images")
+        if named & result_uids != made:
+            problems.append(f"study {study_uid}: the SR does not name exactly its SCs and SEGs")
     if len({r.sop_instance_uid for r in results}) != len(results):
         duplicated.append("results: a SOP Instance UID recorded twice")
     recorded = {f"{r.sop_instance_uid}.dcm" for r in results}

@@ -47,6 +47,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cxrd import __version__
+from cxrd.dicom import EQUIPMENT_ACQUISITION
 from cxrd.headers import header_view
 from cxrd.lungs import LungMasks, Mask
 from cxrd.modelinfo import (
@@ -243,9 +244,26 @@ _KEYED_VALUES = ("SOPClassUID", "SpecificCharacterSet", "FrameOfReferenceUID",
 MAX_TEMPLATES = 64
 
 
+#: What highdicom copies from the source into the SEG's item of Contributing Equipment for
+#: the source's acquisition (``ContributingEquipment.for_image_acquisition``): a template
+#: is kept per set of these values, so that a SEG never names another source's equipment.
+_ACQUISITION_EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions",
+                          "DeviceSerialNumber", "InstitutionName",
+                          "InstitutionalDepartmentName", "InstitutionAddress", "StationName")
+
+
+def _acquisition_time(view: Dataset) -> object:
+    """The Contribution DateTime highdicom gives the source's acquisition item: the
+    source's Acquisition DateTime (None: the item has none)."""
+    value = view.get("AcquisitionDateTime")
+    return value if value not in (None, "") else None
+
+
 def _template_key(view: Dataset, overlap: bool) -> tuple[object, ...]:
     values = tuple(str(view.get(k, "")) for k in _KEYED_VALUES)
-    return (*values, overlap, frozenset(int(t) for t in view.keys()))  # noqa: SIM118
+    equipment = tuple(str(view.get(k, "")) for k in _ACQUISITION_EQUIPMENT)
+    return (*values, *equipment, _acquisition_time(view) is not None, overlap,
+            frozenset(int(t) for t in view.keys()))  # noqa: SIM118
 
 
 def _frames(masks: Masks) -> tuple[bytes, bool]:
@@ -372,6 +390,9 @@ class LungSegEncoder:
             values["report study"] = str(view.StudyInstanceUID)
         if template.contributed:
             values["contribution"] = _contribution(now)
+        acquired = _acquisition_time(view)
+        if acquired is not None:  # the key holds that this source has one, as the first
+            values["acquisition time"] = acquired
         return (file_meta_bytes(meta, template.preamble)
                 + template.encoded.fill(values, elements))
 
@@ -393,8 +414,11 @@ class LungSegEncoder:
         copied = tuple(BaseTag(tag) for tag in seg.keys()  # noqa: SIM118
                        if tag in view and seg.get_item(tag) is view.get_item(tag))
         contributed = False
+        acquired = _acquisition_time(view)
         for item in seg.get("ContributingEquipmentSequence") or []:
-            if "ContributionDateTime" in item:
+            # The source's acquisition keeps its own time (a slot below); the others, the
+            # model's and highdicom's, are the SEG's clock.
+            if "ContributionDateTime" in item and not _is_acquisition(item):
                 item.ContributionDateTime = _contribution(now)
                 contributed = True
         for elem in _own_elements(source_header, sop_uid, series_uid, instance_number, now,
@@ -410,6 +434,8 @@ class LungSegEncoder:
             "source series": ("SeriesInstanceUID", str(view.SeriesInstanceUID))}
         if contributed:
             values["contribution"] = ("ContributionDateTime", _contribution(now))
+        if acquired is not None:
+            values["acquisition time"] = ("ContributionDateTime", acquired)
         if report is not None:  # Related Series Sequence's item
             values["report series"] = ("SeriesInstanceUID", report)
             values["report study"] = ("StudyInstanceUID", str(view.StudyInstanceUID))
@@ -440,6 +466,14 @@ def _own_elements(source_header: Dataset, sop_uid: str, series_uid: str,
         *(DataElement(k, "TM", time) for k in _CLOCK_TIMES),
         DataElement("PixelData", pixel_vr, frames),
     ]
+
+
+def _is_acquisition(item: Dataset) -> bool:
+    """Whether an item of Contributing Equipment Sequence names acquisition equipment."""
+    codes = item.get("PurposeOfReferenceCodeSequence") or []
+    wanted = (EQUIPMENT_ACQUISITION.value, EQUIPMENT_ACQUISITION.scheme_designator)
+    return any((str(c.get("CodeValue", "")), str(c.get("CodingSchemeDesignator", "")))
+               == wanted for c in codes)
 
 
 def _contribution(now: dt.datetime) -> str:

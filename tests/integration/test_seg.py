@@ -304,13 +304,21 @@ def _variants() -> list[tuple[str, Dataset]]:
         lossy.LossyImageCompressionRatio = 12.5
         lossy.LossyImageCompressionMethod = "ISO_10918_1"
         out.append(("lossy", lossy))
-    # the second of each kind: another patient, study and series
+    # the second of each kind: another patient, study and series, acquired at another time
     for _, src in out[len(out) // 2:]:
         src.PatientName, src.PatientID = "Other^Patient", "MRN-9"
         if "PatientBirthDate" in src:
             src.PatientBirthDate = "19700101"
         src.StudyDate, src.StudyTime, src.StudyID = "20250101", "101010", "99"
         src.InstanceNumber = 7
+        src.AcquisitionDateTime = "20250101101500.123"
+    for _, src in out[:len(out) // 2]:
+        src.AcquisitionDateTime = "20240102101010"
+    # the same kind from other equipment: another template, never the first's equipment
+    other = make_source(300, 200)
+    other.AcquisitionDateTime = "20240103080000"
+    other.Manufacturer, other.StationName = "Other Vendor", "ROOM-2"
+    out.append(("other equipment", other))
     return out
 
 
@@ -320,7 +328,8 @@ def _set_clock(ds: Dataset, now: datetime.datetime) -> None:
     for keyword in ("ContentTime", "InstanceCreationTime"):
         setattr(ds, keyword, now.strftime("%H%M%S.%f"))
     for item in ds.get("ContributingEquipmentSequence") or []:
-        if "ContributionDateTime" in item:
+        purpose = item.PurposeOfReferenceCodeSequence[0].CodeValue
+        if "ContributionDateTime" in item and purpose != "109101":  # not the acquisition's
             item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
 
 
@@ -365,8 +374,30 @@ def test_the_encoder_makes_what_highdicom_makes_for_each_kind_of_source(tmp_path
             for channel in range(2):
                 assert np.array_equal(np.asarray(back[0][..., channel], dtype=bool),
                                       masks[channel]), kind
-    # each kind was built once by highdicom, then encoded from its template
-    assert len(encoder._templates) == 7 * 2
+    # each kind was built once by highdicom, then encoded from its template (and the one
+    # from other equipment once more)
+    assert len(encoder._templates) == 8 * 2
+
+
+def test_a_seg_names_its_own_sources_acquisition_equipment_and_time() -> None:
+    """SEGs encoded from one template each name their own source's acquisition: its
+    equipment and its Acquisition DateTime, not the first source's nor the SEG's clock."""
+    model = _model(demo=True)
+    encoder = seg.LungSegEncoder(model)
+    masks = _lungs(300, 200)
+    sources = [make_source(300, 200) for _ in range(3)]
+    for i, src in enumerate(sources):
+        src.AcquisitionDateTime = f"2024010{i + 1}101010"
+    sources[2].StationName = "ROOM-2"
+    for src in sources:
+        out = encoder.build(src, masks, series_instance_uid=generate_uid(),
+                            sop_instance_uid=generate_uid(), instance_number=1)
+        (acquisition,) = [item for item in out.ContributingEquipmentSequence
+                          if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]
+        assert acquisition.ContributionDateTime == src.AcquisitionDateTime
+        assert acquisition.get("StationName") == src.get("StationName")
+        assert acquisition.Manufacturer == src.Manufacturer
+    assert len(encoder._templates) == 2  # the station named another template
 
 
 def test_the_encoders_copies_do_not_leak_into_each_other() -> None:
