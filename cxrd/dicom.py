@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -93,6 +94,18 @@ EQUIPMENT_PROCESSING = CodeTerm("109102", "DCM", "Processing Equipment")
 EQUIPMENT_ACQUISITION = CodeTerm("109101", "DCM", "Acquisition Equipment")
 #: Contribution Description (0018,A003) of the model's item.
 EQUIPMENT_MODEL_CONTRIBUTION = "AI model that created this instance"
+
+def report_series_item(study_uid: str, series_uid: str) -> Dataset:
+    """The item of Related Series Sequence (0008,1250) by which an SC or a SEG names the
+    series of its study's SR (IHE AIR: the SR is written after them, so they cannot name
+    it by instance). Its Purpose of Reference is empty: CID 7210 has no code for a
+    report."""
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    item.SeriesInstanceUID = series_uid
+    item.PurposeOfReferenceCodeSequence = []
+    return item
+
 
 # ------------------------------------------------------------------- transfer syntaxes
 

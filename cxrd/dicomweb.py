@@ -63,6 +63,7 @@ from cxrd.domain import RejectReason
 from cxrd.errors import CxrdError
 from cxrd.ingest import Ingestor, StoreOutcome
 from cxrd.metrics import metrics
+from cxrd.statuspage import accepts
 from cxrd.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -141,21 +142,7 @@ class BearerToken:
 
 def accepts_json(accept: str | None) -> bool:
     """Whether an ``Accept`` header allows a DICOM JSON answer (none: anything goes)."""
-    if not accept or not accept.strip():
-        return True
-    for item in accept.split(","):
-        media, *params = (p.strip() for p in item.split(";"))
-        quality = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if media.lower() in _JSON_RANGES and quality > 0:
-            return True
-    return False
+    return not accept or not accept.strip() or accepts(accept, _JSON_RANGES)
 
 
 class BadRequest(Exception):

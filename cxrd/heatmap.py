@@ -60,7 +60,12 @@ from pydicom.encaps import encapsulate
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from cxrd.dicom import EQUIPMENT_ACQUISITION, SECONDARY_CAPTURE, CodeTerm
+from cxrd.dicom import (
+    EQUIPMENT_ACQUISITION,
+    SECONDARY_CAPTURE,
+    CodeTerm,
+    report_series_item,
+)
 from cxrd.findings import (
     CLASS_LABELS,
     NORM,
@@ -515,11 +520,7 @@ def build_heatmap_sc(
     if laterality in ("R", "L"):
         sc.Laterality = laterality
     if report_series:
-        related = Dataset()
-        related.StudyInstanceUID = src.StudyInstanceUID
-        related.SeriesInstanceUID = report_series
-        related.PurposeOfReferenceCodeSequence = []  # CID 7210 has no code for a report
-        sc.RelatedSeriesSequence = [related]
+        sc.RelatedSeriesSequence = [report_series_item(src.StudyInstanceUID, report_series)]
     # General Equipment (the model, as in the SR and the SEG), SC Equipment
     _long_string(model.manufacturer, "The model's manufacturer")
     _long_string(model.name, "The model's name")

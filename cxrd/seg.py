@@ -47,7 +47,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cxrd import __version__
-from cxrd.dicom import EQUIPMENT_ACQUISITION
+from cxrd.dicom import EQUIPMENT_ACQUISITION, report_series_item
 from cxrd.headers import header_view
 from cxrd.lungs import LungMasks, Mask
 from cxrd.modelinfo import (
@@ -206,11 +206,7 @@ def _highdicom_seg(src: Dataset, source_header: Dataset, masks: Masks,
     seg.add_new("SoftwareVersions", "LO", software_versions(model))
     seg.add_new("DeviceUID", "UI", model.device_uid)  # General Equipment, as the SR and SC
     if report_series:
-        related = Dataset()
-        related.StudyInstanceUID = src.StudyInstanceUID
-        related.SeriesInstanceUID = report_series
-        related.PurposeOfReferenceCodeSequence = []  # CID 7210 has no code for a report
-        seg.RelatedSeriesSequence = [related]
+        seg.RelatedSeriesSequence = [report_series_item(src.StudyInstanceUID, report_series)]
     # From a source with Pixel Spacing (many CR images have it) highdicom writes a Pixel
     # Measures item without Slice Thickness, which its own reader (hd.seg.segread)
     # then refuses. Without a Frame of Reference the frames are the source's pixels, so

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 App = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def wants_html(accept: str | None) -> bool:
-    """Whether an ``Accept`` header asks for HTML (``text/html`` with a quality above 0)."""
+def accepts(accept: str | None, media_ranges: Collection[str]) -> bool:
+    """Whether an ``Accept`` header lists one of ``media_ranges`` (compared without case)
+    with a quality above 0; the HTTP servers' one reading of ``Accept`` (this page's,
+    ``cxrd.dicomweb``'s)."""
     for part in (accept or "").split(","):
         media, *params = (p.strip() for p in part.split(";"))
-        if media.lower() not in HTML_TYPES:
+        if media.lower() not in media_ranges:
             continue
         quality = 1.0
         for param in params:
@@ -57,6 +59,11 @@ def wants_html(accept: str | None) -> bool:
         if quality > 0:
             return True
     return False
+
+
+def wants_html(accept: str | None) -> bool:
+    """Whether an ``Accept`` header asks for HTML (``text/html`` with a quality above 0)."""
+    return accepts(accept, HTML_TYPES)
 
 
 def _environment() -> Any:
