@@ -1381,6 +1381,28 @@ _INLINE_SECRETS = {"token": "token_file or token_env", "password": "password_fil
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _entry_name(t: _Table, entry: Mapping[str, Any], i: int, section: str,
+                first_use: dict[str, int],
+                destination_names: Mapping[str, int] | None = None) -> str:
+    """Entry ``i`` of ``section``'s required ``name``: not empty, unique in the section
+    (``first_use``: the index that has each name, updated here) and, for notifications,
+    among the destinations' names too (a delivery row names either)."""
+    name = t.string("name", "", required=True)
+    if "name" in entry and isinstance(entry["name"], str):
+        if not name.strip():
+            t.bad("name", name, "a non-empty name")
+        elif destination_names is not None and name in destination_names:
+            t.bad("name", name, "a name no destination has (destinations"
+                                f"[{destination_names[name]}] has it already; "
+                                "notifications and destinations share one namespace)")
+        elif name in first_use:
+            t.bad("name", name,
+                  f"a unique name ({section}[{first_use[name]}] has it already)")
+        else:
+            first_use[name] = i
+    return name
+
+
 def _read_destinations(
     entries: list[Mapping[str, Any]], problems: list[str], base: Path
 ) -> tuple[DestinationConfig, ...]:
@@ -1388,18 +1410,7 @@ def _read_destinations(
     first_use: dict[str, int] = {}
     for i, entry in enumerate(entries):
         t = _Table(problems, f"destinations[{i}]", entry)
-        name = t.string("name", "", required=True)
-        if "name" in entry and isinstance(entry["name"], str):
-            if not name.strip():
-                t.bad("name", name, "a non-empty name")
-            elif name in first_use:
-                t.bad(
-                    "name",
-                    name,
-                    f"a unique name (destinations[{first_use[name]}] has it already)",
-                )
-            else:
-                first_use[name] = i
+        name = _entry_name(t, entry, i, "destinations", first_use)
         if not any(key in entry for key in (*_CSTORE_KEYS, "url")):
             t.problem("url", "missing; a destination needs url (STOW-RS: the DICOMweb base "
                              "URL) or ae_title, host and port (C-STORE)")
@@ -1504,19 +1515,7 @@ def _read_notifications(entries: list[Mapping[str, Any]], problems: list[str], b
     first_use: dict[str, int] = {}
     for i, entry in enumerate(entries):
         t = _Table(problems, f"notifications[{i}]", entry)
-        name = t.string("name", "", required=True)
-        if "name" in entry and isinstance(entry["name"], str):
-            if not name.strip():
-                t.bad("name", name, "a non-empty name")
-            elif name in destination_names:
-                t.bad("name", name, "a name no destination has (destinations"
-                                    f"[{destination_names[name]}] has it already; "
-                                    "notifications and destinations share one namespace)")
-            elif name in first_use:
-                t.bad("name", name,
-                      f"a unique name (notifications[{first_use[name]}] has it already)")
-            else:
-                first_use[name] = i
+        name = _entry_name(t, entry, i, "notifications", first_use, destination_names)
         allowed = " or ".join(f'"{k.value}"' for k in NotificationKind)
         kind_text = t.string("kind", "")
         kind: NotificationKind | None = None

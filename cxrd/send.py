@@ -377,6 +377,21 @@ class Sender:
                 assoc.release()
 
     # -- STOW-RS -------------------------------------------------------------------------
+    def _credentials(self, dest: DestinationConfig | NotificationConfig,
+                     items: Sequence[DueDelivery], action: str, what: str
+                     ) -> stow.Credentials | None:
+        """``dest``'s secrets, read afresh for each pass (``stow.credentials``); None when
+        they cannot be read: logged as ``action=<action>-credentials-unavailable`` and
+        ``items`` failed PERMANENT at the maximum backoff, so that a mended secret
+        delivers them."""
+        try:
+            return stow.credentials(dest)
+        except stow.SecretUnavailable as exc:
+            log.error("action=%s-credentials-unavailable %s=%s error=%s", action, what,
+                      dest.name, exc)
+            self._fail(items, f"PERMANENT: {exc}", at_max_backoff=True)
+            return None
+
     def _send_stow(self, dest: DestinationConfig, items: list[DueDelivery],
                    claimed_at: float | None = None) -> None:
         """STOW-RS ``items`` to ``dest`` (``cxrd.stow``): one request per study (its due
@@ -387,12 +402,8 @@ class Sender:
         request refused as a whole are sent again one per request. Leases are renewed
         before a request once half has gone, as for C-STORE."""
         timeout = self.config.sender.dimse_timeout_seconds
-        try:
-            creds = stow.credentials(dest)
-        except stow.SecretUnavailable as exc:
-            log.error("action=stow-credentials-unavailable destination=%s error=%s",
-                      dest.name, exc)
-            self._fail(items, f"PERMANENT: {exc}", at_max_backoff=True)
+        creds = self._credentials(dest, items, "stow", "destination")
+        if creds is None:
             return
         client = stow.StowClient(dest, creds, connect_timeout=CONNECT_TIMEOUT_SECONDS,
                                  read_timeout=timeout)
@@ -463,12 +474,8 @@ class Sender:
         lease = self.lease_of(dest)
         client: notify.WebhookClient | notify.MllpClient
         if dest.kind is NotificationKind.WEBHOOK:
-            try:
-                creds = stow.credentials(dest)
-            except stow.SecretUnavailable as exc:
-                log.error("action=notify-credentials-unavailable notification=%s error=%s",
-                          dest.name, exc)
-                self._fail(items, f"PERMANENT: {exc}", at_max_backoff=True)
+            creds = self._credentials(dest, items, "notify", "notification")
+            if creds is None:
                 return
             client = notify.WebhookClient(dest, creds)
         else:
